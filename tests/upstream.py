@@ -1,0 +1,205 @@
+"""A local OpenAI-compatible upstream for the tests, served over real HTTP.
+
+It records every request it receives (headers and body) and behaves according to
+the model name it is asked for:
+
+- ``echo`` (and anything unknown): a completion; tool calls when tools are given,
+  JSON content for ``response_format``, ``n`` choices, logprobs when asked.
+- ``chunks``: a stream of ``CHUNKS`` events, ``CHUNK_DELAY`` apart.
+- ``endless``: a stream that goes on for a minute; when the client side goes away
+  the time is recorded in ``closed_at``.
+- ``stall``: one chunk, then silence.
+- ``reject``: 401 whose body repeats the credential it was sent, as some providers do.
+- ``crash``: 500.
+- ``sleepy``: a completion, three seconds late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+
+CHUNKS = 8
+CHUNK_DELAY = 0.15
+WORDS = [f"w{i}" for i in range(CHUNKS)]
+
+
+@dataclass
+class Seen:
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class Upstream:
+    port: int = 0
+    seen: list[Seen] = field(default_factory=list)
+    closed_at: list[float] = field(default_factory=list)
+    open_streams: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        body = orjson.loads(raw) if raw else {}
+        self.seen.append(Seen(scope["path"], scope["query_string"].decode(), headers, body))
+        model = body.get("model", "")
+        if model == "reject":
+            auth = headers.get("authorization", "") or headers.get("api-key", "")
+            key = auth.removeprefix("Bearer ")
+            masked = key[:3] + "*" * 12 + key[-4:]
+            await _json(send, 401, {"error": {
+                "message": f"Incorrect API key provided: {key}. Masked: {masked}.",
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+        elif model == "crash":
+            await _json(send, 500, {"error": {"message": "upstream broke", "type": "server_error",
+                                              "param": None, "code": None}})
+        elif model == "sleepy":
+            await asyncio.sleep(3)
+            await _json(send, 200, _completion(body))
+        elif body.get("stream"):
+            await self._stream(model, body, receive, send)
+        else:
+            await _json(send, 200, _completion(body), [(b"x-request-id", b"up-123"),
+                                                       (b"openai-processing-ms", b"7"),
+                                                       (b"set-cookie", b"upstream=secret")])
+
+    async def _stream(self, model: str, body: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        self.open_streams += 1
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.closed_at.append(time.monotonic())
+            gone.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch())  # noqa: TID251
+        try:
+            if model == "endless":
+                for i in range(600):
+                    if gone.is_set():
+                        return
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": _chunk(model, f"t{i} ")})
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(gone.wait(), 0.1)
+                return
+            if model == "stall":
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": _chunk(model, "first")})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gone.wait(), 30)
+                return
+            for i, word in enumerate(WORDS):
+                if i:
+                    await asyncio.sleep(CHUNK_DELAY)
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": _chunk(model, word)})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 5, "completion_tokens": CHUNKS,
+                         "total_tokens": 5 + CHUNKS}
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + orjson.dumps({
+                                "id": "c1", "object": "chat.completion.chunk", "created": 1,
+                                "model": model, "choices": [], "usage": usage}) + b"\n\n"})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        except OSError:
+            pass
+        finally:
+            self.open_streams -= 1
+            watcher.cancel()
+
+
+def _chunk(model: str, text: str) -> bytes:
+    return b"data: " + orjson.dumps({
+        "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }) + b"\n\n"
+
+
+def _completion(body: dict[str, Any]) -> dict[str, Any]:
+    choices = []
+    for i in range(int(body.get("n") or 1)):
+        message: dict[str, Any] = {"role": "assistant", "content": f"echo {i}"}
+        finish = "stop"
+        if body.get("tools"):
+            fn = body["tools"][0]["function"]["name"]
+            message = {"role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call_{i}", "type": "function",
+                "function": {"name": fn, "arguments": '{"city": "Paris"}'}}]}
+            finish = "tool_calls"
+        elif (body.get("response_format") or {}).get("type") == "json_object":
+            message["content"] = '{"answer": 42}'
+        logprobs = None
+        if body.get("logprobs"):
+            logprobs = {"content": [{"token": "echo", "logprob": -0.1, "bytes": [101],
+                                     "top_logprobs": []}]}
+        choices.append({"index": i, "message": message, "finish_reason": finish,
+                        "logprobs": logprobs})
+    return {"id": "chatcmpl-up", "object": "chat.completion", "created": 1,
+            "model": body.get("model"), "choices": choices,
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+async def _json(send: Any, status: int, data: Any,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(extra or [])]})
+    await send({"type": "http.response.body", "body": orjson.dumps(data)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serve_upstream() -> Iterator[Upstream]:
+    """Run an :class:`Upstream` on a free loopback port in a thread of its own."""
+    app = Upstream(port=free_port())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=app.port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("test upstream did not start")
+        time.sleep(0.01)
+    try:
+        yield app
+    finally:
+        server.should_exit = True
+        thread.join(5)
