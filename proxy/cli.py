@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -122,6 +123,9 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     # Workers are separate processes: they find the settings and the database here.
     os.environ[config.CONFIG_ENV] = settings.source
     os.environ["DATABASE_URL"] = url
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
+    # the embedded PostgreSQL is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 loop="uvloop", http="httptools", lifespan="on", access_log=False,
                 server_header=False, log_level="info")

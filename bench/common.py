@@ -1,0 +1,366 @@
+"""Shared by the benchmarks: the nginx upstream, child processes, wrk runs, the tables.
+
+The upstream is nginx answering every POST with a fixed ``chat.completion`` (or a fixed
+SSE stream) from its configuration, so it costs almost nothing and what is measured is
+whatever stands between wrk and it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+CHAT_LUA = BENCH_DIR / "chat.lua"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+WRK_TIMEOUT = "10s"  # slower answers count as socket errors (timeouts)
+
+COMPLETION: dict[str, Any] = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 1767225600,
+    "model": "bench",
+    "choices": [{
+        "index": 0,
+        "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+}
+
+
+def _chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1767225600,
+        "model": "bench-stream",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+STREAM_CHUNKS: list[dict[str, Any]] = [
+    _chunk({"role": "assistant", "content": ""}),
+    _chunk({"content": "Hello!"}),
+    _chunk({"content": " How can I help"}),
+    _chunk({"content": " you today?"}),
+    _chunk({}, finish="stop"),
+    {**_chunk({}), "choices": [],
+     "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}},
+]
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def completion_body() -> str:
+    return _compact(COMPLETION)
+
+
+def stream_body() -> str:
+    events = "".join(f"data: {_compact(c)}\n\n" for c in STREAM_CHUNKS)
+    return events + "data: [DONE]\n\n"
+
+
+def chat_request(model: str, stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": model, "user": "bench-user",
+                            "messages": [{"role": "user", "content": "Hello"}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+# --- processes -------------------------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C does, so every child process is stopped."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return f"(no {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
+            stop_timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` with its output in ``log``; on exit stop it (SIGTERM, then SIGKILL).
+
+    The child gets its own session, so a Ctrl-C meant for the benchmark reaches it only
+    through this clean-up, in order.
+    """
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                env=None if env is None else dict(env), start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    content_type: str
+    body: bytes
+
+
+def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float = 10.0) -> Answer:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return Answer(resp.status, resp.headers.get("content-type", ""), resp.read())
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, e.headers.get("content-type", ""), e.read())
+
+
+def wait_ready(name: str, proc: subprocess.Popen[bytes], log: Path, url: str,
+               body: bytes | None = None, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers 200 (GET, or POST of ``body``) while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
+        try:
+            if body is None:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    status = resp.status
+            else:
+                status = post(url, body, {}, timeout=2).status
+            if status == 200:
+                return
+            last = f"status {status}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} not ready at {url} after {timeout:.0f} s ({last}):\n{tail(log)}")
+
+
+def check_answer(name: str, url: str, body: bytes, headers: Mapping[str, str],
+                 stream: bool) -> None:
+    """One request before the load: fail loudly unless it gets the upstream's answer."""
+    answer = post(url, body, headers)
+    if stream:
+        good = (answer.content_type.startswith("text/event-stream")
+                and answer.body.endswith(b"data: [DONE]\n\n"))
+    else:
+        try:
+            good = json.loads(answer.body).get("object") == "chat.completion"
+        except ValueError:
+            good = False
+    if answer.status != 200 or not good:
+        raise RuntimeError(f"{name}: unexpected answer from {url}: status {answer.status}, "
+                           f"content-type {answer.content_type!r}, body {answer.body[:500]!r}")
+
+
+# --- the nginx upstream ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def stream_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream/v1"
+
+
+def _nginx_string(text: str) -> str:
+    if any(c in text for c in "'\\$"):
+        raise ValueError("the fixed answers must not contain ', \\ or $")
+    return "'" + text.replace("\n", "\\n") + "'"
+
+
+def nginx_conf(root: Path, port: int) -> str:
+    # As root, workers would otherwise drop to 'nobody'; as anyone else nginx keeps the user.
+    user = ""
+    if os.geteuid() == 0:
+        user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} "
+                f"{grp.getgrgid(os.getegid()).gr_name};")
+    temp = " ".join(f"{kind}_temp_path {root / kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""\
+daemon off;
+{user}
+worker_processes 1;
+pid {root / "nginx.pid"};
+error_log {root / "error.log"} warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    {temp}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 {_nginx_string(completion_body())};
+        }}
+        location = /stream/v1/chat/completions {{
+            default_type text/event-stream;
+            return 200 {_nginx_string(stream_body())};
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_upstream(workdir: Path) -> Iterator[Upstream]:
+    root = workdir / "nginx"
+    root.mkdir()
+    upstream = Upstream(free_port())
+    conf = root / "nginx.conf"
+    conf.write_text(nginx_conf(root, upstream.port), encoding="utf-8")
+    log = root / "error.log"
+    with running([NGINX, "-p", str(root), "-c", str(conf), "-e", str(log)], log) as proc:
+        url = upstream.base_url + "/chat/completions"
+        wait_ready("nginx", proc, log, url, body=chat_request("bench", stream=False))
+        check_answer("nginx", url, chat_request("bench", False), {}, stream=False)
+        check_answer("nginx", upstream.stream_base_url + "/chat/completions",
+                     chat_request("bench-stream", True), {}, stream=True)
+        yield upstream
+
+
+# --- wrk -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What one wrk run saw."""
+
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: int
+
+    @property
+    def errors(self) -> str:
+        if not self.non_2xx and not self.socket_errors:
+            return "0"
+        return f"{self.non_2xx} non-2xx, {self.socket_errors} socket"
+
+
+def wrk(url: str, body: bytes, auth: str, concurrency: int, seconds: int) -> Load:
+    """``wrk -t1 -cC -dD --latency -s chat.lua URL`` POSTing ``body``."""
+    argv = [WRK, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency",
+            "--timeout", WRK_TIMEOUT, "-s", str(CHAT_LUA), url]
+    env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                          timeout=seconds + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            r = json.loads(line.removeprefix("BENCH_RESULT "))
+            break
+    else:
+        raise RuntimeError(f"wrk gave no result (status {done.returncode}):\n"
+                           f"{done.stdout}\n{done.stderr}")
+    secs = r["duration_us"] / 1e6
+    return Load(
+        requests=r["requests"], seconds=secs, rps=r["requests"] / secs if secs else 0.0,
+        p50_ms=r["p50_us"] / 1000, p90_ms=r["p90_us"] / 1000, p99_ms=r["p99_us"] / 1000,
+        max_ms=r["max_us"] / 1000, non_2xx=r["status"],
+        socket_errors=r["connect"] + r["read"] + r["write"] + r["timeout"],
+    )
+
+
+# --- reporting -------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(started: datetime) -> list[str]:
+    nginx = subprocess.run([NGINX, "-v"], capture_output=True, text=True, check=False)
+    wrk_version = subprocess.run([WRK, "-v"], capture_output=True, text=True, check=False)
+    return [
+        f"date: {started.isoformat(timespec='seconds')}",
+        f"machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, "
+        f"{platform.system()} {platform.release()}",
+        f"software: Python {platform.python_version()}, "
+        f"{nginx.stderr.strip().removeprefix('nginx version: ')}, "
+        f"{wrk_version.stdout.split(' [')[0].strip() or 'wrk'}",
+    ]
+
+
+def ms(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, stem: str, data: Mapping[str, Any], markdown: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown + "\n", encoding="utf-8")
+    return [json_path, md_path]
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

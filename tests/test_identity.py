@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.errors import InvalidRequest
+from proxy.identity import resolve_user
+
+CASES: list[tuple[str, dict[str, Any], str | None, str | None, str]] = [
+    ("body wins", {"user": "b"}, "h", "p", "b"),
+    ("header next", {}, "h", "p", "h"),
+    ("path last", {}, None, "p", "p"),
+    ("empty body user falls through", {"user": ""}, "h", None, "h"),
+    ("all allowed characters", {"user": "aZ09._:@-"}, None, None, "aZ09._:@-"),
+    ("128 characters", {"user": "u" * 128}, None, None, "u" * 128),
+]
+
+
+@pytest.mark.parametrize(("body", "header", "path", "expected"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_resolution_order(body: dict[str, Any], header: str | None, path: str | None,
+                          expected: str) -> None:
+    assert resolve_user(body, header, path) == expected
+
+
+@pytest.mark.parametrize(("body", "header", "path", "code"), [
+    ({}, None, None, "missing_user"),
+    ({"user": "a b"}, None, None, "invalid_user"),
+    ({"user": "u" * 129}, None, None, "invalid_user"),
+    ({"user": 42}, None, None, "invalid_user"),
+    ({"user": "ok/../x"}, None, None, "invalid_user"),
+    ({}, "bad\u00e9", None, "invalid_user"),
+    ({"user": "bad!"}, "good", None, "invalid_user"),  # the first one present decides
+])
+def test_rejections(body: dict[str, Any], header: str | None, path: str | None,
+                    code: str) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        resolve_user(body, header, path)
+    assert e.value.status == 400
+    assert e.value.code == code
+    assert e.value.param == "user"
+    assert "X-Paywall-User" in e.value.message

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.providers import Call, MockProvider, scrub
+from proxy.relay import StreamWatch
+from proxy.settings import ProviderSettings
+
+KEY = "sk-proj-abcdefghijklmnop1234"
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (f'{{"message": "bad key {KEY}"}}'.encode(), b'{"message": "bad key [redacted]"}'),
+    (b'{"message": "Incorrect API key provided: sk-proj-************1234."}',
+     b'{"message": "Incorrect API key provided: [redacted]."}'),
+    (b'{"message": "fine"}', b'{"message": "fine"}'),
+    (b"short secret", b"short secret"),  # secrets under 8 characters are not hunted for
+])
+def test_scrub(body: bytes, expected: bytes) -> None:
+    assert scrub(body, [KEY, "short"]) == expected
+
+
+def mock(**kw: int) -> MockProvider:
+    return MockProvider("mock", ProviderSettings(kind="mock", **kw))  # type: ignore[arg-type]
+
+
+def call(payload: dict[str, object], stream: bool = False) -> Call:
+    return Call(body=orjson.dumps(payload), stream=stream, request_id="req_1", headers={},
+                api_key="", payload=payload)
+
+
+async def test_mock_completion() -> None:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "one two three"}]}
+    reply = await mock(completion_tokens=3).send(call(payload))
+    body = orjson.loads(await reply.read())
+    assert reply.status == 200 and not reply.stream
+    assert body["choices"][0]["message"]["content"] == "This is a"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+async def test_mock_json_mode() -> None:
+    payload = {"model": "m", "messages": [], "response_format": {"type": "json_object"}}
+    body = orjson.loads(await (await mock(completion_tokens=2).send(call(payload))).read())
+    assert orjson.loads(body["choices"][0]["message"]["content"]) == {"answer": "This is"}
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_mock_stream_is_valid_sse(include_usage: bool) -> None:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+               "stream_options": {"include_usage": include_usage}}
+    reply = await mock(completion_tokens=4).send(call(payload, stream=True))
+    watch = StreamWatch()
+    async for chunk in reply.chunks:
+        watch.feed(chunk)
+    assert reply.stream and watch.done
+    assert "".join(watch.text) == "This is a mock"
+    expected = {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+    assert watch.usage == (expected if include_usage else None)
