@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import httpx
@@ -62,7 +63,8 @@ def test_streaming_arrives_chunk_by_chunk(running: Running) -> None:
     # Each chunk arrives when the upstream sends it, not all at once at the end.
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert len(gaps) == CHUNKS - 1
-    assert min(gaps) > CHUNK_DELAY * 0.5
+    assert arrivals[-1] - arrivals[0] > (CHUNKS - 1) * CHUNK_DELAY * 0.8
+    assert statistics.median(gaps) > CHUNK_DELAY * 0.5  # median: a busy machine jitters
     # The proxy asked for nothing the client did not: no usage chunk added.
     assert "stream_options" not in running.upstream.last().body
 
