@@ -7,6 +7,7 @@ whatever stands between wrk and it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import grp
 import json
@@ -33,6 +34,7 @@ CHAT_LUA = BENCH_DIR / "chat.lua"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 WRK_TIMEOUT = "10s"  # slower answers count as socket errors (timeouts)
+UPSTREAM_CONNECTIONS = 512  # per upstream client in bench/passthrough.py
 
 COMPLETION: dict[str, Any] = {
     "id": "chatcmpl-bench",
@@ -89,6 +91,17 @@ def chat_request(model: str, stream: bool) -> bytes:
     if stream:
         body["stream"] = True
     return json.dumps(body).encode()
+
+
+def concurrency_list(text: str) -> list[int]:
+    """argparse type for --concurrency: "1,8,64"."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers")
+    return values
 
 
 # --- processes -------------------------------------------------------------------

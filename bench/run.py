@@ -33,6 +33,7 @@ from common import (
     Upstream,
     chat_request,
     check_answer,
+    concurrency_list,
     exit_on_sigterm,
     free_port,
     machine_lines,
@@ -272,18 +273,11 @@ def report(rows: list[Row], info: Mapping[str, Any], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _concurrency(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description="Pass-through overhead of the proxy against the direct upstream.")
     parser.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
-    parser.add_argument("--concurrency", type=_concurrency, default=[1, 8, 64],
+    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 8, 64],
                         help="comma-separated open connections (default 1,8,64)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured load before each run (default 1)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +21,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import db, settings as config
+from proxy import db
+from proxy import settings as config
 from proxy.errors import (
     AuthenticationFailed,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     ProxyError,
+    error_body,
 )
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.keys import KeyStore, Principal, bearer_token
@@ -175,10 +177,9 @@ async def _render_proxy_error(request: Request, exc: Exception) -> Response:
 
 async def _render_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    error = ProxyError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-    error.type = "invalid_request_error"
-    return Response(error.body(), status_code=exc.status_code, media_type=_JSON,
-                    headers=exc.headers)
+    body = error_body(str(exc.detail), "invalid_request_error",
+                      code="not_found" if exc.status_code == 404 else None)
+    return Response(body, status_code=exc.status_code, media_type=_JSON, headers=exc.headers)
 
 
 async def _render_crash(request: Request, exc: Exception) -> Response:
@@ -210,7 +211,7 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         header = (b"x-request-id", rid.encode())
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)

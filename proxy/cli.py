@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from proxy import db, settings as config
+from proxy import db
+from proxy import settings as config
 from proxy.errors import ConfigError
 from proxy.keys import KeyStore
 from proxy.settings import Settings
@@ -143,18 +144,22 @@ async def _mint(url: str, paywall: str) -> str:
 
 def _demo_text(host: str, port: int, key: str, model: str) -> str:
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
+    body = (f'{{"model": "{model}", "user": "user_123", '
+            '"messages": [{"role": "user", "content": "Hello!"}]}')
     return f"""
 A new paywall key for this demo: {key}
 
 Try it with curl:
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{model}", "user": "user_123", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    -d '{body}'
 
-Or with the OpenAI SDK (pip install openai):
-  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{key}"); \\
-print(c.chat.completions.create(model="{model}", user="user_123", \\
-messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+Or with the OpenAI SDK for Python (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="{key}")
+  reply = client.chat.completions.create(
+      model="{model}", user="user_123", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
 """
 
 

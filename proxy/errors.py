@@ -24,10 +24,16 @@ from typing import ClassVar
 import orjson
 
 
+def error_body(message: str, type: str, param: str | None = None,
+               code: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param,
+                                   "code": code}})
+
+
 class ProxyError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
-    code: ClassVar[str | None] = None
+    code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -37,16 +43,7 @@ class ProxyError(Exception):
             self.code = code
 
     def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        )
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 class InvalidRequest(ProxyError):

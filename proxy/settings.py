@@ -122,7 +122,8 @@ class Settings:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+def load(path: str | os.PathLike[str] | None = None,
+         env: Mapping[str, str] | None = None) -> Settings:
     """Read and check the settings file (``path``, else ``$PAYWALL_CONFIG``, else the demo)."""
     env = os.environ if env is None else env
     chosen = Path(path or env.get(CONFIG_ENV) or DEMO_CONFIG)
@@ -155,7 +156,7 @@ def declared(cls: type[Any] = Settings, prefix: str = "") -> list[str]:
         tp = hints[f.name]
         path = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            paths += declared(tp, path + ".")  # type: ignore[arg-type]
+            paths += declared(typing.cast(type, tp), path + ".")
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             paths += declared(typing.get_args(tp)[1], path + ".*.")
         else:
@@ -189,7 +190,8 @@ class _Reader:
     def value(self, tp: Any, raw: Any, key: str) -> Any:
         origin = typing.get_origin(tp)
         if dataclasses.is_dataclass(tp):
-            return tp(**self.section(tp, raw, key))  # type: ignore[operator]
+            cls = typing.cast(type, tp)
+            return cls(**self.section(cls, raw, key))
         if origin is dict:
             if not isinstance(raw, dict):
                 raise self.fail(key, "expected a table")
@@ -258,7 +260,8 @@ def _check_references(s: Settings) -> None:
     for name, m in s.models.items():
         if m.provider not in s.providers:
             known = ", ".join(s.providers) or "none"
-            raise fail(f"models.{name}.provider", f"unknown provider {m.provider!r} (known: {known})")
+            raise fail(f"models.{name}.provider",
+                       f"unknown provider {m.provider!r} (known: {known})")
     for wid, w in s.paywalls.items():
         for pid in w.provider_keys:
             if pid not in s.providers:

@@ -103,7 +103,7 @@ class Upstream:
             self.closed_at.append(time.monotonic())
             gone.set()
 
-        watcher = asyncio.get_running_loop().create_task(watch())  # noqa: TID251
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
             if model == "endless":
                 for i in range(600):
