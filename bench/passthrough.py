@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+
 import aiohttp
 import httpx
 import uvicorn
@@ -25,6 +26,8 @@ from starlette.routing import Route
 HEADERS = {"content-type": "application/json"}
 JSON = "application/json"
 CLIENTS = ("aiohttp", "httpx-aiohttp", "httpx")
+HTTPX_LIMITS = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS,
+                            max_keepalive_connections=UPSTREAM_CONNECTIONS)
 
 # Sends one body upstream; returns the status, the body and its content type.
 Forward = Callable[[bytes], Awaitable[tuple[int, bytes, str]]]
@@ -43,9 +46,9 @@ async def aiohttp_forward(url: str) -> AsyncIterator[Forward]:
 
 
 @contextlib.asynccontextmanager
-async def httpx_forward(url: str, transport: httpx.AsyncBaseTransport | None) -> AsyncIterator[Forward]:
-    limits = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS, max_keepalive_connections=UPSTREAM_CONNECTIONS)
-    async with httpx.AsyncClient(transport=transport, limits=limits, timeout=60) as client:
+async def httpx_forward(url: str,
+                        transport: httpx.AsyncBaseTransport | None) -> AsyncIterator[Forward]:
+    async with httpx.AsyncClient(transport=transport, limits=HTTPX_LIMITS, timeout=60) as client:
 
         async def forward(body: bytes) -> tuple[int, bytes, str]:
             resp = await client.post(url, content=body, headers=HEADERS)
@@ -60,8 +63,7 @@ def client(name: str, url: str) -> contextlib.AbstractAsyncContextManager[Forwar
     if name == "httpx-aiohttp":
         # The transport builds its own aiohttp session; httpx's limits apply only to
         # its default transport, so the transport gets them itself.
-        limits = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS, max_keepalive_connections=UPSTREAM_CONNECTIONS)
-        return httpx_forward(url, AiohttpTransport(limits=limits))
+        return httpx_forward(url, AiohttpTransport(limits=HTTPX_LIMITS))
     if name == "httpx":
         return httpx_forward(url, None)
     raise ValueError(f"unknown client {name!r}")

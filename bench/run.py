@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import psutil
+import psutil  # type: ignore[import-untyped]  # no stubs in the venv
 from common import (
     BENCH_DIR,
     Load,

@@ -74,7 +74,7 @@ async def _authenticate(request: Request, services: Services) -> Principal:
     return principal
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
     too_large = PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -86,20 +86,21 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise too_large
         parts.append(part)
+    raw = b"".join(parts)
     try:
-        body = orjson.loads(b"".join(parts))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return body
+    return raw, body
 
 
 async def chat_completions(request: Request) -> Response | StreamRelay:
     services = _services(request)
     s = services.settings
     principal = await _authenticate(request, services)
-    body = await _read_json(request, s.server.max_body_bytes)
+    raw, body = await _read_json(request, s.server.max_body_bytes)
     resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
 
     name = body.get("model")
@@ -113,10 +114,11 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     upstream_name = model.upstream or name
     if upstream_name != name:
         body["model"] = upstream_name
+        raw = orjson.dumps(body)
     paywall = s.paywalls[principal.paywall_id]
     stream = body.get("stream") is True
     call = Call(
-        body=orjson.dumps(body),
+        body=raw,
         stream=stream,
         request_id=request.state.request_id,
         headers=request.headers,
