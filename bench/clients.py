@@ -28,6 +28,7 @@ from common import (
     free_port,
     machine_lines,
     markdown_table,
+    missing_programs,
     ms,
     nginx_upstream,
     progress,
@@ -93,10 +94,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="where to write the results (default bench/results)")
     args = parser.parse_args()
-    missing = [m for m in ("httpx", "httpx_aiohttp") if importlib.util.find_spec(m) is None]
-    if missing:
-        progress(f"bench/clients.py: {', '.join(missing)} not installed: "
+    modules = [m for m in ("httpx", "httpx_aiohttp") if importlib.util.find_spec(m) is None]
+    if modules:
+        progress(f"bench/clients.py: {', '.join(modules)} not installed: "
                  "pip install -e '.[bench]' (or pip install httpx httpx-aiohttp)")
+        return 2
+    if missing := missing_programs():
+        progress(f"bench/clients.py: not found: {', '.join(missing)}")
         return 2
     exit_on_sigterm()
     started = datetime.now().astimezone()

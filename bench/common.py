@@ -35,6 +35,8 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 WRK_TIMEOUT = "10s"  # slower answers count as socket errors (timeouts)
 UPSTREAM_CONNECTIONS = 512  # per upstream client in bench/passthrough.py
+# Loopback only: never through an http_proxy from the environment.
+_URLS = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 COMPLETION: dict[str, Any] = {
     "id": "chatcmpl-bench",
@@ -116,6 +118,11 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def missing_programs(*extra: str | Path) -> list[str]:
+    """The programs the benchmarks run that are not there."""
+    return [str(p) for p in (NGINX, WRK, *extra) if not os.access(p, os.X_OK)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,6 +157,7 @@ def running(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None
             try:
                 proc.wait(stop_timeout)
             except subprocess.TimeoutExpired:
+                progress(f"{Path(argv[0]).name} did not stop in {stop_timeout:.0f} s; killing it")
                 proc.kill()
                 proc.wait()
 
@@ -165,7 +173,7 @@ def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float = 10.
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", **headers})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with _URLS.open(request, timeout=timeout) as resp:
             return Answer(resp.status, resp.headers.get("content-type", ""), resp.read())
     except urllib.error.HTTPError as e:
         return Answer(e.code, e.headers.get("content-type", ""), e.read())
@@ -181,7 +189,7 @@ def wait_ready(name: str, proc: subprocess.Popen[bytes], log: Path, url: str,
             raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
         try:
             if body is None:
-                with urllib.request.urlopen(url, timeout=2) as resp:
+                with _URLS.open(url, timeout=2) as resp:
                     status = resp.status
             else:
                 status = post(url, body, {}, timeout=2).status

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -38,6 +39,7 @@ from common import (
     free_port,
     machine_lines,
     markdown_table,
+    missing_programs,
     ms,
     nginx_upstream,
     progress,
@@ -142,12 +144,37 @@ def create_key(config: Path, env: Mapping[str, str]) -> str:
 def proxy(config: Path, env: Mapping[str, str], log: Path) -> Iterator[tuple[psutil.Process, int]]:
     port = free_port()
     argv = [str(PROXY), "serve", "--config", str(config), "--port", str(port), "--workers", "1"]
-    with running(argv, log, env) as proc:
+    # Stopping includes an embedded PostgreSQL's shutdown.
+    with running(argv, log, env, stop_timeout=60) as proc:
         wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
         yield psutil.Process(proc.pid), port
         if proc.poll() is not None:
             raise RuntimeError(f"the proxy exited with status {proc.returncode} during the "
                                f"runs:\n{tail(log)}")
+
+
+def stop_leftover_postgres(data_dir: Path) -> None:
+    """Stop an embedded PostgreSQL still running on ``data_dir`` once the proxy is gone.
+
+    The proxy stops the one it started when it exits; if it ever does not, the server
+    would outlive the temp dir, so it is found by its pid file and stopped here.
+    """
+    try:
+        pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        server = psutil.Process(pid)
+        if str(data_dir) not in " ".join(server.cmdline()):
+            return
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return
+    progress(f"the embedded PostgreSQL (pid {pid}) outlived the proxy; stopping it")
+    with contextlib.suppress(psutil.Error):
+        server.terminate()
+        deadline = time.monotonic() + 15
+        while server.is_running() and server.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                server.kill()
+                break
+            time.sleep(0.1)
 
 
 class RssSampler:
@@ -211,33 +238,42 @@ def targets(upstream: Upstream, proxy_port: int, key: str) -> list[Target]:
     ]
 
 
+def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler,
+               ) -> tuple[dict[tuple[str, int], Load], dict[tuple[str, int], int]]:
+    """wrk on every setup at each concurrency; the loads and the proxy's peak RSS."""
+    loads: dict[tuple[str, int], Load] = {}
+    peaks: dict[tuple[str, int], int] = {}
+    for c in args.concurrency:
+        for t in plan:
+            body = chat_request(t.model, t.stream)
+            if args.warmup:
+                wrk(t.url, body, t.auth, c, args.warmup)
+            rss.take_peak()
+            load = loads[t.setup, c] = wrk(t.url, body, t.auth, c, args.duration)
+            peaks[t.setup, c] = rss.take_peak()
+            progress(f"{t.setup:<22} c={c:<4} {load.rps:>9,.0f} RPS  "
+                     f"p50 {ms(load.p50_ms)} ms  p99 {ms(load.p99_ms)} ms  "
+                     f"errors {load.errors}")
+    return loads, peaks
+
+
 def measure(args: argparse.Namespace, workdir: Path, log: Path) -> tuple[list[Row], dict[str, Any]]:
     with nginx_upstream(workdir) as upstream:
         env, database = database_env(workdir)
         config = workdir / "bench.toml"
         config.write_text(settings_toml(upstream), encoding="utf-8")
         progress(f"database: {database}; creating a key")
-        key = create_key(config, env)
-        with proxy(config, env, log) as (process, port), RssSampler(process) as rss:
-            plan = targets(upstream, port, key)
-            for t in plan:
-                check_answer(t.setup, t.url, chat_request(t.model, t.stream),
-                             {"Authorization": t.auth}, t.stream)
-            idle = rss.take_peak()
-            loads: dict[tuple[str, int], Load] = {}
-            peaks: dict[tuple[str, int], int] = {}
-            for c in args.concurrency:
+        try:
+            key = create_key(config, env)
+            with proxy(config, env, log) as (process, port), RssSampler(process) as rss:
+                plan = targets(upstream, port, key)
                 for t in plan:
-                    body = chat_request(t.model, t.stream)
-                    if args.warmup:
-                        wrk(t.url, body, t.auth, c, args.warmup)
-                    rss.take_peak()
-                    load = wrk(t.url, body, t.auth, c, args.duration)
-                    loads[t.setup, c] = load
-                    peaks[t.setup, c] = rss.take_peak()
-                    progress(f"{t.setup:<22} c={c:<4} {load.rps:>9,.0f} RPS  "
-                             f"p50 {ms(load.p50_ms)} ms  p99 {ms(load.p99_ms)} ms  "
-                             f"errors {load.errors}")
+                    check_answer(t.setup, t.url, chat_request(t.model, t.stream),
+                                 {"Authorization": t.auth}, t.stream)
+                idle = rss.take_peak()
+                loads, peaks = run_setups(args, plan, rss)
+        finally:
+            stop_leftover_postgres(workdir / "data")
     rows = []
     for t in plan:
         direct = "direct nginx, stream" if t.stream else "direct nginx"
@@ -284,6 +320,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="where to write the results (default bench/results)")
     args = parser.parse_args()
+    if missing := missing_programs(PROXY):
+        progress(f"bench/run.py: not found: {', '.join(missing)}")
+        return 2
     exit_on_sigterm()
     started = datetime.now().astimezone()
     stem = f"run-{started:%Y%m%d-%H%M%S}"
