@@ -1,167 +1,71 @@
 """The ASGI application: routes, the request-id wrapper, error rendering, the lifespan.
 
 Nothing is built at import time. :func:`create_app` takes settings and returns the
-app; its lifespan opens the PostgreSQL pool and the upstream HTTP session and hands
-them to the handlers through ``app.state.services``.
+app; its lifespan opens the PostgreSQL pool and the upstream HTTP session, starts
+the hold reaper, and hands them to the handlers through ``app.state.services``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import db
+from proxy import db, pages, reaper, user_api
 from proxy import settings as config
-from proxy.errors import (
-    AuthenticationFailed,
-    InvalidRequest,
-    ModelNotFound,
-    PayloadTooLarge,
-    ProxyError,
-    error_body,
-)
-from proxy.identity import USER_HEADER, resolve_user
-from proxy.keys import KeyStore, Principal, bearer_token
-from proxy.providers import Call, Provider, build_providers
-from proxy.relay import StreamRelay
+from proxy.chat import chat_completions
+from proxy.errors import ModelNotFound, ProxyError, error_body
+from proxy.keys import KeyStore
+from proxy.ledger import Ledger
+from proxy.links import LinkSigner
+from proxy.pricing import price_from
+from proxy.providers import build_providers
 from proxy.requestid import request_id_from
+from proxy.services import JSON, Services, authenticate, json_response, services_of
 from proxy.settings import Settings
+from proxy.tasks import TaskSet
+from proxy.tokens import Tokenizer
 
 log = logging.getLogger("proxy")
-
-_JSON = "application/json"
-_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-
-@dataclass(slots=True)
-class Services:
-    settings: Settings
-    keys: KeyStore
-    providers: dict[str, Provider]
-    pool: Any
-    session: aiohttp.ClientSession
-
-
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type=_JSON)
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-async def _authenticate(request: Request, services: Services) -> Principal:
-    key = bearer_token(request.headers.get("authorization"))
-    if key is None:
-        raise AuthenticationFailed(
-            "Missing API key: send your paywall key as 'Authorization: Bearer <key>'."
-        )
-    principal = await services.keys.authenticate(key)
-    if principal is None or principal.paywall_id not in services.settings.paywalls:
-        raise AuthenticationFailed("Incorrect API key provided.")
-    return principal
-
-
-async def _read_json(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    too_large = PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_large
-        parts.append(part)
-    raw = b"".join(parts)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return raw, body
-
-
-async def chat_completions(request: Request) -> Response | StreamRelay:
-    services = _services(request)
-    s = services.settings
-    principal = await _authenticate(request, services)
-    raw, body = await _read_json(request, s.server.max_body_bytes)
-    resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
-
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise InvalidRequest("You must provide a model parameter.", param="model")
-    model = s.models.get(name)
-    if model is None:
-        raise ModelNotFound(
-            f"The model '{name}' does not exist or you do not have access to it.", param="model"
-        )
-    upstream_name = model.upstream or name
-    if upstream_name != name:
-        body["model"] = upstream_name
-        raw = orjson.dumps(body)
-    paywall = s.paywalls[principal.paywall_id]
-    stream = body.get("stream") is True
-    call = Call(
-        body=raw,
-        stream=stream,
-        request_id=request.state.request_id,
-        headers=request.headers,
-        api_key=paywall.provider_keys.get(model.provider) or s.providers[model.provider].api_key,
-        payload=body,
-    )
-    reply = await services.providers[model.provider].send(call)
-    if reply.stream and reply.ok:
-        headers = [(k.encode(), v.encode()) for k, v in reply.headers] + _STREAM_HEADERS
-        return StreamRelay(reply, headers, s.upstream.stream_max_seconds)
-    try:
-        content = await reply.read()
-    finally:
-        await reply.aclose()
-    return Response(content, status_code=reply.status, headers=dict(reply.headers))
 
 
 def _model_card(name: str, s: Settings) -> dict[str, Any]:
     m = s.models[name]
+    p = m.price
     return {
         "id": name,
         "object": "model",
         "created": 0,
         "owned_by": m.owned_by or m.provider,
         "pricing": {
-            "asset": m.price.asset,
-            "per_request": str(m.price.per_request),
-            "input_per_million": str(m.price.input_per_million),
-            "output_per_million": str(m.price.output_per_million),
+            "asset": p.asset,
+            "per_request": str(p.per_request),
+            "input_per_million": str(p.input_per_million),
+            "output_per_million": str(p.output_per_million),
         },
     }
 
 
 async def list_models(request: Request) -> Response:
-    services = _services(request)
-    await _authenticate(request, services)
+    services = services_of(request)
+    await authenticate(request, services)
     s = services.settings
     return json_response({"object": "list", "data": [_model_card(n, s) for n in s.models]})
 
 
 async def get_model(request: Request) -> Response:
-    services = _services(request)
-    await _authenticate(request, services)
+    services = services_of(request)
+    await authenticate(request, services)
     name = request.path_params["model"]
     if name not in services.settings.models:
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
@@ -174,20 +78,20 @@ async def healthz(request: Request) -> Response:
 
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return Response(exc.body(), status_code=exc.status, media_type=_JSON)
+    return Response(exc.body(), status_code=exc.status, media_type=JSON)
 
 
 async def _render_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     body = error_body(str(exc.detail), "invalid_request_error",
                       code="not_found" if exc.status_code == 404 else None)
-    return Response(body, status_code=exc.status_code, media_type=_JSON, headers=exc.headers)
+    return Response(body, status_code=exc.status_code, media_type=JSON, headers=exc.headers)
 
 
 async def _render_crash(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return Response(ProxyError("The proxy had an internal error.").body(), status_code=500,
-                    media_type=_JSON)
+                    media_type=JSON)
 
 
 class RequestIdMiddleware:
@@ -233,15 +137,32 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                         skip_auto_headers=("User-Agent",))
+        tokenizer = Tokenizer()
+        # Load each model's encoding now, off the loop, rather than in a first request.
+        for name, m in settings.models.items():
+            await asyncio.to_thread(tokenizer.encoding, m.upstream or name, m.encoding)
+        ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
+        services = Services(
+            settings=settings,
+            keys=KeyStore(pool, settings.server.key_cache_seconds),
+            providers=build_providers(settings.providers, settings.upstream, session),
+            prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
+                    for name, m in settings.models.items()},
+            ledger=ledger,
+            live=reaper.LiveHolds(),
+            tokenizer=tokenizer,
+            signer=LinkSigner(settings.server.link_secret or secrets.token_hex(32),
+                              settings.server.public_url),
+            tasks=TaskSet(),
+            pool=pool,
+            session=session,
+        )
+        app.state.services = services
         try:
-            app.state.services = Services(
-                settings=settings,
-                keys=KeyStore(pool, settings.server.key_cache_seconds),
-                providers=build_providers(settings.providers, settings.upstream, session),
-                pool=pool,
-                session=session,
-            )
-            yield
+            async with reaper.running(ledger, services.live,
+                                      settings.billing.reaper_interval_seconds):
+                yield
+                await services.tasks.drain()
         finally:
             await session.close()
             await pool.close()
@@ -252,6 +173,8 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
             Route("/v1/{user}/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            *user_api.routes,
+            *pages.routes,
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers={
@@ -267,3 +190,4 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
 def app_from_env() -> RequestIdMiddleware:
     """uvicorn factory for ``serve``: settings from ``$PAYWALL_CONFIG`` and the environment."""
     return create_app(config.load())
+

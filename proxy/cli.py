@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -124,6 +125,8 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     # Workers are separate processes: they find the settings and the database here.
     os.environ[config.CONFIG_ENV] = settings.source
     os.environ["DATABASE_URL"] = url
+    if not settings.server.link_secret:  # one secret for all of this serve's workers
+        os.environ[config.LINK_SECRET_ENV] = secrets.token_hex(32)
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
     # the embedded PostgreSQL is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

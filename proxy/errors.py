@@ -10,6 +10,8 @@ exceptions (``BadRequestError``, ``AuthenticationError``, ...).
     │   ├── PayloadTooLarge (413)
     │   └── ModelNotFound (404, model_not_found)
     ├── AuthenticationFailed (401, invalid_api_key)
+    ├── PaymentRequired (402, insufficient_balance)
+    ├── Conflict (409, idempotency_conflict)
     ├── UpstreamUnavailable (502, upstream_unavailable)
     └── UpstreamTimeout (504, upstream_timeout)
 
@@ -65,6 +67,18 @@ class AuthenticationFailed(ProxyError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PaymentRequired(ProxyError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_balance"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_conflict"
 
 
 class UpstreamUnavailable(ProxyError):

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from proxy.errors import ConfigError
 
 CONFIG_ENV = "PAYWALL_CONFIG"
+LINK_SECRET_ENV = "PAYWALL_LINK_SECRET"
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
 
@@ -46,6 +47,12 @@ class ServerSettings:
     key_cache_seconds: float = setting(
         5.0, "How long a looked-up API key is trusted before it is checked again (max 5)."
     )
+    public_url: str = setting(
+        "http://127.0.0.1:8080", "Base URL end users reach the proxy at; links start with it."
+    )
+    link_secret: str = setting(
+        "", "HMAC secret signing links; empty = $PAYWALL_LINK_SECRET, else random per start."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,31 @@ class UpstreamSettings:
     stream_idle_timeout: float = setting(120.0, "Longest silence between two stream chunks.")
     stream_max_seconds: float = setting(1800.0, "Longest total duration of one stream.")
     pool_size: int = setting(512, "Open connections kept per worker, over all providers.")
+
+
+@dataclass(frozen=True, slots=True)
+class BillingSettings:
+    hold_ttl_seconds: float = setting(
+        60.0, "A hold not renewed for this long is resolved by the reaper (its process died)."
+    )
+    reaper_interval_seconds: float = setting(
+        5.0, "How often each worker renews its live holds and resolves expired ones."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AssetSettings:
+    scale: int = setting(0, "Decimal places of the smallest unit: 9 makes usd count in 1e-9.")
+    kind: Literal["currency", "credits"] = setting(
+        "currency", "'currency' (priced per token) or 'credits' (counted queries)."
+    )
+
+
+DEFAULT_ASSETS = {
+    "usd": AssetSettings(9, "currency"),
+    "standard": AssetSettings(0, "credits"),
+    "advanced": AssetSettings(0, "credits"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +118,12 @@ class PriceSettings:
     per_request: Decimal = setting(Decimal(0), "Price of one request, as a decimal string.")
     input_per_million: Decimal = setting(Decimal(0), "Price of 1M prompt tokens.")
     output_per_million: Decimal = setting(Decimal(0), "Price of 1M completion tokens.")
+    cached_input_per_million: Decimal | None = setting(
+        None, "Price of 1M cached prompt tokens (default: the input price)."
+    )
+    reasoning_per_million: Decimal | None = setting(
+        None, "Price of 1M reasoning tokens (default: the output price)."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +132,12 @@ class ModelSettings:
     upstream: str = setting("", "Model name sent to the provider (default: the public name).")
     price: PriceSettings = setting(PriceSettings(), "What the end user pays.")
     owned_by: str = setting("", "Shown in /v1/models (default: the provider id).")
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = setting(
+        "max_completion_tokens", "Body field that caps the output, as this provider names it."
+    )
+    encoding: str = setting(
+        "", "tiktoken encoding for estimates (default: the model's own, else cl100k_base)."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +146,25 @@ class PaywallSettings:
     provider_keys: dict[str, str] = setting(
         {}, "Bring-your-own keys: provider id -> key, used instead of the built-in one."
     )
+    require_connect: bool = setting(
+        False, "End users must authorize the app (connect link) before anything is charged."
+    )
+    asset: str = setting("usd", "Asset of the starter grant.")
+    starter_grant: Decimal = setting(Decimal(0), "Granted to each new end user, in `asset`.")
+    markup_percent: Decimal = setting(Decimal(0), "Added to every model price, in percent.")
+    max_output_tokens: int = setting(
+        4096, "Output cap sent upstream when a request sets none; it bounds each hold."
+    )
+    checkout_url: str = setting("", "Where the top-up page sends end users to pay.")
+    link_ttl_seconds: int = setting(3600, "How long a connect or top-up link stays valid.")
+    connect_message: str = setting(
+        "To continue, please authorize {name} to charge your account: {url}",
+        "Assistant reply asking to connect; {name} and {url} are filled in.",
+    )
+    topup_message: str = setting(
+        "Your balance is too low to continue. Top up your {name} balance here: {url}",
+        "Assistant reply asking for a top-up; {name} and {url} are filled in.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +172,10 @@ class Settings:
     server: ServerSettings = setting(ServerSettings(), "The HTTP server.")
     upstream: UpstreamSettings = setting(UpstreamSettings(), "Calls to providers.")
     database: DatabaseSettings = setting(DatabaseSettings(), "The PostgreSQL pool.")
+    billing: BillingSettings = setting(BillingSettings(), "Holds and their reaper.")
+    assets: dict[str, AssetSettings] = setting(
+        {}, "Assets beyond the built-in usd (scale 9), standard and advanced credits."
+    )
     providers: dict[str, ProviderSettings] = setting({}, "Providers by id.")
     models: dict[str, ModelSettings] = setting({}, "Public model names.")
     paywalls: dict[str, PaywallSettings] = setting({}, "Paywalls (apps) by id.")
@@ -135,6 +202,10 @@ def load(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"{chosen}: not valid TOML: {e}") from None
     reader = _Reader(str(chosen), env)
     values = reader.section(Settings, raw, "")
+    values["assets"] = {**DEFAULT_ASSETS, **values.get("assets", {})}
+    server = values.get("server", ServerSettings())
+    if not server.link_secret and env.get(LINK_SECRET_ENV):
+        values["server"] = dataclasses.replace(server, link_secret=env[LINK_SECRET_ENV])
     settings = Settings(
         **values,
         source=str(chosen),
@@ -252,6 +323,8 @@ def _check_references(s: Settings) -> None:
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{s.source}: {key}: {problem}")
 
+    from proxy.pricing import price_from, units
+
     if s.server.key_cache_seconds > 5:
         raise fail("server.key_cache_seconds", "must be at most 5 so revocation is prompt")
     for pid, p in s.providers.items():
@@ -262,7 +335,27 @@ def _check_references(s: Settings) -> None:
             known = ", ".join(s.providers) or "none"
             raise fail(f"models.{name}.provider",
                        f"unknown provider {m.provider!r} (known: {known})")
+        if m.price.asset not in s.assets:
+            raise fail(f"models.{name}.price.asset", f"unknown asset {m.price.asset!r}")
+        try:
+            price_from(m.price, s.assets[m.price.asset].scale)
+        except ValueError as e:
+            raise fail(f"models.{name}.price", str(e)) from None
     for wid, w in s.paywalls.items():
         for pid in w.provider_keys:
             if pid not in s.providers:
                 raise fail(f"paywalls.{wid}.provider_keys.{pid}", "unknown provider")
+        if w.asset not in s.assets:
+            raise fail(f"paywalls.{wid}.asset", f"unknown asset {w.asset!r}")
+        try:
+            units(w.starter_grant, s.assets[w.asset].scale)
+        except ValueError as e:
+            raise fail(f"paywalls.{wid}.starter_grant", str(e)) from None
+        if w.markup_percent.as_tuple().exponent < -2:  # type: ignore[operator]
+            raise fail(f"paywalls.{wid}.markup_percent", "at most two decimal places")
+        for template in ("connect_message", "topup_message"):
+            try:
+                getattr(w, template).format(name="", url="")
+            except (KeyError, IndexError, ValueError):
+                raise fail(f"paywalls.{wid}.{template}",
+                           "only {name} and {url} may be filled in") from None

@@ -205,6 +205,7 @@ provider = "mock"
 
 [paywalls.app]
 name = "Test app"
+starter_grant = "100"
 provider_keys = {{ byok = "{BYOK_KEY}" }}
 
 [paywalls.other]

@@ -33,9 +33,11 @@ def test_non_streaming_with_body_user(running: Running) -> None:
     assert completion.choices[0].message.content == "echo 0"
     assert completion.usage is not None and completion.usage.total_tokens == 7
     seen = running.upstream.last()
-    # The body arrives as sent, but for the public model name mapped to the upstream one.
+    # The body arrives as sent, but for the model name and the output cap that bounds the
+    # hold.
     assert seen.body == {"model": "echo", "user": "user_1", "messages": HELLO,
-                         "temperature": 0.2, "seed": 7, "custom_field": {"kept": True}}
+                         "temperature": 0.2, "seed": 7, "custom_field": {"kept": True},
+                         "max_completion_tokens": 4096}
     assert seen.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert raw.headers["x-request-id"].startswith("req_")
     assert seen.headers["x-request-id"] == raw.headers["x-request-id"]
@@ -66,8 +68,9 @@ def test_streaming_arrives_chunk_by_chunk(running: Running) -> None:
     assert len(gaps) == CHUNKS - 1
     assert arrivals[-1] - arrivals[0] > (CHUNKS - 1) * CHUNK_DELAY * 0.8
     assert statistics.median(gaps) > CHUNK_DELAY * 0.5  # median: a busy machine jitters
-    # The proxy asked for nothing the client did not: no usage chunk added.
-    assert "stream_options" not in running.upstream.last().body
+    # The proxy asked the provider for usage, and kept that chunk from the client.
+    assert running.upstream.last().body["stream_options"] == {"include_usage": True}
+    assert stream.response.is_closed
 
 
 def test_stream_bytes_are_unchanged(running: Running) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from proxy.metering import Meter
+from proxy.pricing import Usage
 from proxy.providers import Call, MockProvider, scrub
-from proxy.relay import StreamWatch
 from proxy.settings import ProviderSettings
 
 KEY = "sk-proj-abcdefghijklmnop1234"
@@ -50,10 +51,9 @@ async def test_mock_stream_is_valid_sse(include_usage: bool) -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
                "stream_options": {"include_usage": include_usage}}
     reply = await mock(completion_tokens=4).send(call(payload, stream=True))
-    watch = StreamWatch()
+    meter = Meter(include_usage)
     async for chunk in reply.chunks:
-        watch.feed(chunk)
-    assert reply.stream and watch.done
-    assert "".join(watch.text) == "This is a mock"
-    expected = {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
-    assert watch.usage == (expected if include_usage else None)
+        meter.feed(chunk)
+    assert reply.stream and meter.done
+    assert "".join(meter.text) == "This is a mock"
+    assert meter.usage == (Usage(1, 4) if include_usage else None)

@@ -1,0 +1,289 @@
+"""The chat-completions pipeline: authenticate, identify, estimate, hold, decide, forward,
+settle.
+
+    client ─▶ key ─▶ parse + user ─▶ estimate ─▶ hold (one conditional UPDATE) ─▶ decide
+           ├─ connect / top_up ─▶ an assistant message with the link, nothing charged
+           └─ forward ─▶ provider ─▶ relay ─▶ post the actual cost, release the rest
+
+The provider's usage is authoritative: streams are asked for it
+(``stream_options.include_usage``) and the extra chunk is removed again when the
+client did not ask. Only when a provider reports nothing are tokens counted here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.decide import Action, decide
+from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
+from proxy.identity import USER_HEADER, resolve_user
+from proxy.metering import Meter
+from proxy.pricing import Price, Usage, cost, to_decimal
+from proxy.providers import Call
+from proxy.relay import Outcome, StreamRelay
+from proxy.replies import paywall_reply
+from proxy.services import Services, authenticate, read_json
+from proxy.settings import ModelSettings, PaywallSettings
+
+log = logging.getLogger("proxy.chat")
+
+_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+@dataclass(slots=True)
+class Metered:
+    """One forwarded request, as billing sees it."""
+
+    services: Services
+    hold_id: int
+    hold: int
+    price: Price
+    scale: int
+    markup_bps: int
+    prompt_tokens: int  # counted here, for when the provider reports nothing
+    model: str  # the public name
+    upstream_model: str
+    encoding: str
+
+    def cost(self, usage: Usage) -> int:
+        return min(cost(usage, self.price, self.markup_bps), self.hold)
+
+    def cost_fields(self, usage: Usage) -> dict[str, Any]:
+        return {"cost": str(to_decimal(self.cost(usage), self.scale)),
+                "cost_asset": self.price.asset}
+
+    async def counted(self, text: str) -> Usage:
+        tokenizer = self.services.tokenizer
+        completion = await tokenizer.count_async(text, self.upstream_model, self.encoding)
+        return Usage(self.prompt_tokens, completion)
+
+    async def settle(self, usage: Usage | None, outcome: str) -> Any:
+        """Post ``usage`` at its price (capped by the hold), or void when there is none."""
+        ledger = self.services.ledger
+        try:
+            if usage is None:
+                await ledger.void(self.hold_id)
+                return None
+            exact = cost(usage, self.price, self.markup_bps)
+            meta = {"uncharged": exact - self.hold} if exact > self.hold else None
+            return await ledger.post(self.hold_id, min(exact, self.hold), usage, outcome, meta)
+        finally:
+            self.services.live.discard(self.hold_id)
+
+
+class StreamCheckpoint:
+    """What a live stream has delivered so far, counted incrementally for the reaper."""
+
+    def __init__(self, meter: Meter, metered: Metered):
+        self.meter = meter
+        self.metered = metered
+        self.seen = 0
+        self.tokens = 0
+
+    def __call__(self) -> dict[str, Any] | None:
+        m = self.metered
+        if self.meter.usage is not None:
+            usage = self.meter.usage
+        else:
+            new = "".join(self.meter.text[self.seen:])
+            self.seen = len(self.meter.text)
+            self.tokens += m.services.tokenizer.count(new, m.upstream_model, m.encoding)
+            if not self.tokens:
+                return None
+            usage = Usage(m.prompt_tokens, self.tokens)
+        return {"prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens, "cost": m.cost(usage)}
+
+
+def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings) -> int:
+    """The most output tokens the request can produce; sets the paywall's cap if it has none."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+        return value
+    body[model.max_tokens_field] = paywall.max_output_tokens
+    return paywall.max_output_tokens
+
+
+async def chat_completions(request: Request) -> Response | StreamRelay:
+    services: Services = request.app.state.services
+    s = services.settings
+    principal = await authenticate(request, services)
+    _, body = await read_json(request, s.server.max_body_bytes)
+    user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
+    request_id: str = request.state.request_id
+
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    paywall = s.paywalls[principal.paywall_id]
+    model = s.models.get(name)
+    if model is None:
+        decide(paywall, False, None, 0)
+        raise ModelNotFound(
+            f"The model '{name}' does not exist or you do not have access to it.", param="model"
+        )
+    upstream_model = model.upstream or name
+    body["model"] = upstream_model
+    stream = body.get("stream") is True
+    n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+    output_cap = _output_cap(body, model, paywall)
+    options = body.get("stream_options")
+    client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    if stream and not client_wants_usage:
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
+
+    price = services.prices[name]
+    scale = s.assets[price.asset].scale
+    markup_bps = int(paywall.markup_percent * 100)
+    estimate = await services.tokenizer.estimate_prompt(body, upstream_model, model.encoding)
+    hold = cost(Usage(estimate, output_cap * n), price, markup_bps)
+
+    ledger = services.ledger
+    state = await ledger.hold(principal.paywall_id, user, price.asset, hold,
+                              request_id=request_id, model=name,
+                              require_connect=paywall.require_connect)
+    if not state.exists or (state.hold_id is None and not state.has_account):
+        grant_scale = s.assets[paywall.asset].scale
+        await ledger.open_user(principal.paywall_id, user, assets={paywall.asset, price.asset},
+                               grant_asset=paywall.asset,
+                               grant=int(paywall.starter_grant.scaleb(grant_scale)))
+        state = await ledger.hold(principal.paywall_id, user, price.asset, hold,
+                                  request_id=request_id, model=name,
+                                  require_connect=paywall.require_connect)
+    decision = decide(paywall, True, state, hold)
+    if decision.action is not Action.FORWARD:
+        if state.hold_id is not None:  # cannot happen: the hold and decide agree
+            await ledger.void(state.hold_id)
+        return _paywall_reply(services, principal.paywall_id, paywall, user, name, request_id,
+                              decision.action, state.available, scale, price.asset, stream,
+                              client_wants_usage)
+
+    assert state.hold_id is not None
+    prompt_text_tokens = await services.tokenizer.count_async(
+        _plain_prompt(body), upstream_model, model.encoding)
+    metered = Metered(services, state.hold_id, hold, price, scale, markup_bps,
+                      prompt_text_tokens, name, upstream_model, model.encoding)
+    provider_id = model.provider
+    call = Call(
+        body=orjson.dumps(body), stream=stream, request_id=request_id, headers=request.headers,
+        api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
+        payload=body,
+    )
+    meter = Meter(client_wants_usage, metered.cost_fields)
+    services.live.add(state.hold_id, StreamCheckpoint(meter, metered) if stream else None)
+    try:
+        reply = await services.providers[provider_id].send(call)
+    except BaseException:
+        await services.tasks.run_to_end(metered.settle(None, "failed"))
+        raise
+    if not reply.ok:
+        try:
+            content = await reply.read()
+        finally:
+            await reply.aclose()
+            await services.tasks.run_to_end(metered.settle(None, "failed"))
+        return Response(content, status_code=reply.status, headers=dict(reply.headers))
+
+    if reply.stream:
+        async def on_done(outcome: Outcome) -> None:
+            await services.tasks.run_to_end(_settle_stream(metered, meter, outcome))
+
+        headers = [(k.encode(), v.encode()) for k, v in reply.headers] + _STREAM_HEADERS
+        return StreamRelay(reply, headers, s.upstream.stream_max_seconds, meter, on_done)
+
+    try:
+        content = await reply.read()
+    except ProxyError:
+        await services.tasks.run_to_end(metered.settle(None, "failed"))
+        raise
+    finally:
+        await reply.aclose()
+    return await services.tasks.run_to_end(_settle_completion(metered, reply.headers, content))
+
+
+async def _settle_completion(metered: Metered, headers: list[tuple[str, str]],
+                             content: bytes) -> Response:
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        data = None
+    usage = Usage.from_openai(data.get("usage")) if isinstance(data, dict) else None
+    if usage is None:
+        usage = await metered.counted(_completion_text(data))
+    posted = await metered.settle(usage, "completed")
+    out = dict(headers)
+    if posted is not None:
+        out["x-paywall-cost"] = str(to_decimal(posted.charged, metered.scale))
+        out["x-paywall-balance"] = str(to_decimal(posted.balance_after, metered.scale))
+        if isinstance(data, dict):
+            if not isinstance(data.get("usage"), dict):
+                data["usage"] = {"prompt_tokens": usage.prompt_tokens,
+                                 "completion_tokens": usage.completion_tokens,
+                                 "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+            data["usage"]["cost"] = out["x-paywall-cost"]
+            data["usage"]["cost_asset"] = metered.price.asset
+            content = orjson.dumps(data)
+    out.pop("content-length", None)
+    return Response(content, status_code=200, headers=out)
+
+
+async def _settle_stream(metered: Metered, meter: Meter, outcome: Outcome) -> None:
+    if meter.usage is not None:
+        await metered.settle(meter.usage, "completed" if meter.done else outcome.value)
+    elif meter.delivered:
+        usage = await metered.counted("".join(meter.text))
+        await metered.settle(usage, outcome.value)
+    else:
+        await metered.settle(None, outcome.value)
+
+
+def _completion_text(data: Any) -> str:
+    if not isinstance(data, dict):
+        return ""
+    parts = []
+    for choice in data.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            if isinstance(message.get("content"), str):
+                parts.append(message["content"])
+            if message.get("tool_calls"):
+                parts.append(orjson.dumps(message["tool_calls"]).decode())
+    return "".join(parts)
+
+
+def _plain_prompt(body: dict[str, Any]) -> str:
+    from proxy.tokens import prompt_text
+
+    return prompt_text(body)[0]
+
+
+def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings, user: str,
+                   model: str, request_id: str, action: Action, available: int, scale: int,
+                   asset: str, stream: bool, include_usage: bool) -> Response:
+    ttl = paywall.link_ttl_seconds
+    name = paywall.name or paywall_id
+    if action is Action.CONNECT:
+        url = services.signer.link(paywall_id, user, "connect", ttl)
+        text = paywall.connect_message.format(name=name, url=url)
+        info: dict[str, Any] = {"connected": False, "connect_link": url}
+    else:
+        url = services.signer.link(paywall_id, user, "topup", ttl)
+        text = paywall.topup_message.format(name=name, url=url)
+        info = {"connected": True, "balance": str(to_decimal(available, scale)),
+                "asset": asset, "topup_link": url}
+    body, media = paywall_reply(request_id=request_id, model=model, text=text, paywall=info,
+                                stream=stream, include_usage=include_usage)
+    header = "connect" if action is Action.CONNECT else "top_up"
+    return Response(body, media_type=media, headers={"x-paywall-action": header})
+

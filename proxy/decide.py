@@ -1,0 +1,41 @@
+"""The decision: forward a request, or answer it with a link. Pure: no I/O.
+
+In order: an unknown model is not found; a user who has not authorized a paywall
+that requires it is asked to connect; a user whose available balance does not
+cover the hold is asked to top up; everything else is forwarded.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from proxy.ledger import UserState
+from proxy.settings import PaywallSettings
+
+
+class Action(enum.Enum):
+    NOT_FOUND = "not_found"
+    CONNECT = "connect"
+    TOP_UP = "top_up"
+    FORWARD = "forward"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    hold: int = 0  # the amount to hold when forwarding
+    available: int = 0
+
+
+def decide(paywall: PaywallSettings, model_known: bool, user: UserState | None,
+           hold: int) -> Decision:
+    if not model_known or user is None:
+        return Decision(Action.NOT_FOUND)
+    if paywall.require_connect and not user.connected:
+        return Decision(Action.CONNECT, available=user.available)
+    # The hold was attempted with this very condition; its absence means the
+    # balance did not cover it, also when a concurrent request got there first.
+    if user.hold_id is None or user.available < hold:
+        return Decision(Action.TOP_UP, available=user.available)
+    return Decision(Action.FORWARD, hold=hold, available=user.available - hold)

@@ -1,0 +1,345 @@
+"""The ledger: the one path by which money moves.
+
+Every write to users' balances, holds and entries is a statement in this module,
+run as a single statement or in one explicit transaction, so a balance always
+equals the fold of its entries. The database's constraints are the backstop:
+``balance - held >= 0``, a hold leaves ``pending`` at most once, an entry per hold
+at most, entries never change.
+
+Two-phase charging (as in TigerBeetle's pending transfers):
+
+- :meth:`Ledger.hold` reserves the worst case with one conditional UPDATE;
+- :meth:`Ledger.post` charges the actual amount (never more than the hold) and
+  releases the rest, :meth:`Ledger.void` releases it all;
+- live holds are renewed by their process (:meth:`Ledger.renew`); a hold whose
+  process died expires, and :meth:`Ledger.reap` posts it at its last usage
+  checkpoint or, with none, voids it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from proxy.pricing import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """What the decision needs to know of an end user, read with the hold attempt."""
+
+    exists: bool
+    connected: bool
+    has_account: bool  # for the asset asked for
+    available: int  # balance - held of that asset, before this request's hold
+    hold_id: int | None  # set when the hold was placed
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    charged: int
+    balance_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    asset: str
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: int
+    asset: str
+    kind: str
+    amount: int
+    balance_after: int
+    request_id: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    outcome: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A response kept for an idempotency key."""
+
+    status: int
+    body: bytes
+
+
+class IdempotencyConflict(Exception):
+    """The key was used before with another request body."""
+
+
+class InsufficientFunds(Exception):
+    def __init__(self, available: int):
+        super().__init__(available)
+        self.available = available
+
+
+_HOLD = """
+WITH u AS (
+    SELECT connected_at IS NOT NULL AS connected FROM users
+    WHERE paywall_id = $1 AND user_id = $2
+), acc AS (
+    UPDATE accounts SET held = held + $4
+    WHERE paywall_id = $1 AND user_id = $2 AND asset = $3 AND balance - held >= $4
+      AND (NOT $7::boolean OR coalesce((SELECT connected FROM u), false))
+    RETURNING id
+), h AS (
+    INSERT INTO holds (account_id, request_id, amount, model, expires_at)
+    SELECT id, $5, $4, $6, now() + make_interval(secs => $8) FROM acc
+    RETURNING id
+)
+SELECT (SELECT connected FROM u) AS connected,
+       (SELECT id FROM h) AS hold_id,
+       (SELECT balance - held FROM accounts
+        WHERE paywall_id = $1 AND user_id = $2 AND asset = $3) AS available
+"""
+
+_POST = """
+WITH h AS (
+    UPDATE holds SET status = 'posted', resolved_at = now()
+    WHERE id = $1 AND status = 'pending'
+    RETURNING account_id, amount, request_id, model
+), a AS (
+    UPDATE accounts SET balance = balance - least($2::bigint, h.amount), held = held - h.amount
+    FROM h WHERE accounts.id = h.account_id
+    RETURNING accounts.id, accounts.balance, least($2::bigint, h.amount) AS charge,
+              h.request_id, h.model
+)
+INSERT INTO entries (account_id, kind, amount, balance_after, request_id, hold_id, model,
+                     prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
+                     outcome, metadata)
+SELECT id, 'charge', -charge, balance, request_id, $1, model, $3, $4, $5, $6, $7, $8 FROM a
+RETURNING -amount AS charged, balance_after
+"""
+
+_VOID = """
+WITH h AS (
+    UPDATE holds SET status = $2, resolved_at = now()
+    WHERE id = $1 AND status = 'pending'
+    RETURNING account_id, amount
+)
+UPDATE accounts SET held = held - h.amount FROM h WHERE accounts.id = h.account_id
+RETURNING accounts.id
+"""
+
+_OPEN_USER = """
+WITH u AS (
+    INSERT INTO users (paywall_id, user_id) VALUES ($1, $2)
+    ON CONFLICT DO NOTHING
+    RETURNING paywall_id
+), a AS (
+    INSERT INTO accounts (paywall_id, user_id, asset, balance)
+    SELECT $1, $2, x.asset,
+           CASE WHEN x.asset = $4 AND EXISTS (SELECT 1 FROM u) THEN $5::bigint ELSE 0 END
+    FROM unnest($3::text[]) AS x(asset)
+    ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
+    RETURNING id, balance
+)
+INSERT INTO entries (account_id, kind, amount, balance_after, metadata)
+SELECT id, 'grant', balance, balance, '{"reason": "starter grant"}' FROM a WHERE balance > 0
+"""
+
+_ACCOUNT = """
+WITH u AS (
+    INSERT INTO users (paywall_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING
+)
+INSERT INTO accounts (paywall_id, user_id, asset) VALUES ($1, $2, $3)
+ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
+"""
+
+
+def request_hash(body: Any) -> bytes:
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+class Ledger:
+    def __init__(self, pool: Any, hold_ttl: float):
+        self.pool = pool
+        self.hold_ttl = hold_ttl
+
+    async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
+                        grant_asset: str, grant: int) -> None:
+        """Create the user on first sight, with accounts for ``assets`` and a starter
+        ``grant``; for a known user, add only the accounts it lacks."""
+        await self.pool.execute(_OPEN_USER, paywall_id, user_id, sorted(assets), grant_asset,
+                                grant)
+
+    async def hold(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
+                   request_id: str, model: str, require_connect: bool) -> UserState:
+        """Try to reserve ``amount``; report the user's state either way (one round trip)."""
+        row = await self.pool.fetchrow(_HOLD, paywall_id, user_id, asset, amount, request_id,
+                                       model, require_connect, self.hold_ttl)
+        return UserState(
+            exists=row["connected"] is not None,
+            connected=bool(row["connected"]),
+            has_account=row["available"] is not None,
+            available=row["available"] or 0,
+            hold_id=row["hold_id"],
+        )
+
+    async def post(self, hold_id: int, amount: int, usage: Usage | None, outcome: str,
+                   metadata: dict[str, Any] | None = None) -> Posted | None:
+        """Charge ``amount`` (at most the hold) and release the rest; None if already resolved."""
+        u = usage or Usage(0, 0)
+        row = await self.pool.fetchrow(
+            _POST, hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
+            u.reasoning_tokens, outcome, orjson.dumps(metadata or {}).decode(),
+        )
+        return Posted(row["charged"], row["balance_after"]) if row else None
+
+    async def void(self, hold_id: int, status: str = "voided") -> bool:
+        return bool(await self.pool.fetchval(_VOID, hold_id, status))
+
+    async def renew(self, checkpoints: dict[int, dict[str, Any] | None]) -> None:
+        """Extend live holds and store their usage checkpoints, in one statement."""
+        if not checkpoints:
+            return
+        ids = list(checkpoints)
+        cps = [None if c is None else orjson.dumps(c).decode() for c in checkpoints.values()]
+        await self.pool.execute(
+            "UPDATE holds SET expires_at = now() + make_interval(secs => $3),"
+            " checkpoint = coalesce(c.cp::jsonb, holds.checkpoint)"
+            " FROM unnest($1::bigint[], $2::text[]) AS c(id, cp)"
+            " WHERE holds.id = c.id AND holds.status = 'pending'",
+            ids, cps, self.hold_ttl,
+        )
+
+    async def reap(self, limit: int = 200) -> int:
+        """Resolve expired holds: post at their checkpoint's cost, or void them."""
+        rows = await self.pool.fetch(
+            "SELECT id, checkpoint FROM holds WHERE status = 'pending' AND expires_at < now()"
+            " ORDER BY expires_at LIMIT $1", limit,
+        )
+        for row in rows:
+            cp = orjson.loads(row["checkpoint"]) if row["checkpoint"] else None
+            if cp and cp.get("cost", 0) > 0:
+                usage = Usage(cp.get("prompt_tokens", 0), cp.get("completion_tokens", 0))
+                await self.post(row["id"], int(cp["cost"]), usage, "reaped",
+                                {"reason": "the serving process stopped mid-request"})
+            else:
+                await self.void(row["id"], "expired")
+        return len(rows)
+
+    async def balances(self, paywall_id: str, user_id: str) -> list[Balance]:
+        rows = await self.pool.fetch(
+            "SELECT asset, balance, held FROM accounts WHERE paywall_id = $1 AND user_id = $2"
+            " ORDER BY asset", paywall_id, user_id,
+        )
+        return [Balance(r["asset"], r["balance"], r["held"]) for r in rows]
+
+    async def user(self, paywall_id: str, user_id: str) -> Any:
+        return await self.pool.fetchrow(
+            "SELECT * FROM users WHERE paywall_id = $1 AND user_id = $2", paywall_id, user_id)
+
+    async def set_connected(self, paywall_id: str, user_id: str, connected: bool) -> None:
+        await self.pool.execute(
+            "INSERT INTO users (paywall_id, user_id, connected_at)"
+            " VALUES ($1, $2, CASE WHEN $3::boolean THEN now() END)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET connected_at ="
+            " CASE WHEN $3::boolean THEN coalesce(users.connected_at, now()) END",
+            paywall_id, user_id, connected,
+        )
+
+    async def idempotent(
+        self, paywall_id: str, key: str, body: Any,
+        write: Callable[[Any], Awaitable[Stored]],
+    ) -> Stored:
+        """Run ``write(conn)`` once per (paywall, key) and keep its response.
+
+        The key, the money movement and the stored response commit in one
+        transaction: a retry after any failure either replays the stored response
+        or finds nothing and runs the write afresh. A concurrent retry waits on
+        the key's row lock. Same key with another body raises IdempotencyConflict.
+        """
+        digest = request_hash(body)
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                "INSERT INTO idempotency (paywall_id, key, request_hash, status, response)"
+                " VALUES ($1, $2, $3, 0, '') ON CONFLICT DO NOTHING RETURNING true",
+                paywall_id, key, digest,
+            )
+            if not inserted:
+                row = await conn.fetchrow(
+                    "SELECT request_hash, status, response FROM idempotency"
+                    " WHERE paywall_id = $1 AND key = $2", paywall_id, key,
+                )
+                if bytes(row["request_hash"]) != digest:
+                    raise IdempotencyConflict(key)
+                return Stored(row["status"], bytes(row["response"]))
+            stored = await write(conn)
+            await conn.execute(
+                "UPDATE idempotency SET status = $3, response = $4"
+                " WHERE paywall_id = $1 AND key = $2",
+                paywall_id, key, stored.status, stored.body,
+            )
+            return stored
+
+    @staticmethod
+    async def move(conn: Any, paywall_id: str, user_id: str, asset: str, amount: int,
+                   kind: str, *, request_id: str | None, idempotency_key: str | None,
+                   metadata: dict[str, Any]) -> int:
+        """Add ``amount`` (negative to take) to a balance with its entry; return the new
+        balance. Taking more than is available raises InsufficientFunds."""
+        await conn.execute(_ACCOUNT, paywall_id, user_id, asset)
+        row = await conn.fetchrow(
+            "WITH a AS (UPDATE accounts SET balance = balance + $4"
+            "  WHERE paywall_id = $1 AND user_id = $2 AND asset = $3"
+            "    AND balance - held + $4 >= 0 RETURNING id, balance)"
+            " INSERT INTO entries (account_id, kind, amount, balance_after, request_id,"
+            "   idempotency_key, metadata)"
+            " SELECT id, $5, $4, balance, $6, $7, $8 FROM a RETURNING balance_after",
+            paywall_id, user_id, asset, amount, kind, request_id, idempotency_key,
+            orjson.dumps(metadata).decode(),
+        )
+        if row is None:
+            available = await conn.fetchval(
+                "SELECT balance - held FROM accounts"
+                " WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
+                paywall_id, user_id, asset,
+            )
+            raise InsufficientFunds(available or 0)
+        return int(row["balance_after"])
+
+    async def entries(self, paywall_id: str, user_id: str, *, before: int | None,
+                      limit: int) -> list[Entry]:
+        rows = await self.pool.fetch(
+            "SELECT e.*, a.asset FROM entries e JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = $1 AND a.user_id = $2 AND ($3::bigint IS NULL OR e.id < $3)"
+            " ORDER BY e.id DESC LIMIT $4", paywall_id, user_id, before, limit,
+        )
+        return [Entry(r["id"], r["asset"], r["kind"], r["amount"], r["balance_after"],
+                      r["request_id"], r["model"], r["prompt_tokens"], r["completion_tokens"],
+                      r["outcome"], orjson.loads(r["metadata"]), r["created_at"]) for r in rows]
+
+    async def usage(self, paywall_id: str, *, user_id: str | None, since: datetime,
+                    until: datetime) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT a.user_id, e.model, a.asset, date_trunc('day', e.created_at) AS day,"
+            "  count(*) AS requests, sum(-e.amount) AS cost,"
+            "  sum(e.prompt_tokens) AS prompt_tokens,"
+            "  sum(e.completion_tokens) AS completion_tokens"
+            " FROM entries e JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = $1 AND e.kind = 'charge'"
+            "   AND ($2::text IS NULL OR a.user_id = $2)"
+            "   AND e.created_at >= $3 AND e.created_at < $4"
+            " GROUP BY 1, 2, 3, 4 ORDER BY 4, 1, 2",
+            paywall_id, user_id, since, until,
+        )
+        return [dict(r) for r in rows]

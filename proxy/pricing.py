@@ -1,0 +1,103 @@
+"""Prices and costs, in integers of an asset's smallest unit. Pure: no I/O.
+
+A price holds, for one model, integer units per request and per million tokens of
+each kind. A request's cost is
+
+    ceil( (per_request * 1e6 + Σ tokens_k * price_k) * (10_000 + markup_bps)
+          / (1e6 * 10_000) )
+
+— one rounding, upwards, per request, so the paywall never undercharges by a unit
+and never charges more than one unit over the exact amount. Cached prompt tokens
+are priced at ``cached_input`` and reasoning tokens at ``reasoning`` (both default
+to the plain input and output prices) when the provider reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from proxy.settings import PriceSettings
+
+MILLION = 1_000_000
+_BPS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    asset: str
+    per_request: int
+    input: int  # per million tokens
+    output: int
+    cached_input: int
+    reasoning: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage | None:
+        """Read an OpenAI ``usage`` object; None when it carries no token counts."""
+        if not isinstance(usage, dict):
+            return None
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        if prompt is None and completion is None:
+            return None
+        prompt, completion = prompt or 0, completion or 0
+        cached = _count((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+        details = usage.get("completion_tokens_details") or {}
+        reasoning = _count(details.get("reasoning_tokens")) or 0
+        return cls(prompt, completion, min(cached, prompt), min(reasoning, completion))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens, "reasoning_tokens": self.reasoning_tokens}
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def units(amount: Decimal, scale: int) -> int:
+    """``amount`` of the asset in its smallest unit; ValueError unless that is whole."""
+    scaled = amount.scaleb(scale)
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"{amount} is finer than the asset's smallest unit (1e-{scale})")
+    return int(scaled)
+
+
+def to_decimal(amount: int, scale: int) -> Decimal:
+    return Decimal(amount).scaleb(-scale)
+
+
+def price_from(conf: PriceSettings, scale: int) -> Price:
+    return Price(
+        asset=conf.asset,
+        per_request=units(conf.per_request, scale),
+        input=units(conf.input_per_million, scale),
+        output=units(conf.output_per_million, scale),
+        cached_input=units(conf.input_per_million if conf.cached_input_per_million is None
+                           else conf.cached_input_per_million, scale),
+        reasoning=units(conf.output_per_million if conf.reasoning_per_million is None
+                        else conf.reasoning_per_million, scale),
+    )
+
+
+def cost(usage: Usage, price: Price, markup_bps: int = 0) -> int:
+    exact = (
+        price.per_request * MILLION
+        + (usage.prompt_tokens - usage.cached_tokens) * price.input
+        + usage.cached_tokens * price.cached_input
+        + (usage.completion_tokens - usage.reasoning_tokens) * price.output
+        + usage.reasoning_tokens * price.reasoning
+    ) * (_BPS + markup_bps)
+    return -(-exact // (MILLION * _BPS))

@@ -1,0 +1,59 @@
+"""Keeping live holds alive, and resolving the holds of processes that died.
+
+Each worker registers the holds of its in-flight requests here. Every
+``reaper_interval_seconds`` one statement renews them all (with the usage each
+stream has delivered so far, as a checkpoint), and expired holds — whose process
+stopped renewing them — are posted at their checkpoint or voided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from proxy.ledger import Ledger
+
+log = logging.getLogger("proxy.reaper")
+
+Checkpoint = Callable[[], dict[str, Any] | None]
+
+
+class LiveHolds:
+    def __init__(self) -> None:
+        self._holds: dict[int, Checkpoint | None] = {}
+
+    def add(self, hold_id: int, checkpoint: Checkpoint | None = None) -> None:
+        self._holds[hold_id] = checkpoint
+
+    def discard(self, hold_id: int) -> None:
+        self._holds.pop(hold_id, None)
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    def checkpoints(self) -> dict[int, dict[str, Any] | None]:
+        return {h: (cp() if cp else None) for h, cp in list(self._holds.items())}
+
+
+async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await ledger.renew(live.checkpoints())
+            if reaped := await ledger.reap():
+                log.info("resolved %d expired holds", reaped)
+        except Exception:  # a database hiccup must not end the loop; the next round retries
+            log.exception("renewing or reaping holds failed")
+
+
+@contextlib.asynccontextmanager
+async def running(ledger: Ledger, live: LiveHolds, interval: float) -> AsyncIterator[None]:
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(run(ledger, live, interval))
+        try:
+            yield
+        finally:
+            task.cancel()

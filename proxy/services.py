@@ -1,0 +1,85 @@
+"""What the handlers share: the services the lifespan builds, and the request basics
+every route uses (the paywall key, a size-limited JSON body)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
+from proxy.keys import KeyStore, Principal, bearer_token
+from proxy.ledger import Ledger
+from proxy.links import LinkSigner
+from proxy.pricing import Price
+from proxy.providers import Provider
+from proxy.reaper import LiveHolds
+from proxy.settings import Settings
+from proxy.tasks import TaskSet
+from proxy.tokens import Tokenizer
+
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    keys: KeyStore
+    providers: dict[str, Provider]
+    prices: dict[str, Price]
+    ledger: Ledger
+    live: LiveHolds
+    tokenizer: Tokenizer
+    signer: LinkSigner
+    tasks: TaskSet
+    pool: Any
+    session: aiohttp.ClientSession
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type=JSON, headers=headers)
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def authenticate(request: Request, services: Services) -> Principal:
+    key = bearer_token(request.headers.get("authorization"))
+    if key is None:
+        raise AuthenticationFailed(
+            "Missing API key: send your paywall key as 'Authorization: Bearer <key>'."
+        )
+    principal = await services.keys.authenticate(key)
+    if principal is None or principal.paywall_id not in services.settings.paywalls:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    return principal
+
+
+async def read_json(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The body as bytes and as a JSON object; 413 past ``limit``, before parsing."""
+    too_large = PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    raw = b"".join(parts)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return raw, body

@@ -1,0 +1,225 @@
+"""The user API, for an app's backend holding the paywall key: balances, links, deposits,
+manual charges, the ledger and usage.
+
+The end user is named by ``user`` in the query (GET) or the body (POST). Deposits and
+charges require an ``Idempotency-Key`` header: the same key with the same body
+replays the first response, with another body it is a 409; keys are kept 24 h or more.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy.errors import Conflict, InvalidRequest, PaymentRequired
+from proxy.identity import resolve_user
+from proxy.keys import Principal
+from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
+from proxy.pricing import to_decimal
+from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
+
+
+def _amount(value: Any, scale: int, field: str = "amount") -> int:
+    """A positive amount, given as a decimal string or a JSON number, in the smallest unit."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidRequest(f"'{field}' must be a decimal amount such as \"1.50\".",
+                             param=field)
+    try:
+        amount = Decimal(value if isinstance(value, str) else repr(value))
+    except ArithmeticError:
+        raise InvalidRequest(f"'{field}' must be a decimal amount.", param=field) from None
+    if not amount.is_finite() or amount <= 0:
+        raise InvalidRequest(f"'{field}' must be a positive amount.", param=field)
+    scaled = amount.scaleb(scale)
+    if scaled != scaled.to_integral_value():
+        raise InvalidRequest(f"'{field}' has more decimal places than the asset's {scale}.",
+                             param=field)
+    return int(scaled)
+
+
+async def _caller(request: Request) -> tuple[Services, Principal]:
+    services = services_of(request)
+    return services, await authenticate(request, services)
+
+
+def _query_user(request: Request) -> str:
+    return resolve_user({"user": request.query_params.get("user")}, None, None)
+
+
+def _asset(services: Services, principal: Principal, body: dict[str, Any]) -> tuple[str, int]:
+    asset = body.get("asset") or services.settings.paywalls[principal.paywall_id].asset
+    if not isinstance(asset, str) or asset not in services.settings.assets:
+        raise InvalidRequest(f"Unknown asset {asset!r}.", param="asset")
+    return asset, services.settings.assets[asset].scale
+
+
+def _money(services: Services, asset: str, units: int) -> str:
+    return str(to_decimal(units, services.settings.assets[asset].scale))
+
+
+async def balance(request: Request) -> Response:
+    services, principal = await _caller(request)
+    user = _query_user(request)
+    row = await services.ledger.user(principal.paywall_id, user)
+    balances = await services.ledger.balances(principal.paywall_id, user)
+    return json_response({
+        "user": user,
+        "connected": bool(row and row["connected_at"]),
+        "balances": [{"asset": b.asset, "balance": _money(services, b.asset, b.balance),
+                      "held": _money(services, b.asset, b.held),
+                      "available": _money(services, b.asset, b.available),
+                      "units": b.balance} for b in balances],
+    })
+
+
+async def connect_status(request: Request) -> Response:
+    services, principal = await _caller(request)
+    user = _query_user(request)
+    row = await services.ledger.user(principal.paywall_id, user)
+    connected = bool(row and row["connected_at"])
+    ttl = services.settings.paywalls[principal.paywall_id].link_ttl_seconds
+    link = None if connected else services.signer.link(principal.paywall_id, user, "connect", ttl)
+    return json_response({"user": user, "connected": connected, "connect_link": link})
+
+
+async def disconnect(request: Request) -> Response:
+    services, principal = await _caller(request)
+    _, body = await read_json(request, services.settings.server.max_body_bytes)
+    user = resolve_user(body, None, None)
+    await services.ledger.set_connected(principal.paywall_id, user, False)
+    return json_response({"user": user, "connected": False})
+
+
+async def topup_link(request: Request) -> Response:
+    services, principal = await _caller(request)
+    user = _query_user(request)
+    ttl = services.settings.paywalls[principal.paywall_id].link_ttl_seconds
+    link = services.signer.link(principal.paywall_id, user, "topup", ttl)
+    return json_response({"user": user, "topup_link": link})
+
+
+async def _money_move(request: Request, kind: str) -> Response:
+    services, principal = await _caller(request)
+    key = request.headers.get("idempotency-key")
+    if not key or len(key) > 255:
+        raise InvalidRequest("An Idempotency-Key header (1-255 characters) is required.",
+                             param="Idempotency-Key", code="idempotency_key_required")
+    _, body = await read_json(request, services.settings.server.max_body_bytes)
+    user = resolve_user(body, None, None)
+    asset, scale = _asset(services, principal, body)
+    amount = _amount(body.get("amount"), scale)
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("'metadata' must be an object.", param="metadata")
+    if isinstance(body.get("description"), str):
+        metadata = {**metadata, "description": body["description"]}
+    request_id: str = request.state.request_id
+
+    async def write(conn: Any) -> Stored:
+        try:
+            after = await Ledger.move(
+                conn, principal.paywall_id, user, asset,
+                amount if kind == "deposit" else -amount, kind,
+                request_id=request_id, idempotency_key=key, metadata=metadata)
+        except InsufficientFunds as e:
+            error = PaymentRequired(
+                f"The user's available balance ({_money(services, asset, e.available)} "
+                f"{asset}) does not cover {_money(services, asset, amount)}.")
+            return Stored(error.status, error.body())
+        return Stored(200, orjson.dumps({
+            "user": user, "asset": asset, "kind": kind,
+            "amount": _money(services, asset, amount), "balance": _money(services, asset, after),
+            "request_id": request_id,
+        }))
+
+    try:
+        stored = await services.ledger.idempotent(principal.paywall_id, key, body, write)
+    except IdempotencyConflict:
+        raise Conflict("This Idempotency-Key was already used with a different request body.",
+                       param="Idempotency-Key") from None
+    return Response(stored.body, status_code=stored.status, media_type=JSON)
+
+
+async def deposit(request: Request) -> Response:
+    return await _money_move(request, "deposit")
+
+
+async def charge(request: Request) -> Response:
+    return await _money_move(request, "charge")
+
+
+async def ledger(request: Request) -> Response:
+    services, principal = await _caller(request)
+    user = _query_user(request)
+    limit = _int_param(request, "limit", 50, 1, 500)
+    cursor = request.query_params.get("cursor")
+    before = _int_param(request, "cursor", 0, 1, 2**62) if cursor else None
+    entries = await services.ledger.entries(principal.paywall_id, user, before=before,
+                                            limit=limit + 1)
+    page = entries[:limit]
+    return json_response({
+        "object": "list",
+        "data": [{"id": e.id, "created_at": e.created_at.isoformat(), "kind": e.kind,
+                  "asset": e.asset, "amount": _money(services, e.asset, e.amount),
+                  "balance_after": _money(services, e.asset, e.balance_after),
+                  "request_id": e.request_id, "model": e.model,
+                  "prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens,
+                  "outcome": e.outcome, "metadata": e.metadata} for e in page],
+        "next_cursor": str(page[-1].id) if len(entries) > limit else None,
+    })
+
+
+async def usage(request: Request) -> Response:
+    services, principal = await _caller(request)
+    user = request.query_params.get("user")
+    if user is not None:
+        user = _query_user(request)
+    now = datetime.now(UTC)
+    since = _date_param(request, "from", now - timedelta(days=30))
+    until = _date_param(request, "to", now + timedelta(days=1))
+    rows = await services.ledger.usage(principal.paywall_id, user_id=user, since=since,
+                                       until=until)
+    return json_response({"object": "list", "data": [
+        {"user": r["user_id"], "model": r["model"], "day": r["day"].date().isoformat(),
+         "asset": r["asset"], "requests": r["requests"],
+         "cost": _money(services, r["asset"], r["cost"] or 0),
+         "prompt_tokens": r["prompt_tokens"] or 0,
+         "completion_tokens": r["completion_tokens"] or 0} for r in rows]})
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}.", param=name)
+    return int(raw)
+
+
+def _date_param(request: Request, name: str, default: datetime) -> datetime:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 date.", param=name) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+routes = [
+    Route("/v1/user/balance", balance, methods=["GET"]),
+    Route("/v1/user/connect", connect_status, methods=["GET"]),
+    Route("/v1/user/disconnect", disconnect, methods=["POST"]),
+    Route("/v1/user/balance/topup", topup_link, methods=["GET"]),
+    Route("/v1/user/balance/deposit", deposit, methods=["POST"]),
+    Route("/v1/user/charge", charge, methods=["POST"]),
+    Route("/v1/user/ledger", ledger, methods=["GET"]),
+    Route("/v1/usage", usage, methods=["GET"]),
+]
