@@ -1,0 +1,74 @@
+"""Pricing as a table: exact integer costs, one rounding up per request."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from proxy.pricing import Price, Usage, cost, price_from, to_decimal, units
+from proxy.settings import PriceSettings
+
+# usd at scale 9: "0.15" per million tokens = 150_000_000 units per million = 150 per token.
+GPT = Price("usd", per_request=0, input=150_000_000, output=600_000_000,
+            cached_input=75_000_000, reasoning=600_000_000)
+ODD = Price("usd", per_request=0, input=1, output=3, cached_input=1, reasoning=3)
+CREDITS = Price("standard", per_request=1, input=0, output=0, cached_input=0, reasoning=0)
+
+CASES = [
+    ("nothing costs nothing", Usage(0, 0), GPT, 0, 0),
+    ("prompt and completion", Usage(1000, 500), GPT, 0, 150 * 1000 + 600 * 500),
+    ("cached prompt tokens at their price", Usage(1000, 0, cached_tokens=400), GPT, 0,
+     150 * 600 + 75 * 400),
+    ("markup 20%", Usage(1000, 500), GPT, 2000, (150 * 1000 + 600 * 500) * 12 // 10),
+    ("fractions round up once per request", Usage(1, 0), ODD, 0, 1),
+    ("a million tokens at 1 unit is exactly 1", Usage(1_000_000, 0), ODD, 0, 1),
+    ("one over a million rounds up", Usage(1_000_001, 0), ODD, 0, 2),
+    ("markup rounds up too", Usage(1_000_000, 0), ODD, 1, 2),
+    ("per-request credit", Usage(123, 456), CREDITS, 0, 1),
+]
+
+
+@pytest.mark.parametrize(("usage", "price", "markup", "expected"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_cost(usage: Usage, price: Price, markup: int, expected: int) -> None:
+    assert cost(usage, price, markup) == expected
+
+
+def test_reasoning_tokens_priced_apart() -> None:
+    price = Price("usd", 0, 0, output=10, cached_input=0, reasoning=30)
+    assert cost(Usage(0, 1_000_000, reasoning_tokens=500_000), price) == 5 + 15
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    ({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}, Usage(5, 2)),
+    ({"prompt_tokens": 10, "completion_tokens": 4,
+      "prompt_tokens_details": {"cached_tokens": 6},
+      "completion_tokens_details": {"reasoning_tokens": 3}}, Usage(10, 4, 6, 3)),
+    ({"prompt_tokens": 2, "completion_tokens": 1,
+      "prompt_tokens_details": {"cached_tokens": 9}}, Usage(2, 1, 2, 0)),  # clamped
+    ({"prompt_tokens": 3}, Usage(3, 0)),
+    ({"total_tokens": 3}, None),
+    ({"prompt_tokens": -1, "completion_tokens": "2"}, None),
+    (None, None),
+    ("usage", None),
+])
+def test_usage_from_openai(usage: object, expected: Usage | None) -> None:
+    assert Usage.from_openai(usage) == expected
+
+
+def test_units_and_back() -> None:
+    assert units(Decimal("0.15"), 9) == 150_000_000
+    assert units(Decimal("2"), 0) == 2
+    assert to_decimal(150_000_000, 9) == Decimal("0.15")
+    with pytest.raises(ValueError, match="finer than"):
+        units(Decimal("0.0000000001"), 9)
+    with pytest.raises(ValueError):
+        units(Decimal("0.5"), 0)
+
+
+def test_price_from_settings_defaults_cached_and_reasoning() -> None:
+    p = price_from(PriceSettings(asset="usd", per_request=Decimal("0.001"),
+                                 input_per_million=Decimal("0.15"),
+                                 output_per_million=Decimal("0.6")), 9)
+    assert p == Price("usd", 1_000_000, 150_000_000, 600_000_000, 150_000_000, 600_000_000)
