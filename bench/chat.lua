@@ -10,6 +10,19 @@ if auth ~= nil and auth ~= "" then
   wrk.headers["Authorization"] = auth
 end
 
+-- With BENCH_USERS > 1 each request names one of that many end users in turn
+-- (bench-user-0, bench-user-1, ...), as an app with many users would.
+local users = tonumber(os.getenv("BENCH_USERS") or "1") or 1
+local counter = 0
+if users > 1 then
+  request = function()
+    counter = counter + 1
+    local who = "bench-user-" .. (counter % users)
+    local body = string.gsub(wrk.body, '"bench%-user"', '"' .. who .. '"')
+    return wrk.format(nil, nil, nil, body)
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

@@ -104,6 +104,8 @@ price = {{ asset = "usd", input_per_million = "0.15", output_per_million = "0.60
 
 [paywalls.bench]
 name = "Benchmark"
+# Every benchmark user starts funded, so each request is held and settled for real.
+starter_grant = "1000000"
 """
 
 
@@ -319,7 +321,10 @@ def main() -> int:
                         help="seconds of unmeasured load before each run (default 1)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="where to write the results (default bench/results)")
+    parser.add_argument("--users", type=int, default=1000,
+                        help="end users the requests are spread over (default 1000)")
     args = parser.parse_args()
+    os.environ["BENCH_USERS"] = str(args.users)  # read by chat.lua
     if missing := missing_programs(PROXY):
         progress(f"bench/run.py: not found: {', '.join(missing)}")
         return 2
