@@ -127,8 +127,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     paywall = s.paywalls[principal.paywall_id]
     model = s.models.get(name)
-    if model is None:
-        decide(paywall, False, None, 0)
+    if model is None:  # decide()'s first rule, answered before anything is estimated
         raise ModelNotFound(
             f"The model '{name}' does not exist or you do not have access to it.", param="model"
         )
