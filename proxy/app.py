@@ -49,9 +49,9 @@ def _model_card(name: str, s: Settings) -> dict[str, Any]:
         "owned_by": m.owned_by or m.provider,
         "pricing": {
             "asset": p.asset,
-            "per_request": str(p.per_request),
-            "input_per_million": str(p.input_per_million),
-            "output_per_million": str(p.output_per_million),
+            "per_request": format(p.per_request, "f"),
+            "input_per_million": format(p.input_per_million, "f"),
+            "output_per_million": format(p.output_per_million, "f"),
         },
     }
 

@@ -24,7 +24,7 @@ from proxy.decide import Action, decide
 from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.metering import Meter
-from proxy.pricing import Price, Usage, cost, to_decimal
+from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call
 from proxy.relay import Outcome, StreamRelay
 from proxy.replies import paywall_reply
@@ -55,7 +55,7 @@ class Metered:
         return min(cost(usage, self.price, self.markup_bps), self.hold)
 
     def cost_fields(self, usage: Usage) -> dict[str, Any]:
-        return {"cost": str(to_decimal(self.cost(usage), self.scale)),
+        return {"cost": format_amount(self.cost(usage), self.scale),
                 "cost_asset": self.price.asset}
 
     async def counted(self, text: str) -> Usage:
@@ -223,8 +223,8 @@ async def _settle_completion(metered: Metered, headers: list[tuple[str, str]],
     posted = await metered.settle(usage, "completed")
     out = dict(headers)
     if posted is not None:
-        out["x-paywall-cost"] = str(to_decimal(posted.charged, metered.scale))
-        out["x-paywall-balance"] = str(to_decimal(posted.balance_after, metered.scale))
+        out["x-paywall-cost"] = format_amount(posted.charged, metered.scale)
+        out["x-paywall-balance"] = format_amount(posted.balance_after, metered.scale)
         if isinstance(data, dict):
             if not isinstance(data.get("usage"), dict):
                 data["usage"] = {"prompt_tokens": usage.prompt_tokens,
@@ -279,7 +279,7 @@ def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings
     else:
         url = services.signer.link(paywall_id, user, "topup", ttl)
         text = paywall.topup_message.format(name=name, url=url)
-        info = {"connected": True, "balance": str(to_decimal(available, scale)),
+        info = {"connected": True, "balance": format_amount(available, scale),
                 "asset": asset, "topup_link": url}
     body, media = paywall_reply(request_id=request_id, model=model, text=text, paywall=info,
                                 stream=stream, include_usage=include_usage)

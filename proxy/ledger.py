@@ -175,22 +175,32 @@ class Ledger:
         self.hold_ttl = hold_ttl
 
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
-                        grant_asset: str, grant: int) -> None:
+                        grant_asset: str, grant: int, conn: Any = None) -> None:
         """Create the user on first sight, with accounts for ``assets`` and a starter
-        ``grant``; for a known user, add only the accounts it lacks."""
-        await self.pool.execute(_OPEN_USER, paywall_id, user_id, sorted(assets), grant_asset,
-                                grant)
+        ``grant``; for a known user, add only the accounts it lacks. ``conn``: run in
+        that connection's transaction."""
+        await (conn or self.pool).execute(_OPEN_USER, paywall_id, user_id, sorted(assets),
+                                          grant_asset, grant)
 
     async def hold(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
                    request_id: str, model: str, require_connect: bool) -> UserState:
         """Try to reserve ``amount``; report the user's state either way (one round trip)."""
         row = await self.pool.fetchrow(_HOLD, paywall_id, user_id, asset, amount, request_id,
                                        model, require_connect, self.hold_ttl)
+        available = row["available"]
+        if row["hold_id"] is None and available is not None:
+            # The statement's snapshot may predate a concurrent change that the UPDATE
+            # waited for; report the balance the refusal was actually made on.
+            available = await self.pool.fetchval(
+                "SELECT balance - held FROM accounts"
+                " WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
+                paywall_id, user_id, asset,
+            )
         return UserState(
             exists=row["connected"] is not None,
             connected=bool(row["connected"]),
-            has_account=row["available"] is not None,
-            available=row["available"] or 0,
+            has_account=available is not None,
+            available=available or 0,
             hold_id=row["hold_id"],
         )
 
@@ -331,7 +341,7 @@ class Ledger:
     async def usage(self, paywall_id: str, *, user_id: str | None, since: datetime,
                     until: datetime) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            "SELECT a.user_id, e.model, a.asset, date_trunc('day', e.created_at) AS day,"
+            "SELECT a.user_id, e.model, a.asset, (e.created_at AT TIME ZONE 'UTC')::date AS day,"
             "  count(*) AS requests, sum(-e.amount) AS cost,"
             "  sum(e.prompt_tokens) AS prompt_tokens,"
             "  sum(e.completion_tokens) AS completion_tokens"

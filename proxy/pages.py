@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from proxy.pricing import to_decimal
+from proxy.pricing import format_amount
 from proxy.services import services_of
 
 _PAGE = """<!doctype html>
@@ -66,7 +66,7 @@ async def topup_page(request: Request) -> Response:
     paywall = services.settings.paywalls[claims.paywall_id]
     name = html.escape(paywall.name or claims.paywall_id)
     rows = "".join(
-        f"<li>{html.escape(str(to_decimal(b.available, services.settings.assets[b.asset].scale)))}"
+        f"<li>{html.escape(format_amount(b.available, services.settings.assets[b.asset].scale))}"
         f" {html.escape(b.asset)}</li>"
         for b in await services.ledger.balances(claims.paywall_id, claims.user_id))
     if paywall.checkout_url:

@@ -79,6 +79,11 @@ def to_decimal(amount: int, scale: int) -> Decimal:
     return Decimal(amount).scaleb(-scale)
 
 
+def format_amount(amount: int, scale: int) -> str:
+    """``amount`` smallest units as a plain decimal string: 79 at scale 9 is "0.000000079"."""
+    return format(to_decimal(amount, scale), "f")
+
+
 def price_from(conf: PriceSettings, scale: int) -> Price:
     return Price(
         asset=conf.asset,

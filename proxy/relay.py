@@ -41,6 +41,7 @@ class StreamRelay:
         self.meter = meter
         self.on_done = on_done
         self.outcome = Outcome.COMPLETED
+        self._pumped = False  # set once the last byte went out (or could not)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:
@@ -61,7 +62,9 @@ class StreamRelay:
     async def _client_gone(self, receive: Any) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.outcome = Outcome.ABORTED
+        # ASGI servers also report a disconnect once the response is complete.
+        if not self._pumped:
+            self.outcome = Outcome.ABORTED
 
     async def _pump(self, send: Any) -> None:
         tail = b""
@@ -88,3 +91,4 @@ class StreamRelay:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:
             self.outcome = Outcome.ABORTED
+        self._pumped = True

@@ -21,7 +21,7 @@ from proxy.errors import Conflict, InvalidRequest, PaymentRequired
 from proxy.identity import resolve_user
 from proxy.keys import Principal
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
-from proxy.pricing import to_decimal
+from proxy.pricing import format_amount
 from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
 
 
@@ -60,7 +60,7 @@ def _asset(services: Services, principal: Principal, body: dict[str, Any]) -> tu
 
 
 def _money(services: Services, asset: str, units: int) -> str:
-    return str(to_decimal(units, services.settings.assets[asset].scale))
+    return format_amount(units, services.settings.assets[asset].scale)
 
 
 async def balance(request: Request) -> Response:
@@ -121,7 +121,12 @@ async def _money_move(request: Request, kind: str) -> Response:
         metadata = {**metadata, "description": body["description"]}
     request_id: str = request.state.request_id
 
+    paywall = services.settings.paywalls[principal.paywall_id]
+    grant = int(paywall.starter_grant.scaleb(services.settings.assets[paywall.asset].scale))
+
     async def write(conn: Any) -> Stored:
+        await services.ledger.open_user(principal.paywall_id, user, assets={asset},
+                                        grant_asset=paywall.asset, grant=grant, conn=conn)
         try:
             after = await Ledger.move(
                 conn, principal.paywall_id, user, asset,
@@ -186,7 +191,7 @@ async def usage(request: Request) -> Response:
     rows = await services.ledger.usage(principal.paywall_id, user_id=user, since=since,
                                        until=until)
     return json_response({"object": "list", "data": [
-        {"user": r["user_id"], "model": r["model"], "day": r["day"].date().isoformat(),
+        {"user": r["user_id"], "model": r["model"], "day": r["day"].isoformat(),
          "asset": r["asset"], "requests": r["requests"],
          "cost": _money(services, r["asset"], r["cost"] or 0),
          "prompt_tokens": r["prompt_tokens"] or 0,

@@ -12,6 +12,13 @@ the model name it is asked for:
 - ``reject``: 401 whose body repeats the credential it was sent, as some providers do.
 - ``crash``: 500.
 - ``sleepy``: a completion, three seconds late.
+- ``slow-echo``: like ``echo``, ``SLOW_DELAY`` seconds late.
+- ``no-usage``: like ``echo`` but never reports usage: no ``usage`` in a completion, and
+  streams of ``NO_USAGE_WORDS`` that ignore ``stream_options.include_usage``.
+- ``silent-after-K``: a stream of the first K of ``STORY_WORDS``, then silence until the
+  client side goes away.
+- ``break-after-K``: a stream of the first K of ``STORY_WORDS``, then, ``BREAK_PAUSE``
+  later, an error inside the app, so the server drops the connection mid-body.
 """
 
 from __future__ import annotations
@@ -31,6 +38,14 @@ import uvicorn
 CHUNKS = 8
 CHUNK_DELAY = 0.15
 WORDS = [f"w{i}" for i in range(CHUNKS)]
+SLOW_DELAY = 0.5
+NO_USAGE_WORDS = ["Counting", " is", " done", " by", " the", " proxy", " itself", "."]
+STORY_WORDS = ["Once", " upon", " a", " time", " there", " was", " a", " stream", "."]
+BREAK_PAUSE = 0.3
+
+
+class UpstreamBroke(Exception):
+    """Raised inside the app by ``break-after-K``: the server then drops the connection."""
 
 
 @dataclass
@@ -84,6 +99,13 @@ class Upstream:
         elif model == "sleepy":
             await asyncio.sleep(3)
             await _json(send, 200, _completion(body))
+        elif model == "slow-echo" and not body.get("stream"):
+            await asyncio.sleep(SLOW_DELAY)
+            await _json(send, 200, _completion(body))
+        elif model == "no-usage" and not body.get("stream"):
+            completion = _completion(body)
+            del completion["usage"]
+            await _json(send, 200, completion)
         elif body.get("stream"):
             await self._stream(model, body, receive, send)
         else:
@@ -113,6 +135,25 @@ class Upstream:
                                 "body": _chunk(model, f"t{i} ")})
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(gone.wait(), 0.1)
+                return
+            if model.startswith("silent-after-"):
+                for word in STORY_WORDS[:int(model.removeprefix("silent-after-"))]:
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": _chunk(model, word)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gone.wait(), 30)
+                return
+            if model.startswith("break-after-"):
+                for word in STORY_WORDS[:int(model.removeprefix("break-after-"))]:
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": _chunk(model, word)})
+                await asyncio.sleep(BREAK_PAUSE)  # the words reach the client first
+                raise UpstreamBroke(model)
+            if model == "no-usage":
+                for word in NO_USAGE_WORDS:
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": _chunk(model, word)})
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
                 return
             if model == "stall":
                 await send({"type": "http.response.body", "more_body": True,
