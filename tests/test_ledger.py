@@ -229,8 +229,15 @@ async def test_a_negative_charge_is_refused(ledger: Ledger) -> None:
     paywall, user, account_id = await funded(ledger, 100)
     hold_id = await hold(ledger, paywall, user, 40)
     assert hold_id is not None
-    with pytest.raises(asyncpg.CheckViolationError):
+    with pytest.raises(ValueError, match="cannot be negative"):
         await ledger.post(hold_id, -5, None, "completed")
+    with pytest.raises(ValueError, match="voided or expired"):
+        await ledger.void(hold_id, "posted")
+    # ...and should a negative amount get past the ledger, the database refuses it.
+    with pytest.raises(asyncpg.CheckViolationError):
+        await ledger.pool.execute(
+            "INSERT INTO entries (account_id, kind, amount, balance_after)"
+            " VALUES ($1, 'charge', 5, 105)", account_id)
     assert await account(ledger, account_id) == (100, 40)
     assert await ledger.pool.fetchval("SELECT status FROM holds WHERE id = $1",
                                       hold_id) == "pending"
