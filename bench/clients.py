@@ -2,7 +2,7 @@
 
 Starts nginx as a near-free upstream, then in turn bench/passthrough.py (Starlette under
 uvicorn, uvloop + httptools, one worker) with each client, and runs wrk against it and
-against nginx directly at each concurrency.
+against nginx directly at each concurrency (non-streaming answers only).
 
     .venv/bin/python bench/clients.py [--duration 5] [--concurrency 1,64] [--out bench/results]
 """
@@ -19,21 +19,19 @@ from pathlib import Path
 
 from common import (
     BENCH_DIR,
+    CHAT_PATH,
     UPSTREAM_CONNECTIONS,
     Load,
     chat_request,
-    check_answer,
-    concurrency_list,
     exit_on_sigterm,
-    free_port,
     machine_lines,
     markdown_table,
     missing_programs,
     ms,
     nginx_upstream,
+    passthrough,
+    positive_ints,
     progress,
-    running,
-    wait_ready,
     write_results,
     wrk,
 )
@@ -68,18 +66,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[tuple[str, int], Lo
                      f"p50 {ms(result.p50_ms)} ms  errors {result.errors}")
 
     with nginx_upstream(workdir) as upstream:
-        upstream_url = upstream.base_url + "/chat/completions"
-        load(DIRECT, upstream_url)
+        load(DIRECT, upstream.origin + CHAT_PATH)
         for name, setup in SETUPS.items():
-            port = free_port()
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            log = workdir / f"passthrough-{name}.log"
-            argv = [sys.executable, str(BENCH_DIR / "passthrough.py"), name,
-                    "--upstream", upstream_url, "--port", str(port)]
-            with running(argv, log) as proc:
-                wait_ready(setup, proc, log, url, body=body)
-                check_answer(setup, url, body, {}, stream=False)
-                load(setup, url)
+            with passthrough(name, upstream, workdir / f"passthrough-{name}.log") as served:
+                load(setup, served.url)
     return loads
 
 
@@ -87,7 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description="Which upstream HTTP client for a bare pass-through proxy.")
     parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 64],
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 64],
                         help="comma-separated open connections (default 1,64)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured load before each run (default 1)")

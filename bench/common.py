@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the nginx upstream, child processes, wrk runs, the tables.
+"""Shared by the benchmarks: the nginx upstream, the bare pass-through, child processes,
+wrk runs, the tables.
 
 The upstream is nginx answering every POST with a fixed ``chat.completion`` (or a fixed
 SSE stream) from its configuration, so it costs almost nothing and what is measured is
@@ -35,6 +36,10 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 WRK_TIMEOUT = "10s"  # slower answers count as socket errors (timeouts)
 UPSTREAM_CONNECTIONS = 512  # per upstream client in bench/passthrough.py
+PASSTHROUGH = BENCH_DIR / "passthrough.py"
+# The upstream's two answers; bench/passthrough.py serves the same paths.
+CHAT_PATH = "/v1/chat/completions"
+STREAM_CHAT_PATH = "/stream/v1/chat/completions"
 # Loopback only: never through an http_proxy from the environment.
 _URLS = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -95,8 +100,8 @@ def chat_request(model: str, stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
-def concurrency_list(text: str) -> list[int]:
-    """argparse type for --concurrency: "1,8,64"."""
+def positive_ints(text: str) -> list[int]:
+    """argparse type for a comma-separated list such as --concurrency 1,8,64."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -227,12 +232,16 @@ class Upstream:
     port: int
 
     @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return self.origin + CHAT_PATH.removesuffix("/chat/completions")
 
     @property
     def stream_base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/stream/v1"
+        return self.origin + STREAM_CHAT_PATH.removesuffix("/chat/completions")
 
 
 def _nginx_string(text: str) -> str:
@@ -264,11 +273,11 @@ http {{
     {temp}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location = /v1/chat/completions {{
+        location = {CHAT_PATH} {{
             default_type application/json;
             return 200 {_nginx_string(completion_body())};
         }}
-        location = /stream/v1/chat/completions {{
+        location = {STREAM_CHAT_PATH} {{
             default_type text/event-stream;
             return 200 {_nginx_string(stream_body())};
         }}
@@ -286,12 +295,50 @@ def nginx_upstream(workdir: Path) -> Iterator[Upstream]:
     conf.write_text(nginx_conf(root, upstream.port), encoding="utf-8")
     log = root / "error.log"
     with running([NGINX, "-p", str(root), "-c", str(conf), "-e", str(log)], log) as proc:
-        url = upstream.base_url + "/chat/completions"
+        url = upstream.origin + CHAT_PATH
         wait_ready("nginx", proc, log, url, body=chat_request("bench", stream=False))
         check_answer("nginx", url, chat_request("bench", False), {}, stream=False)
-        check_answer("nginx", upstream.stream_base_url + "/chat/completions",
+        check_answer("nginx", upstream.origin + STREAM_CHAT_PATH,
                      chat_request("bench-stream", True), {}, stream=True)
         yield upstream
+
+
+# --- the bare pass-through -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """A running bench/passthrough.py."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{CHAT_PATH}"
+
+    @property
+    def stream_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{STREAM_CHAT_PATH}"
+
+
+@contextlib.contextmanager
+def passthrough(client: str, upstream: Upstream, log: Path) -> Iterator[Passthrough]:
+    """bench/passthrough.py with ``client`` in front of ``upstream``, checked both ways."""
+    port = free_port()
+    argv = [sys.executable, str(PASSTHROUGH), client, "--upstream", upstream.origin,
+            "--port", str(port)]
+    name = f"the bare pass-through ({client})"
+    with running(argv, log) as proc:
+        served = Passthrough(proc, port)
+        body = chat_request("bench", stream=False)
+        wait_ready(name, proc, log, served.url, body=body)
+        check_answer(name, served.url, body, {}, stream=False)
+        check_answer(name, served.stream_url, chat_request("bench-stream", True), {}, stream=True)
+        yield served
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode} during the "
+                               f"runs:\n{tail(log)}")
 
 
 # --- wrk -------------------------------------------------------------------------

@@ -1,10 +1,17 @@
-"""A bare pass-through proxy, for bench/clients.py: the choice of upstream HTTP client.
+"""A bare pass-through proxy: the floor a Python proxy on this stack starts from.
 
-POST /v1/chat/completions bodies go to the upstream unchanged and its answer comes back
-unchanged; nothing else is done, so what is measured is Starlette, uvicorn and the
-client. Every client gets the same connection limit.
+POST bodies go to the upstream unchanged and its answer comes back unchanged; nothing
+else is done (no auth, no database, no metering), so what is measured is Starlette,
+uvicorn and the upstream client. Every client gets the same connection limit.
 
-    python bench/passthrough.py {aiohttp,httpx-aiohttp,httpx} --upstream URL --port PORT
+- ``/v1/chat/completions``: the upstream's answer is read whole, then sent;
+- ``/stream/v1/chat/completions``: the upstream's answer is relayed chunk by chunk as it
+  arrives (a ``StreamingResponse``), as a streaming proxy does.
+
+Each path is forwarded to the same path on the upstream origin. Started by
+``common.passthrough`` for bench/clients.py and bench/run.py:
+
+    python bench/passthrough.py {aiohttp,httpx-aiohttp,httpx} --upstream ORIGIN --port PORT
 """
 
 from __future__ import annotations
@@ -12,15 +19,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 import httpx
 import uvicorn
-from common import UPSTREAM_CONNECTIONS
+from common import CHAT_PATH, STREAM_CHAT_PATH, UPSTREAM_CONNECTIONS
 from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 HEADERS = {"content-type": "application/json"}
@@ -29,67 +37,114 @@ CLIENTS = ("aiohttp", "httpx-aiohttp", "httpx")
 HTTPX_LIMITS = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS,
                             max_keepalive_connections=UPSTREAM_CONNECTIONS)
 
-# Sends one body upstream; returns the status, the body and its content type.
-Forward = Callable[[bytes], Awaitable[tuple[int, bytes, str]]]
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An upstream answer whose body is still to be read."""
+
+    status: int
+    content_type: str
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    # POSTs a body to a URL; returns the status, the whole body and its content type.
+    forward: Callable[[str, bytes], Awaitable[tuple[int, bytes, str]]]
+    # POSTs a body to a URL; returns once the headers are in.
+    open: Callable[[str, bytes], Awaitable[Opened]]
 
 
 @contextlib.asynccontextmanager
-async def aiohttp_forward(url: str) -> AsyncIterator[Forward]:
+async def aiohttp_client() -> AsyncIterator[Client]:
     connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def forward(body: bytes) -> tuple[int, bytes, str]:
+        async def forward(url: str, body: bytes) -> tuple[int, bytes, str]:
             async with session.post(url, data=body, headers=HEADERS) as resp:
                 return resp.status, await resp.read(), resp.headers.get("content-type", JSON)
 
-        yield forward
+        async def open_(url: str, body: bytes) -> Opened:
+            resp = await session.post(url, data=body, headers=HEADERS)
+
+            async def close() -> None:
+                resp.release()
+
+            return Opened(resp.status, resp.headers.get("content-type", JSON),
+                          resp.content.iter_any(), close)
+
+        yield Client(forward, open_)
 
 
 @contextlib.asynccontextmanager
-async def httpx_forward(url: str,
-                        transport: httpx.AsyncBaseTransport | None) -> AsyncIterator[Forward]:
+async def httpx_client(transport: httpx.AsyncBaseTransport | None) -> AsyncIterator[Client]:
     async with httpx.AsyncClient(transport=transport, limits=HTTPX_LIMITS, timeout=60) as client:
 
-        async def forward(body: bytes) -> tuple[int, bytes, str]:
+        async def forward(url: str, body: bytes) -> tuple[int, bytes, str]:
             resp = await client.post(url, content=body, headers=HEADERS)
             return resp.status_code, resp.content, resp.headers.get("content-type", JSON)
 
-        yield forward
+        async def open_(url: str, body: bytes) -> Opened:
+            request = client.build_request("POST", url, content=body, headers=HEADERS)
+            resp = await client.send(request, stream=True)
+            return Opened(resp.status_code, resp.headers.get("content-type", JSON),
+                          resp.aiter_raw(), resp.aclose)
+
+        yield Client(forward, open_)
 
 
-def client(name: str, url: str) -> contextlib.AbstractAsyncContextManager[Forward]:
+def client(name: str) -> contextlib.AbstractAsyncContextManager[Client]:
     if name == "aiohttp":
-        return aiohttp_forward(url)
+        return aiohttp_client()
     if name == "httpx-aiohttp":
         # The transport builds its own aiohttp session; httpx's limits apply only to
         # its default transport, so the transport gets them itself.
-        return httpx_forward(url, AiohttpTransport(limits=HTTPX_LIMITS))
+        return httpx_client(AiohttpTransport(limits=HTTPX_LIMITS))
     if name == "httpx":
-        return httpx_forward(url, None)
+        return httpx_client(None)
     raise ValueError(f"unknown client {name!r}")
 
 
+def create_app(name: str, origin: str) -> Starlette:
+    chat_url, stream_url = origin + CHAT_PATH, origin + STREAM_CHAT_PATH
 
-def create_app(name: str, upstream: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with client(name, upstream) as forward:
-            app.state.forward = forward
+        async with client(name) as upstream:
+            app.state.upstream = upstream
             yield
 
     async def chat_completions(request: Request) -> Response:
-        forward: Forward = request.app.state.forward
-        status, content, content_type = await forward(await request.body())
+        upstream: Client = request.app.state.upstream
+        status, content, content_type = await upstream.forward(chat_url, await request.body())
         return Response(content, status_code=status, media_type=content_type)
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"])],
-                     lifespan=lifespan)
+    async def stream_chat_completions(request: Request) -> Response:
+        upstream: Client = request.app.state.upstream
+        opened = await upstream.open(stream_url, await request.body())
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in opened.chunks:
+                    yield chunk
+            finally:
+                await opened.close()
+
+        return StreamingResponse(relay(), status_code=opened.status,
+                                 headers={"content-type": opened.content_type})
+
+    return Starlette(routes=[
+        Route(CHAT_PATH, chat_completions, methods=["POST"]),
+        Route(STREAM_CHAT_PATH, stream_chat_completions, methods=["POST"]),
+    ], lifespan=lifespan)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="A bare pass-through proxy.")
     parser.add_argument("client", choices=CLIENTS)
-    parser.add_argument("--upstream", required=True, help="the upstream chat completions URL")
+    parser.add_argument("--upstream", required=True,
+                        help="the upstream origin, e.g. http://127.0.0.1:8080")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     uvicorn.run(create_app(args.client, args.upstream), host="127.0.0.1", port=args.port,

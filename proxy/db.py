@@ -48,8 +48,15 @@ def database_url(url: str | None, data_dir: str) -> Iterator[str]:
         server.cleanup()
 
 
+async def _keep(conn: Any) -> None:
+    """Connections go back to the pool as they are: the proxy sets no session state
+    (no LISTEN, no advisory locks, no SET), and asyncpg still rolls back an open
+    transaction on release. The default reset would cost a round trip per query."""
+
+
 async def create_pool(url: str, min_size: int, max_size: int) -> Any:
-    return await asyncpg.create_pool(url, min_size=min(min_size, max_size), max_size=max_size)
+    return await asyncpg.create_pool(url, min_size=min(min_size, max_size), max_size=max_size,
+                                     reset=_keep)
 
 
 @dataclass(frozen=True, slots=True)
