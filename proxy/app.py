@@ -27,6 +27,7 @@ from proxy.chat import chat_completions
 from proxy.errors import ModelNotFound, ProxyError, error_body
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
+from proxy.limits import Gate, OverrideCache, build_limiter
 from proxy.links import LinkSigner
 from proxy.pricing import price_from
 from proxy.providers import build_providers
@@ -78,7 +79,7 @@ async def healthz(request: Request) -> Response:
 
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return Response(exc.body(), status_code=exc.status, media_type=JSON)
+    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
 
 
 async def _render_http_error(request: Request, exc: Exception) -> Response:
@@ -142,6 +143,7 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
         for name, m in settings.models.items():
             await asyncio.to_thread(tokenizer.encoding, m.upstream or name, m.encoding)
         ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
+        gate = Gate(build_limiter(settings.redis_url))
         services = Services(
             settings=settings,
             keys=KeyStore(pool, settings.server.key_cache_seconds),
@@ -149,6 +151,8 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
             prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
                     for name, m in settings.models.items()},
             ledger=ledger,
+            gate=gate,
+            overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),
             live=reaper.LiveHolds(),
             tokenizer=tokenizer,
             signer=LinkSigner(settings.server.link_secret or secrets.token_hex(32),
@@ -159,11 +163,12 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
         )
         app.state.services = services
         try:
-            async with reaper.running(ledger, services.live,
+            async with reaper.running(ledger, services.live, gate,
                                       settings.billing.reaper_interval_seconds):
                 yield
                 await services.tasks.drain()
         finally:
+            await gate.limiter.close()
             await session.close()
             await pool.close()
 

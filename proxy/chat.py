@@ -20,9 +20,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy import guard
 from proxy.decide import Action, decide
 from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
+from proxy.ledger import UserState
+from proxy.limits import Verdict
 from proxy.metering import Meter
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call
@@ -50,6 +53,9 @@ class Metered:
     model: str  # the public name
     upstream_model: str
     encoding: str
+    verdict: Verdict | None  # the limiter's admission, finished at settlement
+    request_id: str
+    admitted_tokens: int
 
     def cost(self, usage: Usage) -> int:
         return min(cost(usage, self.price, self.markup_bps), self.hold)
@@ -64,9 +70,13 @@ class Metered:
         return Usage(self.prompt_tokens, completion)
 
     async def settle(self, usage: Usage | None, outcome: str) -> Any:
-        """Post ``usage`` at its price (capped by the hold), or void when there is none."""
+        """Post ``usage`` at its price (capped by the hold), or void when there is none;
+        free the request's limiter leases and correct its token count."""
         ledger = self.services.ledger
+        used = usage.prompt_tokens + usage.completion_tokens if usage else 0
         try:
+            await self.services.gate.finish(self.verdict, self.request_id,
+                                            used - self.admitted_tokens)
             if usage is None:
                 await ledger.void(self.hold_id)
                 return None
@@ -101,17 +111,21 @@ class StreamCheckpoint:
                 "completion_tokens": usage.completion_tokens, "cost": m.cost(usage)}
 
 
-def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings) -> int:
-    """The most output tokens the request can produce; sets the paywall's cap if it has none."""
+def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings,
+                limits: guard.Limits) -> int:
+    """The most output tokens the request can produce, written into the body: its own
+    cap within the paywall's limit, else the paywall's default cap."""
     for field in ("max_completion_tokens", "max_tokens"):
         value = body.get(field)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
-        return value
-    body[model.max_tokens_field] = paywall.max_output_tokens
-    return paywall.max_output_tokens
+        body[field] = guard.output_cap(value, paywall.max_output_tokens, limits, field)
+        return int(body[field])
+    cap = guard.output_cap(None, paywall.max_output_tokens, limits, model.max_tokens_field)
+    body[model.max_tokens_field] = cap
+    return cap
 
 
 async def chat_completions(request: Request) -> Response | StreamRelay:
@@ -135,7 +149,9 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     body["model"] = upstream_model
     stream = body.get("stream") is True
     n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
-    output_cap = _output_cap(body, model, paywall)
+    limits = guard.effective(paywall.limits,
+                             await services.overrides.get(principal.paywall_id, user))
+    output_cap = _output_cap(body, model, paywall, limits)
     options = body.get("stream_options")
     client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     if stream and not client_wants_usage:
@@ -147,32 +163,47 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     markup_bps = int(paywall.markup_percent * 100)
     estimate = await services.tokenizer.estimate_prompt(body, upstream_model, model.encoding)
     hold = cost(Usage(estimate, output_cap * n), price, markup_bps)
+    admitted_tokens = estimate + output_cap * n
+    verdict = await services.gate.admit(
+        guard.rules(limits, principal.paywall_id, user, admitted_tokens), request_id,
+        limits.lease_seconds, limits.fail_open)
+    try:
+        ledger = services.ledger
+        caps = guard.spend_caps(limits, user, price.asset, s.assets)
 
-    ledger = services.ledger
-    state = await ledger.hold(principal.paywall_id, user, price.asset, hold,
-                              request_id=request_id, model=name,
-                              require_connect=paywall.require_connect)
-    if not state.exists or (state.hold_id is None and not state.has_account):
-        grant_scale = s.assets[paywall.asset].scale
-        await ledger.open_user(principal.paywall_id, user, assets={paywall.asset, price.asset},
-                               grant_asset=paywall.asset,
-                               grant=int(paywall.starter_grant.scaleb(grant_scale)))
-        state = await ledger.hold(principal.paywall_id, user, price.asset, hold,
-                                  request_id=request_id, model=name,
-                                  require_connect=paywall.require_connect)
-    decision = decide(paywall, True, state, hold)
-    if decision.action is not Action.FORWARD:
-        if state.hold_id is not None:  # cannot happen: the hold and decide agree
-            await ledger.void(state.hold_id)
-        return _paywall_reply(services, principal.paywall_id, paywall, user, name, request_id,
-                              decision.action, state.available, scale, price.asset, stream,
-                              client_wants_usage)
+        async def place() -> UserState:
+            return await ledger.hold(principal.paywall_id, user, price.asset, hold,
+                                     request_id=request_id, model=name,
+                                     require_connect=paywall.require_connect, caps=caps,
+                                     timezone=limits.timezone)
+
+        state = await place()
+        if not state.exists or (state.hold_id is None and not state.has_account):
+            grant_scale = s.assets[paywall.asset].scale
+            await ledger.open_user(principal.paywall_id, user,
+                                   assets={paywall.asset, price.asset},
+                                   grant_asset=paywall.asset,
+                                   grant=int(paywall.starter_grant.scaleb(grant_scale)))
+            state = await place()
+        decision = decide(paywall, True, state, hold)
+        if decision.action is not Action.FORWARD:
+            if state.hold_id is not None:  # cannot happen: the hold and decide agree
+                await ledger.void(state.hold_id)
+            await services.gate.finish(verdict, request_id, -admitted_tokens)
+            return _paywall_reply(services, principal.paywall_id, paywall, user, name,
+                                  request_id, decision.action, state, scale, price.asset,
+                                  stream, client_wants_usage)
+    except BaseException:
+        await services.tasks.run_to_end(
+            services.gate.finish(verdict, request_id, -admitted_tokens))
+        raise
 
     assert state.hold_id is not None
     prompt_text_tokens = await services.tokenizer.count_async(
         _plain_prompt(body), upstream_model, model.encoding)
     metered = Metered(services, state.hold_id, hold, price, scale, markup_bps,
-                      prompt_text_tokens, name, upstream_model, model.encoding)
+                      prompt_text_tokens, name, upstream_model, model.encoding,
+                      verdict, request_id, admitted_tokens)
     provider_id = model.provider
     call = Call(
         body=orjson.dumps(body), stream=stream, request_id=request_id, headers=request.headers,
@@ -198,7 +229,9 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         async def on_done(outcome: Outcome) -> None:
             await services.tasks.run_to_end(_settle_stream(metered, meter, outcome))
 
-        headers = [(k.encode(), v.encode()) for k, v in reply.headers] + _STREAM_HEADERS
+        limit_headers = verdict.headers() if verdict else {}
+        headers = [(k.encode(), v.encode())
+                   for k, v in [*reply.headers, *limit_headers.items()]] + _STREAM_HEADERS
         return StreamRelay(reply, headers, s.upstream.stream_max_seconds, meter, on_done)
 
     try:
@@ -222,6 +255,8 @@ async def _settle_completion(metered: Metered, headers: list[tuple[str, str]],
         usage = await metered.counted(_completion_text(data))
     posted = await metered.settle(usage, "completed")
     out = dict(headers)
+    if metered.verdict is not None:
+        out.update(metered.verdict.headers())
     if posted is not None:
         out["x-paywall-cost"] = format_amount(posted.charged, metered.scale)
         out["x-paywall-balance"] = format_amount(posted.balance_after, metered.scale)
@@ -268,7 +303,7 @@ def _plain_prompt(body: dict[str, Any]) -> str:
 
 
 def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings, user: str,
-                   model: str, request_id: str, action: Action, available: int, scale: int,
+                   model: str, request_id: str, action: Action, state: UserState, scale: int,
                    asset: str, stream: bool, include_usage: bool) -> Response:
     ttl = paywall.link_ttl_seconds
     name = paywall.name or paywall_id
@@ -276,13 +311,19 @@ def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings
         url = services.signer.link(paywall_id, user, "connect", ttl)
         text = paywall.connect_message.format(name=name, url=url)
         info: dict[str, Any] = {"connected": False, "connect_link": url}
+    elif action is Action.SPEND_CAP:
+        cap = state.cap
+        assert cap is not None
+        label = cap.name.replace("_", " ")
+        resets = cap.resets.isoformat().replace("+00:00", "Z")
+        text = paywall.spend_cap_message.format(name=name, cap=label, resets=resets)
+        info = {"connected": True, "spend_cap": cap.name, "cap": format_amount(cap.cap, scale),
+                "spent": format_amount(cap.used, scale), "asset": asset, "resets_at": resets}
     else:
         url = services.signer.link(paywall_id, user, "topup", ttl)
         text = paywall.topup_message.format(name=name, url=url)
-        info = {"connected": True, "balance": format_amount(available, scale),
+        info = {"connected": True, "balance": format_amount(state.available, scale),
                 "asset": asset, "topup_link": url}
     body, media = paywall_reply(request_id=request_id, model=model, text=text, paywall=info,
                                 stream=stream, include_usage=include_usage)
-    header = "connect" if action is Action.CONNECT else "top_up"
-    return Response(body, media_type=media, headers={"x-paywall-action": header})
-
+    return Response(body, media_type=media, headers={"x-paywall-action": action.value})

@@ -1,7 +1,8 @@
 """The decision: forward a request, or answer it with a link. Pure: no I/O.
 
 In order: an unknown model is not found; a user who has not authorized a paywall
-that requires it is asked to connect; a user whose available balance does not
+that requires it is asked to connect; a request that would pass a spend cap is
+answered with the cap and when it resets; a user whose available balance does not
 cover the hold is asked to top up; everything else is forwarded.
 """
 
@@ -17,6 +18,7 @@ from proxy.settings import PaywallSettings
 class Action(enum.Enum):
     NOT_FOUND = "not_found"
     CONNECT = "connect"
+    SPEND_CAP = "spend_cap"
     TOP_UP = "top_up"
     FORWARD = "forward"
 
@@ -34,6 +36,8 @@ def decide(paywall: PaywallSettings, model_known: bool, user: UserState | None,
         return Decision(Action.NOT_FOUND)
     if paywall.require_connect and not user.connected:
         return Decision(Action.CONNECT, available=user.available)
+    if user.cap is not None:
+        return Decision(Action.SPEND_CAP, available=user.available)
     # The hold was attempted with this very condition; its absence means the
     # balance did not cover it, also when a concurrent request got there first.
     if user.hold_id is None or user.available < hold:

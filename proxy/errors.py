@@ -12,6 +12,8 @@ exceptions (``BadRequestError``, ``AuthenticationError``, ...).
     ├── AuthenticationFailed (401, invalid_api_key)
     ├── PaymentRequired (402, insufficient_balance)
     ├── Conflict (409, idempotency_conflict)
+    ├── RateLimited (429, rate_limit_exceeded)
+    ├── LimiterUnavailable (503, rate_limiter_unavailable)
     ├── UpstreamUnavailable (502, upstream_unavailable)
     └── UpstreamTimeout (504, upstream_timeout)
 
@@ -37,10 +39,12 @@ class ProxyError(Exception):
     type: ClassVar[str] = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -79,6 +83,26 @@ class Conflict(ProxyError):
     status = 409
     type = "invalid_request_error"
     code = "idempotency_conflict"
+
+
+class RateLimited(ProxyError):
+    """Over a rate, token or concurrency limit; ``kind`` is OpenAI's error type for it."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, headers: dict[str, str]):
+        super().__init__(message, headers=headers)
+        self.kind = kind
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.kind, None, self.code)
+
+
+class LimiterUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "rate_limiter_unavailable"
 
 
 class UpstreamUnavailable(ProxyError):

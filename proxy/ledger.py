@@ -19,7 +19,7 @@ Two-phase charging (as in TigerBeetle's pending transfers):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,6 +27,24 @@ from typing import Any
 import orjson
 
 from proxy.pricing import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class SpendCap:
+    """A cap on what a user (``scope`` = its id) or a paywall (``scope`` = "") may spend
+    in one asset per calendar ``period`` ("day" or "month")."""
+
+    scope: str
+    period: str
+    cap: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapReached:
+    name: str  # user_daily, user_monthly, paywall_daily, paywall_monthly
+    cap: int
+    used: int  # spent + held in the window before this request
+    resets: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +56,7 @@ class UserState:
     has_account: bool  # for the asset asked for
     available: int  # balance - held of that asset, before this request's hold
     hold_id: int | None  # set when the hold was placed
+    cap: CapReached | None = None  # the spend cap that refused the hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,54 +110,6 @@ class InsufficientFunds(Exception):
         self.available = available
 
 
-_HOLD = """
-WITH u AS (
-    SELECT connected_at IS NOT NULL AS connected FROM users
-    WHERE paywall_id = $1 AND user_id = $2
-), acc AS (
-    UPDATE accounts SET held = held + $4
-    WHERE paywall_id = $1 AND user_id = $2 AND asset = $3 AND balance - held >= $4
-      AND (NOT $7::boolean OR coalesce((SELECT connected FROM u), false))
-    RETURNING id
-), h AS (
-    INSERT INTO holds (account_id, request_id, amount, model, expires_at)
-    SELECT id, $5, $4, $6, now() + make_interval(secs => $8) FROM acc
-    RETURNING id
-)
-SELECT (SELECT connected FROM u) AS connected,
-       (SELECT id FROM h) AS hold_id,
-       (SELECT balance - held FROM accounts
-        WHERE paywall_id = $1 AND user_id = $2 AND asset = $3) AS available
-"""
-
-_POST = """
-WITH h AS (
-    UPDATE holds SET status = 'posted', resolved_at = now()
-    WHERE id = $1 AND status = 'pending'
-    RETURNING account_id, amount, request_id, model
-), a AS (
-    UPDATE accounts SET balance = balance - least($2::bigint, h.amount), held = held - h.amount
-    FROM h WHERE accounts.id = h.account_id
-    RETURNING accounts.id, accounts.balance, least($2::bigint, h.amount) AS charge,
-              h.request_id, h.model
-)
-INSERT INTO entries (account_id, kind, amount, balance_after, request_id, hold_id, model,
-                     prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
-                     outcome, metadata)
-SELECT id, 'charge', -charge, balance, request_id, $1, model, $3, $4, $5, $6, $7, $8 FROM a
-RETURNING -amount AS charged, balance_after
-"""
-
-_VOID = """
-WITH h AS (
-    UPDATE holds SET status = $2, resolved_at = now()
-    WHERE id = $1 AND status = 'pending'
-    RETURNING account_id, amount
-)
-UPDATE accounts SET held = held - h.amount FROM h WHERE accounts.id = h.account_id
-RETURNING accounts.id
-"""
-
 _OPEN_USER = """
 WITH u AS (
     INSERT INTO users (paywall_id, user_id) VALUES ($1, $2)
@@ -165,6 +136,10 @@ ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
 """
 
 
+def _cap_name(c: SpendCap) -> str:
+    return ("user_" if c.scope else "paywall_") + ("daily" if c.period == "day" else "monthly")
+
+
 def request_hash(body: Any) -> bytes:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
@@ -183,25 +158,28 @@ class Ledger:
                                           grant_asset, grant)
 
     async def hold(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
-                   request_id: str, model: str, require_connect: bool) -> UserState:
-        """Try to reserve ``amount``; report the user's state either way (one round trip)."""
-        row = await self.pool.fetchrow(_HOLD, paywall_id, user_id, asset, amount, request_id,
-                                       model, require_connect, self.hold_ttl)
-        available = row["available"]
-        if row["hold_id"] is None and available is not None:
-            # The statement's snapshot may predate a concurrent change that the UPDATE
-            # waited for; report the balance the refusal was actually made on.
-            available = await self.pool.fetchval(
-                "SELECT balance - held FROM accounts"
-                " WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
-                paywall_id, user_id, asset,
-            )
+                   request_id: str, model: str, require_connect: bool,
+                   caps: Sequence[SpendCap] = (), timezone: str = "UTC") -> UserState:
+        """Try to reserve ``amount`` within the balance and every spend cap; report the
+        user's state either way (one round trip, one transaction)."""
+        caps_json = orjson.dumps([{"scope": c.scope, "period": c.period, "cap": c.cap}
+                                  for c in caps]).decode()
+        row = await self.pool.fetchrow(
+            "SELECT * FROM paywall_hold($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10)",
+            paywall_id, user_id, asset, amount, request_id, model, require_connect,
+            self.hold_ttl, caps_json, timezone,
+        )
+        cap = None
+        if row["cap"] is not None:
+            limit = next(c.cap for c in caps if _cap_name(c) == row["cap"])
+            cap = CapReached(row["cap"], limit, row["cap_used"], row["cap_resets"])
         return UserState(
             exists=row["connected"] is not None,
             connected=bool(row["connected"]),
-            has_account=available is not None,
-            available=available or 0,
+            has_account=row["available"] is not None,
+            available=row["available"] or 0,
             hold_id=row["hold_id"],
+            cap=cap,
         )
 
     async def post(self, hold_id: int, amount: int, usage: Usage | None, outcome: str,
@@ -211,7 +189,8 @@ class Ledger:
             raise ValueError(f"a charge cannot be negative: {amount}")
         u = usage or Usage(0, 0)
         row = await self.pool.fetchrow(
-            _POST, hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
+            "SELECT * FROM paywall_post($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
+            hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
             u.reasoning_tokens, outcome, orjson.dumps(metadata or {}).decode(),
         )
         return Posted(row["charged"], row["balance_after"]) if row else None
@@ -220,7 +199,7 @@ class Ledger:
         """Release the whole hold; ``status`` is "voided", or "expired" for the reaper."""
         if status not in ("voided", "expired"):
             raise ValueError(f"a hold is voided or expired, not {status!r}")
-        return bool(await self.pool.fetchval(_VOID, hold_id, status))
+        return bool(await self.pool.fetchval("SELECT paywall_void($1, $2)", hold_id, status))
 
     async def renew(self, checkpoints: dict[int, dict[str, Any] | None]) -> None:
         """Extend live holds and store their usage checkpoints, in one statement."""
@@ -262,6 +241,18 @@ class Ledger:
     async def user(self, paywall_id: str, user_id: str) -> Any:
         return await self.pool.fetchrow(
             "SELECT * FROM users WHERE paywall_id = $1 AND user_id = $2", paywall_id, user_id)
+
+    async def limits_of(self, paywall_id: str, user_id: str) -> dict[str, Any]:
+        raw = await self.pool.fetchval(
+            "SELECT limits FROM users WHERE paywall_id = $1 AND user_id = $2",
+            paywall_id, user_id)
+        return orjson.loads(raw) if raw else {}
+
+    async def set_limits(self, paywall_id: str, user_id: str, limits: dict[str, Any]) -> None:
+        await self.pool.execute(
+            "INSERT INTO users (paywall_id, user_id, limits) VALUES ($1, $2, $3::jsonb)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET limits = excluded.limits",
+            paywall_id, user_id, orjson.dumps(limits).decode())
 
     async def set_connected(self, paywall_id: str, user_id: str, connected: bool) -> None:
         await self.pool.execute(

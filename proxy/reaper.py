@@ -1,9 +1,10 @@
-"""Keeping live holds alive, and resolving the holds of processes that died.
+"""Keeping live holds and leases alive, and resolving the holds of processes that died.
 
 Each worker registers the holds of its in-flight requests here. Every
 ``reaper_interval_seconds`` one statement renews them all (with the usage each
-stream has delivered so far, as a checkpoint), and expired holds — whose process
-stopped renewing them — are posted at their checkpoint or voided.
+stream has delivered so far, as a checkpoint), the limiter's concurrency leases are
+renewed likewise, and expired holds — whose process stopped renewing them — are
+posted at their checkpoint or voided.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from proxy.ledger import Ledger
+from proxy.limits import Gate
 
 log = logging.getLogger("proxy.reaper")
 
@@ -38,9 +40,10 @@ class LiveHolds:
         return {h: (cp() if cp else None) for h, cp in list(self._holds.items())}
 
 
-async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
+async def run(ledger: Ledger, live: LiveHolds, gate: Gate, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
+        await gate.renew()
         try:
             await ledger.renew(live.checkpoints())
             if reaped := await ledger.reap():
@@ -50,9 +53,10 @@ async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(ledger: Ledger, live: LiveHolds, interval: float) -> AsyncIterator[None]:
+async def running(ledger: Ledger, live: LiveHolds, gate: Gate,
+                  interval: float) -> AsyncIterator[None]:
     async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(run(ledger, live, interval))
+        task = tg.create_task(run(ledger, live, gate, interval))
         try:
             yield
         finally:

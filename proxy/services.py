@@ -14,6 +14,7 @@ from starlette.responses import Response
 from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
 from proxy.keys import KeyStore, Principal, bearer_token
 from proxy.ledger import Ledger
+from proxy.limits import Gate, OverrideCache
 from proxy.links import LinkSigner
 from proxy.pricing import Price
 from proxy.providers import Provider
@@ -32,6 +33,8 @@ class Services:
     providers: dict[str, Provider]
     prices: dict[str, Price]
     ledger: Ledger
+    gate: Gate
+    overrides: OverrideCache
     live: LiveHolds
     tokenizer: Tokenizer
     signer: LinkSigner

@@ -19,6 +19,7 @@ import re
 import tomllib
 import types
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -141,6 +142,41 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    user_requests_per_minute: int = setting(0, "Requests one user may make per minute; 0 = none.")
+    user_tokens_per_minute: int = setting(
+        0, "Tokens one user may use per minute (estimated on admission, corrected after)."
+    )
+    user_concurrency: int = setting(0, "Requests one user may have in flight at once.")
+    user_daily_spend_cap: dict[str, Decimal] = setting(
+        {}, "Most one user may spend per calendar day, by asset."
+    )
+    user_monthly_spend_cap: dict[str, Decimal] = setting(
+        {}, "Most one user may spend per calendar month, by asset."
+    )
+    paywall_requests_per_minute: int = setting(0, "Requests the whole app may make per minute.")
+    paywall_tokens_per_minute: int = setting(0, "Tokens the whole app may use per minute.")
+    paywall_concurrency: int = setting(0, "Requests the whole app may have in flight at once.")
+    paywall_daily_spend_cap: dict[str, Decimal] = setting(
+        {}, "Most all users together may spend per calendar day, by asset."
+    )
+    paywall_monthly_spend_cap: dict[str, Decimal] = setting(
+        {}, "Most all users together may spend per calendar month, by asset."
+    )
+    max_tokens_per_request: int = setting(0, "Largest output one request may ask for; 0 = any.")
+    max_tokens_mode: Literal["clamp", "reject"] = setting(
+        "clamp", "Above max_tokens_per_request: lower the request's cap, or answer 400."
+    )
+    timezone: str = setting("UTC", "Time zone whose calendar days and months the caps follow.")
+    on_redis_error: Literal["open", "closed"] = setting(
+        "open", "Redis unreachable: let requests through (open) or refuse them (closed)."
+    )
+    lease_seconds: float = setting(
+        30.0, "A concurrency slot held by a process that stopped frees itself after this."
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class PaywallSettings:
     name: str = setting("", "The app's name, shown to end users.")
     provider_keys: dict[str, str] = setting(
@@ -165,6 +201,11 @@ class PaywallSettings:
         "Your balance is too low to continue. Top up your {name} balance here: {url}",
         "Assistant reply asking for a top-up; {name} and {url} are filled in.",
     )
+    spend_cap_message: str = setting(
+        "You have reached the {cap} spending limit of {name}. It resets at {resets}.",
+        "Assistant reply when a spend cap is reached; {name}, {cap} and {resets} are filled in.",
+    )
+    limits: LimitSettings = setting(LimitSettings(), "Rate, token, concurrency and spend limits.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,9 +394,28 @@ def _check_references(s: Settings) -> None:
             raise fail(f"paywalls.{wid}.starter_grant", str(e)) from None
         if w.markup_percent.as_tuple().exponent < -2:  # type: ignore[operator]
             raise fail(f"paywalls.{wid}.markup_percent", "at most two decimal places")
-        for template in ("connect_message", "topup_message"):
+        for template, fields in (("connect_message", ("name", "url")),
+                                 ("topup_message", ("name", "url")),
+                                 ("spend_cap_message", ("name", "cap", "resets"))):
             try:
-                getattr(w, template).format(name="", url="")
+                getattr(w, template).format(**dict.fromkeys(fields, ""))
             except (KeyError, IndexError, ValueError):
+                allowed = " and ".join("{" + f + "}" for f in fields)
                 raise fail(f"paywalls.{wid}.{template}",
-                           "only {name} and {url} may be filled in") from None
+                           f"only {allowed} may be filled in") from None
+        lim = w.limits
+        try:
+            zoneinfo.ZoneInfo(lim.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise fail(f"paywalls.{wid}.limits.timezone",
+                       f"unknown time zone {lim.timezone!r}") from None
+        for cap_field in ("user_daily_spend_cap", "user_monthly_spend_cap",
+                          "paywall_daily_spend_cap", "paywall_monthly_spend_cap"):
+            for asset, amount in getattr(lim, cap_field).items():
+                key = f"paywalls.{wid}.limits.{cap_field}.{asset}"
+                if asset not in s.assets:
+                    raise fail(key, f"unknown asset {asset!r}")
+                try:
+                    units(amount, s.assets[asset].scale)
+                except ValueError as e:
+                    raise fail(key, str(e)) from None

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy import guard
 from proxy.errors import Conflict, InvalidRequest, PaymentRequired
 from proxy.identity import resolve_user
 from proxy.keys import Principal
@@ -198,6 +199,33 @@ async def usage(request: Request) -> Response:
          "completion_tokens": r["completion_tokens"] or 0} for r in rows]})
 
 
+async def get_limits(request: Request) -> Response:
+    services, principal = await _caller(request)
+    user = _query_user(request)
+    return await _limits_response(services, principal, user)
+
+
+async def patch_limits(request: Request) -> Response:
+    services, principal = await _caller(request)
+    _, body = await read_json(request, services.settings.server.max_body_bytes)
+    user = resolve_user(body, None, None)
+    current = await services.ledger.limits_of(principal.paywall_id, user)
+    updated = guard.parse_overrides(body, services.settings.assets, current)
+    await services.ledger.set_limits(principal.paywall_id, user, updated)
+    services.overrides.forget(principal.paywall_id, user)
+    return await _limits_response(services, principal, user)
+
+
+async def _limits_response(services: Services, principal: Principal, user: str) -> Response:
+    overrides = await services.ledger.limits_of(principal.paywall_id, user)
+    conf = services.settings.paywalls[principal.paywall_id].limits
+    return json_response({
+        "user": user,
+        "overrides": overrides,
+        "effective": guard.effective(conf, overrides).as_overridable(),
+    })
+
+
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -226,5 +254,7 @@ routes = [
     Route("/v1/user/balance/deposit", deposit, methods=["POST"]),
     Route("/v1/user/charge", charge, methods=["POST"]),
     Route("/v1/user/ledger", ledger, methods=["GET"]),
+    Route("/v1/user/limits", get_limits, methods=["GET"]),
+    Route("/v1/user/limits", patch_limits, methods=["PATCH"]),
     Route("/v1/usage", usage, methods=["GET"]),
 ]

