@@ -493,7 +493,7 @@ async def test_a_top_up_reply_shows_the_balance_it_was_refused_on(billing: Billi
                     return bool(await observer.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE datname ="
                         " current_database() AND wait_event_type = 'Lock'"
-                        " AND query LIKE '%UPDATE accounts SET held = held +%'"))
+                        " AND query LIKE '%paywall_hold(%'"))
 
                 async with asyncio.TaskGroup() as tg:
                     reply = tg.create_task(api.post("/v1/chat/completions", json=chat(user)))
