@@ -1,8 +1,9 @@
-"""The chat-completions pipeline: authenticate, identify, estimate, hold, decide, forward,
-settle.
+"""The chat-completions pipeline: authenticate, identify, estimate, limit, hold, decide,
+forward, settle.
 
-    client ─▶ key ─▶ parse + user ─▶ estimate ─▶ hold (one conditional UPDATE) ─▶ decide
-           ├─ connect / top_up ─▶ an assistant message with the link, nothing charged
+    client ─▶ key ─▶ parse + user ─▶ estimate ─▶ limits (Redis or in process)
+           ─▶ hold within balance and spend caps (one round trip) ─▶ decide
+           ├─ connect / spend_cap / top_up ─▶ an assistant message, nothing charged
            └─ forward ─▶ provider ─▶ relay ─▶ post the actual cost, release the rest
 
 The provider's usage is authoritative: streams are asked for it

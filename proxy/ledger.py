@@ -8,7 +8,8 @@ at most, entries never change.
 
 Two-phase charging (as in TigerBeetle's pending transfers):
 
-- :meth:`Ledger.hold` reserves the worst case with one conditional UPDATE;
+- :meth:`Ledger.hold` reserves the worst case within the balance and the spend caps
+  (``paywall_hold``: conditional UPDATEs in one transaction, one round trip);
 - :meth:`Ledger.post` charges the actual amount (never more than the hold) and
   releases the rest, :meth:`Ledger.void` releases it all;
 - live holds are renewed by their process (:meth:`Ledger.renew`); a hold whose
