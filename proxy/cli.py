@@ -132,7 +132,7 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                server_header=False, log_level="info")
+                server_header=False, proxy_headers=False, log_level="info")
     return 0
 
 
