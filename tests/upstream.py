@@ -19,6 +19,10 @@ the model name it is asked for:
   client side goes away.
 - ``break-after-K``: a stream of the first K of ``STORY_WORDS``, then, ``BREAK_PAUSE``
   later, an error inside the app, so the server drops the connection mid-body.
+- ``linger-S``: like ``chunks``, but spread over S seconds (a completion S seconds late
+  without ``stream``), and counted while it runs: ``open_by_user`` has how many such
+  requests are open for each body ``user``, ``peak_by_user`` the most there ever were.
+  A stream ends early when the client side goes away.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class Upstream:
     seen: list[Seen] = field(default_factory=list)
     closed_at: list[float] = field(default_factory=list)
     open_streams: int = 0
+    open_by_user: dict[str, int] = field(default_factory=dict)
+    peak_by_user: dict[str, int] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -106,6 +112,8 @@ class Upstream:
             completion = _completion(body)
             del completion["usage"]
             await _json(send, 200, completion)
+        elif model.startswith("linger-"):
+            await self._linger(float(model.removeprefix("linger-")), body, receive, send)
         elif body.get("stream"):
             await self._stream(model, body, receive, send)
         else:
@@ -179,6 +187,50 @@ class Upstream:
         finally:
             self.open_streams -= 1
             watcher.cancel()
+
+    async def _linger(self, seconds: float, body: dict[str, Any], receive: Any,
+                      send: Any) -> None:
+        user = str(body.get("user") or "")
+        self.open_by_user[user] = self.open_by_user.get(user, 0) + 1
+        self.peak_by_user[user] = max(self.peak_by_user.get(user, 0),
+                                      self.open_by_user[user])
+        try:
+            if not body.get("stream"):
+                await asyncio.sleep(seconds)
+                await _json(send, 200, _completion(body))
+                return
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            gone = asyncio.Event()
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher = asyncio.get_running_loop().create_task(watch())
+            try:
+                for word in WORDS:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(gone.wait(), seconds / len(WORDS))
+                    if gone.is_set():
+                        return
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": _chunk(body.get("model", ""), word)})
+                usage = {"prompt_tokens": 5, "completion_tokens": CHUNKS,
+                         "total_tokens": 5 + CHUNKS}
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + orjson.dumps({
+                                "id": "c1", "object": "chat.completion.chunk", "created": 1,
+                                "model": body.get("model"), "choices": [],
+                                "usage": usage}) + b"\n\n"})
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            finally:
+                watcher.cancel()
+        except OSError:
+            pass
+        finally:
+            self.open_by_user[user] -= 1
 
 
 def _chunk(model: str, text: str) -> bytes:
