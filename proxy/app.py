@@ -163,8 +163,11 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
         )
         app.state.services = services
         try:
+            leases = [p.limits.lease_seconds for p in settings.paywalls.values()]
             async with reaper.running(ledger, services.live, gate,
-                                      settings.billing.reaper_interval_seconds):
+                                      settings.billing.reaper_interval_seconds,
+                                      min([settings.billing.reaper_interval_seconds,
+                                           *(ttl / 3 for ttl in leases)])):
                 yield
                 await services.tasks.drain()
         finally:

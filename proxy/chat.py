@@ -114,8 +114,10 @@ class StreamCheckpoint:
 
 def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings,
                 limits: guard.Limits) -> int:
-    """The most output tokens the request can produce, written into the body: its own
-    cap within the paywall's limit, else the paywall's default cap."""
+    """The most output tokens the request can produce, written into the body: each cap
+    it sets, within the paywall's limit (a provider may read either field), else the
+    paywall's default cap."""
+    caps = []
     for field in ("max_completion_tokens", "max_tokens"):
         value = body.get(field)
         if value is None:
@@ -123,7 +125,9 @@ def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSett
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
         body[field] = guard.output_cap(value, paywall.max_output_tokens, limits, field)
-        return int(body[field])
+        caps.append(int(body[field]))
+    if caps:
+        return max(caps)
     cap = guard.output_cap(None, paywall.max_output_tokens, limits, model.max_tokens_field)
     body[model.max_tokens_field] = cap
     return cap

@@ -111,23 +111,6 @@ class InsufficientFunds(Exception):
         self.available = available
 
 
-_OPEN_USER = """
-WITH u AS (
-    INSERT INTO users (paywall_id, user_id) VALUES ($1, $2)
-    ON CONFLICT DO NOTHING
-    RETURNING paywall_id
-), a AS (
-    INSERT INTO accounts (paywall_id, user_id, asset, balance)
-    SELECT $1, $2, x.asset,
-           CASE WHEN x.asset = $4 AND EXISTS (SELECT 1 FROM u) THEN $5::bigint ELSE 0 END
-    FROM unnest($3::text[]) AS x(asset)
-    ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
-    RETURNING id, balance
-)
-INSERT INTO entries (account_id, kind, amount, balance_after, metadata)
-SELECT id, 'grant', balance, balance, '{"reason": "starter grant"}' FROM a WHERE balance > 0
-"""
-
 _ACCOUNT = """
 WITH u AS (
     INSERT INTO users (paywall_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING
@@ -152,11 +135,12 @@ class Ledger:
 
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
                         grant_asset: str, grant: int, conn: Any = None) -> None:
-        """Create the user on first sight, with accounts for ``assets`` and a starter
-        ``grant``; for a known user, add only the accounts it lacks. ``conn``: run in
-        that connection's transaction."""
-        await (conn or self.pool).execute(_OPEN_USER, paywall_id, user_id, sorted(assets),
-                                          grant_asset, grant)
+        """Create the user if needed, with accounts for ``assets``, and write the
+        starter ``grant`` the first time the user is opened, however it was first
+        seen. ``conn``: run in that connection's transaction."""
+        await (conn or self.pool).execute(
+            "SELECT paywall_open_user($1, $2, $3, $4, $5)",
+            paywall_id, user_id, sorted(assets), grant_asset, grant)
 
     async def hold(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
                    request_id: str, model: str, require_connect: bool,

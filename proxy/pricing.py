@@ -21,6 +21,7 @@ from typing import Any
 from proxy.settings import PriceSettings
 
 MILLION = 1_000_000
+MAX_UNITS = 2**63 - 1  # PostgreSQL bigint
 _BPS = 10_000
 
 
@@ -68,10 +69,15 @@ def _count(value: Any) -> int | None:
 
 
 def units(amount: Decimal, scale: int) -> int:
-    """``amount`` of the asset in its smallest unit; ValueError unless that is whole."""
+    """``amount`` of the asset in its smallest unit; ValueError unless that is a whole
+    number the ledger can hold (a PostgreSQL bigint)."""
+    if not amount.is_finite():
+        raise ValueError(f"{amount} is not a number")
     scaled = amount.scaleb(scale)
     if scaled != scaled.to_integral_value():
         raise ValueError(f"{amount} is finer than the asset's smallest unit (1e-{scale})")
+    if abs(scaled) > MAX_UNITS:
+        raise ValueError(f"{amount} is more than the ledger holds in this asset")
     return int(scaled)
 
 

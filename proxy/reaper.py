@@ -40,10 +40,9 @@ class LiveHolds:
         return {h: (cp() if cp else None) for h, cp in list(self._holds.items())}
 
 
-async def run(ledger: Ledger, live: LiveHolds, gate: Gate, interval: float) -> None:
+async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        await gate.renew()
         try:
             await ledger.renew(live.checkpoints())
             if reaped := await ledger.reap():
@@ -52,12 +51,22 @@ async def run(ledger: Ledger, live: LiveHolds, gate: Gate, interval: float) -> N
             log.exception("renewing or reaping holds failed")
 
 
+async def renew_leases(gate: Gate, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await gate.renew()  # never raises: an unreachable limiter is logged and counted
+
+
 @contextlib.asynccontextmanager
-async def running(ledger: Ledger, live: LiveHolds, gate: Gate,
-                  interval: float) -> AsyncIterator[None]:
+async def running(ledger: Ledger, live: LiveHolds, gate: Gate, interval: float,
+                  lease_interval: float) -> AsyncIterator[None]:
+    """Renew and reap holds every ``interval`` and renew concurrency leases every
+    ``lease_interval`` (a fraction of the shortest ``lease_seconds``), until exit."""
     async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(run(ledger, live, gate, interval))
+        tasks = [tg.create_task(run(ledger, live, interval)),
+                 tg.create_task(renew_leases(gate, lease_interval))]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()

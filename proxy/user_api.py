@@ -22,7 +22,7 @@ from proxy.errors import Conflict, InvalidRequest, PaymentRequired
 from proxy.identity import resolve_user
 from proxy.keys import Principal
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
-from proxy.pricing import format_amount
+from proxy.pricing import format_amount, units
 from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
 
 
@@ -37,11 +37,10 @@ def _amount(value: Any, scale: int, field: str = "amount") -> int:
         raise InvalidRequest(f"'{field}' must be a decimal amount.", param=field) from None
     if not amount.is_finite() or amount <= 0:
         raise InvalidRequest(f"'{field}' must be a positive amount.", param=field)
-    scaled = amount.scaleb(scale)
-    if scaled != scaled.to_integral_value():
-        raise InvalidRequest(f"'{field}' has more decimal places than the asset's {scale}.",
-                             param=field)
-    return int(scaled)
+    try:
+        return units(amount, scale)
+    except ValueError as e:
+        raise InvalidRequest(f"'{field}': {e}.", param=field) from None
 
 
 async def _caller(request: Request) -> tuple[Services, Principal]:

@@ -77,6 +77,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.paywall = f"model-{uuid.uuid4().hex}"
         self.users: set[str] = set()
         self.connected: set[str] = set()
+        self.granted: set[str] = set()  # users whose starter grant was written
         self.accounts: dict[tuple[str, str], list[int]] = {}  # -> [balance, held]
         self.holds: dict[int, ModelHold] = {}
 
@@ -122,12 +123,15 @@ class LedgerMachine(RuleBasedStateMachine):
     def open_user(self, user: str, grant: int, wanted: set[str]) -> None:
         self.run(self.ledger.open_user(self.paywall, user, assets=wanted,
                                        grant_asset=GRANT_ASSET, grant=grant))
-        new = user not in self.users
+        # The starter grant is written the first time a user is opened, however the
+        # user came to exist (a deposit, a connect, an earlier open with no grant).
+        first = user not in self.granted
+        self.granted.add(user)
         self.users.add(user)
-        for asset in wanted:
-            if (user, asset) not in self.accounts:
-                granted = grant if new and asset == GRANT_ASSET else 0
-                self.accounts[(user, asset)] = [granted, 0]
+        for asset in wanted | ({GRANT_ASSET} if grant > 0 else set()):
+            self.accounts.setdefault((user, asset), [0, 0])
+        if first and grant > 0:
+            self.accounts[(user, GRANT_ASSET)][0] += grant
 
     @rule(user=users, connected=st.booleans())
     def set_connected(self, user: str, connected: bool) -> None:
