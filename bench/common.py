@@ -92,8 +92,9 @@ def stream_body() -> str:
     return events + "data: [DONE]\n\n"
 
 
-def chat_request(model: str, stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": model, "user": "bench-user",
+def chat_request(model: str, stream: bool, user: str = "bench-user") -> bytes:
+    """The request wrk sends; chat.lua gives ``"bench-user"`` a number per request."""
+    body: dict[str, Any] = {"model": model, "user": user,
                             "messages": [{"role": "user", "content": "Hello"}]}
     if stream:
         body["stream"] = True
@@ -170,8 +171,12 @@ def running(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    content_type: str
+    headers: dict[str, str]  # names in lower case
     body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
 
 
 def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float = 10.0) -> Answer:
@@ -179,9 +184,10 @@ def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float = 10.
                                      headers={"Content-Type": "application/json", **headers})
     try:
         with _URLS.open(request, timeout=timeout) as resp:
-            return Answer(resp.status, resp.headers.get("content-type", ""), resp.read())
+            return Answer(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                          resp.read())
     except urllib.error.HTTPError as e:
-        return Answer(e.code, e.headers.get("content-type", ""), e.read())
+        return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
 
 
 def wait_ready(name: str, proc: subprocess.Popen[bytes], log: Path, url: str,
@@ -208,8 +214,12 @@ def wait_ready(name: str, proc: subprocess.Popen[bytes], log: Path, url: str,
 
 
 def check_answer(name: str, url: str, body: bytes, headers: Mapping[str, str],
-                 stream: bool) -> None:
-    """One request before the load: fail loudly unless it gets the upstream's answer."""
+                 stream: bool) -> Answer:
+    """One request: fail loudly unless it gets the upstream's answer, and return it.
+
+    The proxy's own replies (connect, top-up, spend cap) are chat completions too; their
+    ``X-Paywall-Action`` header tells them apart.
+    """
     answer = post(url, body, headers)
     if stream:
         good = (answer.content_type.startswith("text/event-stream")
@@ -219,9 +229,13 @@ def check_answer(name: str, url: str, body: bytes, headers: Mapping[str, str],
             good = json.loads(answer.body).get("object") == "chat.completion"
         except ValueError:
             good = False
-    if answer.status != 200 or not good:
+    action = answer.headers.get("x-paywall-action")
+    if answer.status != 200 or not good or action is not None:
         raise RuntimeError(f"{name}: unexpected answer from {url}: status {answer.status}, "
-                           f"content-type {answer.content_type!r}, body {answer.body[:500]!r}")
+                           f"content-type {answer.content_type!r}, "
+                           + (f"X-Paywall-Action {action!r}, " if action is not None else "")
+                           + f"body {answer.body[:500]!r}")
+    return answer
 
 
 # --- the nginx upstream ----------------------------------------------------------

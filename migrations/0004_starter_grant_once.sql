@@ -1,8 +1,10 @@
 -- The starter grant is owed to every user once, however the user was first seen: by a
 -- completion, a deposit, a connect link or a limits change. A flag on the user records
--- that it was written; users created before this migration were granted on creation.
+-- that it was written; existing users count as granted when they have a grant entry.
 ALTER TABLE users ADD COLUMN starter_granted boolean NOT NULL DEFAULT false;
-UPDATE users SET starter_granted = true;
+UPDATE users u SET starter_granted = EXISTS (
+    SELECT 1 FROM entries e JOIN accounts a ON a.id = e.account_id
+    WHERE a.paywall_id = u.paywall_id AND a.user_id = u.user_id AND e.kind = 'grant');
 
 -- Create the user if needed, with accounts for p_assets, and write the starter grant
 -- the first time this runs for the user.

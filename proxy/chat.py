@@ -23,20 +23,22 @@ from starlette.responses import Response
 
 from proxy import guard
 from proxy.decide import Action, decide
-from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
+from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import UserState
 from proxy.limits import Verdict
 from proxy.metering import Meter
 from proxy.pricing import Price, Usage, cost, format_amount
-from proxy.providers import Call
+from proxy.providers import Call, Reply
 from proxy.relay import Outcome, StreamRelay
 from proxy.replies import paywall_reply
+from proxy.requestid import new_request_id
 from proxy.services import Services, authenticate, read_json
 from proxy.settings import ModelSettings, PaywallSettings
 
 log = logging.getLogger("proxy.chat")
 
+MAX_CHOICES = 128  # as OpenAI
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
@@ -56,7 +58,9 @@ class Metered:
     encoding: str
     verdict: Verdict | None  # the limiter's admission, finished at settlement
     request_id: str
+    lease: str  # the limiter's id for this request (never the client's X-Request-Id)
     admitted_tokens: int
+    settled: bool = False
 
     def cost(self, usage: Usage) -> int:
         return min(cost(usage, self.price, self.markup_bps), self.hold)
@@ -72,20 +76,41 @@ class Metered:
 
     async def settle(self, usage: Usage | None, outcome: str) -> Any:
         """Post ``usage`` at its price (capped by the hold), or void when there is none;
-        free the request's limiter leases and correct its token count."""
-        ledger = self.services.ledger
-        used = usage.prompt_tokens + usage.completion_tokens if usage else 0
+        then free the request's limiter leases and correct its token count.
+
+        Should the database fail, the hold stays live with its final cost as the
+        checkpoint, so the reaper posts exactly that once this process stops renewing
+        it; nothing is lost and nothing is charged twice.
+        """
+        if self.settled:
+            return None
+        self.settled = True
+        services = self.services
+        live = services.live
+        exact = cost(usage, self.price, self.markup_bps) if usage else 0
         try:
-            await self.services.gate.finish(self.verdict, self.request_id,
-                                            used - self.admitted_tokens)
             if usage is None:
-                await ledger.void(self.hold_id)
-                return None
-            exact = cost(usage, self.price, self.markup_bps)
-            meta = {"uncharged": exact - self.hold} if exact > self.hold else None
-            return await ledger.post(self.hold_id, min(exact, self.hold), usage, outcome, meta)
-        finally:
-            self.services.live.discard(self.hold_id)
+                await services.ledger.void(self.hold_id)
+                posted = None
+            else:
+                meta = {"uncharged": exact - self.hold} if exact > self.hold else None
+                posted = await services.ledger.post(self.hold_id, min(exact, self.hold),
+                                                    usage, outcome, meta)
+                if posted is None:
+                    log.error("hold %s of %s was resolved before its settlement",
+                              self.hold_id, self.request_id)
+            live.discard(self.hold_id)
+        except Exception:
+            final = None if usage is None else {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens, "cost": min(exact, self.hold)}
+            live.retire(self.hold_id, final)
+            log.exception("settling hold %s of %s failed; the reaper will resolve it",
+                          self.hold_id, self.request_id)
+            posted = None
+        used = usage.prompt_tokens + usage.completion_tokens if usage else 0
+        await services.gate.finish(self.verdict, self.lease, used - self.admitted_tokens)
+        return posted
 
 
 class StreamCheckpoint:
@@ -114,21 +139,19 @@ class StreamCheckpoint:
 
 def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings,
                 limits: guard.Limits) -> int:
-    """The most output tokens the request can produce, written into the body: each cap
-    it sets, within the paywall's limit (a provider may read either field), else the
-    paywall's default cap."""
+    """The most output tokens the request can produce: the largest cap it sets, within
+    the paywall's limit, else the paywall's default cap. It goes upstream in the one
+    field this provider reads (``max_tokens_field``), like the model name is mapped."""
     caps = []
     for field in ("max_completion_tokens", "max_tokens"):
-        value = body.get(field)
+        value = body.pop(field, None)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
-        body[field] = guard.output_cap(value, paywall.max_output_tokens, limits, field)
-        caps.append(int(body[field]))
-    if caps:
-        return max(caps)
-    cap = guard.output_cap(None, paywall.max_output_tokens, limits, model.max_tokens_field)
+        caps.append(guard.output_cap(value, paywall.max_output_tokens, limits, field))
+    cap = max(caps) if caps else guard.output_cap(None, paywall.max_output_tokens, limits,
+                                                  model.max_tokens_field)
     body[model.max_tokens_field] = cap
     return cap
 
@@ -153,7 +176,11 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     upstream_model = model.upstream or name
     body["model"] = upstream_model
     stream = body.get("stream") is True
-    n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"'n' must be an integer from 1 to {MAX_CHOICES}.", param="n")
     limits = guard.effective(paywall.limits,
                              await services.overrides.get(principal.paywall_id, user))
     output_cap = _output_cap(body, model, paywall, limits)
@@ -166,11 +193,15 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     price = services.prices[name]
     scale = s.assets[price.asset].scale
     markup_bps = int(paywall.markup_percent * 100)
-    estimate = await services.tokenizer.estimate_prompt(body, upstream_model, model.encoding)
-    hold = cost(Usage(estimate, output_cap * n), price, markup_bps)
+    prompt_tokens, estimate = await services.tokenizer.prompt_tokens(
+        body, upstream_model, model.encoding)
+    # The worst case: all output tokens at the dearer of the output and reasoning prices.
+    hold = cost(Usage(estimate, output_cap * n, reasoning_tokens=(
+        output_cap * n if price.reasoning > price.output else 0)), price, markup_bps)
     admitted_tokens = estimate + output_cap * n
+    lease = new_request_id()
     verdict = await services.gate.admit(
-        guard.rules(limits, principal.paywall_id, user, admitted_tokens), request_id,
+        guard.rules(limits, principal.paywall_id, user, admitted_tokens), lease,
         limits.lease_seconds, limits.fail_open)
     try:
         ledger = services.ledger
@@ -194,21 +225,18 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         if decision.action is not Action.FORWARD:
             if state.hold_id is not None:  # cannot happen: the hold and decide agree
                 await ledger.void(state.hold_id)
-            await services.gate.finish(verdict, request_id, -admitted_tokens)
+            await services.gate.finish(verdict, lease, -admitted_tokens)
             return _paywall_reply(services, principal.paywall_id, paywall, user, name,
                                   request_id, decision.action, state, scale, price.asset,
                                   stream, client_wants_usage)
     except BaseException:
-        await services.tasks.run_to_end(
-            services.gate.finish(verdict, request_id, -admitted_tokens))
+        await services.tasks.run_to_end(services.gate.finish(verdict, lease, -admitted_tokens))
         raise
 
     assert state.hold_id is not None
-    prompt_text_tokens = await services.tokenizer.count_async(
-        _plain_prompt(body), upstream_model, model.encoding)
     metered = Metered(services, state.hold_id, hold, price, scale, markup_bps,
-                      prompt_text_tokens, name, upstream_model, model.encoding,
-                      verdict, request_id, admitted_tokens)
+                      prompt_tokens, name, upstream_model, model.encoding,
+                      verdict, request_id, lease, admitted_tokens)
     provider_id = model.provider
     call = Call(
         body=orjson.dumps(body), stream=stream, request_id=request_id, headers=request.headers,
@@ -222,12 +250,23 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     except BaseException:
         await services.tasks.run_to_end(metered.settle(None, "failed"))
         raise
+    try:
+        return await _answer(services, metered, meter, reply, verdict)
+    except BaseException:
+        # Whatever went wrong before the relay took over, the hold is resolved here.
+        await reply.aclose()
+        await services.tasks.run_to_end(metered.settle(None, "failed"))
+        raise
+
+
+async def _answer(services: Services, metered: Metered, meter: Meter, reply: Reply,
+                  verdict: Verdict | None) -> Response | StreamRelay:
     if not reply.ok:
         try:
             content = await reply.read()
         finally:
             await reply.aclose()
-            await services.tasks.run_to_end(metered.settle(None, "failed"))
+        await services.tasks.run_to_end(metered.settle(None, "failed"))
         return Response(content, status_code=reply.status, headers=dict(reply.headers))
 
     if reply.stream:
@@ -237,13 +276,11 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         limit_headers = verdict.headers() if verdict else {}
         headers = [(k.encode(), v.encode())
                    for k, v in [*reply.headers, *limit_headers.items()]] + _STREAM_HEADERS
-        return StreamRelay(reply, headers, s.upstream.stream_max_seconds, meter, on_done)
+        return StreamRelay(reply, headers, services.settings.upstream.stream_max_seconds,
+                           meter, on_done)
 
     try:
         content = await reply.read()
-    except ProxyError:
-        await services.tasks.run_to_end(metered.settle(None, "failed"))
-        raise
     finally:
         await reply.aclose()
     return await services.tasks.run_to_end(_settle_completion(metered, reply.headers, content))
@@ -291,7 +328,8 @@ def _completion_text(data: Any) -> str:
     if not isinstance(data, dict):
         return ""
     parts = []
-    for choice in data.get("choices") or ():
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict):
             if isinstance(message.get("content"), str):
@@ -299,12 +337,6 @@ def _completion_text(data: Any) -> str:
             if message.get("tool_calls"):
                 parts.append(orjson.dumps(message["tool_calls"]).decode())
     return "".join(parts)
-
-
-def _plain_prompt(body: dict[str, Any]) -> str:
-    from proxy.tokens import prompt_text
-
-    return prompt_text(body)[0]
 
 
 def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings, user: str,

@@ -20,6 +20,7 @@ Two-phase charging (as in TigerBeetle's pending transfers):
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,8 @@ from typing import Any
 import orjson
 
 from proxy.pricing import Usage
+
+log = logging.getLogger("proxy.ledger")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,20 +203,25 @@ class Ledger:
             ids, cps, self.hold_ttl,
         )
 
-    async def reap(self, limit: int = 200) -> int:
-        """Resolve expired holds: post at their checkpoint's cost, or void them."""
+    async def reap(self, limit: int = 200, exclude: Sequence[int] = ()) -> int:
+        """Resolve expired holds (but those in ``exclude``, still live here): post at
+        their checkpoint's cost, or void them. One failing hold does not stop the rest."""
         rows = await self.pool.fetch(
             "SELECT id, checkpoint FROM holds WHERE status = 'pending' AND expires_at < now()"
-            " ORDER BY expires_at LIMIT $1", limit,
+            " AND NOT (id = ANY($2::bigint[])) ORDER BY expires_at LIMIT $1",
+            limit, list(exclude),
         )
         for row in rows:
             cp = orjson.loads(row["checkpoint"]) if row["checkpoint"] else None
-            if cp and cp.get("cost", 0) > 0:
-                usage = Usage(cp.get("prompt_tokens", 0), cp.get("completion_tokens", 0))
-                await self.post(row["id"], int(cp["cost"]), usage, "reaped",
-                                {"reason": "the serving process stopped mid-request"})
-            else:
-                await self.void(row["id"], "expired")
+            try:
+                if cp and cp.get("cost", 0) > 0:
+                    usage = Usage(cp.get("prompt_tokens", 0), cp.get("completion_tokens", 0))
+                    await self.post(row["id"], int(cp["cost"]), usage, "reaped",
+                                    {"reason": "the serving process stopped mid-request"})
+                else:
+                    await self.void(row["id"], "expired")
+            except Exception:
+                log.exception("could not resolve expired hold %s", row["id"])
         return len(rows)
 
     async def balances(self, paywall_id: str, user_id: str) -> list[Balance]:

@@ -55,9 +55,26 @@ class Meter:
         return b"".join(out)
 
     def flush(self) -> bytes:
-        """What is left when the provider closes: an unterminated last event, as it is."""
+        """What is left when the provider closes: an unterminated last event, metered
+        like any other and passed on as it came (unless it is the proxy's usage chunk)."""
         rest, self._buf = self._buf, b""
-        return rest
+        if not rest.strip():
+            return rest
+        out = self._event(rest + b"\n\n")
+        return rest if out == rest + b"\n\n" else out
+
+    def _delivered(self, delta: dict[str, Any]) -> None:
+        """Keep what a delta delivers: text, a refusal, tool-call names and arguments."""
+        for key in ("content", "refusal"):
+            if isinstance(delta.get(key), str):
+                self.text.append(delta[key])
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                for key in ("name", "arguments"):
+                    if isinstance(fn.get(key), str):
+                        self.text.append(fn[key])
 
     def _event(self, block: bytes) -> bytes:
         for event in self._parser.feed(block):
@@ -70,10 +87,11 @@ class Meter:
                 return block
             if not isinstance(data, dict):
                 return block
-            for choice in data.get("choices") or ():
+            choices = data.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
                 delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                    self.text.append(delta["content"])
+                if isinstance(delta, dict):
+                    self._delivered(delta)
             usage = Usage.from_openai(data.get("usage"))
             if usage is not None:
                 self.usage = usage

@@ -52,9 +52,13 @@ class Usage:
         if prompt is None and completion is None:
             return None
         prompt, completion = prompt or 0, completion or 0
-        cached = _count((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
-        details = usage.get("completion_tokens_details") or {}
-        reasoning = _count(details.get("reasoning_tokens")) or 0
+        prompt_details = usage.get("prompt_tokens_details")
+        details = usage.get("completion_tokens_details")
+        cached = reasoning = 0
+        if isinstance(prompt_details, dict):
+            cached = _count(prompt_details.get("cached_tokens")) or 0
+        if isinstance(details, dict):
+            reasoning = _count(details.get("reasoning_tokens")) or 0
         return cls(prompt, completion, min(cached, prompt), min(reasoning, completion))
 
     def as_dict(self) -> dict[str, int]:

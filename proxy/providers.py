@@ -143,7 +143,8 @@ class OpenAIProvider:
                     raw = await resp.read()
                 finally:
                     resp.release()
-                body = scrub(raw, [call.api_key, *self.conf.headers.values()])
+                body = scrub(raw, [call.api_key, *self.conf.headers.values(),
+                                   *self.conf.query.values()])
                 return Reply(resp.status, headers, _one(body), stream=False)
             if not call.stream:
                 try:

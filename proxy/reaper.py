@@ -26,6 +26,7 @@ Checkpoint = Callable[[], dict[str, Any] | None]
 class LiveHolds:
     def __init__(self) -> None:
         self._holds: dict[int, Checkpoint | None] = {}
+        self._retired: dict[int, dict[str, Any] | None] = {}
 
     def add(self, hold_id: int, checkpoint: Checkpoint | None = None) -> None:
         self._holds[hold_id] = checkpoint
@@ -33,11 +34,23 @@ class LiveHolds:
     def discard(self, hold_id: int) -> None:
         self._holds.pop(hold_id, None)
 
+    def retire(self, hold_id: int, final: dict[str, Any] | None) -> None:
+        """Stop renewing a hold whose settlement failed, after writing ``final`` as its
+        checkpoint once: the reaper then posts exactly that (or voids it, for None)."""
+        self._holds.pop(hold_id, None)
+        self._retired[hold_id] = final
+
+    def ids(self) -> list[int]:
+        return list(self._holds)
+
     def __len__(self) -> int:
         return len(self._holds)
 
     def checkpoints(self) -> dict[int, dict[str, Any] | None]:
-        return {h: (cp() if cp else None) for h, cp in list(self._holds.items())}
+        out = {h: (cp() if cp else None) for h, cp in list(self._holds.items())}
+        out.update(self._retired)
+        self._retired = {}
+        return out
 
 
 async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
@@ -45,7 +58,7 @@ async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             await ledger.renew(live.checkpoints())
-            if reaped := await ledger.reap():
+            if reaped := await ledger.reap(exclude=live.ids()):
                 log.info("resolved %d expired holds", reaped)
         except Exception:  # a database hiccup must not end the loop; the next round retries
             log.exception("renewing or reaping holds failed")

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.metering import Meter
 from proxy.providers import Reply
+
+log = logging.getLogger("proxy.relay")
 
 
 class Outcome(enum.Enum):
@@ -55,9 +58,11 @@ class StreamRelay:
         except OSError:
             self.outcome = Outcome.ABORTED
         finally:
-            await self.reply.aclose()
-            if self.on_done is not None:
-                await self.on_done(self.outcome)
+            try:
+                await self.reply.aclose()
+            finally:
+                if self.on_done is not None:
+                    await self.on_done(self.outcome)
 
     async def _client_gone(self, receive: Any) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -85,6 +90,10 @@ class StreamRelay:
         except OSError:  # the ASGI server reports a vanished client this way
             self.outcome = Outcome.ABORTED
             return
+        except Exception:  # a bug, not the provider: still end the stream the same way
+            log.exception("relaying a stream failed")
+            self.outcome = Outcome.PARTIAL
+            tail = error_event(ProxyError("The proxy failed while relaying the stream."))
         finally:
             self.reply.close()
         try:

@@ -366,6 +366,16 @@ def _check_references(s: Settings) -> None:
 
     from proxy.pricing import price_from, units
 
+    b = s.billing
+    if b.reaper_interval_seconds <= 0:
+        raise fail("billing.reaper_interval_seconds", "must be more than 0")
+    if b.hold_ttl_seconds < 2 * b.reaper_interval_seconds:
+        raise fail("billing.hold_ttl_seconds",
+                   "must be at least twice billing.reaper_interval_seconds, or live holds "
+                   "would expire between renewals")
+    for key in ("read_timeout", "stream_idle_timeout", "stream_max_seconds"):
+        if getattr(s.upstream, key) <= 0:
+            raise fail(f"upstream.{key}", "must be more than 0")
     if s.server.key_cache_seconds > 5:
         raise fail("server.key_cache_seconds", "must be at most 5 so revocation is prompt")
     for pid, p in s.providers.items():
@@ -404,6 +414,8 @@ def _check_references(s: Settings) -> None:
                 raise fail(f"paywalls.{wid}.{template}",
                            f"only {allowed} may be filled in") from None
         lim = w.limits
+        if lim.lease_seconds <= 0:
+            raise fail(f"paywalls.{wid}.limits.lease_seconds", "must be more than 0")
         try:
             zoneinfo.ZoneInfo(lim.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

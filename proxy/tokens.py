@@ -65,12 +65,18 @@ class Tokenizer:
             return await asyncio.to_thread(self.count, text, model, name)
         return self.count(text, model, name)
 
+    async def prompt_tokens(self, payload: Mapping[str, Any], model: str,
+                            name: str = "") -> tuple[int, int]:
+        """The prompt's text tokens as counted here (what is billed when the provider
+        reports nothing), and an upper estimate of what it will be billed (the hold)."""
+        text, messages, extra = prompt_text(payload)
+        counted = await self.count_async(text, model, name)
+        return counted, math.ceil((counted + messages * _PER_MESSAGE + extra) * _MARGIN) + 8
+
     async def estimate_prompt(self, payload: Mapping[str, Any], model: str,
                               name: str = "") -> int:
         """An upper estimate of the prompt tokens ``payload`` will be billed for."""
-        text, messages, extra = prompt_text(payload)
-        counted = await self.count_async(text, model, name)
-        return math.ceil((counted + messages * _PER_MESSAGE + extra) * _MARGIN) + 8
+        return (await self.prompt_tokens(payload, model, name))[1]
 
 
 def prompt_text(payload: Mapping[str, Any]) -> tuple[str, int, int]:

@@ -144,7 +144,8 @@ async def _money_move(request: Request, kind: str) -> Response:
         }))
 
     try:
-        stored = await services.ledger.idempotent(principal.paywall_id, key, body, write)
+        stored = await services.ledger.idempotent(principal.paywall_id, key,
+                                                  {"op": kind, "body": body}, write)
     except IdempotencyConflict:
         raise Conflict("This Idempotency-Key was already used with a different request body.",
                        param="Idempotency-Key") from None

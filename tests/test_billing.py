@@ -1248,3 +1248,17 @@ async def test_a_user_first_seen_through_a_deposit_gets_the_starter_grant(
     kinds = [e["kind"] for e in await entries_of(pg, "billing", user)]
     assert kinds == ["grant", "deposit", "deposit"]
     assert (await check_books(pg, "billing", user))["balance"] == GRANT + units("0.5")
+
+
+async def test_an_idempotency_key_belongs_to_one_operation(billing: Billing) -> None:
+    """The same key and body sent to /charge after /deposit is another request: 409,
+    not a replay of the deposit's answer with nothing charged."""
+    user = new_user("key-scope")
+    body = {"user": user, "amount": "0.25"}
+    async with billing.http("billing-funded") as api:
+        first = await api.post("/v1/user/balance/deposit", headers={"Idempotency-Key": user},
+                               json=body)
+        assert first.status_code == 200, first.text
+        other = await api.post("/v1/user/charge", headers={"Idempotency-Key": user}, json=body)
+        assert other.status_code == 409
+        assert other.json()["error"]["code"] == "idempotency_conflict"

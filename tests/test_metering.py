@@ -22,6 +22,8 @@ def delta(text: str) -> bytes:
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 USAGE_CHUNK = event({"choices": [], "usage": USAGE})
 DONE = event(b"[DONE]")
+TOOL_DELTA = {"choices": [{"delta": {"tool_calls": [
+    {"index": 0, "function": {"name": "f", "arguments": "{}"}}]}}]}
 
 
 def priced(usage: Usage) -> dict[str, Any]:
@@ -50,8 +52,12 @@ CASES: list[tuple[str, bool, list[bytes], bytes, list[str], Usage | None, bool]]
     ("an event split across reads is sent whole", True, [delta("ab")[:9], delta("ab")[9:]],
      delta("ab"), ["ab"], None, False),
     ("CRLF events", True, [b"data: [DONE]\r\n\r\n"], b"data: [DONE]\r\n\r\n", [], None, True),
-    ("tool-call deltas carry no text", True, [event({"choices": [{"delta": {"tool_calls": []}}]})],
-     event({"choices": [{"delta": {"tool_calls": []}}]}), [], None, False),
+    ("tool-call deltas count as delivered", True, [event(TOOL_DELTA)], event(TOOL_DELTA),
+     ["f", "{}"], None, False),
+    ("refusals count as delivered", True, [event({"choices": [{"delta": {"refusal": "no"}}]})],
+     event({"choices": [{"delta": {"refusal": "no"}}]}), ["no"], None, False),
+    ("an unterminated last event is metered too", False, [USAGE_CHUNK[:-2]], b"", [],
+     Usage(3, 2), False),
 ]
 
 
