@@ -3,6 +3,11 @@
 -- calendar day or month of the paywall's time zone. The hold, the post and the void
 -- become functions so that the balance, the caps and the hold change in one statement
 -- and one round trip; proxy/ledger.py stays their only caller.
+--
+-- Windows are always locked in one order (scope, then period), and updated one by one
+-- through their primary key: a hold and a settlement sharing two windows cannot
+-- deadlock, and no statement leaves the join to the planner (which could scan the
+-- whole table for every request).
 
 CREATE TABLE spend_windows (
     paywall_id  text   NOT NULL,
@@ -79,10 +84,11 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    UPDATE spend_windows w SET held = w.held + p_amount
-    FROM jsonb_array_elements(v_windows) x
-    WHERE w.paywall_id = p_paywall AND w.scope = x.value->>'scope' AND w.asset = p_asset
-      AND w.period = x.value->>'period' AND w.starts = (x.value->>'starts')::date;
+    FOR c IN SELECT value FROM jsonb_array_elements(v_windows) LOOP
+        UPDATE spend_windows w SET held = w.held + p_amount
+        WHERE w.paywall_id = p_paywall AND w.scope = c->>'scope' AND w.asset = p_asset
+          AND w.period = c->>'period' AND w.starts = (c->>'starts')::date;
+    END LOOP;
     INSERT INTO holds (account_id, request_id, amount, model, expires_at, windows)
     VALUES (v_account, p_request, p_amount, p_model,
             now() + make_interval(secs => p_ttl), v_windows)
@@ -99,6 +105,7 @@ CREATE FUNCTION paywall_post(
 LANGUAGE plpgsql AS $$
 DECLARE
     h holds%ROWTYPE;
+    x jsonb;
     v_charge bigint;
     v_paywall text;
     v_asset text;
@@ -111,10 +118,12 @@ BEGIN
     v_charge := least(p_charge, h.amount);
     SELECT a.paywall_id, a.asset INTO v_paywall, v_asset FROM accounts a
     WHERE a.id = h.account_id;
-    UPDATE spend_windows w SET held = w.held - h.amount, spent = w.spent + v_charge
-    FROM jsonb_array_elements(h.windows) x
-    WHERE w.paywall_id = v_paywall AND w.scope = x.value->>'scope' AND w.asset = v_asset
-      AND w.period = x.value->>'period' AND w.starts = (x.value->>'starts')::date;
+    FOR x IN SELECT value FROM jsonb_array_elements(h.windows)
+             ORDER BY value->>'scope', value->>'period' LOOP
+        UPDATE spend_windows w SET held = w.held - h.amount, spent = w.spent + v_charge
+        WHERE w.paywall_id = v_paywall AND w.scope = x->>'scope' AND w.asset = v_asset
+          AND w.period = x->>'period' AND w.starts = (x->>'starts')::date;
+    END LOOP;
     UPDATE accounts a SET balance = a.balance - v_charge, held = a.held - h.amount
     WHERE a.id = h.account_id RETURNING a.balance INTO balance_after;
     INSERT INTO entries (account_id, kind, amount, balance_after, request_id, hold_id, model,
@@ -131,6 +140,7 @@ CREATE FUNCTION paywall_void(p_hold bigint, p_status text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     h holds%ROWTYPE;
+    x jsonb;
     v_paywall text;
     v_asset text;
 BEGIN
@@ -144,10 +154,12 @@ BEGIN
     END IF;
     SELECT a.paywall_id, a.asset INTO v_paywall, v_asset FROM accounts a
     WHERE a.id = h.account_id;
-    UPDATE spend_windows w SET held = w.held - h.amount
-    FROM jsonb_array_elements(h.windows) x
-    WHERE w.paywall_id = v_paywall AND w.scope = x.value->>'scope' AND w.asset = v_asset
-      AND w.period = x.value->>'period' AND w.starts = (x.value->>'starts')::date;
+    FOR x IN SELECT value FROM jsonb_array_elements(h.windows)
+             ORDER BY value->>'scope', value->>'period' LOOP
+        UPDATE spend_windows w SET held = w.held - h.amount
+        WHERE w.paywall_id = v_paywall AND w.scope = x->>'scope' AND w.asset = v_asset
+          AND w.period = x->>'period' AND w.starts = (x->>'starts')::date;
+    END LOOP;
     UPDATE accounts a SET held = a.held - h.amount WHERE a.id = h.account_id;
     RETURN true;
 END $$;
