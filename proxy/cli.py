@@ -115,6 +115,10 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     workers = args.workers or settings.server.workers
+    if workers > 1 and not settings.redis_url:
+        logging.getLogger("proxy").warning(
+            "%d workers without REDIS_URL: rate, token and concurrency limits are kept "
+            "per worker, so each applies %d times over", workers, workers)
     if args.demo:
         if not settings.paywalls:
             print("paywall-proxy: --demo needs a paywall in the settings", file=sys.stderr)

@@ -241,11 +241,16 @@ class Ledger:
             paywall_id, user_id)
         return orjson.loads(raw) if raw else {}
 
-    async def set_limits(self, paywall_id: str, user_id: str, limits: dict[str, Any]) -> None:
+    async def set_limits(self, paywall_id: str, user_id: str, changed: dict[str, Any],
+                         removed: Sequence[str]) -> None:
+        """Merge ``changed`` into the user's overrides and drop ``removed``, in one
+        statement, so concurrent changes to different limits are all kept."""
         await self.pool.execute(
-            "INSERT INTO users (paywall_id, user_id, limits) VALUES ($1, $2, $3::jsonb)"
-            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET limits = excluded.limits",
-            paywall_id, user_id, orjson.dumps(limits).decode())
+            "INSERT INTO users (paywall_id, user_id, limits)"
+            " VALUES ($1, $2, $3::jsonb - $4::text[])"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE"
+            " SET limits = (users.limits || $3::jsonb) - $4::text[]",
+            paywall_id, user_id, orjson.dumps(changed).decode(), list(removed))
 
     async def set_connected(self, paywall_id: str, user_id: str, connected: bool) -> None:
         await self.pool.execute(

@@ -209,9 +209,9 @@ async def patch_limits(request: Request) -> Response:
     services, principal = await _caller(request)
     _, body = await read_json(request, services.settings.server.max_body_bytes)
     user = resolve_user(body, None, None)
-    current = await services.ledger.limits_of(principal.paywall_id, user)
-    updated = guard.parse_overrides(body, services.settings.assets, current)
-    await services.ledger.set_limits(principal.paywall_id, user, updated)
+    changed = guard.parse_overrides(body, services.settings.assets, {})
+    removed = [k for k, v in body.items() if v is None and k != "user"]
+    await services.ledger.set_limits(principal.paywall_id, user, changed, removed)
     services.overrides.forget(principal.paywall_id, user)
     return await _limits_response(services, principal, user)
 

@@ -524,3 +524,13 @@ async def test_retried_writes_take_effect_once_across_restarts(private_server: A
         assert progress["replays"] >= len(intended) // 4, progress
     finally:
         await pool.close()
+
+
+async def test_concurrent_limit_changes_are_all_kept(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    await ledger.set_limits(paywall, user, {"concurrency": 9, "tokens_per_minute": 5}, [])
+    await asyncio.gather(*[
+        ledger.set_limits(paywall, user, {f"k{i}": i}, []) for i in range(20)
+    ], ledger.set_limits(paywall, user, {}, ["tokens_per_minute"]))
+    limits = await ledger.limits_of(paywall, user)
+    assert limits == {"concurrency": 9, **{f"k{i}": i for i in range(20)}}
