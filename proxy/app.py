@@ -29,7 +29,7 @@ from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
 from proxy.links import LinkSigner
-from proxy.pricing import price_from
+from proxy.pricing import price_from, units
 from proxy.providers import build_providers
 from proxy.requestid import request_id_from
 from proxy.services import JSON, Services, authenticate, json_response, services_of
@@ -150,6 +150,8 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
             providers=build_providers(settings.providers, settings.upstream, session),
             prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
                     for name, m in settings.models.items()},
+            grants={pid: units(p.starter_grant, settings.assets[p.asset].scale)
+                    for pid, p in settings.paywalls.items()},
             ledger=ledger,
             gate=gate,
             overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),

@@ -160,7 +160,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     services: Services = request.app.state.services
     s = services.settings
     principal = await authenticate(request, services)
-    _, body = await read_json(request, s.server.max_body_bytes)
+    body = await read_json(request, s.server.max_body_bytes)
     user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
     request_id: str = request.state.request_id
 
@@ -215,11 +215,10 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
 
         state = await place()
         if not state.exists or (state.hold_id is None and not state.has_account):
-            grant_scale = s.assets[paywall.asset].scale
             await ledger.open_user(principal.paywall_id, user,
                                    assets={paywall.asset, price.asset},
                                    grant_asset=paywall.asset,
-                                   grant=int(paywall.starter_grant.scaleb(grant_scale)))
+                                   grant=services.grants[principal.paywall_id])
             state = await place()
         decision = decide(paywall, True, state, hold)
         if decision.action is not Action.FORWARD:

@@ -32,6 +32,7 @@ class Services:
     keys: KeyStore
     providers: dict[str, Provider]
     prices: dict[str, Price]
+    grants: dict[str, int]  # each paywall's starter grant, in its asset's smallest unit
     ledger: Ledger
     gate: Gate
     overrides: OverrideCache
@@ -65,8 +66,8 @@ async def authenticate(request: Request, services: Services) -> Principal:
     return principal
 
 
-async def read_json(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The body as bytes and as a JSON object; 413 past ``limit``, before parsing."""
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit``, before parsing."""
     too_large = PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -78,11 +79,10 @@ async def read_json(request: Request, limit: int) -> tuple[bytes, dict[str, Any]
         if size > limit:
             raise too_large
         parts.append(part)
-    raw = b"".join(parts)
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(b"".join(parts))
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return raw, body
+    return body

@@ -90,7 +90,7 @@ async def connect_status(request: Request) -> Response:
 
 async def disconnect(request: Request) -> Response:
     services, principal = await _caller(request)
-    _, body = await read_json(request, services.settings.server.max_body_bytes)
+    body = await read_json(request, services.settings.server.max_body_bytes)
     user = resolve_user(body, None, None)
     await services.ledger.set_connected(principal.paywall_id, user, False)
     return json_response({"user": user, "connected": False})
@@ -110,7 +110,7 @@ async def _money_move(request: Request, kind: str) -> Response:
     if not key or len(key) > 255:
         raise InvalidRequest("An Idempotency-Key header (1-255 characters) is required.",
                              param="Idempotency-Key", code="idempotency_key_required")
-    _, body = await read_json(request, services.settings.server.max_body_bytes)
+    body = await read_json(request, services.settings.server.max_body_bytes)
     user = resolve_user(body, None, None)
     asset, scale = _asset(services, principal, body)
     amount = _amount(body.get("amount"), scale)
@@ -122,7 +122,7 @@ async def _money_move(request: Request, kind: str) -> Response:
     request_id: str = request.state.request_id
 
     paywall = services.settings.paywalls[principal.paywall_id]
-    grant = int(paywall.starter_grant.scaleb(services.settings.assets[paywall.asset].scale))
+    grant = services.grants[principal.paywall_id]
 
     async def write(conn: Any) -> Stored:
         await services.ledger.open_user(principal.paywall_id, user, assets={asset},
@@ -207,7 +207,7 @@ async def get_limits(request: Request) -> Response:
 
 async def patch_limits(request: Request) -> Response:
     services, principal = await _caller(request)
-    _, body = await read_json(request, services.settings.server.max_body_bytes)
+    body = await read_json(request, services.settings.server.max_body_bytes)
     user = resolve_user(body, None, None)
     changed = guard.parse_overrides(body, services.settings.assets, {})
     removed = [k for k, v in body.items() if v is None and k != "user"]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -132,16 +132,17 @@ def upstream() -> Iterator[Upstream]:
         yield up
 
 
-def mint_key(database_url: str, paywall: str = "app") -> str:
-    async def create() -> str:
-        conn = await asyncpg.connect(database_url)
-        try:
-            key, _ = await KeyStore(conn).create(paywall, "test")
-            return key
-        finally:
-            await conn.close()
+async def mint_keys(database_url: str, paywalls: Iterable[str]) -> dict[str, str]:
+    """A fresh key for each paywall, by paywall id."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {p: (await KeyStore(conn).create(p, "test"))[0] for p in paywalls}
+    finally:
+        await conn.close()
 
-    return asyncio.run(create())
+
+def mint_key(database_url: str, paywall: str = "app") -> str:
+    return asyncio.run(mint_keys(database_url, [paywall]))[paywall]
 
 
 @dataclass

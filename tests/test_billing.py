@@ -35,9 +35,15 @@ import tiktoken
 from openai import AsyncOpenAI
 
 from proxy import db
-from proxy.keys import KeyStore
 from proxy.tokens import prompt_text
-from tests.conftest import Proxy, mint_key, start_proxy, stop_proxy, with_database
+from tests.conftest import (
+    Proxy,
+    mint_key,
+    mint_keys,
+    start_proxy,
+    stop_proxy,
+    with_database,
+)
 from tests.upstream import (
     CHUNKS,
     NO_USAGE_WORDS,
@@ -222,15 +228,6 @@ async def pg(database_url: str) -> AsyncIterator[Any]:
         yield pool
     finally:
         await pool.close()
-
-
-async def mint(database_url: str, paywall: str) -> str:
-    conn = await asyncpg.connect(database_url)
-    try:
-        key, _ = await KeyStore(conn).create(paywall, "billing tests")
-        return key
-    finally:
-        await conn.close()
 
 
 def new_user(tag: str) -> str:
@@ -1059,7 +1056,7 @@ async def test_usage_days_are_utc_days_whatever_the_database_time_zone(
     url = with_database(pg_server, name)
     try:
         await db.migrate(url)
-        key = await mint(url, "billing")
+        key = (await mint_keys(url, ["billing"]))["billing"]
         config = tmp_path / "tz.toml"
         config.write_text(billing_config(upstream))
         proxy = await asyncio.to_thread(start_proxy, config, url, tmp_path)
@@ -1137,7 +1134,7 @@ async def test_a_killed_process_leaves_no_pending_hold(upstream: Upstream, datab
     config = tmp_path / "reaper.toml"
     config.write_text(billing_config(upstream, hold_ttl=2, reaper_interval=0.3))
     paywall = "billing-crash"
-    key = await mint(database_url, paywall)
+    key = (await mint_keys(database_url, [paywall]))[paywall]
     user = new_user("killed")
     talking, mute = 15, 5  # streams that deliver text, and streams that deliver nothing
     body = chat(user, "metered-endless", stream=True, max_completion_tokens=2000)

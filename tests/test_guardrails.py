@@ -33,8 +33,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.keys import KeyStore
-from tests.conftest import Proxy, RedisServer, start_proxy, stop_proxy
+from tests.conftest import Proxy, RedisServer, mint_keys, start_proxy, stop_proxy
 from tests.upstream import WORDS, Upstream
 
 SCALE = 10**9
@@ -137,15 +136,7 @@ class Guard:
 
 
 def _mint_all(database_url: str) -> dict[str, str]:
-    async def mint() -> dict[str, str]:
-        conn = await asyncpg.connect(database_url)
-        try:
-            return {p: (await KeyStore(conn).create(p, "guardrail tests"))[0]
-                    for p in PAYWALLS}
-        finally:
-            await conn.close()
-
-    return asyncio.run(mint())
+    return asyncio.run(mint_keys(database_url, PAYWALLS))
 
 
 @pytest.fixture(scope="module")
