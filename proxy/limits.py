@@ -22,6 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
 from proxy.errors import LimiterUnavailable, RateLimited
 
 log = logging.getLogger("proxy.limits")
@@ -236,8 +239,6 @@ class RedisLimiter:
     """The shared limiter: one Lua script per request, whatever the number of rules."""
 
     def __init__(self, url: str, timeout: float = 0.5, connections: int = 64):
-        import redis.asyncio as redis
-
         # A bounded pool that queues callers rather than failing them when all its
         # connections are busy.
         pool = redis.BlockingConnectionPool.from_url(
@@ -295,8 +296,6 @@ class _unavailable_on_error:
         return None
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        from redis.exceptions import RedisError
-
         if isinstance(exc, RedisError | OSError):
             raise LimiterUnavailable("The rate limiter is unavailable.") from exc
 
