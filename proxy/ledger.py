@@ -203,6 +203,11 @@ class Ledger:
             ids, cps, self.hold_ttl,
         )
 
+    async def pending_holds(self) -> int:
+        """Holds not yet resolved, in the whole ledger (a gauge operators alert on)."""
+        n: int = await self.pool.fetchval("SELECT count(*) FROM holds WHERE status = 'pending'")
+        return n
+
     async def reap(self, limit: int = 200, exclude: Sequence[int] = ()) -> int:
         """Resolve expired holds (but those in ``exclude``, still live here): post at
         their checkpoint's cost, or void them. One failing hold does not stop the rest."""

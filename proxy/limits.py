@@ -113,6 +113,8 @@ class Limiter(Protocol):
 
     async def renew(self, leases: Sequence[tuple[str, str]], lease_ttl: float) -> None: ...
 
+    async def ping(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -168,6 +170,9 @@ class LocalLimiter:
             held = self.leases.get(key)
             if held is not None and lease in held:
                 held[lease] = expiry
+
+    async def ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -284,6 +289,9 @@ class RedisLimiter:
                     pipe.zadd(key, {lease: expiry}, xx=True)
                     pipe.pexpire(key, int(lease_ttl * 1000))
                 await pipe.execute()
+
+    async def ping(self) -> None:
+        await self.redis.ping()
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from proxy.ledger import Ledger
 from proxy.limits import Gate
+from proxy.observe import Metrics
 
 log = logging.getLogger("proxy.reaper")
 
@@ -53,14 +54,16 @@ class LiveHolds:
         return out
 
 
-async def run(ledger: Ledger, live: LiveHolds, interval: float) -> None:
+async def run(ledger: Ledger, live: LiveHolds, interval: float, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
             await ledger.renew(live.checkpoints())
             if reaped := await ledger.reap(exclude=live.ids()):
+                metrics.holds_expired.inc(reaped)
                 log.info("resolved %d expired holds", reaped)
         except Exception:  # a database hiccup must not end the loop; the next round retries
+            metrics.errors.labels("database").inc()
             log.exception("renewing or reaping holds failed")
 
 
@@ -72,11 +75,11 @@ async def renew_leases(gate: Gate, interval: float) -> None:
 
 @contextlib.asynccontextmanager
 async def running(ledger: Ledger, live: LiveHolds, gate: Gate, interval: float,
-                  lease_interval: float) -> AsyncIterator[None]:
+                  lease_interval: float, metrics: Metrics) -> AsyncIterator[None]:
     """Renew and reap holds every ``interval`` and renew concurrency leases every
     ``lease_interval`` (a fraction of the shortest ``lease_seconds``), until exit."""
     async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(run(ledger, live, interval)),
+        tasks = [tg.create_task(run(ledger, live, interval, metrics)),
                  tg.create_task(renew_leases(gate, lease_interval))]
         try:
             yield

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ class StreamRelay:
         self.meter = meter
         self.on_done = on_done
         self.outcome = Outcome.COMPLETED
+        self.first_at = 0.0  # perf_counter() at the provider's first chunk
+        self.ended_at = 0.0  # … and when its stream ended (or failed)
         self._pumped = False  # set once the last byte went out (or could not)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -76,6 +79,8 @@ class StreamRelay:
         try:
             async with asyncio.timeout(self.max_seconds):
                 async for chunk in self.reply.chunks:
+                    if not self.first_at:
+                        self.first_at = time.perf_counter()
                     out = self.meter.feed(chunk)
                     if out:
                         await send({"type": "http.response.body", "body": out,
@@ -95,6 +100,7 @@ class StreamRelay:
             self.outcome = Outcome.PARTIAL
             tail = error_event(ProxyError("The proxy failed while relaying the stream."))
         finally:
+            self.ended_at = time.perf_counter()
             self.reply.close()
         try:
             await send({"type": "http.response.body", "body": tail, "more_body": False})

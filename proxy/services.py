@@ -16,6 +16,7 @@ from proxy.keys import KeyStore, Principal, bearer_token
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache
 from proxy.links import LinkSigner
+from proxy.observe import Metrics
 from proxy.pricing import Price
 from proxy.providers import Provider
 from proxy.reaper import LiveHolds
@@ -42,6 +43,7 @@ class Services:
     tasks: TaskSet
     pool: Any
     session: aiohttp.ClientSession
+    metrics: Metrics
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None

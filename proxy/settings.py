@@ -19,6 +19,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,13 @@ class ServerSettings:
     )
     link_secret: str = setting(
         "", "HMAC secret signing links; empty = $PAYWALL_LINK_SECRET, else random per start."
+    )
+    log_format: Literal["json", "text"] = setting(
+        "json", "Log lines as JSON objects (one per request, plus events) or as plain text."
+    )
+    access_log: bool = setting(True, "Write one log line per request.")
+    metrics_token: str = setting(
+        "", "Bearer token /metrics requires; empty = /metrics is open (keep it internal)."
     )
 
 
@@ -431,3 +439,19 @@ def _check_references(s: Settings) -> None:
                     units(amount, s.assets[asset].scale)
                 except ValueError as e:
                     raise fail(key, str(e)) from None
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret the settings hold, for the log redactor: provider keys and headers,
+    the link and metrics secrets, and passwords in the database and Redis URLs."""
+    out = [settings.server.link_secret, settings.server.metrics_token]
+    for p in settings.providers.values():
+        out += [p.api_key, *p.headers.values(), *p.query.values()]
+    for w in settings.paywalls.values():
+        out += w.provider_keys.values()
+    for url in (settings.database_url, settings.redis_url):
+        if url:
+            password = urllib.parse.urlsplit(url).password
+            if password:
+                out += [password, urllib.parse.unquote(password)]
+    return [s for s in out if s]

