@@ -13,19 +13,22 @@ import hmac
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import db, observe, pages, reaper, user_api
+from proxy import cors, db, gateway, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
+from proxy.endusers import TokenVerifier
 from proxy.errors import AuthenticationFailed, ModelNotFound, ProxyError, error_body
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
@@ -34,13 +37,22 @@ from proxy.links import LinkSigner
 from proxy.pricing import price_from, units
 from proxy.providers import build_providers
 from proxy.services import JSON, Services, authenticate, json_response, services_of
-from proxy.settings import Settings
+from proxy.settings import PaywallSettings, Settings
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 
 log = logging.getLogger("proxy")
 
 SAMPLE_SECONDS = 2.0  # how often gauges (pool, holds) are refreshed between scrapes
+
+
+def starter_grants(p: PaywallSettings, s: Settings) -> dict[str, int]:
+    """What each new end user of paywall ``p`` is granted once: the starter grant and
+    the trial credits, in each asset's smallest unit."""
+    out = {t: units(Decimal(n), s.assets[t].scale) for t, n in p.credits.trial.items() if n}
+    if p.starter_grant:
+        out[p.asset] = out.get(p.asset, 0) + units(p.starter_grant, s.assets[p.asset].scale)
+    return out
 
 
 def _model_card(name: str, s: Settings) -> dict[str, Any]:
@@ -116,13 +128,18 @@ async def metrics(request: Request) -> Response:
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     observe.record_of(request.state).error = exc.code or exc.type
-    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
+    # /api/v1 speaks the hosted gateway's error shape; everything else OpenAI's.
+    body = exc.api_body() if request.url.path.startswith(cors.PREFIX) else exc.body()
+    return Response(body, status_code=exc.status, media_type=JSON, headers=exc.headers)
 
 
 async def _render_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    body = error_body(str(exc.detail), "invalid_request_error",
-                      code="not_found" if exc.status_code == 404 else None)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    if request.url.path.startswith(cors.PREFIX):
+        body = orjson.dumps({"error": str(exc.detail), "code": code})
+    else:
+        body = error_body(str(exc.detail), "invalid_request_error", code=code)
     return Response(body, status_code=exc.status_code, media_type=JSON, headers=exc.headers)
 
 
@@ -161,8 +178,7 @@ def create_app(settings: Settings) -> observe.Observe:
             providers=build_providers(settings.providers, settings.upstream, session),
             prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
                     for name, m in settings.models.items()},
-            grants={pid: units(p.starter_grant, settings.assets[p.asset].scale)
-                    for pid, p in settings.paywalls.items()},
+            grants={pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()},
             ledger=ledger,
             gate=gate,
             overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),
@@ -174,6 +190,8 @@ def create_app(settings: Settings) -> observe.Observe:
             pool=pool,
             session=session,
             metrics=observe.Metrics(),
+            verifiers={pid: TokenVerifier(p.auth, session)
+                       for pid, p in settings.paywalls.items()},
         )
         app.state.services = services
         try:
@@ -198,6 +216,7 @@ def create_app(settings: Settings) -> observe.Observe:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         *user_api.routes,
+        *gateway.routes,
         *pages.routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -215,7 +234,7 @@ def create_app(settings: Settings) -> observe.Observe:
     labels: dict[Any, str] = {}
     for route in routes:
         labels.setdefault(getattr(route, "endpoint", None), getattr(route, "path", "other"))
-    return observe.Observe(app, labels)
+    return observe.Observe(cors.Cors(app, settings), labels)
 
 
 def app_from_env() -> observe.Observe:

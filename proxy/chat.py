@@ -233,8 +233,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         if not state.exists or (state.hold_id is None and not state.has_account):
             await ledger.open_user(principal.paywall_id, user,
                                    assets={paywall.asset, price.asset},
-                                   grant_asset=paywall.asset,
-                                   grant=services.grants[principal.paywall_id])
+                                   grants=services.grants[principal.paywall_id])
             state = await place()
         decision = decide(paywall, True, state, hold)
         rec.outcome = decision.action.value

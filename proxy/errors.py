@@ -8,14 +8,22 @@ exceptions (``BadRequestError``, ``AuthenticationError``, ...).
     ProxyError (500, server_error)
     ├── InvalidRequest (400, invalid_request_error)
     │   ├── PayloadTooLarge (413)
-    │   └── ModelNotFound (404, model_not_found)
+    │   ├── NotFound (404, not_found)
+    │   │   └── ModelNotFound (404, model_not_found)
+    │   └── MethodNotAllowed (405)
     ├── AuthenticationFailed (401, invalid_api_key)
+    ├── Forbidden (403, permission_error)
     ├── PaymentRequired (402, insufficient_balance)
     ├── Conflict (409, idempotency_conflict)
     ├── RateLimited (429, rate_limit_exceeded)
     ├── LimiterUnavailable (503, rate_limiter_unavailable)
+    ├── ServiceUnavailable (503, unavailable)
     ├── UpstreamUnavailable (502, upstream_unavailable)
     └── UpstreamTimeout (504, upstream_timeout)
+
+The /api/v1 routes (gateway, end users, balances) render the same errors in the
+hosted gateway's shape instead: ``{"error": message, "code": code, "details": ...}``
+(:meth:`ProxyError.api_body`).
 
 ``ConfigError`` is separate: it stops the process at start-up and never reaches
 a client.
@@ -23,7 +31,7 @@ a client.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import orjson
 
@@ -40,16 +48,25 @@ class ProxyError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, details: Any = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self.details = details
         if code is not None:
             self.code = code
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.param, self.code)
+
+    def api_body(self) -> bytes:
+        out: dict[str, Any] = {"error": self.message, "code": self.code or self.type}
+        if self.param:
+            out["param"] = self.param
+        if self.details is not None:
+            out["details"] = self.details
+        return orjson.dumps(out)
 
 
 class InvalidRequest(ProxyError):
@@ -62,15 +79,30 @@ class PayloadTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
-class ModelNotFound(InvalidRequest):
+class NotFound(InvalidRequest):
     status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
 
 
 class AuthenticationFailed(ProxyError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class PaymentRequired(ProxyError):
@@ -103,6 +135,12 @@ class LimiterUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "rate_limiter_unavailable"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
 
 
 class UpstreamUnavailable(ProxyError):

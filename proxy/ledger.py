@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -137,13 +137,14 @@ class Ledger:
         self.hold_ttl = hold_ttl
 
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
-                        grant_asset: str, grant: int, conn: Any = None) -> None:
+                        grants: Mapping[str, int], conn: Any = None) -> None:
         """Create the user if needed, with accounts for ``assets``, and write the
-        starter ``grant`` the first time the user is opened, however it was first
-        seen. ``conn``: run in that connection's transaction."""
+        starter ``grants`` (asset → amount) the first time the user is opened, however
+        it was first seen. ``conn``: run in that connection's transaction."""
+        given = sorted(grants.items())
         await (conn or self.pool).execute(
             "SELECT paywall_open_user($1, $2, $3, $4, $5)",
-            paywall_id, user_id, sorted(assets), grant_asset, grant)
+            paywall_id, user_id, sorted(assets), [a for a, _ in given], [n for _, n in given])
 
     async def hold(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
                    request_id: str, model: str, require_connect: bool,
@@ -229,12 +230,19 @@ class Ledger:
                 log.exception("could not resolve expired hold %s", row["id"])
         return len(rows)
 
-    async def balances(self, paywall_id: str, user_id: str) -> list[Balance]:
-        rows = await self.pool.fetch(
+    async def balances(self, paywall_id: str, user_id: str, conn: Any = None) -> list[Balance]:
+        rows = await (conn or self.pool).fetch(
             "SELECT asset, balance, held FROM accounts WHERE paywall_id = $1 AND user_id = $2"
             " ORDER BY asset", paywall_id, user_id,
         )
         return [Balance(r["asset"], r["balance"], r["held"]) for r in rows]
+
+    async def paid(self, paywall_id: str, user_id: str) -> bool:
+        """Whether the user was ever granted a plan."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = $1 AND a.user_id = $2 AND e.kind = 'grant'"
+            " AND e.metadata ? 'plan')", paywall_id, user_id))
 
     async def user(self, paywall_id: str, user_id: str) -> Any:
         return await self.pool.fetchrow(

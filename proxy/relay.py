@@ -15,10 +15,9 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.errors import ProxyError, UpstreamTimeout
-from proxy.metering import Meter
 from proxy.providers import Reply
 
 log = logging.getLogger("proxy.relay")
@@ -34,19 +33,41 @@ def error_event(error: ProxyError) -> bytes:
     return b"data: " + error.body() + b"\n\n"
 
 
+class Framer(Protocol):
+    """What the relay passes each chunk through (the chat :class:`~proxy.metering.Meter`,
+    or :class:`Verbatim`)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class Verbatim:
+    """Chunks out exactly as they came in."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+
 class StreamRelay:
     """An ASGI response that relays ``reply`` and races it against the client leaving."""
 
     def __init__(self, reply: Reply, headers: list[tuple[bytes, bytes]], max_seconds: float,
-                 meter: Meter, on_done: Callable[[Outcome], Awaitable[None]] | None = None):
+                 meter: Framer, on_done: Callable[[Outcome], Awaitable[None]] | None = None,
+                 error_tail: Callable[[ProxyError], bytes] = error_event):
         self.reply = reply
         self.headers = headers
         self.max_seconds = max_seconds
         self.meter = meter
         self.on_done = on_done
+        self.error_tail = error_tail  # what ends a stream the provider broke off
         self.outcome = Outcome.COMPLETED
         self.first_at = 0.0  # perf_counter() at the provider's first chunk
         self.ended_at = 0.0  # … and when its stream ended (or failed)
+        self.sent = 0  # body bytes handed to the client so far
         self._pumped = False  # set once the last byte went out (or could not)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -85,20 +106,22 @@ class StreamRelay:
                     if out:
                         await send({"type": "http.response.body", "body": out,
                                     "more_body": True})
+                        self.sent += len(out)
             tail = self.meter.flush()
         except TimeoutError:
             self.outcome = Outcome.PARTIAL
-            tail = error_event(UpstreamTimeout("The stream exceeded its longest allowed duration."))
+            tail = self.error_tail(
+                UpstreamTimeout("The stream exceeded its longest allowed duration."))
         except ProxyError as e:
             self.outcome = Outcome.PARTIAL
-            tail = error_event(e)
+            tail = self.error_tail(e)
         except OSError:  # the ASGI server reports a vanished client this way
             self.outcome = Outcome.ABORTED
             return
         except Exception:  # a bug, not the provider: still end the stream the same way
             log.exception("relaying a stream failed")
             self.outcome = Outcome.PARTIAL
-            tail = error_event(ProxyError("The proxy failed while relaying the stream."))
+            tail = self.error_tail(ProxyError("The proxy failed while relaying the stream."))
         finally:
             self.ended_at = time.perf_counter()
             self.reply.close()

@@ -11,6 +11,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.endusers import TokenVerifier
 from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
 from proxy.keys import KeyStore, Principal, bearer_token
 from proxy.ledger import Ledger
@@ -33,7 +34,7 @@ class Services:
     keys: KeyStore
     providers: dict[str, Provider]
     prices: dict[str, Price]
-    grants: dict[str, int]  # each paywall's starter grant, in its asset's smallest unit
+    grants: dict[str, dict[str, int]]  # each paywall's starter grants: asset → smallest units
     ledger: Ledger
     gate: Gate
     overrides: OverrideCache
@@ -44,6 +45,7 @@ class Services:
     pool: Any
     session: aiohttp.ClientSession
     metrics: Metrics
+    verifiers: dict[str, TokenVerifier]  # each paywall's end-user token verifier
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -68,8 +70,8 @@ async def authenticate(request: Request, services: Services) -> Principal:
     return principal
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit``, before parsing."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes; 413 as soon as it passes ``limit``."""
     too_large = PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -81,8 +83,17 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise too_large
         parts.append(part)
+    return b"".join(parts)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit``, before parsing."""
+    return parse_json(await read_body(request, limit))
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = orjson.loads(b"".join(parts))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):

@@ -185,6 +185,44 @@ class LimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    jwks_url: str = setting("", "JWKS URL of the app's sign-in (RS256/ES256/EdDSA tokens).")
+    hs256_secret: str = setting("", "Shared secret of HS256 tokens, instead of jwks_url.")
+    issuer: str = setting("", "Required `iss` claim; empty = not checked.")
+    audience: str = setting("", "Required `aud` claim; empty = not checked.")
+    user_claim: str = setting("sub", "Claim holding the end user's id.")
+    email_claim: str = setting("email", "Claim holding the end user's email, if any.")
+    leeway_seconds: float = setting(30.0, "Clock skew tolerated on exp, nbf and iat.")
+    jwks_cache_seconds: float = setting(
+        300.0, "How long fetched keys are used before a refetch; an unknown kid refetches "
+               "at once (at most every 10 s).")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    name: str = setting("", "Shown to end users.")
+    credits: dict[str, int] = setting({}, "Credits of each type one grant of the plan adds.")
+
+
+@dataclass(frozen=True, slots=True)
+class CreditSettings:
+    types: list[str] = setting([], "Credit types (credit assets) the app's users hold.")
+    trial: dict[str, int] = setting({}, "Credits granted once to each new end user.")
+    plans: dict[str, PlanSettings] = setting({}, "Plans by id; granting one credits its counts.")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiProviderSettings:
+    url: str = setting("", "Upstream URL; the path after the provider id is appended to it.")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = setting(
+        "POST", "HTTP method of the upstream call; the only one clients may use.")
+    headers: dict[str, str] = setting(
+        {}, "Headers sent upstream, over the client's (put secrets in via ${ENV}).")
+    body: dict[str, Any] = setting({}, "Default JSON body fields; the client's fields win.")
+    query_type: str = setting("standard", "Credit type one call costs; \"free\" costs none.")
+
+
+@dataclass(frozen=True, slots=True)
 class PaywallSettings:
     name: str = setting("", "The app's name, shown to end users.")
     provider_keys: dict[str, str] = setting(
@@ -214,6 +252,10 @@ class PaywallSettings:
         "Assistant reply when a spend cap is reached; {name}, {cap} and {resets} are filled in.",
     )
     limits: LimitSettings = setting(LimitSettings(), "Rate, token, concurrency and spend limits.")
+    auth: AuthSettings = setting(AuthSettings(), "Verifying end users' sign-in tokens (JWT).")
+    credits: CreditSettings = setting(CreditSettings(), "Query-type credits and plans.")
+    allowed_origins: list[str] = setting(
+        [], "Browser origins (scheme://host[:port]) allowed to call /api/v1 (CORS).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +270,8 @@ class Settings:
     providers: dict[str, ProviderSettings] = setting({}, "Providers by id.")
     models: dict[str, ModelSettings] = setting({}, "Public model names.")
     paywalls: dict[str, PaywallSettings] = setting({}, "Paywalls (apps) by id.")
+    api_providers: dict[str, ApiProviderSettings] = setting(
+        {}, "HTTP APIs the gateway calls for apps without a backend, by id.")
     # From the environment, never from the file.
     source: str = field(default="<defaults>", metadata={"env": True})
     database_url: str | None = field(default=None, metadata={"env": True})
@@ -317,6 +361,19 @@ class _Reader:
                 raise self.fail(key, "expected a table")
             inner = typing.get_args(tp)[1]
             return {str(k): self.value(inner, v, f"{key}.{k}") for k, v in raw.items()}
+        if origin is list:
+            if not isinstance(raw, list):
+                raise self.fail(key, "expected an array")
+            inner = typing.get_args(tp)[0]
+            return [self.value(inner, v, f"{key}[{i}]") for i, v in enumerate(raw)]
+        if tp is Any:  # free-form JSON: strings are interpolated, nothing else is checked
+            if isinstance(raw, str):
+                return self.interpolate(raw, key)
+            if isinstance(raw, list):
+                return [self.value(Any, v, f"{key}[{i}]") for i, v in enumerate(raw)]
+            if isinstance(raw, dict):
+                return {str(k): self.value(Any, v, f"{key}.{k}") for k, v in raw.items()}
+            return raw
         if origin is Literal:
             choices = typing.get_args(tp)
             value = self.value(str, raw, key)
@@ -374,6 +431,7 @@ def _check_references(s: Settings) -> None:
 
     from proxy.pricing import price_from, units
 
+    _check_api_providers(s, fail)
     b = s.billing
     if b.reaper_interval_seconds <= 0:
         raise fail("billing.reaper_interval_seconds", "must be more than 0")
@@ -421,6 +479,15 @@ def _check_references(s: Settings) -> None:
                 allowed = " and ".join("{" + f + "}" for f in fields)
                 raise fail(f"paywalls.{wid}.{template}",
                            f"only {allowed} may be filled in") from None
+        _check_credits(s, wid, w, fail)
+        if w.auth.jwks_url and w.auth.hs256_secret:
+            raise fail(f"paywalls.{wid}.auth", "set jwks_url or hs256_secret, not both")
+        if w.auth.jwks_url and not w.auth.jwks_url.startswith(("http://", "https://")):
+            raise fail(f"paywalls.{wid}.auth.jwks_url", "an http:// or https:// URL is required")
+        for i, o in enumerate(w.allowed_origins):
+            if not re.fullmatch(r"https?://[^/\s]+", o):
+                raise fail(f"paywalls.{wid}.allowed_origins[{i}]",
+                           f"an origin is scheme://host[:port] with no path, got {o!r}")
         lim = w.limits
         if lim.lease_seconds <= 0:
             raise fail(f"paywalls.{wid}.limits.lease_seconds", "must be more than 0")
@@ -441,6 +508,30 @@ def _check_references(s: Settings) -> None:
                     raise fail(key, str(e)) from None
 
 
+def _check_credits(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> None:
+    c = w.credits
+    for i, t in enumerate(c.types):
+        if t not in s.assets or s.assets[t].kind != "credits":
+            raise fail(f"paywalls.{wid}.credits.types[{i}]",
+                       f"{t!r} is not a credits asset (declare it under [assets.{t}])")
+    tables = [(f"paywalls.{wid}.credits.trial", c.trial)] + [
+        (f"paywalls.{wid}.credits.plans.{pid}.credits", p.credits) for pid, p in c.plans.items()]
+    for key, counts in tables:
+        for t in counts:
+            if t not in c.types:
+                raise fail(f"{key}.{t}", f"not one of the paywall's credit types {c.types}")
+
+
+def _check_api_providers(s: Settings, fail: Any) -> None:
+    for aid, a in s.api_providers.items():
+        if not a.url.startswith(("http://", "https://")):
+            raise fail(f"api_providers.{aid}.url", "an http:// or https:// URL is required")
+        if a.query_type != "free" and (a.query_type not in s.assets
+                                       or s.assets[a.query_type].kind != "credits"):
+            raise fail(f"api_providers.{aid}.query_type",
+                       f"{a.query_type!r} is neither \"free\" nor a credits asset")
+
+
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret the settings hold, for the log redactor: provider keys and headers,
     the link and metrics secrets, and passwords in the database and Redis URLs."""
@@ -448,7 +539,9 @@ def secrets_of(settings: Settings) -> list[str]:
     for p in settings.providers.values():
         out += [p.api_key, *p.headers.values(), *p.query.values()]
     for w in settings.paywalls.values():
-        out += w.provider_keys.values()
+        out += [*w.provider_keys.values(), w.auth.hs256_secret]
+    for a in settings.api_providers.values():
+        out += a.headers.values()
     for url in (settings.database_url, settings.redis_url):
         if url:
             password = urllib.parse.urlsplit(url).password

@@ -121,12 +121,11 @@ async def _money_move(request: Request, kind: str) -> Response:
         metadata = {**metadata, "description": body["description"]}
     request_id: str = request.state.request_id
 
-    paywall = services.settings.paywalls[principal.paywall_id]
-    grant = services.grants[principal.paywall_id]
+    grants = services.grants[principal.paywall_id]
 
     async def write(conn: Any) -> Stored:
         await services.ledger.open_user(principal.paywall_id, user, assets={asset},
-                                        grant_asset=paywall.asset, grant=grant, conn=conn)
+                                        grants=grants, conn=conn)
         try:
             after = await Ledger.move(
                 conn, principal.paywall_id, user, asset,

@@ -42,7 +42,7 @@ def new_ids() -> tuple[str, str]:
 async def funded(ledger: Ledger, amount: int) -> tuple[str, str, int]:
     """A new user whose ``usd`` account holds ``amount`` (a starter grant)."""
     paywall, user = new_ids()
-    await ledger.open_user(paywall, user, assets={ASSET}, grant_asset=ASSET, grant=amount)
+    await ledger.open_user(paywall, user, assets={ASSET}, grants={ASSET: amount})
     account_id = await ledger.pool.fetchval(
         "SELECT id FROM accounts WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
         paywall, user, ASSET)

@@ -122,7 +122,7 @@ class LedgerMachine(RuleBasedStateMachine):
           wanted=st.sets(assets, min_size=1))
     def open_user(self, user: str, grant: int, wanted: set[str]) -> None:
         self.run(self.ledger.open_user(self.paywall, user, assets=wanted,
-                                       grant_asset=GRANT_ASSET, grant=grant))
+                                       grants={GRANT_ASSET: grant}))
         # The starter grant is written the first time a user is opened, however the
         # user came to exist (a deposit, a connect, an earlier open with no grant).
         first = user not in self.granted
