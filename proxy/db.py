@@ -73,6 +73,8 @@ def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if not m:
             raise RuntimeError(f"{path}: migration files are named NNNN_lower_snake.sql")
         found.append(Migration(int(m.group(1)), path.name, path.read_text(encoding="utf-8")))
+    if not found:  # a package built without them would otherwise start on no schema
+        raise RuntimeError(f"{directory}: no migration files found")
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"{directory}: two migrations share a number")
