@@ -24,9 +24,9 @@ from common import (
     Load,
     chat_request,
     exit_on_sigterm,
+    install_missing,
     machine_lines,
     markdown_table,
-    missing_programs,
     ms,
     nginx_upstream,
     passthrough,
@@ -89,8 +89,10 @@ def main() -> int:
         progress(f"bench/clients.py: {', '.join(modules)} not installed: "
                  "pip install -e '.[bench]' (or pip install httpx httpx-aiohttp)")
         return 2
-    if missing := missing_programs():
-        progress(f"bench/clients.py: not found: {', '.join(missing)}")
+    try:
+        install_missing()
+    except RuntimeError as e:
+        progress(f"bench/clients.py: {e}")
         return 2
     exit_on_sigterm()
     started = datetime.now().astimezone()

@@ -37,6 +37,7 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 WRK_TIMEOUT = "10s"  # slower answers count as socket errors (timeouts)
 UPSTREAM_CONNECTIONS = 512  # per upstream client in bench/passthrough.py
 PASSTHROUGH = BENCH_DIR / "passthrough.py"
+SSE_CLIENT = BENCH_DIR / "sse.py"
 # The upstream's two answers; bench/passthrough.py serves the same paths.
 CHAT_PATH = "/v1/chat/completions"
 STREAM_CHAT_PATH = "/stream/v1/chat/completions"
@@ -124,9 +125,30 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def missing_programs(*extra: str | Path) -> list[str]:
-    """The programs the benchmarks run that are not there."""
-    return [str(p) for p in (NGINX, WRK, *extra) if not os.access(p, os.X_OK)]
+def install_missing(with_redis: bool = False) -> None:
+    """``apt-get install -y`` nginx and wrk (and redis-server) when they are not there.
+
+    Only as root on a system with apt-get; anywhere else, say what to install and stop.
+    """
+    packages = [pkg for pkg, program in (("nginx", NGINX), ("wrk", WRK))
+                if not os.access(program, os.X_OK)]
+    if with_redis and not shutil.which("redis-server"):
+        packages.append("redis-server")
+    if not packages:
+        return
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        raise RuntimeError(f"missing: {', '.join(packages)}; install them "
+                           f"(Debian: apt-get install -y {' '.join(packages)})")
+    argv = [apt, "install", "-y", "--no-install-recommends", *packages]
+    progress("running: " + " ".join(argv))
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(argv, env=env, check=False).returncode != 0:
+        subprocess.run([apt, "update"], env=env, check=False)
+        if subprocess.run(argv, env=env, check=False).returncode != 0:
+            raise RuntimeError(f"apt-get could not install {', '.join(packages)}")
+    if still := [p for p in (NGINX, WRK) if not os.access(p, os.X_OK)]:
+        raise RuntimeError(f"still not found after apt-get: {', '.join(still)}")
 
 
 def free_port() -> int:
@@ -399,6 +421,53 @@ def wrk(url: str, body: bytes, auth: str, concurrency: int, seconds: int) -> Loa
         p50_ms=r["p50_us"] / 1000, p90_ms=r["p90_us"] / 1000, p99_ms=r["p99_us"] / 1000,
         max_ms=r["max_us"] / 1000, non_2xx=r["status"],
         socket_errors=r["connect"] + r["read"] + r["write"] + r["timeout"],
+    )
+
+
+# --- the stream client -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLoad:
+    """What one bench/sse.py run saw: time to first byte and to the end of each stream."""
+
+    requests: int
+    seconds: float
+    rps: float
+    ttfb_p50_ms: float
+    ttfb_p99_ms: float
+    total_p50_ms: float
+    total_p99_ms: float
+    bad_answers: int  # not a 200 ending with data: [DONE]
+    socket_errors: int
+
+    @property
+    def errors(self) -> str:
+        if not self.bad_answers and not self.socket_errors:
+            return "0"
+        return f"{self.bad_answers} bad, {self.socket_errors} socket"
+
+
+def sse_load(url: str, body: bytes, auth: str, concurrency: int, seconds: float) -> StreamLoad:
+    """``bench/sse.py`` against ``url``: ``concurrency`` connections for ``seconds``."""
+    argv = [sys.executable, str(SSE_CLIENT), url, "--concurrency", str(concurrency),
+            "--duration", str(seconds)]
+    env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                          timeout=seconds + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_SSE "):
+            r = json.loads(line.removeprefix("BENCH_SSE "))
+            break
+    else:
+        raise RuntimeError(f"bench/sse.py gave no result (status {done.returncode}):\n"
+                           f"{done.stdout}\n{done.stderr}")
+    secs = r["duration_us"] / 1e6
+    return StreamLoad(
+        requests=r["requests"], seconds=secs, rps=r["requests"] / secs if secs else 0.0,
+        ttfb_p50_ms=r["ttfb_p50_us"] / 1000, ttfb_p99_ms=r["ttfb_p99_us"] / 1000,
+        total_p50_ms=r["total_p50_us"] / 1000, total_p99_ms=r["total_p99_us"] / 1000,
+        bad_answers=r["status"], socket_errors=r["socket"],
     )
 
 

@@ -20,22 +20,31 @@ import argparse
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
-import httpx
 import uvicorn
 from common import CHAT_PATH, STREAM_CHAT_PATH, UPSTREAM_CONNECTIONS
-from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+if TYPE_CHECKING:
+    import httpx
+
 HEADERS = {"content-type": "application/json"}
 JSON = "application/json"
 CLIENTS = ("aiohttp", "httpx-aiohttp", "httpx")
-HTTPX_LIMITS = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS,
-                            max_keepalive_connections=UPSTREAM_CONNECTIONS)
+
+
+def httpx_limits() -> httpx.Limits:
+    # httpx and httpx-aiohttp (the bench extras) are imported only by the clients that
+    # use them: bench/run.py needs aiohttp alone, a dependency of the proxy.
+    import httpx
+
+    return httpx.Limits(max_connections=UPSTREAM_CONNECTIONS,
+                        max_keepalive_connections=UPSTREAM_CONNECTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +88,10 @@ async def aiohttp_client() -> AsyncIterator[Client]:
 
 @contextlib.asynccontextmanager
 async def httpx_client(transport: httpx.AsyncBaseTransport | None) -> AsyncIterator[Client]:
-    async with httpx.AsyncClient(transport=transport, limits=HTTPX_LIMITS, timeout=60) as client:
+    import httpx
+
+    async with httpx.AsyncClient(transport=transport, limits=httpx_limits(),
+                                 timeout=60) as client:
 
         async def forward(url: str, body: bytes) -> tuple[int, bytes, str]:
             resp = await client.post(url, content=body, headers=HEADERS)
@@ -100,7 +112,9 @@ def client(name: str) -> contextlib.AbstractAsyncContextManager[Client]:
     if name == "httpx-aiohttp":
         # The transport builds its own aiohttp session; httpx's limits apply only to
         # its default transport, so the transport gets them itself.
-        return httpx_client(AiohttpTransport(limits=HTTPX_LIMITS))
+        from httpx_aiohttp import AiohttpTransport
+
+        return httpx_client(AiohttpTransport(limits=httpx_limits()))
     if name == "httpx":
         return httpx_client(None)
     raise ValueError(f"unknown client {name!r}")

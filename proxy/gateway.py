@@ -22,8 +22,10 @@ reached it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -45,6 +47,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.identity import _VALID as VALID_USER
 from proxy.keys import Principal
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
 from proxy.observe import record_of
@@ -65,6 +68,7 @@ from proxy.settings import ApiProviderSettings, PaywallSettings
 log = logging.getLogger("proxy.gateway")
 
 FREE = "free"
+CLIENT_GONE = 499  # the status logged for a client that left before the provider answered
 PAYWALL_HEADER = "x-paywall-id"
 # Client headers that may travel to an API provider (never Authorization or cookies).
 _FORWARD = frozenset({"accept", "accept-language", "content-type", "openai-beta",
@@ -72,7 +76,9 @@ _FORWARD = frozenset({"accept", "accept-language", "content-type", "openai-beta"
 # Upstream response headers the client never sees (hop-by-hop, framing, cookies).
 _DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                    "content-encoding", "set-cookie", "proxy-authenticate", "trailer",
-                   "upgrade", "alt-svc", "strict-transport-security"})
+                   "upgrade", "alt-svc", "strict-transport-security",
+                   # The proxy sends its own of these two (one each, RFC 9110 §5.3).
+                   "date", "x-request-id"})
 
 
 # ---- who is calling ------------------------------------------------------------------
@@ -109,8 +115,9 @@ async def _owner(request: Request, services: Services, paywall_id: str) -> Princ
 def _user_id(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value or len(value) > 255 or not value.isprintable():
-        raise InvalidRequest("'user_id' must be the end user's id (1-255 characters).",
+    if not isinstance(value, str) or not VALID_USER.fullmatch(value):
+        raise InvalidRequest("'user_id' must be the end user's id (1-128 letters, digits "
+                             "or '._:@-').",
                              param="user_id", code="invalid_user")
     return value
 
@@ -321,11 +328,16 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
             services.live.add(hold_id)
         rec.outcome = "forward"
         rec.upstream_started = time.perf_counter()
-        reply = await _send(services, provider_id, provider, request, body)
+        reply = await _unless_gone(request, _send(services, provider_id, provider, request,
+                                                  body))
     except BaseException:
         await services.tasks.run_to_end(_settle(services, rec, hold_id, None))
         await services.tasks.run_to_end(services.gate.finish(verdict, lease))
         raise
+    if reply is None:  # the client left before the provider answered: nothing is owed
+        await services.tasks.run_to_end(_settle(services, rec, hold_id, None, "aborted"))
+        await services.tasks.run_to_end(services.gate.finish(verdict, lease))
+        return Response(status_code=CLIENT_GONE)
 
     headers = [(k.encode(), v.encode()) for k, v in reply.headers]
     headers.append((b"x-query-type", query_type.encode()))
@@ -354,6 +366,25 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
     relay = StreamRelay(reply, headers, s.upstream.stream_max_seconds, Verbatim(), on_done,
                         error_tail=lambda e: b"")
     return relay
+
+
+async def _unless_gone(request: Request, sending: Coroutine[Any, Any, Reply]
+                       ) -> Reply | None:
+    """The provider's reply, or None — its call cancelled — if the client goes away
+    first. The body has been read, so the next ASGI message is the disconnect."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reply = tg.create_task(sending)
+            watch = tg.create_task(gone())
+            reply.add_done_callback(lambda _: watch.cancel())
+            watch.add_done_callback(lambda t: t.cancelled() or reply.cancel())
+    except BaseExceptionGroup as group:  # the provider call failed: its own error
+        raise group.exceptions[0]  # noqa: B904 (its cause is kept)
+    return None if reply.cancelled() else reply.result()
 
 
 async def _body(request: Request, provider: ApiProviderSettings, limit: int) -> bytes:

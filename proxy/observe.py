@@ -347,26 +347,45 @@ class Redactor:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the record's ``fields``."""
+    """One JSON object per line: time, level, logger, message, the record's ``fields``.
+
+    Each string is redacted before it is encoded: in the encoded line a secret holding
+    a quote or a backslash no longer reads as itself, and cutting a bearer token out of
+    an escaped string could take its closing quote's escape with it.
+    """
 
     def __init__(self, redact: Redactor):
         super().__init__()
         self.redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
+        redact = self.redact
         out: dict[str, Any] = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
                 timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         fields = getattr(record, "fields", None)
         if fields:
-            out.update(fields)
+            out.update({k: _redacted(v, redact) for k, v in fields.items()})
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return self.redact(orjson.dumps(out, default=str).decode())
+            out["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(out, default=lambda o: redact(str(o)),
+                            option=orjson.OPT_PASSTHROUGH_DATACLASS).decode()
+
+
+def _redacted(value: Any, redact: Redactor) -> Any:
+    """``value`` with every string in it redacted (what orjson cannot encode becomes a
+    redacted ``str()`` at encoding)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(str(k)): _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redacted(v, redact) for v in value]
+    return value
 
 
 class TextFormatter(logging.Formatter):

@@ -294,3 +294,53 @@ def running(upstream: Upstream, database_url: str,
         yield Running(proxy, mint_key(database_url), upstream)
     finally:
         stop_proxy(proxy)
+
+
+@pytest.fixture(scope="module")
+def own_database_url(pg_server: str) -> Iterator[str]:
+    """A migrated database for one module alone, dropped after it: for tests that sum the
+    whole ledger (every entry, every pending hold) or share it between proxy processes."""
+    name = f"paywall_test_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    url = with_database(pg_server, name)
+    asyncio.run(db.migrate(url))
+    try:
+        yield url
+    finally:
+        asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+class AsgiServer:
+    """Any ASGI app (lifespan off) served on a free loopback port in a thread of its own,
+    as a context manager: ``with AsgiServer(app) as port: ...``."""
+
+    def __init__(self, app: object):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
+
+    def __enter__(self) -> int:
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self.port
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
