@@ -20,7 +20,7 @@ import aiohttp
 import jwt
 
 from proxy.errors import AuthenticationFailed, ServiceUnavailable
-from proxy.identity import _VALID as VALID_USER
+from proxy.identity import VALID_USER
 from proxy.settings import AuthSettings
 
 REFETCH_SECONDS = 10.0  # an unknown kid refetches the JWKS at most this often
@@ -35,6 +35,11 @@ class EndUser:
 
 def _refused(why: str) -> AuthenticationFailed:
     return AuthenticationFailed(f"The sign-in token was refused: {why}.", code="invalid_token")
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("The sign-in keys (JWKS) could not be fetched.",
+                              code="jwks_unavailable")
 
 
 def bearer(header: str | None) -> str | None:
@@ -96,9 +101,9 @@ class TokenVerifier:
         if isinstance(user, int) and not isinstance(user, bool):
             user = str(user)
         if not isinstance(user, str) or not VALID_USER.fullmatch(user):
-            # The ledger keeps user ids of 1-128 letters, digits or ._:@- only.
+            # The ledger keeps user ids of 1-128 letters, digits or ._:@|- only.
             raise _refused(f"no usable '{conf.user_claim}' claim (1-128 letters, digits "
-                           "or '._:@-')")
+                           "or '._:@|-')")
         email = claims.get(conf.email_claim) if conf.email_claim else None
         return EndUser(user, email if isinstance(email, str) else None)
 
@@ -111,6 +116,8 @@ class TokenVerifier:
                 if self._fetched < now:
                     await self._fetch()
         found = self._find(kid)
+        if found is None and not self._keys:  # the JWKS failed and we never had keys
+            raise _unavailable()
         if found is None:
             raise _refused("signed with an unknown key")
         return found
@@ -129,8 +136,6 @@ class TokenVerifier:
             keys = jwt.PyJWKSet.from_dict(data).keys
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError):
             if not self._keys:  # keep serving with the keys we had
-                raise ServiceUnavailable(
-                    "The sign-in keys (JWKS) could not be fetched.", code="jwks_unavailable"
-                ) from None
+                raise _unavailable() from None
             return
         self._keys = {k.key_id: k for k in keys if k.public_key_use in (None, "sig")}

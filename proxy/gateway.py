@@ -47,7 +47,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.identity import _VALID as VALID_USER
+from proxy.identity import VALID_USER
 from proxy.keys import Principal
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
 from proxy.observe import record_of
@@ -117,7 +117,7 @@ def _user_id(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str) or not VALID_USER.fullmatch(value):
         raise InvalidRequest("'user_id' must be the end user's id (1-128 letters, digits "
-                             "or '._:@-').",
+                             "or '._:@|-').",
                              param="user_id", code="invalid_user")
     return value
 

@@ -8,7 +8,7 @@ from typing import Any
 from proxy.errors import InvalidRequest
 
 USER_HEADER = "x-paywall-user"
-_VALID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+VALID_USER = re.compile(r"[A-Za-z0-9._:@|-]{1,128}")  # as the users table's CHECK
 
 _HOW = (
     "pass the end user's id in the body 'user' field, the X-Paywall-User header, "
@@ -19,15 +19,15 @@ _HOW = (
 def resolve_user(body: dict[str, Any], header: str | None, path_user: str | None) -> str:
     """The body's ``user`` field, else the ``X-Paywall-User`` header, else the path segment.
 
-    The first one present decides; it must be 1-128 letters, digits or ``._:@-``.
+    The first one present decides; it must be 1-128 letters, digits or ``._:@|-``.
     """
     for source, value in (("user", body.get("user")), ("X-Paywall-User", header),
                           ("path", path_user)):
         if value is None or value == "":
             continue
-        if not isinstance(value, str) or not _VALID.fullmatch(value):
+        if not isinstance(value, str) or not VALID_USER.fullmatch(value):
             raise InvalidRequest(
-                f"Invalid end-user id from {source}: use 1-128 letters, digits or '._:@-'; "
+                f"Invalid end-user id from {source}: use 1-128 letters, digits or '._:@|-'; "
                 + _HOW + ".",
                 param="user",
                 code="invalid_user",

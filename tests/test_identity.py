@@ -12,7 +12,7 @@ CASES: list[tuple[str, dict[str, Any], str | None, str | None, str]] = [
     ("header next", {}, "h", "p", "h"),
     ("path last", {}, None, "p", "p"),
     ("empty body user falls through", {"user": ""}, "h", None, "h"),
-    ("all allowed characters", {"user": "aZ09._:@-"}, None, None, "aZ09._:@-"),
+    ("all allowed characters", {"user": "aZ09._:@|-"}, None, None, "aZ09._:@|-"),
     ("128 characters", {"user": "u" * 128}, None, None, "u" * 128),
 ]
 
