@@ -32,7 +32,7 @@ from proxy.metering import Meter
 from proxy.observe import Record, record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Reply
-from proxy.relay import Outcome, StreamRelay
+from proxy.relay import CLIENT_GONE, Outcome, StreamRelay, unless_client_leaves
 from proxy.replies import paywall_reply
 from proxy.requestid import new_request_id
 from proxy.services import Services, authenticate, read_json
@@ -263,12 +263,15 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     services.live.add(state.hold_id, StreamCheckpoint(meter, metered) if stream else None)
     rec.upstream_started = time.perf_counter()
     try:
-        reply = await services.providers[provider_id].send(call)
+        reply = await unless_client_leaves(request, services.providers[provider_id].send(call))
     except BaseException as e:
         if isinstance(e, ProxyError):
             services.metrics.errors.labels("upstream").inc()
         await services.tasks.run_to_end(metered.settle(None, "failed"))
         raise
+    if reply is None:  # the client left before the provider answered: nothing delivered
+        await services.tasks.run_to_end(metered.settle(None, Outcome.ABORTED.value))
+        return Response(status_code=CLIENT_GONE)
     try:
         return await _answer(services, metered, meter, reply, verdict)
     except BaseException:

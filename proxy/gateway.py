@@ -22,10 +22,8 @@ reached it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -52,7 +50,7 @@ from proxy.keys import Principal
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
 from proxy.observe import record_of
 from proxy.providers import Reply, scrub
-from proxy.relay import Outcome, StreamRelay, Verbatim
+from proxy.relay import CLIENT_GONE, Outcome, StreamRelay, Verbatim, unless_client_leaves
 from proxy.requestid import new_request_id
 from proxy.services import (
     JSON,
@@ -68,7 +66,6 @@ from proxy.settings import ApiProviderSettings, PaywallSettings
 log = logging.getLogger("proxy.gateway")
 
 FREE = "free"
-CLIENT_GONE = 499  # the status logged for a client that left before the provider answered
 PAYWALL_HEADER = "x-paywall-id"
 # Client headers that may travel to an API provider (never Authorization or cookies).
 _FORWARD = frozenset({"accept", "accept-language", "content-type", "openai-beta",
@@ -328,7 +325,7 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
             services.live.add(hold_id)
         rec.outcome = "forward"
         rec.upstream_started = time.perf_counter()
-        reply = await _unless_gone(request, _send(services, provider_id, provider, request,
+        reply = await unless_client_leaves(request, _send(services, provider_id, provider, request,
                                                   body))
     except BaseException:
         await services.tasks.run_to_end(_settle(services, rec, hold_id, None))
@@ -366,25 +363,6 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
     relay = StreamRelay(reply, headers, s.upstream.stream_max_seconds, Verbatim(), on_done,
                         error_tail=lambda e: b"")
     return relay
-
-
-async def _unless_gone(request: Request, sending: Coroutine[Any, Any, Reply]
-                       ) -> Reply | None:
-    """The provider's reply, or None — its call cancelled — if the client goes away
-    first. The body has been read, so the next ASGI message is the disconnect."""
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            reply = tg.create_task(sending)
-            watch = tg.create_task(gone())
-            reply.add_done_callback(lambda _: watch.cancel())
-            watch.add_done_callback(lambda t: t.cancelled() or reply.cancel())
-    except BaseExceptionGroup as group:  # the provider call failed: its own error
-        raise group.exceptions[0]  # noqa: B904 (its cause is kept)
-    return None if reply.cancelled() else reply.result()
 
 
 async def _body(request: Request, provider: ApiProviderSettings, limit: int) -> bytes:

@@ -14,8 +14,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
+
+from starlette.requests import Request
 
 from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.providers import Reply
@@ -27,6 +29,9 @@ class Outcome(enum.Enum):
     COMPLETED = "completed"
     ABORTED = "aborted"  # the client went away
     PARTIAL = "partial"  # the provider failed or stalled mid-stream
+
+
+CLIENT_GONE = 499  # the status logged for a client that left before the provider answered
 
 
 def error_event(error: ProxyError) -> bytes:
@@ -50,6 +55,25 @@ class Verbatim:
 
     def flush(self) -> bytes:
         return b""
+
+
+async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, Reply]
+                               ) -> Reply | None:
+    """The provider's reply, or None — its call cancelled — if the client goes away
+    first. The body has been read, so the next ASGI message is the disconnect."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reply = tg.create_task(sending)
+            watch = tg.create_task(gone())
+            reply.add_done_callback(lambda _: watch.cancel())
+            watch.add_done_callback(lambda t: t.cancelled() or reply.cancel())
+    except BaseExceptionGroup as group:  # the provider call failed: its own error
+        raise group.exceptions[0]  # noqa: B904 (its cause is kept)
+    return None if reply.cancelled() else reply.result()
 
 
 class StreamRelay:

@@ -107,6 +107,7 @@ MODELS: dict[str, tuple[str, Tariff]] = {  # public name: (upstream behaviour, p
     "metered-silent": ("silent-after-3", METERED),
     "metered-break": ("break-after-3", METERED),
     "metered-crash": ("crash", METERED),
+    "metered-sleepy": ("sleepy", METERED),
     "metered-endless": ("endless", METERED),
     "metered-mute": ("silent-after-0", METERED),
     "flat": ("echo", FLAT),
@@ -682,6 +683,28 @@ async def test_provider_error_before_the_first_byte_charges_nothing(
     hold, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
     assert hold["status"] == "voided" and hold["resolved_at"] is not None
     assert entry is None
+    acc = await check_books(pg, "billing", user)
+    assert (acc["balance"], acc["held"]) == (GRANT, 0)
+    assert [e["kind"] for e in await entries_of(pg, "billing", user)] == ["grant"]
+
+
+async def test_a_client_gone_before_the_answer_pays_nothing(billing: Billing,
+                                                             pg: Any) -> None:
+    """The provider takes three seconds; the client gives up after a fraction of one.
+    The provider call is dropped at once and the hold voided."""
+    user = new_user("gone")
+    async with billing.http() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/chat/completions", json=chat(user, "metered-sleepy"),
+                            timeout=httpx.Timeout(5, read=0.3))
+    assert billing.forwarded(user) == 1
+    rows: list[Any] = []
+    for _ in range(50):
+        rows = [h for h in await holds_of(pg, "billing", user)]
+        if rows and rows[0]["status"] != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert [h["status"] for h in rows] == ["voided"]
     acc = await check_books(pg, "billing", user)
     assert (acc["balance"], acc["held"]) == (GRANT, 0)
     assert [e["kind"] for e in await entries_of(pg, "billing", user)] == ["grant"]
