@@ -342,7 +342,7 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
         headers += [(k.encode(), v.encode()) for k, v in verdict.headers().items()]
     if not reply.ok:
         try:
-            content = scrub(await reply.read(), list(provider.headers.values()))
+            content = scrub(await reply.read(), _secrets(provider))
         finally:
             await reply.aclose()
         rec.upstream_first = rec.upstream_ended = time.perf_counter()
@@ -449,12 +449,19 @@ async def _chunks(resp: aiohttp.ClientResponse, provider_id: str) -> Any:
         resp.release()
 
 
+def _secrets(provider: ApiProviderSettings) -> list[str]:
+    """The provider's header values, also without an auth scheme ("Bearer <key>" →
+    "<key>"): what a provider echoes in an error is the key alone."""
+    values = list(provider.headers.values())
+    return values + [v.split(" ", 1)[1] for v in values if " " in v]
+
+
 async def _settle(services: Services, rec: Any, hold_id: int | None, outcome: str | None,
                   failed: str = "failed") -> None:
     """Post the held credit with ``outcome``, or void it when ``outcome`` is None."""
-    rec.settlement = outcome or failed
-    if hold_id is None:
+    if hold_id is None:  # nothing was held (a free call, or none could be placed)
         return
+    rec.settlement = outcome or failed
     ledger = services.ledger
     try:
         if outcome is None:

