@@ -269,8 +269,9 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
             services.metrics.errors.labels("upstream").inc()
         await services.tasks.run_to_end(metered.settle(None, "failed"))
         raise
-    if reply is None:  # the client left before the provider answered: nothing delivered
-        await services.tasks.run_to_end(metered.settle(None, Outcome.ABORTED.value))
+    if reply is None:  # the client left before the provider answered: the prompt is owed
+        await services.tasks.run_to_end(
+            metered.settle(Usage(metered.prompt_tokens, 0), Outcome.ABORTED.value))
         return Response(status_code=CLIENT_GONE)
     try:
         return await _answer(services, metered, meter, reply, verdict)

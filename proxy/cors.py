@@ -43,7 +43,7 @@ class Cors:
             return m.group(1)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if query.get("paywall_id"):
-            return str(query["paywall_id"][0])
+            return str(query["paywall_id"][-1])  # the one the route reads, as Starlette
         given = headers.get(b"x-paywall-id")
         return given.decode("latin-1") if given else None
 

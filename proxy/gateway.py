@@ -22,15 +22,18 @@ reached it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from yarl import URL
 
 from proxy import guard
 from proxy.endusers import EndUser, bearer
@@ -73,7 +76,10 @@ _FORWARD = frozenset({"accept", "accept-language", "content-type", "openai-beta"
 # Upstream response headers the client never sees (hop-by-hop, framing, cookies).
 _DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                    "content-encoding", "set-cookie", "proxy-authenticate", "trailer",
-                   "upgrade", "alt-svc", "strict-transport-security",
+                   "upgrade", "alt-svc", "strict-transport-security", "vary",
+                   "access-control-allow-origin", "access-control-allow-credentials",
+                   "access-control-allow-headers", "access-control-allow-methods",
+                   "access-control-expose-headers", "access-control-max-age",
                    # The proxy sends its own of these two (one each, RFC 9110 §5.3).
                    "date", "x-request-id"})
 
@@ -335,8 +341,23 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
         await services.tasks.run_to_end(_settle(services, rec, hold_id, None, "aborted"))
         await services.tasks.run_to_end(services.gate.finish(verdict, lease))
         return Response(status_code=CLIENT_GONE)
+    try:
+        return await _answer(services, rec, provider, query_type, reply, verdict, lease,
+                             hold_id)
+    except BaseException:
+        # Whatever failed before the relay took over, the hold and the lease end here.
+        await reply.aclose()
+        await services.tasks.run_to_end(_settle(services, rec, hold_id, None))
+        await services.tasks.run_to_end(services.gate.finish(verdict, lease))
+        raise
 
-    headers = [(k.encode(), v.encode()) for k, v in reply.headers]
+
+async def _answer(services: Services, rec: Any, provider: ApiProviderSettings,
+                  query_type: str, reply: Reply, verdict: Any, lease: str,
+                  hold_id: int | None) -> Response | StreamRelay:
+    # Header values keep the bytes the provider sent (aiohttp decodes them with
+    # surrogateescape).
+    headers = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in reply.headers]
     headers.append((b"x-query-type", query_type.encode()))
     if verdict is not None:
         headers += [(k.encode(), v.encode()) for k, v in verdict.headers().items()]
@@ -347,10 +368,11 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
             await reply.aclose()
         rec.upstream_first = rec.upstream_ended = time.perf_counter()
         rec.error = f"upstream_{reply.status}"
+        response = Response(content, status_code=reply.status)
+        response.raw_headers += headers
         await services.tasks.run_to_end(_settle(services, rec, hold_id, None))
         await services.tasks.run_to_end(services.gate.finish(verdict, lease))
-        return Response(content, status_code=reply.status,
-                        headers={k.decode(): v.decode() for k, v in headers})
+        return response
 
     async def on_done(outcome: Outcome) -> None:
         rec.upstream_first, rec.upstream_ended = relay.first_at, relay.ended_at
@@ -360,8 +382,8 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
                     failed=outcome.value))
         await services.tasks.run_to_end(services.gate.finish(verdict, lease))
 
-    relay = StreamRelay(reply, headers, s.upstream.stream_max_seconds, Verbatim(), on_done,
-                        error_tail=lambda e: b"")
+    relay = StreamRelay(reply, headers, services.settings.upstream.stream_max_seconds,
+                        Verbatim(), on_done, error_tail=None)
     return relay
 
 
@@ -408,22 +430,37 @@ async def _hold(services: Services, request: Request, paywall_id: str,
                           code="not_enough_queries", details=details)
 
 
+def _upstream_url(provider: ApiProviderSettings, path: str) -> URL:
+    """The provider's URL with the client's path under it — and only under it: dot
+    segments, and characters that would end the path, are refused."""
+    url = provider.url.rstrip("/")
+    if not path:
+        return URL(url)
+    segments = path.split("/")
+    if (any(seg in (".", "..") for seg in segments) or not path.isprintable()
+            or any(c in path for c in "?#\\")):
+        raise InvalidRequest("The path after the provider id may not hold '.' or '..' "
+                             "segments, '?', '#' or '\\'.", param="path", code="invalid_path")
+    return URL(url + "/" + "/".join(quote(seg, safe="!$&'()*+,;=:@-._~") for seg in segments),
+               encoded=True)
+
+
 async def _send(services: Services, provider_id: str, provider: ApiProviderSettings,
                 request: Request, body: bytes) -> Reply:
-    url = provider.url.rstrip("/")
-    if path := request.path_params.get("path"):
-        url += "/" + path
+    url = _upstream_url(provider, request.path_params.get("path", ""))
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "paywall_id"]
     headers = {k: v for k, v in request.headers.items() if k in _FORWARD}
     headers.update(provider.headers)
     headers["x-request-id"] = request.state.request_id
     limits = services.settings.upstream
-    timeout = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout,
-                                    sock_read=limits.stream_idle_timeout)
+    # Up to read_timeout for the answer to start; then stream_idle_timeout between chunks.
+    timeout = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout)
     try:
-        resp = await services.session.request(provider.method, url, params=params or None,
-                                              data=body or None, headers=headers,
-                                              timeout=timeout, auto_decompress=True)
+        async with asyncio.timeout(limits.read_timeout):
+            resp = await services.session.request(
+                provider.method, url, params=params or None, data=body or None,
+                headers=headers, timeout=timeout, auto_decompress=True,
+                allow_redirects=False)
     except TimeoutError as e:
         services.metrics.errors.labels("upstream").inc()
         raise UpstreamTimeout(f"The API provider '{provider_id}' did not answer in time.") from e
@@ -433,13 +470,19 @@ async def _send(services: Services, provider_id: str, provider: ApiProviderSetti
                                   f"({type(e).__name__}).") from e
     out = [(k.lower(), v) for k, v in resp.headers.items() if k.lower() not in _DROP]
     ctype = resp.headers.get("content-type", "")
-    return Reply(resp.status, out, _chunks(resp, provider_id),
+    return Reply(resp.status, out, _chunks(resp, provider_id, limits.stream_idle_timeout),
                  stream="text/event-stream" in ctype, _closer=resp.close)
 
 
-async def _chunks(resp: aiohttp.ClientResponse, provider_id: str) -> Any:
+async def _chunks(resp: aiohttp.ClientResponse, provider_id: str, idle: float) -> Any:
     try:
-        async for chunk in resp.content.iter_any():
+        chunks = resp.content.iter_any()
+        while True:
+            async with asyncio.timeout(idle):
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
             yield chunk
     except TimeoutError as e:
         raise UpstreamTimeout(f"The API provider '{provider_id}' stalled.") from e

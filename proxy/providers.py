@@ -133,6 +133,7 @@ class OpenAIProvider:
             resp = await self.session.post(
                 self.url, data=call.body, headers=self._headers(call),
                 params=self.conf.query or None, timeout=timeout, auto_decompress=True,
+                allow_redirects=False,
             )
             headers = [(k.lower(), v) for k, v in resp.headers.items()
                        if k.lower() in RESPONSE_HEADERS]

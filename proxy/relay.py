@@ -81,13 +81,14 @@ class StreamRelay:
 
     def __init__(self, reply: Reply, headers: list[tuple[bytes, bytes]], max_seconds: float,
                  meter: Framer, on_done: Callable[[Outcome], Awaitable[None]] | None = None,
-                 error_tail: Callable[[ProxyError], bytes] = error_event):
+                 error_tail: Callable[[ProxyError], bytes] | None = error_event):
         self.reply = reply
         self.headers = headers
         self.max_seconds = max_seconds
         self.meter = meter
         self.on_done = on_done
-        self.error_tail = error_tail  # what ends a stream the provider broke off
+        # What ends a stream the provider broke off; None: cut the connection instead.
+        self.error_tail = error_tail
         self.outcome = Outcome.COMPLETED
         self.first_at = 0.0  # perf_counter() at the provider's first chunk
         self.ended_at = 0.0  # … and when its stream ended (or failed)
@@ -119,6 +120,9 @@ class StreamRelay:
         if not self._pumped:
             self.outcome = Outcome.ABORTED
 
+    def _tail(self, error: ProxyError) -> bytes:
+        return self.error_tail(error) if self.error_tail is not None else b""
+
     async def _pump(self, send: Any) -> None:
         tail = b""
         try:
@@ -134,21 +138,26 @@ class StreamRelay:
             tail = self.meter.flush()
         except TimeoutError:
             self.outcome = Outcome.PARTIAL
-            tail = self.error_tail(
+            tail = self._tail(
                 UpstreamTimeout("The stream exceeded its longest allowed duration."))
         except ProxyError as e:
             self.outcome = Outcome.PARTIAL
-            tail = self.error_tail(e)
+            tail = self._tail(e)
         except OSError:  # the ASGI server reports a vanished client this way
             self.outcome = Outcome.ABORTED
             return
         except Exception:  # a bug, not the provider: still end the stream the same way
             log.exception("relaying a stream failed")
             self.outcome = Outcome.PARTIAL
-            tail = self.error_tail(ProxyError("The proxy failed while relaying the stream."))
+            tail = self._tail(ProxyError("The proxy failed while relaying the stream."))
         finally:
             self.ended_at = time.perf_counter()
             self.reply.close()
+        if self.outcome is Outcome.PARTIAL and self.error_tail is None:
+            # No way to say so in the body: leave the response unterminated, so the
+            # server drops the connection and the client sees a truncated body.
+            self._pumped = True
+            return
         try:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:

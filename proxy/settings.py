@@ -484,6 +484,10 @@ def _check_references(s: Settings) -> None:
             raise fail(f"paywalls.{wid}.auth", "set jwks_url or hs256_secret, not both")
         if w.auth.jwks_url and not w.auth.jwks_url.startswith(("http://", "https://")):
             raise fail(f"paywalls.{wid}.auth.jwks_url", "an http:// or https:// URL is required")
+        if w.auth.jwks_url and not w.auth.audience:
+            # A shared sign-in provider signs tokens for many apps with the same keys.
+            raise fail(f"paywalls.{wid}.auth.audience",
+                       "required with jwks_url: the keys may sign other apps' tokens too")
         for i, o in enumerate(w.allowed_origins):
             if not re.fullmatch(r"https?://[^/\s]+", o):
                 raise fail(f"paywalls.{wid}.allowed_origins[{i}]",

@@ -161,6 +161,7 @@ trial = {{ standard = 3 }}
 [paywalls.rot]
 [paywalls.rot.auth]
 jwks_url = "{jwks}/rot.json"
+audience = "{RS_AUD}"
 [paywalls.rot.credits]
 types = ["standard"]
 
@@ -173,6 +174,7 @@ types = ["standard"]
 [paywalls.nojwks]
 [paywalls.nojwks.auth]
 jwks_url = "http://127.0.0.1:{free_port()}/jwks.json"
+audience = "{HS_AUD}"
 
 [paywalls.nosignin]
 name = "No sign-in"
@@ -381,7 +383,7 @@ async def test_user_ids_the_ledger_cannot_hold_are_refused_cleanly(
 async def test_a_new_kid_is_fetched_after_rotation(world: World,
                                                    http: httpx.AsyncClient) -> None:
     def token(key: SigningKey) -> dict[str, str]:
-        return bearer(key.sign(claims(new_user(key.kid), iss="", aud="")))
+        return bearer(key.sign(claims(new_user(key.kid), iss="", aud=RS_AUD)))
 
     url = world.url("rot", "user")
     assert (await http.get(url, headers=token(world.rot_a))).status_code == 200

@@ -112,3 +112,13 @@ def test_declared_paths_are_complete() -> None:
     assert "models.*.price.output_per_million" in paths
     assert "paywalls.*.provider_keys" in paths
     assert not any(p.startswith(("source", "database_url")) for p in paths)
+
+
+def test_a_jwks_paywall_must_name_its_audience(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[paywalls.a.auth]\njwks_url = "https://id.example.test/jwks.json"\n')
+    with pytest.raises(ConfigError, match=r"paywalls\.a\.auth\.audience: required"):
+        settings.load(path, {})
+    path.write_text('[paywalls.a.auth]\njwks_url = "https://id.example.test/jwks.json"\n'
+                    'audience = "app"\n')
+    assert settings.load(path, {}).paywalls["a"].auth.audience == "app"
