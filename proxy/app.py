@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -166,6 +167,8 @@ def create_app(settings: Settings) -> observe.Observe:
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                         skip_auto_headers=("User-Agent",))
+        if any(p.auth.jwks_url or p.auth.hs256_secret for p in settings.paywalls.values()):
+            await asyncio.to_thread(importlib.import_module, "jwt")  # off the loop, once
         tokenizer = Tokenizer()
         # Load each model's encoding now, off the loop, rather than in a first request.
         for name, m in settings.models.items():

@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import jwt
 
 from proxy.errors import AuthenticationFailed, ServiceUnavailable
 from proxy.identity import VALID_USER
 from proxy.settings import AuthSettings
+
+if TYPE_CHECKING:
+    import jwt
 
 REFETCH_SECONDS = 10.0  # an unknown kid refetches the JWKS at most this often
 _JWKS_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -64,6 +66,8 @@ class TokenVerifier:
         return bool(self.conf.jwks_url or self.conf.hs256_secret)
 
     async def verify(self, token: str | None) -> EndUser:
+        import jwt  # loaded at start only where a paywall verifies tokens (≈9 MB)
+
         conf = self.conf
         if not self.configured:
             raise AuthenticationFailed("This paywall has no end-user sign-in configured.",
@@ -128,6 +132,8 @@ class TokenVerifier:
         return self._keys.get(kid)
 
     async def _fetch(self) -> None:
+        import jwt
+
         self._fetched = time.monotonic()
         try:
             async with self.session.get(self.conf.jwks_url, timeout=_JWKS_TIMEOUT) as resp:
