@@ -316,6 +316,7 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
     if request.method != provider.method:
         raise MethodNotAllowed(f"The provider '{provider_id}' takes {provider.method}.",
                                headers={"allow": provider.method})
+    url = _upstream_url(provider, request.path_params.get("path", ""))  # before any hold
     body = await _body(request, provider, s.server.max_body_bytes)
 
     limits = guard.effective(paywall.limits, await services.overrides.get(paywall_id, user))
@@ -331,8 +332,8 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
             services.live.add(hold_id)
         rec.outcome = "forward"
         rec.upstream_started = time.perf_counter()
-        reply = await unless_client_leaves(request, _send(services, provider_id, provider, request,
-                                                  body))
+        reply = await unless_client_leaves(
+            request, _send(services, provider_id, provider, url, request, body))
     except BaseException:
         await services.tasks.run_to_end(_settle(services, rec, hold_id, None))
         await services.tasks.run_to_end(services.gate.finish(verdict, lease))
@@ -446,8 +447,7 @@ def _upstream_url(provider: ApiProviderSettings, path: str) -> URL:
 
 
 async def _send(services: Services, provider_id: str, provider: ApiProviderSettings,
-                request: Request, body: bytes) -> Reply:
-    url = _upstream_url(provider, request.path_params.get("path", ""))
+                url: URL, request: Request, body: bytes) -> Reply:
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "paywall_id"]
     headers = {k: v for k, v in request.headers.items() if k in _FORWARD}
     headers.update(provider.headers)

@@ -5,8 +5,12 @@ The local API records every request it receives (method, path, query, headers, t
 raw body) and, by the first path segment after ``/v1/``, answers: ``stream`` with SSE
 chunks spaced out, ``endless`` with chunks until the client side goes away, ``quiet``
 with headers and then nothing, ``late`` with nothing for a while, ``fail`` with a 500
-that repeats the credential it was sent, anything else with a JSON summary. Balances,
-holds and entries are read straight from PostgreSQL.
+that repeats the credential it was sent, ``slow`` with a JSON answer ``SLOW_ANSWER``
+seconds late, ``weird`` with a header value that is not UTF-8, ``cors`` with CORS
+headers of its own, ``redirect`` with a 302 to the URL in ``to``, ``cut`` (and ``stall``)
+with the ``status`` in the query, a ``Content-Length`` of 100 and 12 bytes, then, 0.1 s
+later, a closed connection (silence until the client side goes away), anything else
+with a JSON summary. Balances, holds and entries are read straight from PostgreSQL.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ ORIGIN = "https://app.example.test"
 OTHER_ORIGIN = "https://limited.example.test"
 STREAM_CHUNKS = 6
 STREAM_DELAY = 0.15
+SLOW_ANSWER = 1.5  # more than [upstream] stream_idle_timeout, less than read_timeout
+WEIRD = b"caf\xe9\xff"  # not UTF-8
+
+
+class UpstreamCut(Exception):
+    """Raised inside the local API mid-body: its server then drops the connection."""
 
 
 @dataclass
@@ -104,6 +114,29 @@ class Api:
         elif kind == "late":
             if not await self._gone(receive, 3, tag):
                 await _json(send, 200, {"late": True})
+        elif kind == "slow":
+            if not await self._gone(receive, SLOW_ANSWER, tag):
+                await _json(send, 200, {"slow": True})
+        elif kind == "weird":
+            await _json(send, 200, {"weird": True}, [(b"x-weird", WEIRD)])
+        elif kind == "cors":
+            await _json(send, 200, {"cors": True}, [
+                (b"access-control-allow-origin", b"*"), (b"vary", b"Accept-Encoding"),
+                (b"access-control-allow-credentials", b"true"),
+                (b"access-control-expose-headers", b"x-upstream-secret")])
+        elif kind == "redirect":
+            await send({"type": "http.response.start", "status": 302,
+                        "headers": [(b"location", query["to"].encode()),
+                                    (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+        elif kind in ("cut", "stall"):
+            await send({"type": "http.response.start", "status": int(query["status"]),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", b"100")]})
+            await send({"type": "http.response.body", "body": b'{"error": "x', "more_body": True})
+            # The 12 bytes travel on before the connection breaks (or falls silent).
+            await self._gone(receive, 5 if kind == "stall" else 0.1, tag)
+            raise UpstreamCut(kind)
         elif kind == "fail":
             auth = dict(hit.headers).get("authorization", "")
             await _json(send, 500, {"error": {"message": f"upstream broke; you sent {auth}",
@@ -141,7 +174,8 @@ def config(api_url: str) -> str:
 max_body_bytes = 1048576
 
 [upstream]
-stream_idle_timeout = 10
+read_timeout = 3
+stream_idle_timeout = 1
 
 [paywalls.gw]
 name = "Gateway app"
@@ -161,6 +195,16 @@ types = ["standard"]
 trial = {{ standard = 100 }}
 [paywalls.limited.limits]
 user_requests_per_minute = 3
+
+[paywalls.solo]
+name = "One call at a time"
+[paywalls.solo.auth]
+hs256_secret = "{JWT_SECRET}"
+[paywalls.solo.credits]
+types = ["standard"]
+trial = {{ standard = 10 }}
+[paywalls.solo.limits]
+user_concurrency = 1
 
 [api_providers.chat]
 url = "{api_url}/v1"
@@ -627,3 +671,156 @@ async def test_cors(gateway: Gateway, http: httpx.AsyncClient) -> None:
                         headers=signed_in(broke, Origin=ORIGIN))
     assert me.status_code == 200
     assert me.headers["access-control-allow-origin"] == ORIGIN
+
+
+# ---- what the provider may not do ----------------------------------------------------
+
+async def test_path_stays_under_the_provider_url(gateway: Gateway, http: httpx.AsyncClient,
+                                                 pg: asyncpg.Connection) -> None:
+    user = new_user("path")
+    await give(http, gateway, user, 2)
+    before = len(gateway.api.hits)
+    # Sent as the raw request target: a client would resolve the dot segments itself.
+    for path in ("%2e%2e/count", "%2E%2E/%2e%2e/count", "../count", "a/../../count", "a/..",
+                 "./count", "a%3Fb=1", "a%23b", "a%5C..%5Ccount"):
+        target = f"/api/v1/api-gateway/chat/{path}?paywall_id=gw".encode()
+        resp = await http.post(gateway.proxy.url, extensions={"target": target},
+                               headers=signed_in(user), json={})
+        assert (resp.status_code, resp.json().get("code")) == (400, "invalid_path"), \
+            (path, resp.text)
+    assert gateway.api.hits[before:] == []
+    state = await account(pg, user)
+    assert not state["holds"] and state["charges"] == []  # refused before any hold
+    tag = f"path-{user}"
+    resp = await http.post(gateway.url("chat", "nested/a.b/c..d"),
+                           params={"paywall_id": "gw", "tag": tag}, headers=signed_in(user),
+                           json={})
+    assert resp.status_code == 200, resp.text
+    assert [h.path for h in gateway.api.by_tag(tag)] == ["/v1/nested/a.b/c..d"]
+    state = await settled(pg, user, 1)
+    assert state["holds"] == {"posted": 1} and state["balance"] == 1
+
+
+@pytest.mark.parametrize(("kind", "status", "code"), [
+    ("cut", 502, "upstream_unavailable"),  # Content-Length 100, 12 bytes, closed
+    ("stall", 504, "upstream_timeout"),  # … then silence past stream_idle_timeout
+])
+async def test_broken_error_body_frees_the_hold_and_the_slot(
+        gateway: Gateway, http: httpx.AsyncClient, pg: asyncpg.Connection, kind: str,
+        status: int, code: str) -> None:
+    user = new_user(kind)  # on "solo": one call in flight at a time, 10 trial credits
+    resp = await http.post(gateway.url("chat", kind),
+                           params={"paywall_id": "solo", "status": "500"},
+                           headers=signed_in(user), json={})
+    assert (resp.status_code, resp.json().get("code")) == (status, code), resp.text
+    state = await settled(pg, user, 1, "solo")
+    assert state["holds"] == {"voided": 1} and state["charges"] == []
+    # The broken call's concurrency slot is free: the next call goes through at once.
+    after = await http.post(gateway.url("chat", "count"), params={"paywall_id": "solo"},
+                            headers=signed_in(user), json={})
+    assert after.status_code == 200, after.text
+    state = await settled(pg, user, 2, "solo")
+    assert state["holds"] == {"voided": 1, "posted": 1}
+    assert (state["balance"], state["held"]) == (9, 0)
+
+
+async def test_header_not_utf8_is_relayed_and_charged_once(
+        gateway: Gateway, http: httpx.AsyncClient, pg: asyncpg.Connection) -> None:
+    user = new_user("weird")
+    await give(http, gateway, user, 2)
+    resp = await http.post(gateway.url("chat", "weird"), params={"paywall_id": "gw"},
+                           headers=signed_in(user), json={})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"weird": True}
+    assert [v for k, v in resp.headers.raw if k.lower() == b"x-weird"] == [WEIRD]
+    state = await settled(pg, user, 1)
+    assert state["holds"] == {"posted": 1}
+    assert [(c["amount"], c["outcome"]) for c in state["charges"]] == [(-1, "completed")]
+    assert (state["balance"], state["held"]) == (1, 0)
+
+
+async def test_upstream_cors_headers_never_reach_the_client(
+        gateway: Gateway, http: httpx.AsyncClient) -> None:
+    user = new_user("ucors")
+    await give(http, gateway, user, 2)
+    for origin, allowed in ((ORIGIN, True), ("https://evil.example.test", False)):
+        resp = await http.post(gateway.url("chat", "cors"), params={"paywall_id": "gw"},
+                               headers=signed_in(user, Origin=origin), json={})
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"cors": True}  # the upstream's answer, with its headers
+        assert resp.headers.get_list("access-control-allow-origin") == (
+            [origin] if allowed else []), origin
+        assert resp.headers.get_list("vary") == ["Origin"]
+        assert "access-control-allow-credentials" not in resp.headers
+        assert all("x-upstream-secret" not in v
+                   for v in resp.headers.get_list("access-control-expose-headers"))
+
+
+async def test_cors_reads_the_paywall_the_route_reads(gateway: Gateway,
+                                                      http: httpx.AsyncClient) -> None:
+    broke = new_user("twice")  # no "gw" credits; "limited" would give 100 trial credits
+    for origin, allowed in ((OTHER_ORIGIN, False), (ORIGIN, True)):
+        resp = await http.post(gateway.url("chat", "x"),
+                               params=[("paywall_id", "limited"), ("paywall_id", "gw")],
+                               headers=signed_in(broke, Origin=origin), json={})
+        assert resp.status_code == 402, resp.text  # the route read "gw"
+        assert resp.headers.get_list("access-control-allow-origin") == (
+            [origin] if allowed else []), origin
+
+
+async def test_redirect_is_relayed_not_followed(gateway: Gateway, http: httpx.AsyncClient,
+                                                pg: asyncpg.Connection) -> None:
+    seen: list[bytes] = []
+
+    async def elsewhere(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(65536))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    user = new_user("redirect")
+    await give(http, gateway, user, 2)
+    server = await asyncio.start_server(elsewhere, "127.0.0.1", 0)
+    to = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/elsewhere"
+    async with server:
+        resp = await http.post(gateway.url("chat", "redirect"),
+                               params={"paywall_id": "gw", "to": to},
+                               headers=signed_in(user), json={}, follow_redirects=False)
+    assert resp.status_code == 302, resp.text
+    assert resp.headers["location"] == to
+    assert seen == []  # nothing went there, so neither did the provider's headers
+    state = await settled(pg, user, 1)
+    assert state["holds"] == {"voided": 1} and state["charges"] == []
+
+
+async def test_truncated_answer_cuts_the_client_connection(
+        gateway: Gateway, http: httpx.AsyncClient, pg: asyncpg.Connection) -> None:
+    user = new_user("trunc")
+    await give(http, gateway, user, 2)
+    got = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", gateway.url("chat", "cut"),
+                               params={"paywall_id": "gw", "status": "200"},
+                               headers=signed_in(user), json={}) as resp:
+            assert resp.status_code == 200
+            async for chunk in resp.aiter_raw():
+                got += chunk
+    assert got == b'{"error": "x'  # what came, and no clean end after it
+    state = await settled(pg, user, 1)
+    assert state["holds"] == {"voided": 1} and state["charges"] == []
+    assert (state["balance"], state["held"]) == (2, 0)
+
+
+async def test_read_timeout_bounds_the_first_byte(gateway: Gateway, http: httpx.AsyncClient,
+                                                  pg: asyncpg.Connection) -> None:
+    # read_timeout = 3, stream_idle_timeout = 1; the answer starts after SLOW_ANSWER.
+    user = new_user("slow")
+    await give(http, gateway, user, 1)
+    started = time.monotonic()
+    resp = await http.post(gateway.url("chat", "slow"), params={"paywall_id": "gw"},
+                           headers=signed_in(user), json={})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"slow": True}
+    assert time.monotonic() - started >= SLOW_ANSWER
+    state = await settled(pg, user, 1)
+    assert state["holds"] == {"posted": 1} and state["balance"] == 0
