@@ -80,7 +80,8 @@ LIMITS_PAYWALL = "bench-limits"  # every limit on, none ever reached
 # Sent with every answer a limiter admitted; a limits setup without it was not limited.
 LIMIT_HEADER = "x-ratelimit-limit-requests"
 
-# BENCH.md's targets, checked at the end of the report when the run has the rows.
+# The project's performance targets, checked at the end of the report when the run has
+# the rows.
 TARGET_OVERHEAD_MS = 1.0  # proxy p50 - direct p50 at c=1, one worker
 TARGET_STREAM_OVERHEAD_MS = 2.0  # the same for streams (time to first byte)
 TARGET_RPS = 2000  # non-streaming, c=64, one worker, no errors
@@ -279,6 +280,13 @@ def database_env(workdir: Path) -> tuple[dict[str, str], str]:
     return {**env, "PAYWALL_DATA_DIR": str(workdir / "data")}, "embedded PostgreSQL"
 
 
+def _embedded_version(data_dir: Path) -> str | None:
+    """The major version of an embedded PostgreSQL in ``data_dir``, once it is made."""
+    with contextlib.suppress(OSError):
+        return (data_dir / "pg" / "PG_VERSION").read_text(encoding="utf-8").strip()
+    return None
+
+
 def create_key(config: Path, env: Mapping[str, str], paywall: str) -> str:
     done = subprocess.run([str(PROXY), "keys", "create", "--paywall", paywall,
                            "--config", str(config)],
@@ -355,7 +363,7 @@ def litellm(venv: Path, upstream: Upstream, workdir: Path, workers: int,
             log: Path) -> Iterator[Server]:
     """The LiteLLM proxy on the same nginx, ``--num_workers`` as many as ours.
 
-    Run as BENCH.md says is fair: the model cost map read locally (no network), a random
+    Run with the model cost map read locally (no network), a random
     master key that every request carries, no database (nor Redis) so it does no
     metering of its own, and otherwise its defaults.
     """
@@ -871,6 +879,8 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                         progress(f"starting {server_name(Kind.LITELLM, n)}")
                         servers.append(stack.enter_context(litellm(
                             litellm_venv, upstream, workdir, n, logs / f"litellm-w{n}.log")))
+                if version := _embedded_version(workdir / "data"):
+                    database = f"embedded PostgreSQL {version}"
                 plan = targets(upstream, kinds, servers, streams)
                 for t in plan:
                     check_target(t)
@@ -907,7 +917,7 @@ def _verdict(met: bool) -> str:
 
 
 def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
-    """BENCH.md's targets against this run, for those the run has the rows of: for the
+    """The performance targets against this run, for those the run has the rows of: for the
     plain proxy and for each limits setup (the targets assume limits on)."""
     by_key = {(r.setup, r.concurrency): r for r in rows}
     lines = []
@@ -936,7 +946,7 @@ def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
     for m in memory:
         if m.setup.startswith(Kind.PROXY.value) and m.worker_idle_mb:
             worst = max(m.worker_idle_mb)
-            lines.append(f"idle RSS per worker, {m.setup}: {worst:.0f} MB at most, "
+            lines.append(f"idle RSS per worker, {m.setup}: {worst:.1f} MB at most, "
                          f"target ≤ {TARGET_IDLE_RSS_MB} MB: "
                          f"{_verdict(worst <= TARGET_IDLE_RSS_MB)}")
     return lines
@@ -1087,18 +1097,17 @@ def report(results: Results, header: list[str], args: argparse.Namespace) -> str
                        "proxy p50 - LiteLLM p50 ms"],
                       [[c.setup, str(c.concurrency), _ratio(c.rps_vs_litellm),
                         f"{c.p50_minus_litellm_ms:+.2f}"] for c in results.vs_litellm]), ""]
-    lines += ["## Memory", "",
-              markdown_table(
-                  ["server", "idle RSS MB (tree)", "idle RSS MB per worker",
-                   "peak RSS MB (tree)"],
-                  [[m.setup, f"{m.idle_mb:.0f}", ", ".join(f"{w:.0f}" for w in m.worker_idle_mb),
-                    f"{m.peak_mb:.0f}"] for m in results.memory]), ""]
+    if results.memory:
+        lines += ["## Memory", "", markdown_table(
+            ["server", "idle RSS MB (tree)", "idle RSS MB per worker", "peak RSS MB (tree)"],
+            [[m.setup, f"{m.idle_mb:.0f}", ", ".join(f"{w:.0f}" for w in m.worker_idle_mb),
+              f"{m.peak_mb:.0f}"] for m in results.memory]), ""]
     if results.checks:
         lines += ["## Checks of the limits setups", "",
                   *[f"- {c.text}: {'ok' if c.ok else '**failed**'}" for c in results.checks],
                   ""]
     if checks := target_lines(results.rows, results.memory):
-        lines += ["## BENCH.md targets", "", *[f"- {line}" for line in checks], ""]
+        lines += ["## Performance targets", "", *[f"- {line}" for line in checks], ""]
     lines.append("Figures are comparable only within this run. RSS leaves out an embedded "
                  "PostgreSQL and redis-server.")
     return "\n".join(lines)
