@@ -47,7 +47,7 @@ from starlette.routing import Match
 
 from proxy import settings as config_module
 from proxy.app import create_app
-from proxy.observe import JsonFormatter, Redactor, TextFormatter
+from proxy.observe import AccessWriter, JsonFormatter, Redactor, TextFormatter
 from tests.conftest import (
     PROVIDER_KEY,
     Proxy,
@@ -1279,3 +1279,25 @@ def test_two_workers_sum_in_every_scrape(upstream: Upstream, own_database_url: s
             >= 2 * pool_min, "both workers' pools in the gauge")
     finally:
         stop_proxy(proxy)
+
+
+def test_access_writer_writes_one_redacted_json_line_per_call() -> None:
+
+
+    read_end, write_end = os.pipe()
+    try:
+        writer = AccessWriter(Redactor(["configured-canary-secret"]), fd=write_end)
+        writer.write({"request_id": "req_1", "user": "sk-pw-ABCDEFGHIJKLMNOP", "status": 200})
+        writer.write({"request_id": "configured-canary-secret", "status": 402})
+        os.close(write_end)
+        write_end = -1
+        lines = os.read(read_end, 65536).decode().splitlines()
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    first, second = (orjson.loads(line) for line in lines)
+    assert (first["logger"], first["msg"], first["level"]) == ("proxy.access", "request", "info")
+    assert first["user"] == "[redacted]" and first["status"] == 200
+    assert second["request_id"] == "[redacted]"
+    assert "ABCDEFGHIJKLMNOP" not in "".join(lines) and "canary" not in "".join(lines)
