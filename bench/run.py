@@ -200,10 +200,13 @@ def setup_name(server: str, stream: bool) -> str:
 # --- the proxy -------------------------------------------------------------------
 
 
-def settings_toml(upstream: Upstream) -> str:
+def settings_toml(upstream: Upstream, synchronous_commit: bool = True) -> str:
     return f"""\
 [server]
 host = "127.0.0.1"
+
+[billing]
+synchronous_commit = {"true" if synchronous_commit else "false"}
 
 [providers.nginx]
 kind = "openai"
@@ -847,7 +850,8 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
     with nginx_upstream(workdir) as upstream:
         env, database = database_env(workdir)
         config = workdir / "bench.toml"
-        config.write_text(settings_toml(upstream), encoding="utf-8")
+        config.write_text(settings_toml(upstream, args.synchronous_commit == "on"),
+                          encoding="utf-8")
         progress(f"database: {database}")
         try:
             with contextlib.ExitStack() as stack:
@@ -1139,6 +1143,8 @@ def main() -> int:
                         help="comma-separated open connections (default 1,8,64)")
     parser.add_argument("--workers", type=positive_ints, default=[1],
                         help="comma-separated proxy worker counts, one proxy each (default 1)")
+    parser.add_argument("--synchronous-commit", choices=("on", "off"), default="on",
+                        help="the proxies' billing.synchronous_commit (default on)")
     parser.add_argument("--setups", type=setup_kinds, default=list(SETUPS.values()),
                         help=f"comma-separated setups to run (default all: {','.join(SETUPS)})")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,

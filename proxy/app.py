@@ -161,7 +161,8 @@ def create_app(settings: Settings) -> observe.Observe:
         if not settings.database_url:
             raise RuntimeError("DATABASE_URL is not set (paywall-proxy serve sets it)")
         pool = await db.create_pool(
-            settings.database_url, settings.database.pool_min, settings.database.pool_max
+            settings.database_url, settings.database.pool_min, settings.database.pool_max,
+            settings.billing.synchronous_commit,
         )
         connector = aiohttp.TCPConnector(limit=settings.upstream.pool_size, limit_per_host=0,
                                          ttl_dns_cache=300, enable_cleanup_closed=True)

@@ -54,9 +54,14 @@ async def _keep(conn: Any) -> None:
     transaction on release. The default reset would cost a round trip per query."""
 
 
-async def create_pool(url: str, min_size: int, max_size: int) -> Any:
+async def create_pool(url: str, min_size: int, max_size: int,
+                      synchronous_commit: bool = True) -> Any:
+    """The worker's pool. ``synchronous_commit=False`` lets holds and charges commit
+    without waiting for the WAL flush; money coming in (deposits, credits, grants)
+    stays durable through :meth:`proxy.ledger.Ledger.durable`."""
+    settings = {} if synchronous_commit else {"synchronous_commit": "off"}
     return await asyncpg.create_pool(url, min_size=min(min_size, max_size), max_size=max_size,
-                                     reset=_keep)
+                                     reset=_keep, server_settings=settings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,7 @@ async def _once(request: Request, services: Services, paywall_id: str, op: str,
     ledger = services.ledger
     if key is None:
         async with ledger.pool.acquire() as conn, conn.transaction():
+            await ledger.durable(conn)
             stored: Stored = await write(conn)
     else:
         try:

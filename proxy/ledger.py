@@ -287,6 +287,7 @@ class Ledger:
         """
         digest = request_hash(body)
         async with self.pool.acquire() as conn, conn.transaction():
+            await self.durable(conn)
             inserted = await conn.fetchval(
                 "INSERT INTO idempotency (paywall_id, key, request_hash, status, response)"
                 " VALUES ($1, $2, $3, 0, '') ON CONFLICT DO NOTHING RETURNING true",
@@ -307,6 +308,12 @@ class Ledger:
                 paywall_id, key, stored.status, stored.body,
             )
             return stored
+
+    @staticmethod
+    async def durable(conn: Any) -> None:
+        """Make the transaction on ``conn`` wait for the disk at commit, whatever the
+        pool's ``synchronous_commit``: an answered deposit must never be lost."""
+        await conn.execute("SET LOCAL synchronous_commit = on")
 
     @staticmethod
     async def move(conn: Any, paywall_id: str, user_id: str, asset: str, amount: int,

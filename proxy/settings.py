@@ -81,6 +81,10 @@ class BillingSettings:
     reaper_interval_seconds: float = setting(
         5.0, "How often each worker renews its live holds and resolves expired ones."
     )
+    synchronous_commit: bool = setting(
+        True, "Wait for holds and charges to reach the disk before going on; false is "
+              "faster but a database crash may lose the last charges (never deposits)."
+    )
 
 
 @dataclass(frozen=True, slots=True)

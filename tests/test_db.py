@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from proxy import db
+from proxy.ledger import Ledger
 
 
 async def test_migrations_are_recorded_and_idempotent(database_url: str) -> None:
@@ -52,3 +53,21 @@ def test_migration_names_are_checked(tmp_path: Path) -> None:
     (tmp_path / "0001_b.sql").write_text("")
     with pytest.raises(RuntimeError, match="share a number"):
         db.migrations(tmp_path)
+
+
+async def test_a_pool_without_synchronous_commit_keeps_deposits_durable(
+        database_url: str) -> None:
+
+
+    fast = await db.create_pool(database_url, 1, 2, synchronous_commit=False)
+    safe = await db.create_pool(database_url, 1, 2)
+    try:
+        assert await fast.fetchval("SHOW synchronous_commit") == "off"
+        assert await safe.fetchval("SHOW synchronous_commit") == "on"
+        async with fast.acquire() as conn, conn.transaction():
+            await Ledger.durable(conn)
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        assert await fast.fetchval("SHOW synchronous_commit") == "off"  # SET LOCAL ended
+    finally:
+        await fast.close()
+        await safe.close()
