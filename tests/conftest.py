@@ -8,6 +8,7 @@ session works in a database of its own, dropped at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import db
 from proxy.keys import KeyStore
@@ -54,22 +56,32 @@ def pg_server() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+async def admin(url: str, sql: str) -> None:
+    """Run one statement on its own connection (CREATE/DROP DATABASE, schemas)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(pg_server: str) -> Iterator[str]:
+    """A new, migrated database on ``pg_server``, dropped on the way out."""
+    name = f"paywall_test_{secrets.token_hex(4)}"
+    asyncio.run(admin(pg_server, f"CREATE DATABASE {name}"))
+    url = with_database(pg_server, name)
+    try:
+        asyncio.run(db.migrate(url))
+        yield url
+    finally:
+        asyncio.run(admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)"))
+
+
 @pytest.fixture(scope="session")
 def database_url(pg_server: str) -> Iterator[str]:
-    name = f"paywall_test_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    url = with_database(pg_server, name)
-    asyncio.run(db.migrate(url))
-    yield url
-    asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
+    with fresh_database(pg_server) as url:
+        yield url
 
 
 def redis_binary() -> str:
@@ -204,6 +216,21 @@ def stop_proxy(proxy: Proxy) -> None:
             proxy.process.wait()
 
 
+@contextlib.contextmanager
+def serving_proxy(settings: str, database_url: str | None, workdir: Path,
+                  extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                  name: str = "proxy.toml") -> Iterator[Proxy]:
+    """``settings`` written to ``workdir/name`` and served by :func:`start_proxy` until
+    the block ends."""
+    config = workdir / name
+    config.write_text(settings)
+    proxy = start_proxy(config, database_url, workdir, extra_env, args)
+    try:
+        yield proxy
+    finally:
+        stop_proxy(proxy)
+
+
 def e2e_config(upstream: Upstream) -> str:
     models = "\n".join(
         f'[models.{name}]\nprovider = "up"\n'
@@ -276,6 +303,24 @@ name = "Other app"
 """
 
 
+def credits_paywall(paywall: str, name: str, hs256_secret: str,
+                    types: tuple[str, ...] = ("standard",), trial: int | None = None,
+                    origin: str | None = None, limits: dict[str, int] | None = None) -> str:
+    """The TOML of a paywall whose users sign in with an HS256 token and spend credits
+    (``trial`` standard ones to start with), optionally called from ``origin``."""
+    lines = [f"[paywalls.{paywall}]", f'name = "{name}"']
+    if origin:
+        lines.append(f'allowed_origins = ["{origin}"]')
+    lines += [f"[paywalls.{paywall}.auth]", f'hs256_secret = "{hs256_secret}"',
+              f"[paywalls.{paywall}.credits]",
+              "types = [" + ", ".join(f'"{t}"' for t in types) + "]"]
+    if trial is not None:
+        lines.append(f"trial = {{ standard = {trial} }}")
+    if limits:
+        lines += [f"[paywalls.{paywall}.limits]", *(f"{k} = {v}" for k, v in limits.items())]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class Running:
     proxy: Proxy
@@ -286,61 +331,58 @@ class Running:
 @pytest.fixture(scope="session")
 def running(upstream: Upstream, database_url: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    workdir = tmp_path_factory.mktemp("proxy")
-    config = workdir / "proxy.toml"
-    config.write_text(e2e_config(upstream))
-    proxy = start_proxy(config, database_url, workdir, {"TEST_PROVIDER_KEY": PROVIDER_KEY})
-    try:
+    with serving_proxy(e2e_config(upstream), database_url, tmp_path_factory.mktemp("proxy"),
+                       {"TEST_PROVIDER_KEY": PROVIDER_KEY}) as proxy:
         yield Running(proxy, mint_key(database_url), upstream)
-    finally:
-        stop_proxy(proxy)
 
 
 @pytest.fixture(scope="module")
 def own_database_url(pg_server: str) -> Iterator[str]:
     """A migrated database for one module alone, dropped after it: for tests that sum the
     whole ledger (every entry, every pending hold) or share it between proxy processes."""
-    name = f"paywall_test_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    url = with_database(pg_server, name)
-    asyncio.run(db.migrate(url))
-    try:
+    with fresh_database(pg_server) as url:
         yield url
+
+
+@pytest.fixture
+async def pg(own_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the module's own database (modules on the session's database
+    define a ``pg`` of their own)."""
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        yield conn
     finally:
-        asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
+        await conn.close()
 
 
-class AsgiServer:
-    """Any ASGI app (lifespan off) served on a free loopback port in a thread of its own,
-    as a context manager: ``with AsgiServer(app) as port: ...``."""
+def new_user(tag: str) -> str:
+    return f"{tag}-{time.monotonic_ns()}"
 
-    def __init__(self, app: object):
-        import uvicorn
 
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
+# ---- /metrics, read back -------------------------------------------------------------
 
-    def __enter__(self) -> int:
-        import threading
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("test server did not start")
-            time.sleep(0.01)
-        return self.port
 
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+def parse_metrics(text: str) -> Samples:
+    """A Prometheus text exposition by (name, labels); a series may stand only once."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, key
+            out[key] = s.value
+    return out
+
+
+def by(samples: Samples, name: str, keys: tuple[str, ...], **labels: str
+       ) -> dict[tuple[str, ...], float]:
+    """The samples of ``name`` matching ``labels``, by the values of ``keys``."""
+    want = set(labels.items())
+    out: dict[tuple[str, ...], float] = {}
+    for (n, ls), v in samples.items():
+        if n == name and want <= ls and v:
+            d = dict(ls)
+            k = tuple(d[x] for x in keys)
+            out[k] = out.get(k, 0) + v
+    return out

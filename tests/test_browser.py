@@ -27,15 +27,14 @@ from urllib.parse import urlencode
 
 import orjson
 import pytest
-import uvicorn
 from playwright.sync_api import Page, expect, sync_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from tests.conftest import start_proxy, stop_proxy
-from tests.upstream import free_port
+from tests.conftest import credits_paywall, serving_proxy
+from tests.upstream import free_port, serve_asgi
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGES = Path(__file__).resolve().parent / "browser"
@@ -81,25 +80,6 @@ class StoryUpstream:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@contextlib.contextmanager
-def serve_asgi(app: Any) -> Iterator[int]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the test upstream did not start")
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(5)
-
-
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -122,17 +102,7 @@ def serve_pages() -> Iterator[str]:
 
 def proxy_config(upstream_port: int, page_origin: str) -> str:
     return f"""
-[paywalls.web]
-name = "Story app"
-allowed_origins = ["{page_origin}"]
-
-[paywalls.web.auth]
-hs256_secret = "{JWT_SECRET}"
-
-[paywalls.web.credits]
-types = ["standard"]
-trial = {{ standard = 2 }}
-
+{credits_paywall("web", "Story app", JWT_SECRET, trial=2, origin=page_origin)}
 [api_providers.story]
 url = "http://127.0.0.1:{upstream_port}"
 headers = {{ Authorization = "Bearer {UPSTREAM_KEY}" }}
@@ -179,79 +149,74 @@ def test_page_streams_answers_until_402_and_other_origins_are_refused(
     user = f"reader-{secrets.token_hex(4)}"
     upstream = StoryUpstream()
     with serve_asgi(upstream.app) as upstream_port, serve_pages() as site, \
-            serve_pages() as elsewhere:
-        config = tmp_path / "proxy.toml"
-        config.write_text(proxy_config(upstream_port, site))
-        proxy = start_proxy(config, database_url, tmp_path)
+            serve_pages() as elsewhere, \
+            serving_proxy(proxy_config(upstream_port, site), database_url, tmp_path) as proxy, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-                try:
-                    page = browser.new_page()
-                    page.set_default_timeout(15_000)
-                    refused = browser.new_page()
-                    refused.set_default_timeout(15_000)
-                    console: list[str] = []
-                    refused.on("console", lambda m: console.append(m.text))
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            refused = browser.new_page()
+            refused.set_default_timeout(15_000)
+            console: list[str] = []
+            refused.on("console", lambda m: console.append(m.text))
 
-                    # Signed in from the listed origin: the trial balance shows.
-                    open_app(page, site, proxy.url, user)
-                    expect(page.locator("#user")).to_have_text(user)
-                    expect(page.locator("#balance")).to_have_text("2")
+            # Signed in from the listed origin: the trial balance shows.
+            open_app(page, site, proxy.url, user)
+            expect(page.locator("#user")).to_have_text(user)
+            expect(page.locator("#balance")).to_have_text("2")
 
-                    # The same page from an unlisted origin: the browser refuses both
-                    # calls (their preflights get no CORS headers), so none is sent.
-                    open_app(refused, elsewhere, proxy.url, user)
-                    ask_and_watch(refused, 1)
-                    tried = refused.evaluate("window.calls")
-                    assert [c["kind"] for c in tried] == ["user", "ask", "user"]
-                    for call in tried:
-                        assert call.get("errorName") == "TypeError", call
-                        assert "status" not in call, call
-                    expect(refused.locator("#balance")).to_have_text("…")
-                    expect(refused.locator("#error")).to_contain_text("Failed to fetch")
-                    blocked = [t for t in console if "blocked by CORS policy" in t]
-                    assert any(elsewhere in t for t in blocked), console
-                    assert upstream.calls == []
-                    refused.close()
+            # The same page from an unlisted origin: the browser refuses both
+            # calls (their preflights get no CORS headers), so none is sent.
+            open_app(refused, elsewhere, proxy.url, user)
+            ask_and_watch(refused, 1)
+            tried = refused.evaluate("window.calls")
+            assert [c["kind"] for c in tried] == ["user", "ask", "user"]
+            for call in tried:
+                assert call.get("errorName") == "TypeError", call
+                assert "status" not in call, call
+            expect(refused.locator("#balance")).to_have_text("…")
+            expect(refused.locator("#error")).to_contain_text("Failed to fetch")
+            blocked = [t for t in console if "blocked by CORS policy" in t]
+            assert any(elsewhere in t for t in blocked), console
+            assert upstream.calls == []
+            refused.close()
 
-                    # Nothing moved: the balance is still the trial's.
-                    page.reload()
-                    expect(page.locator("#state")).to_have_text("ready", timeout=15_000)
-                    expect(page.locator("#balance")).to_have_text("2")
+            # Nothing moved: the balance is still the trial's.
+            page.reload()
+            expect(page.locator("#state")).to_have_text("ready", timeout=15_000)
+            expect(page.locator("#balance")).to_have_text("2")
 
-                    # Two answers stream into the page, a credit each.
-                    for n, left in ((1, "1"), (2, "0")):
-                        partial = ask_and_watch(page, n)
-                        expect(page.locator("#answer")).to_have_text(story)
-                        expect(page.locator("#balance")).to_have_text(left)
-                        expect(page.locator("#error")).to_have_text("")
-                        call = asks(page)[-1]
-                        assert call["status"] == 200 and call["queryType"] == "standard"
-                        assert call["answer"] == story and call["sawDone"] is True
-                        # Streamed, not delivered at the end: text was on the page while
-                        # the stream was open, read by read.
-                        assert partial and story.startswith(partial) and partial != story
-                        assert story.startswith(call["firstText"])
-                        assert call["firstText"] != story
-                        assert call["textReads"] >= 3, call
-                        assert call["endMs"] - call["firstTextMs"] >= \
-                            (len(STORY) - 2) * CHUNK_DELAY * 1000, call
+            # Two answers stream into the page, a credit each.
+            for n, left in ((1, "1"), (2, "0")):
+                partial = ask_and_watch(page, n)
+                expect(page.locator("#answer")).to_have_text(story)
+                expect(page.locator("#balance")).to_have_text(left)
+                expect(page.locator("#error")).to_have_text("")
+                call = asks(page)[-1]
+                assert call["status"] == 200 and call["queryType"] == "standard"
+                assert call["answer"] == story and call["sawDone"] is True
+                # Streamed, not delivered at the end: text was on the page while
+                # the stream was open, read by read.
+                assert partial and story.startswith(partial) and partial != story
+                assert story.startswith(call["firstText"])
+                assert call["firstText"] != story
+                assert call["textReads"] >= 3, call
+                assert call["endMs"] - call["firstTextMs"] >= \
+                    (len(STORY) - 2) * CHUNK_DELAY * 1000, call
 
-                    # Out of credits: the 402 and the balance it names are shown.
-                    ask_and_watch(page, 3)
-                    call = asks(page)[-1]
-                    assert call["status"] == 402 and call["code"] == "not_enough_queries"
-                    assert call["currentBalance"] == {"type": "standard", "count": 0}
-                    expect(page.locator("#error")).to_contain_text(
-                        "402 not_enough_queries")
-                    expect(page.locator("#error")).to_contain_text("standard left: 0")
-                    expect(page.locator("#answer")).to_have_text("")
-                    expect(page.locator("#balance")).to_have_text("0")
-                finally:
-                    browser.close()
+            # Out of credits: the 402 and the balance it names are shown.
+            ask_and_watch(page, 3)
+            call = asks(page)[-1]
+            assert call["status"] == 402 and call["code"] == "not_enough_queries"
+            assert call["currentBalance"] == {"type": "standard", "count": 0}
+            expect(page.locator("#error")).to_contain_text(
+                "402 not_enough_queries")
+            expect(page.locator("#error")).to_contain_text("standard left: 0")
+            expect(page.locator("#answer")).to_have_text("")
+            expect(page.locator("#balance")).to_have_text("0")
         finally:
-            stop_proxy(proxy)
+            browser.close()
 
     # The upstream got the two paid calls, with the provider's key, not the user's token.
     assert len(upstream.calls) == 2

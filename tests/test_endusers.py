@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,8 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.endusers import REFETCH_SECONDS
-from tests.conftest import AsgiServer, Proxy, mint_keys, start_proxy, stop_proxy
-from tests.upstream import free_port
+from tests.conftest import Proxy, mint_keys, new_user, serving_proxy
+from tests.upstream import free_port, serve_asgi
 
 HS_SECRET = "hs-app-signing-secret-0123456789abcdef"
 OTHER_SECRET = "other-app-signing-secret-fedcba9876543210"
@@ -187,16 +186,11 @@ def world(own_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
                 rot_a=rsa_key("rot-a"), rot_b=rsa_key("rot-b"))
     jwks = Jwks({"/jwks.json": [keys["rsa"].jwk(), keys["ec"].jwk()],
                  "/rot.json": [keys["rot_a"].jwk()]})
-    workdir = tmp_path_factory.mktemp("endusers")
-    path = Path(workdir / "proxy.toml")
-    with AsgiServer(jwks) as port:
-        path.write_text(config(port))
-        proxy = start_proxy(path, own_database_url, workdir, {"EU_HS_SECRET": HS_SECRET})
-        try:
-            owner = asyncio.run(mint_keys(own_database_url, ["hs", "other"]))
-            yield World(proxy, jwks, owner, **keys)
-        finally:
-            stop_proxy(proxy)
+    with serve_asgi(jwks) as port, serving_proxy(
+            config(port), own_database_url, tmp_path_factory.mktemp("endusers"),
+            {"EU_HS_SECRET": HS_SECRET}) as proxy:
+        owner = asyncio.run(mint_keys(own_database_url, ["hs", "other"]))
+        yield World(proxy, jwks, owner, **keys)
 
 
 @pytest.fixture
@@ -205,21 +199,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-async def pg(own_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def new_user(tag: str) -> str:
-    return f"{tag}-{time.monotonic_ns()}"
 
 
 async def balance(pg: asyncpg.Connection, paywall: str, user: str, asset: str = "standard"

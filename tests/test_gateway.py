@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -32,8 +31,8 @@ import jwt
 import orjson
 import pytest
 
-from tests.conftest import AsgiServer, Proxy, mint_keys, start_proxy, stop_proxy
-from tests.upstream import free_port
+from tests.conftest import Proxy, credits_paywall, mint_keys, new_user, serving_proxy
+from tests.upstream import free_port, read_body, send_json, serve_asgi
 
 SECRET = "gw-provider-CANARY-secret-5f2b9c7d1e"
 JWT_SECRET = "gateway-app-signing-secret-0123456789"
@@ -74,12 +73,7 @@ class Api:
         return [h for h in self.hits if f"tag={tag}" in h.query]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         hit = Hit(scope["method"], scope["path"], scope["query_string"].decode(),
                   [(k.decode().lower(), v.decode()) for k, v in scope["headers"]], raw)
         self.hits.append(hit)
@@ -113,14 +107,14 @@ class Api:
                 await send({"type": "http.response.body", "body": b"data: late\n\n"})
         elif kind == "late":
             if not await self._gone(receive, 3, tag):
-                await _json(send, 200, {"late": True})
+                await send_json(send, 200, {"late": True})
         elif kind == "slow":
             if not await self._gone(receive, SLOW_ANSWER, tag):
-                await _json(send, 200, {"slow": True})
+                await send_json(send, 200, {"slow": True})
         elif kind == "weird":
-            await _json(send, 200, {"weird": True}, [(b"x-weird", WEIRD)])
+            await send_json(send, 200, {"weird": True}, [(b"x-weird", WEIRD)])
         elif kind == "cors":
-            await _json(send, 200, {"cors": True}, [
+            await send_json(send, 200, {"cors": True}, [
                 (b"access-control-allow-origin", b"*"), (b"vary", b"Accept-Encoding"),
                 (b"access-control-allow-credentials", b"true"),
                 (b"access-control-expose-headers", b"x-upstream-secret")])
@@ -139,10 +133,10 @@ class Api:
             raise UpstreamCut(kind)
         elif kind == "fail":
             auth = dict(hit.headers).get("authorization", "")
-            await _json(send, 500, {"error": {"message": f"upstream broke; you sent {auth}",
-                                              "key": auth.removeprefix("Bearer ")}})
+            await send_json(send, 500, {"error": {"message": f"upstream broke; you sent {auth}",
+                                                  "key": auth.removeprefix("Bearer ")}})
         else:
-            await _json(send, 200, {
+            await send_json(send, 200, {
                 "method": hit.method, "path": hit.path, "query": hit.query,
                 "content_type": dict(hit.headers).get("content-type"),
                 "sha256": hashlib.sha256(raw).hexdigest(), "length": len(raw)},
@@ -161,13 +155,6 @@ class Api:
         return True
 
 
-async def _json(send: Any, status: int, data: Any,
-                extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *(extra or [])]})
-    await send({"type": "http.response.body", "body": orjson.dumps(data)})
-
-
 def config(api_url: str) -> str:
     return f"""
 [server]
@@ -177,35 +164,11 @@ max_body_bytes = 1048576
 read_timeout = 3
 stream_idle_timeout = 1
 
-[paywalls.gw]
-name = "Gateway app"
-allowed_origins = ["{ORIGIN}"]
-[paywalls.gw.auth]
-hs256_secret = "{JWT_SECRET}"
-[paywalls.gw.credits]
-types = ["standard", "advanced"]
-
-[paywalls.limited]
-name = "Limited app"
-allowed_origins = ["{OTHER_ORIGIN}"]
-[paywalls.limited.auth]
-hs256_secret = "{JWT_SECRET}"
-[paywalls.limited.credits]
-types = ["standard"]
-trial = {{ standard = 100 }}
-[paywalls.limited.limits]
-user_requests_per_minute = 3
-
-[paywalls.solo]
-name = "One call at a time"
-[paywalls.solo.auth]
-hs256_secret = "{JWT_SECRET}"
-[paywalls.solo.credits]
-types = ["standard"]
-trial = {{ standard = 10 }}
-[paywalls.solo.limits]
-user_concurrency = 1
-
+{credits_paywall("gw", "Gateway app", JWT_SECRET, ("standard", "advanced"), origin=ORIGIN)}
+{credits_paywall("limited", "Limited app", JWT_SECRET, trial=100, origin=OTHER_ORIGIN,
+                 limits={"user_requests_per_minute": 3})}
+{credits_paywall("solo", "One call at a time", JWT_SECRET, trial=10,
+                 limits={"user_concurrency": 1})}
 [api_providers.chat]
 url = "{api_url}/v1"
 method = "POST"
@@ -245,15 +208,10 @@ class Gateway:
 def gateway(own_database_url: str, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Gateway]:
     api = Api()
-    workdir = tmp_path_factory.mktemp("gateway")
-    path = Path(workdir / "proxy.toml")
-    with AsgiServer(api) as port:
-        path.write_text(config(f"http://127.0.0.1:{port}"))
-        proxy = start_proxy(path, own_database_url, workdir, {"GW_PROVIDER_SECRET": SECRET})
-        try:
-            yield Gateway(proxy, api, asyncio.run(mint_keys(own_database_url, ["gw"])))
-        finally:
-            stop_proxy(proxy)
+    with serve_asgi(api) as port, serving_proxy(
+            config(f"http://127.0.0.1:{port}"), own_database_url,
+            tmp_path_factory.mktemp("gateway"), {"GW_PROVIDER_SECRET": SECRET}) as proxy:
+        yield Gateway(proxy, api, asyncio.run(mint_keys(own_database_url, ["gw"])))
 
 
 @pytest.fixture
@@ -261,19 +219,6 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     async with httpx.AsyncClient(timeout=20, limits=limits) as client:
         yield client
-
-
-@pytest.fixture
-async def pg(own_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-def new_user(tag: str) -> str:
-    return f"{tag}-{time.monotonic_ns()}"
 
 
 def signed_in(user: str, **headers: str) -> dict[str, str]:

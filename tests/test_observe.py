@@ -41,7 +41,6 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Match
 
@@ -52,9 +51,11 @@ from tests.conftest import (
     PROVIDER_KEY,
     Proxy,
     RedisServer,
+    Samples,
+    by,
     mint_keys,
-    start_proxy,
-    stop_proxy,
+    parse_metrics,
+    serving_proxy,
 )
 from tests.upstream import CHUNK_DELAY, CHUNKS, WORDS, Upstream, free_port
 
@@ -775,13 +776,10 @@ def read_log(proxy: Proxy) -> tuple[str, list[Any], dict[str, list[dict[str, Any
 def observed(upstream: Upstream, own_database_url: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     workdir = tmp_path_factory.mktemp("observe")
-    config = workdir / "proxy.toml"
-    config.write_text(canary_config(upstream))
     keys = asyncio.run(mint_keys(own_database_url, ["app", "broke", "gated"]))
     dead_redis = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0"
-    proxy = start_proxy(config, with_password(own_database_url, DB_PASSWORD), workdir,
-                        {**SECRET_ENV, "REDIS_URL": dead_redis})
-    try:
+    with serving_proxy(canary_config(upstream), with_password(own_database_url, DB_PASSWORD),
+                       workdir, {**SECRET_ENV, "REDIS_URL": dead_redis}) as proxy:
         with httpx.Client(base_url=proxy.url, timeout=20) as http:
             ctx = Ctx(proxy, keys, http)
             sent = {case.name: case.send(ctx) for case in CASES}
@@ -794,11 +792,9 @@ def observed(upstream: Upstream, own_database_url: str,
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        yield Observed(config, sent, output, lines, access, [
+        yield Observed(workdir / "proxy.toml", sent, output, lines, access, [
             *keys.values(), wrong_key(ctx), *ctx.tokens,
             *(token_of(v) for v in ctx.links.values())])
-    finally:
-        stop_proxy(proxy)
 
 
 def test_the_canaries_were_in_use(observed: Observed, upstream: Upstream) -> None:
@@ -924,7 +920,7 @@ def test_metrics_token(observed: Observed) -> None:
     assert observed.sent["metrics-paywall-key"].status == 401
     metrics = observed.sent["metrics"]
     assert metrics.status == 200
-    parsed = parse(metrics.body.decode())
+    parsed = parse_metrics(metrics.body.decode())
     assert total(parsed, "paywall_requests_total", route=CHAT) > 0
 
 
@@ -961,43 +957,17 @@ starter_grant = "0"
 """
 
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
 def scrape(proxy: Proxy, token: str | None = None) -> Samples:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     r = httpx.get(proxy.url + "/metrics", headers=headers, timeout=10)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
-    return parse(r.text)
-
-
-def parse(text: str) -> Samples:
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = (s.name, frozenset(s.labels.items()))
-            assert key not in out, key
-            out[key] = s.value
-    return out
+    return parse_metrics(r.text)
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def by(samples: Samples, name: str, keys: tuple[str, ...], **labels: str
-       ) -> dict[tuple[str, ...], float]:
-    """The samples of ``name`` matching ``labels``, by the values of ``keys``."""
-    want = set(labels.items())
-    out: dict[tuple[str, ...], float] = {}
-    for (n, ls), v in samples.items():
-        if n == name and want <= ls and v:
-            d = dict(ls)
-            k = tuple(d[x] for x in keys)
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def eventually_scrape(proxy: Proxy, done: Callable[[Samples], bool], what: str,
@@ -1039,15 +1009,11 @@ class Metered:
 @pytest.fixture(scope="module")
 def metered(upstream: Upstream, own_database_url: str, redis_server: RedisServer,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
-    workdir = tmp_path_factory.mktemp("metrics")
-    config = workdir / "proxy.toml"
-    config.write_text(metrics_config(upstream))
     keys = asyncio.run(mint_keys(own_database_url, ["met", "met-broke"]))
-    proxy = start_proxy(config, own_database_url, workdir, {"REDIS_URL": redis_server.url})
-    try:
+    with serving_proxy(metrics_config(upstream), own_database_url,
+                       tmp_path_factory.mktemp("metrics"),
+                       {"REDIS_URL": redis_server.url}) as proxy:
         yield Metered(proxy, keys, own_database_url)
-    finally:
-        stop_proxy(proxy)
 
 
 async def send_mix(proxy: Proxy, keys: dict[str, str]) -> list[str]:
@@ -1229,13 +1195,10 @@ def forwarded_by(path: Path) -> float:
 
 def test_two_workers_sum_in_every_scrape(upstream: Upstream, own_database_url: str,
                                          tmp_path_factory: pytest.TempPathFactory) -> None:
-    workdir = tmp_path_factory.mktemp("workers")
-    config = workdir / "proxy.toml"
     pool_min = 3
-    config.write_text(metrics_config(upstream, pool_min))
     keys = asyncio.run(mint_keys(own_database_url, ["met"]))
-    proxy = start_proxy(config, own_database_url, workdir, args=("--workers", "2"))
-    try:
+    with serving_proxy(metrics_config(upstream, pool_min), own_database_url,
+                       tmp_path_factory.mktemp("workers"), args=("--workers", "2")) as proxy:
         deadline = time.monotonic() + 20
         while True:  # both workers up: each has written its counter file
             files = {}
@@ -1277,8 +1240,6 @@ def test_two_workers_sum_in_every_scrape(upstream: Upstream, own_database_url: s
         eventually_scrape(  # each worker samples its pool every two seconds
             proxy, lambda s: total(s, "paywall_db_pool_connections", state="open")
             >= 2 * pool_min, "both workers' pools in the gauge")
-    finally:
-        stop_proxy(proxy)
 
 
 def test_access_writer_writes_one_redacted_json_line_per_call() -> None:

@@ -11,11 +11,9 @@ should trip (errors) must be true while the others (target down, ledger errors) 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
-import secrets
 import shutil
 import subprocess
 import time
@@ -25,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import pytest
 import yaml
 
-from proxy import db
-from tests.conftest import ROOT, Proxy, mint_key, start_proxy, stop_proxy, with_database
+from tests.conftest import ROOT, Proxy, mint_key, serving_proxy
 from tests.upstream import Upstream, free_port
 
 DEPLOY = ROOT / "deploy"
@@ -133,38 +129,13 @@ def scrape_config(proxy: Proxy) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def ledger_url(pg_server: str) -> Iterator[str]:
-    """A database of this module's own: pending and expired holds count the whole
-    ledger, and the alerts on them must see only this module's traffic."""
-    name = f"paywall_prom_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    url = with_database(pg_server, name)
-    try:
-        asyncio.run(db.migrate(url))
-        yield url
-    finally:
-        asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
-
-
-@pytest.fixture(scope="module")
-def proxy(upstream: Upstream, ledger_url: str,
+def proxy(upstream: Upstream, own_database_url: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    workdir = tmp_path_factory.mktemp("prometheus-proxy")
-    config = workdir / "proxy.toml"
-    config.write_text(settings(upstream))
-    running = start_proxy(config, ledger_url, workdir)
-    try:
+    # A database of this module's own: pending and expired holds count the whole
+    # ledger, and the alerts on them must see only this module's traffic.
+    with serving_proxy(settings(upstream), own_database_url,
+                       tmp_path_factory.mktemp("prometheus-proxy")) as running:
         yield running
-    finally:
-        stop_proxy(running)
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +206,10 @@ def drive(proxy: Proxy, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def scraped(proxy: Proxy, prometheus: Prometheus, ledger_url: str) -> Prometheus:
+def scraped(proxy: Proxy, prometheus: Prometheus, own_database_url: str) -> Prometheus:
     """Prometheus after a few rounds of traffic, each seen by a scrape of its own, and
     one more scrape after the last, so every series has two samples or more."""
-    key = mint_key(ledger_url, PAYWALL)
+    key = mint_key(own_database_url, PAYWALL)
     sent = 0
     for _ in range(ROUNDS):
         sent += drive(proxy, key)

@@ -25,9 +25,17 @@ import pytest
 import redis.asyncio as aioredis
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Proxy, RedisServer, mint_key, start_proxy, stop_proxy
+from tests.conftest import (
+    Proxy,
+    RedisServer,
+    Samples,
+    by,
+    mint_key,
+    parse_metrics,
+    start_proxy,
+    stop_proxy,
+)
 from tests.upstream import WORDS, Upstream
 
 SCALE = 10**9  # usd's smallest unit
@@ -138,26 +146,10 @@ async def ask(client: AsyncOpenAI, replica: int, user: str, stream: bool) -> Ans
     return Answer(replica, raw.headers["x-request-id"], action, stream)
 
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
 def scrape(proxy: Proxy) -> Samples:
     r = httpx.get(proxy.url + "/metrics", timeout=10)
     assert r.status_code == 200
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(r.text) for s in family.samples}
-
-
-def by(samples: Samples, name: str, keys: tuple[str, ...], **labels: str
-       ) -> dict[tuple[str, ...], float]:
-    want = set(labels.items())
-    out: dict[tuple[str, ...], float] = {}
-    for (n, ls), v in samples.items():
-        if n == name and want <= ls and v:
-            d = dict(ls)
-            k = tuple(d[x] for x in keys)
-            out[k] = out.get(k, 0) + v
-    return out
+    return parse_metrics(r.text)
 
 
 def added(*dicts: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:

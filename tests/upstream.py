@@ -82,12 +82,7 @@ class Upstream:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         body = orjson.loads(raw) if raw else {}
         self.seen.append(Seen(scope["path"], scope["query_string"].decode(), headers, body))
@@ -96,30 +91,31 @@ class Upstream:
             auth = headers.get("authorization", "") or headers.get("api-key", "")
             key = auth.removeprefix("Bearer ")
             masked = key[:3] + "*" * 12 + key[-4:]
-            await _json(send, 401, {"error": {
+            await send_json(send, 401, {"error": {
                 "message": f"Incorrect API key provided: {key}. Masked: {masked}.",
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
         elif model == "crash":
-            await _json(send, 500, {"error": {"message": "upstream broke", "type": "server_error",
-                                              "param": None, "code": None}})
+            await send_json(send, 500, {"error": {"message": "upstream broke",
+                                                  "type": "server_error",
+                                                  "param": None, "code": None}})
         elif model == "sleepy":
             await asyncio.sleep(3)
-            await _json(send, 200, _completion(body))
+            await send_json(send, 200, _completion(body))
         elif model == "slow-echo" and not body.get("stream"):
             await asyncio.sleep(SLOW_DELAY)
-            await _json(send, 200, _completion(body))
+            await send_json(send, 200, _completion(body))
         elif model == "no-usage" and not body.get("stream"):
             completion = _completion(body)
             del completion["usage"]
-            await _json(send, 200, completion)
+            await send_json(send, 200, completion)
         elif model.startswith("linger-"):
             await self._linger(float(model.removeprefix("linger-")), body, receive, send)
         elif body.get("stream"):
             await self._stream(model, body, receive, send)
         else:
-            await _json(send, 200, _completion(body), [(b"x-request-id", b"up-123"),
-                                                       (b"openai-processing-ms", b"7"),
-                                                       (b"set-cookie", b"upstream=secret")])
+            await send_json(send, 200, _completion(body), [(b"x-request-id", b"up-123"),
+                                                           (b"openai-processing-ms", b"7"),
+                                                           (b"set-cookie", b"upstream=secret")])
 
     async def _stream(self, model: str, body: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,
@@ -197,7 +193,7 @@ class Upstream:
         try:
             if not body.get("stream"):
                 await asyncio.sleep(seconds)
-                await _json(send, 200, _completion(body))
+                await send_json(send, 200, _completion(body))
                 return
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
@@ -264,8 +260,18 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
 
 
-async def _json(send: Any, status: int, data: Any,
-                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def read_body(receive: Any) -> bytes:
+    """An ASGI request's whole body."""
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            return raw
+
+
+async def send_json(send: Any, status: int, data: Any,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), *(extra or [])]})
     await send({"type": "http.response.body", "body": orjson.dumps(data)})
@@ -279,20 +285,29 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_upstream() -> Iterator[Upstream]:
-    """Run an :class:`Upstream` on a free loopback port in a thread of its own."""
-    app = Upstream(port=free_port())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=app.port,
-                                           log_level="warning", lifespan="on"))
+def serve_asgi(app: Any, port: int = 0, lifespan: str = "off") -> Iterator[int]:
+    """Serve any ASGI app on ``port`` (a free one when 0) of the loopback interface, in a
+    thread of its own, until the block ends: ``with serve_asgi(app) as port: ...``."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline:
-            raise RuntimeError("test upstream did not start")
+            raise RuntimeError(f"test server on port {port} did not start")
         time.sleep(0.01)
     try:
-        yield app
+        yield port
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+@contextlib.contextmanager
+def serve_upstream() -> Iterator[Upstream]:
+    """Run an :class:`Upstream` on a free loopback port in a thread of its own."""
+    app = Upstream(port=free_port())
+    with serve_asgi(app, app.port, lifespan="on"):
+        yield app
