@@ -401,20 +401,25 @@ class Load:
         return f"{self.non_2xx} non-2xx, {self.socket_errors} socket"
 
 
-def wrk(url: str, body: bytes, auth: str, concurrency: int, seconds: int) -> Load:
-    """``wrk -t1 -cC -dD --latency -s chat.lua URL`` POSTing ``body``."""
-    argv = [WRK, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency",
-            "--timeout", WRK_TIMEOUT, "-s", str(CHAT_LUA), url]
+def _load_result(argv: list[str], body: bytes, auth: str, seconds: float, marker: str,
+                 name: str) -> dict[str, Any]:
+    """Run a load client posting ``body`` and return the JSON it prints after ``marker``."""
     env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
                           timeout=seconds + 60)
     for line in done.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            r = json.loads(line.removeprefix("BENCH_RESULT "))
-            break
-    else:
-        raise RuntimeError(f"wrk gave no result (status {done.returncode}):\n"
-                           f"{done.stdout}\n{done.stderr}")
+        if line.startswith(marker):
+            result: dict[str, Any] = json.loads(line.removeprefix(marker))
+            return result
+    raise RuntimeError(f"{name} gave no result (status {done.returncode}):\n"
+                       f"{done.stdout}\n{done.stderr}")
+
+
+def wrk(url: str, body: bytes, auth: str, concurrency: int, seconds: int) -> Load:
+    """``wrk -t1 -cC -dD --latency -s chat.lua URL`` POSTing ``body``."""
+    argv = [WRK, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency",
+            "--timeout", WRK_TIMEOUT, "-s", str(CHAT_LUA), url]
+    r = _load_result(argv, body, auth, seconds, "BENCH_RESULT ", "wrk")
     secs = r["duration_us"] / 1e6
     return Load(
         requests=r["requests"], seconds=secs, rps=r["requests"] / secs if secs else 0.0,
@@ -452,16 +457,7 @@ def sse_load(url: str, body: bytes, auth: str, concurrency: int, seconds: float)
     """``bench/sse.py`` against ``url``: ``concurrency`` connections for ``seconds``."""
     argv = [sys.executable, str(SSE_CLIENT), url, "--concurrency", str(concurrency),
             "--duration", str(seconds)]
-    env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
-                          timeout=seconds + 60)
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCH_SSE "):
-            r = json.loads(line.removeprefix("BENCH_SSE "))
-            break
-    else:
-        raise RuntimeError(f"bench/sse.py gave no result (status {done.returncode}):\n"
-                           f"{done.stdout}\n{done.stderr}")
+    r = _load_result(argv, body, auth, seconds, "BENCH_SSE ", "bench/sse.py")
     secs = r["duration_us"] / 1e6
     return StreamLoad(
         requests=r["requests"], seconds=secs, rps=r["requests"] / secs if secs else 0.0,
