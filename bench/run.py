@@ -200,13 +200,14 @@ def setup_name(server: str, stream: bool) -> str:
 # --- the proxy -------------------------------------------------------------------
 
 
+ASYNC_COMMIT = "[billing]\nsynchronous_commit = false\n"
+
+
 def settings_toml(upstream: Upstream, synchronous_commit: bool = True) -> str:
     return f"""\
 [server]
 host = "127.0.0.1"
-
-[billing]
-synchronous_commit = {"true" if synchronous_commit else "false"}
+{"" if synchronous_commit else ASYNC_COMMIT}
 
 [providers.nginx]
 kind = "openai"
