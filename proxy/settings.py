@@ -522,6 +522,9 @@ def _check_credits(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> None
         if t not in s.assets or s.assets[t].kind != "credits":
             raise fail(f"paywalls.{wid}.credits.types[{i}]",
                        f"{t!r} is not a credits asset (declare it under [assets.{t}])")
+        if s.assets[t].scale != 0:
+            raise fail(f"paywalls.{wid}.credits.types[{i}]",
+                       f"credits are whole: assets.{t}.scale must be 0")
     tables = [(f"paywalls.{wid}.credits.trial", c.trial)] + [
         (f"paywalls.{wid}.credits.plans.{pid}.credits", p.credits) for pid, p in c.plans.items()]
     for key, counts in tables:

@@ -122,3 +122,17 @@ def test_a_jwks_paywall_must_name_its_audience(tmp_path: Path) -> None:
     path.write_text('[paywalls.a.auth]\njwks_url = "https://id.example.test/jwks.json"\n'
                     'audience = "app"\n')
     assert settings.load(path, {}).paywalls["a"].auth.audience == "app"
+
+
+def test_credit_types_are_whole_credits_assets(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[paywalls.a.credits]\ntypes = ["usd"]\n')
+    with pytest.raises(ConfigError, match=r"credits\.types\[0\]: 'usd' is not a credits"):
+        settings.load(path, {})
+    path.write_text('[assets.tenths]\nscale = 1\nkind = "credits"\n'
+                    '[paywalls.a.credits]\ntypes = ["tenths"]\n')
+    with pytest.raises(ConfigError, match=r"assets\.tenths\.scale must be 0"):
+        settings.load(path, {})
+    path.write_text('[paywalls.a.credits]\ntypes = ["standard"]\ntrial = { advanced = 1 }\n')
+    with pytest.raises(ConfigError, match=r"credits\.trial\.advanced: not one of"):
+        settings.load(path, {})
