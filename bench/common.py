@@ -401,7 +401,7 @@ class Load:
         return f"{self.non_2xx} non-2xx, {self.socket_errors} socket"
 
 
-def _load_result(argv: list[str], body: bytes, auth: str, seconds: float, marker: str,
+def load_result(argv: list[str], body: bytes, auth: str, seconds: float, marker: str,
                  name: str) -> dict[str, Any]:
     """Run a load client posting ``body`` and return the JSON it prints after ``marker``."""
     env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth}
@@ -419,7 +419,7 @@ def wrk(url: str, body: bytes, auth: str, concurrency: int, seconds: int) -> Loa
     """``wrk -t1 -cC -dD --latency -s chat.lua URL`` POSTing ``body``."""
     argv = [WRK, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency",
             "--timeout", WRK_TIMEOUT, "-s", str(CHAT_LUA), url]
-    r = _load_result(argv, body, auth, seconds, "BENCH_RESULT ", "wrk")
+    r = load_result(argv, body, auth, seconds, "BENCH_RESULT ", "wrk")
     secs = r["duration_us"] / 1e6
     return Load(
         requests=r["requests"], seconds=secs, rps=r["requests"] / secs if secs else 0.0,
@@ -457,7 +457,7 @@ def sse_load(url: str, body: bytes, auth: str, concurrency: int, seconds: float)
     """``bench/sse.py`` against ``url``: ``concurrency`` connections for ``seconds``."""
     argv = [sys.executable, str(SSE_CLIENT), url, "--concurrency", str(concurrency),
             "--duration", str(seconds)]
-    r = _load_result(argv, body, auth, seconds, "BENCH_SSE ", "bench/sse.py")
+    r = load_result(argv, body, auth, seconds, "BENCH_SSE ", "bench/sse.py")
     secs = r["duration_us"] / 1e6
     return StreamLoad(
         requests=r["requests"], seconds=secs, rps=r["requests"] / secs if secs else 0.0,
@@ -478,16 +478,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version_output(argv: list[str]) -> str:
+    """What ``argv`` prints (stdout, else stderr), or "" when it cannot run."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError:
+        return ""
+    return (done.stdout or done.stderr).strip()
+
+
 def machine_lines(started: datetime) -> list[str]:
-    nginx = subprocess.run([NGINX, "-v"], capture_output=True, text=True, check=False)
-    wrk_version = subprocess.run([WRK, "-v"], capture_output=True, text=True, check=False)
+    nginx = _version_output([NGINX, "-v"]).removeprefix("nginx version: ") or "no nginx"
+    wrk_version = _version_output([WRK, "-v"]).split(" [")[0].strip() or "no wrk"
     return [
         f"date: {started.isoformat(timespec='seconds')}",
         f"machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, "
         f"{platform.system()} {platform.release()}",
-        f"software: Python {platform.python_version()}, "
-        f"{nginx.stderr.strip().removeprefix('nginx version: ')}, "
-        f"{wrk_version.stdout.split(' [')[0].strip() or 'wrk'}",
+        f"software: Python {platform.python_version()}, {nginx}, {wrk_version}",
     ]
 
 

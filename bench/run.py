@@ -9,18 +9,21 @@ anything (once with the limits in process, once in a redis-server started here),
 LiteLLM proxy when bench/litellm.sh has installed it. At each concurrency wrk runs
 against every one of them, streaming and not, and bench/sse.py times each stream's first
 byte; the setups alternate within each concurrency so that the figures compared are
-taken close together. Writes JSON and a Markdown report to the out dir (also as
-``latest.json`` and ``latest.md``) and prints it.
+taken close together. Then bench/open_streams.py holds 1,000 slow streams open at once
+through the proxy (``open-streams``). Writes JSON and a Markdown report to the out dir
+(also as ``latest.json`` and ``latest.md``) and prints it.
 
     .venv/bin/python bench/run.py [--duration 5] [--concurrency 1,8,64] [--workers 1,2]
-                                  [--setups direct,bare,proxy,limits-local,limits-redis,litellm]
+                                  [--setups direct,bare,proxy,limits-local,limits-redis,
+                                            litellm,open-streams]
                                   [--no-stream] [--install-litellm] [--out bench/results]
+                                  [--open-streams 1000] [--stream-chunks 24]
+                                  [--chunk-interval-ms 500]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import os
@@ -30,7 +33,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +41,7 @@ from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
-import asyncpg
+import open_streams
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv
 from common import (
     BENCH_DIR,
@@ -67,14 +69,27 @@ from common import (
     write_results,
     wrk,
 )
+from open_streams import OpenStreams
+from proxyproc import (
+    MB,
+    PROXY,
+    RssSampler,
+    create_key,
+    database_env,
+    embedded_version,
+    process_tree,
+    rss_of,
+    serve_proxy,
+    stop_leftover_postgres,
+    tree_rss,
+    wait_started,
+)
 
-PROXY = Path(sys.executable).with_name("paywall-proxy")
 LITELLM_VENV = BENCH_DIR / ".venv-litellm"  # made by bench/litellm.sh
 LITELLM_SCRIPT = BENCH_DIR / "litellm.sh"
 NOT_INSTALLED = "not installed"
 UPSTREAM_KEY = "sk-upstream-bench"
 BARE_CLIENT = "aiohttp"  # the proxy's own upstream client
-MB = 1024 * 1024
 PAYWALL = "bench"  # no limits: the plain proxy
 LIMITS_PAYWALL = "bench-limits"  # every limit on, none ever reached
 # Sent with every answer a limiter admitted; a limits setup without it was not limited.
@@ -97,12 +112,13 @@ class Kind(Enum):
     LIMITS_LOCAL = "proxy + limits (in process)"
     LIMITS_REDIS = "proxy + limits (Redis)"
     LITELLM = "LiteLLM proxy"
+    OPEN_STREAMS = "open streams"  # bench/open_streams.py, a phase of its own
 
 
 # --setups names, in the order the setups run at each concurrency.
 SETUPS = {"direct": Kind.DIRECT, "bare": Kind.BARE, "proxy": Kind.PROXY,
           "limits-local": Kind.LIMITS_LOCAL, "limits-redis": Kind.LIMITS_REDIS,
-          "litellm": Kind.LITELLM}
+          "litellm": Kind.LITELLM, "open-streams": Kind.OPEN_STREAMS}
 PROXY_KINDS = (Kind.PROXY, Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
 LIMITS_KINDS = (Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
 LOG_NAMES = {Kind.PROXY: "proxy", Kind.LIMITS_LOCAL: "limits-local",
@@ -255,84 +271,13 @@ on_redis_error = "closed"
 """
 
 
-def _server_version(url: str) -> str:
-    """The PostgreSQL server's version, e.g. "15.14"; fails loudly if it cannot connect."""
-    async def ask() -> str:
-        conn = await asyncpg.connect(url, timeout=10)
-        try:
-            return str(await conn.fetchval("show server_version")).split()[0]
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(ask())
-    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-        raise RuntimeError(f"cannot connect to the DATABASE_URL: {e}") from e
-
-
-def database_env(workdir: Path) -> tuple[dict[str, str], str]:
-    """The proxy's environment for its database, and a line saying which one it is:
-    ``DATABASE_URL`` when it is set, else the proxy's embedded PostgreSQL in the temp dir.
-
-    ``REDIS_URL`` is left out: only the Redis setup gets one, the harness's own.
-    """
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "PAYWALL_DATA_DIR", "REDIS_URL")}
-    if url := os.environ.get("DATABASE_URL"):
-        return ({**env, "DATABASE_URL": url},
-                f"PostgreSQL {_server_version(url)} from DATABASE_URL")
-    return {**env, "PAYWALL_DATA_DIR": str(workdir / "data")}, "embedded PostgreSQL"
-
-
-def _embedded_version(data_dir: Path) -> str | None:
-    """The major version of an embedded PostgreSQL in ``data_dir``, once it is made."""
-    with contextlib.suppress(OSError):
-        return (data_dir / "pg" / "PG_VERSION").read_text(encoding="utf-8").strip()
-    return None
-
-
-def create_key(config: Path, env: Mapping[str, str], paywall: str) -> str:
-    done = subprocess.run([str(PROXY), "keys", "create", "--paywall", paywall,
-                           "--config", str(config)],
-                          env=dict(env), capture_output=True, text=True, check=False, timeout=180)
-    key = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
-    if done.returncode != 0 or not key:
-        raise RuntimeError(f"paywall-proxy keys create failed (status {done.returncode}):\n"
-                           f"{done.stdout}{done.stderr}")
-    return key
-
-
-def _wait_started(name: str, proc: subprocess.Popen[bytes], log: Path, workers: int,
-                  timeout: float = 180) -> None:
-    """Wait until each of the ``workers`` has logged the end of its start-up (uvicorn's)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
-        text = log.read_text(encoding="utf-8", errors="replace")
-        if text.count("Application startup complete.") >= workers:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{name}'s {workers} workers not all started after "
-                       f"{timeout:.0f} s:\n{tail(log)}")
-
-
 @contextlib.contextmanager
 def proxy(kind: Kind, config: Path, env: Mapping[str, str], key: str, workers: int,
           log: Path) -> Iterator[Server]:
     """``paywall-proxy serve`` with ``workers``; wrk will use ``key``."""
-    port = free_port()
-    argv = [str(PROXY), "serve", "--config", str(config), "--port", str(port),
-            "--workers", str(workers)]
-    # Stopping includes an embedded PostgreSQL's shutdown.
-    with running(argv, log, env, stop_timeout=60) as proc:
-        wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
-        _wait_started("the proxy", proc, log, workers)
+    with serve_proxy(config, env, workers, log) as (proc, port):
         yield Server(server_name(kind, workers), kind, workers, psutil.Process(proc.pid), port,
                      f"Bearer {key}")
-        if proc.poll() is not None:
-            raise RuntimeError(f"the proxy exited with status {proc.returncode} during the "
-                               f"runs:\n{tail(log)}")
 
 
 # --- LiteLLM ---------------------------------------------------------------------
@@ -384,36 +329,12 @@ def litellm(venv: Path, upstream: Upstream, workdir: Path, workers: int,
     with running(argv, log, env) as proc:
         wait_ready(name, proc, log, f"http://127.0.0.1:{port}/health/liveliness",
                    timeout=180)
-        _wait_started(name, proc, log, workers)
+        wait_started(name, proc, log, workers)
         yield Server(server_name(Kind.LITELLM, workers), Kind.LITELLM, workers,
                      psutil.Process(proc.pid), port, f"Bearer {master_key}")
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with status {proc.returncode} during the "
                                f"runs:\n{tail(log)}")
-
-
-def stop_leftover_postgres(data_dir: Path) -> None:
-    """Stop an embedded PostgreSQL still running on ``data_dir`` once the proxy is gone.
-
-    The proxy stops the one it started when it exits; if it ever does not, the server
-    would outlive the temp dir, so it is found by its pid file and stopped here.
-    """
-    try:
-        pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
-        server = psutil.Process(pid)
-        if str(data_dir) not in " ".join(server.cmdline()):
-            return
-    except (OSError, ValueError, IndexError, psutil.Error):
-        return
-    progress(f"the embedded PostgreSQL (pid {pid}) outlived the proxy; stopping it")
-    with contextlib.suppress(psutil.Error):
-        server.terminate()
-        deadline = time.monotonic() + 15
-        while server.is_running() and server.status() != psutil.STATUS_ZOMBIE:
-            if time.monotonic() > deadline:
-                server.kill()
-                break
-            time.sleep(0.1)
 
 
 # --- Redis -----------------------------------------------------------------------
@@ -510,30 +431,6 @@ def redis_server(executable: str, workdir: Path, log: Path,
 # --- memory ----------------------------------------------------------------------
 
 
-def _tree(root: psutil.Process) -> list[psutil.Process]:
-    """``root`` and its descendants, less an embedded PostgreSQL."""
-    with contextlib.suppress(psutil.Error):
-        processes = []
-        for p in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                if p.name() not in ("postgres", "pg_ctl"):
-                    processes.append(p)
-        return processes
-    return []
-
-
-def _rss(processes: list[psutil.Process]) -> int:
-    total = 0
-    for p in processes:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-def tree_rss(root: psutil.Process) -> int:
-    return _rss(_tree(root))
-
-
 def worker_rss(server: Server) -> list[int]:
     """The RSS of each process that serves requests.
 
@@ -541,62 +438,13 @@ def worker_rss(server: Server) -> list[int]:
     (``multiprocessing.spawn``) next to a resource tracker; both others are left out.
     """
     if server.workers == 1:
-        return [_rss([server.process])]
+        return [rss_of([server.process])]
     spawned = []
-    for p in _tree(server.process)[1:]:
+    for p in process_tree(server.process)[1:]:
         with contextlib.suppress(psutil.Error):
             if "spawn_main" in " ".join(p.cmdline()):
                 spawned.append(p)
-    return [_rss([p]) for p in spawned]
-
-
-class RssSampler:
-    """Samples the resident memory of the one process tree under load, in the background.
-
-    Only one tree is sampled at a time (none while nginx itself is measured), so the
-    sampling costs the same whatever the number of servers.
-    """
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self._root: psutil.Process | None = None
-        self._peak = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def track(self, root: psutil.Process | None) -> None:
-        """Sample ``root``'s tree from now on (nothing if None); the peak starts anew."""
-        now = 0 if root is None else tree_rss(root)
-        with self._lock:
-            self._root, self._peak = root, now
-
-    def peak(self) -> int:
-        """The peak of the tracked tree since :meth:`track`."""
-        with self._lock:
-            root = self._root
-        now = 0 if root is None else tree_rss(root)
-        with self._lock:
-            return max(self._peak, now)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                root = self._root
-            if root is None:
-                continue
-            now = tree_rss(root)
-            with self._lock:
-                if self._root is root:
-                    self._peak = max(self._peak, now)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    return [rss_of([p]) for p in spawned]
 
 
 # --- the runs --------------------------------------------------------------------
@@ -884,7 +732,7 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                         progress(f"starting {server_name(Kind.LITELLM, n)}")
                         servers.append(stack.enter_context(litellm(
                             litellm_venv, upstream, workdir, n, logs / f"litellm-w{n}.log")))
-                if version := _embedded_version(workdir / "data"):
+                if version := embedded_version(workdir / "data"):
                     database = f"embedded PostgreSQL {version}"
                 plan = targets(upstream, kinds, servers, streams)
                 for t in plan:
@@ -1008,12 +856,14 @@ def summary_tables(results: Results, concurrency: list[int]) -> list[str]:
     return lines
 
 
-def report(results: Results, header: list[str], args: argparse.Namespace) -> str:
+def report(results: Results, header: list[str], args: argparse.Namespace,
+           opened: OpenStreams | None = None) -> str:
     nonstream = [r for r in results.rows if not r.stream]
     stream = [r for r in results.rows if r.stream]
     missing = results.litellm == NOT_INSTALLED
     kinds = {r.kind for r in results.rows}
-    lines = ["# Proxy overhead: direct, bare pass-through, proxy, proxy + limits, LiteLLM", "",
+    lines = ["# Proxy overhead: direct, bare pass-through, proxy, proxy + limits, LiteLLM"
+             if results.rows else "# Streams open at once through the proxy", "",
              *[f"- {line}" for line in header]]
     if Kind.PROXY.value in kinds:
         lines.append(f"- proxy: `paywall-proxy serve`, full metering (key lookup, identity, "
@@ -1035,15 +885,22 @@ def report(results: Results, header: list[str], args: argparse.Namespace) -> str
                  "the same nginx as `openai/<model>` with `api_base`, "
                  "`LITELLM_LOCAL_MODEL_COST_MAP=True`, a random master key sent with every "
                  "request, no database")
-    lines.append(f"- load: wrk -t1, {args.duration} s per run after {args.warmup} s of "
-                 f"warm-up; stream time to first byte: bench/sse.py, {args.ttfb_duration} s "
-                 "per run, right after wrk's")
-    lines += ["", "## Summary", "",
-              "Cells: RPS · latency p50 / p99 in ms; for streams, the latency is the time to "
-              "the first byte of the first event. Overhead: the setup's p50 minus direct "
-              "nginx's at the same concurrency. Peak RSS: the server's process tree, the "
-              "highest over its runs.", "",
-              *summary_tables(results, args.concurrency)]
+    if results.rows:
+        lines.append(f"- load: wrk -t1, {args.duration} s per run after {args.warmup} s of "
+                     f"warm-up; stream time to first byte: bench/sse.py, {args.ttfb_duration} "
+                     "s per run, right after wrk's")
+    if opened is not None:
+        lines.append(f"- open streams: bench/slow_sse.py, {opened.streams:,} streams at once"
+                     + (", after the other setups" if results.rows else "")
+                     + f", {opened.database}")
+    lines.append("")
+    if results.rows:
+        lines += ["## Summary", "",
+                  "Cells: RPS · latency p50 / p99 in ms; for streams, the latency is the time "
+                  "to the first byte of the first event. Overhead: the setup's p50 minus direct "
+                  "nginx's at the same concurrency. Peak RSS: the server's process tree, the "
+                  "highest over its runs.", "",
+                  *summary_tables(results, args.concurrency)]
     if nonstream:
         lines += ["## Non-streaming", "", markdown_table(
             ["setup", "concurrency", "RPS", "p50 ms", "p99 ms", "errors",
@@ -1111,7 +968,11 @@ def report(results: Results, header: list[str], args: argparse.Namespace) -> str
         lines += ["## Checks of the limits setups", "",
                   *[f"- {c.text}: {'ok' if c.ok else '**failed**'}" for c in results.checks],
                   ""]
-    if checks := target_lines(results.rows, results.memory):
+    if opened is not None:
+        lines += open_streams.report_lines(opened)
+    checks = [*target_lines(results.rows, results.memory),
+              *([] if opened is None else open_streams.target_lines(opened))]
+    if checks:
         lines += ["## Performance targets", "", *[f"- {line}" for line in checks], ""]
     lines.append("Figures are comparable only within this run. RSS leaves out an embedded "
                  "PostgreSQL and redis-server.")
@@ -1161,15 +1022,25 @@ def main() -> int:
                         help="where to write the results (default bench/results)")
     parser.add_argument("--users", type=int, default=1000,
                         help="end users the requests are spread over (default 1000)")
+    parser.add_argument("--open-streams", type=int, default=open_streams.TARGET_STREAMS,
+                        help="streams open-streams opens at once (default "
+                             f"{open_streams.TARGET_STREAMS})")
+    parser.add_argument("--stream-chunks", type=int, default=24,
+                        help="content chunks per open-streams stream (default 24)")
+    parser.add_argument("--chunk-interval-ms", type=float, default=500,
+                        help="milliseconds between an open-streams stream's chunks "
+                             "(default 500)")
     args = parser.parse_args()
     args.workers = sorted(set(args.workers))
     os.environ["BENCH_USERS"] = str(args.users)  # read by chat.lua and bench/sse.py
     if not os.access(PROXY, os.X_OK):
         progress(f"bench/run.py: not found: {PROXY} (the project installed in .venv)")
         return 2
+    wrk_setups = [k for k in args.setups if k is not Kind.OPEN_STREAMS]
     try:
-        install_missing(with_redis=Kind.LIMITS_REDIS in args.setups
-                        and redis_executable() is None)
+        if wrk_setups:
+            install_missing(with_redis=Kind.LIMITS_REDIS in args.setups
+                            and redis_executable() is None)
     except RuntimeError as e:
         progress(f"bench/run.py: {e}")
         return 2
@@ -1204,8 +1075,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="paywall-bench-") as tmp:
         logs = Path(tmp) / "logs"
         logs.mkdir()
+        opened = None
         try:
-            results = measure(args, Path(tmp), logs, redis_exe, litellm_venv)
+            results = (measure(args, Path(tmp), logs, redis_exe, litellm_venv) if wrk_setups
+                       else Results([], [], [], [], [], [], "", None, None))
+            if Kind.OPEN_STREAMS in args.setups:
+                opened = open_streams.measure(args, Path(tmp), logs)
         except KeyboardInterrupt:
             progress("interrupted")
             return 130
@@ -1219,14 +1094,16 @@ def main() -> int:
                 saved.append(args.out / f"{stem}.{log.name}")
                 shutil.copyfile(log, saved[-1])
     header = [*machine_lines(started), f"wall time of the run: {time.monotonic() - clock:.0f} s"]
-    markdown = report(results, header, args)
+    markdown = report(results, header, args, opened)
     data = {
         "started": started.isoformat(timespec="seconds"), "machine": header,
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
         "duration_s": args.duration, "warmup_s": args.warmup,
         "ttfb_duration_s": args.ttfb_duration, "users": args.users,
         "workers": args.workers, "setups": [k.value for k in args.setups],
-        "stream": args.stream, "database": results.database, "redis": results.redis,
+        "stream": args.stream,
+        "database": results.database or (opened.database if opened else ""),
+        "redis": results.redis,
         "litellm": results.litellm,
         "rows": [asdict(r) for r in results.rows],
         "pipeline": [asdict(c) for c in results.pipeline],
@@ -1234,6 +1111,7 @@ def main() -> int:
         "vs_litellm": [asdict(c) for c in results.vs_litellm],
         "memory": [asdict(m) for m in results.memory],
         "checks": [asdict(c) for c in results.checks],
+        "open_streams": None if opened is None else asdict(opened),
     }
     paths = write_results(args.out, stem, data, markdown)
     paths += write_results(args.out, "latest", data, markdown)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import importlib
 import logging
@@ -198,6 +199,10 @@ def create_app(settings: Settings) -> observe.Observe:
                        for pid, p in settings.paywalls.items()},
         )
         app.state.services = services
+        # Everything built so far lives as long as the process: keep it out of the
+        # garbage collector's full passes, which otherwise stall every open stream.
+        gc.collect()
+        gc.freeze()
         try:
             leases = [p.limits.lease_seconds for p in settings.paywalls.values()]
             async with reaper.running(ledger, services.live, gate,

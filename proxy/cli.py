@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -136,12 +137,26 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
     # the embedded PostgreSQL is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _raise_open_files_limit()
     with _metrics_dir(workers):
         uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port,
                     workers=workers, loop="uvloop", http="httptools", lifespan="on",
                     access_log=False, server_header=False, proxy_headers=False,
                     log_level="info", log_config=None)
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Each open stream holds two sockets (client and provider): lift the soft limit on
+    open files to the hard one, as servers do, instead of failing near 500 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            logging.getLogger("proxy").warning(
+                "open files limited to %d: each stream needs two", soft)
 
 
 @contextlib.contextmanager

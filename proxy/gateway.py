@@ -455,7 +455,8 @@ async def _send(services: Services, provider_id: str, provider: ApiProviderSetti
     headers["x-request-id"] = request.state.request_id
     limits = services.settings.upstream
     # Up to read_timeout for the answer to start; then stream_idle_timeout between chunks.
-    timeout = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout)
+    timeout = aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
+                                    sock_connect=limits.connect_timeout)
     try:
         async with asyncio.timeout(limits.read_timeout):
             resp = await services.session.request(

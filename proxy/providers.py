@@ -126,7 +126,9 @@ class OpenAIProvider:
     async def send(self, call: Call) -> Reply:
         timeout = aiohttp.ClientTimeout(
             total=None if call.stream else self.limits.read_timeout,
-            connect=self.limits.connect_timeout,
+            # Waiting for a free pooled connection is waiting for the answer; only the
+            # TCP (and TLS) connect itself is held to connect_timeout.
+            connect=self.limits.read_timeout, sock_connect=self.limits.connect_timeout,
             sock_read=self.limits.stream_idle_timeout if call.stream else None,
         )
         with _translate(self.id):

@@ -70,7 +70,8 @@ class UpstreamSettings:
     read_timeout: float = setting(600.0, "Seconds to wait for a whole non-streaming response.")
     stream_idle_timeout: float = setting(120.0, "Longest silence between two stream chunks.")
     stream_max_seconds: float = setting(1800.0, "Longest total duration of one stream.")
-    pool_size: int = setting(512, "Open connections kept per worker, over all providers.")
+    pool_size: int = setting(
+        4096, "Most connections per worker to providers, over all of them (one per stream).")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,234 @@
+"""Running ``paywall-proxy serve`` for the benchmarks: its database, a key, its start-up,
+a leftover embedded PostgreSQL, and the resident memory of its process tree.
+
+Used by bench/run.py for every proxy setup and by bench/open_streams.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import asyncpg
+import psutil  # type: ignore[import-untyped]  # no stubs in the venv
+from common import free_port, progress, running, tail, wait_ready
+
+PROXY = Path(sys.executable).with_name("paywall-proxy")
+MB = 1024 * 1024
+
+
+def _server_version(url: str) -> str:
+    """The PostgreSQL server's version, e.g. "15.14"; fails loudly if it cannot connect."""
+    async def ask() -> str:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return str(await conn.fetchval("show server_version")).split()[0]
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(ask())
+    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
+        raise RuntimeError(f"cannot connect to the DATABASE_URL: {e}") from e
+
+
+def database_env(workdir: Path) -> tuple[dict[str, str], str]:
+    """The proxy's environment for its database, and a line saying which one it is:
+    ``DATABASE_URL`` when it is set, else the proxy's embedded PostgreSQL in the temp dir.
+
+    ``REDIS_URL`` is left out: only the Redis setup gets one, the harness's own.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "PAYWALL_DATA_DIR", "REDIS_URL")}
+    if url := os.environ.get("DATABASE_URL"):
+        return ({**env, "DATABASE_URL": url},
+                f"PostgreSQL {_server_version(url)} from DATABASE_URL")
+    return {**env, "PAYWALL_DATA_DIR": str(workdir / "data")}, "embedded PostgreSQL"
+
+
+def embedded_version(data_dir: Path) -> str | None:
+    """The major version of an embedded PostgreSQL in ``data_dir``, once it is made."""
+    with contextlib.suppress(OSError):
+        return (data_dir / "pg" / "PG_VERSION").read_text(encoding="utf-8").strip()
+    return None
+
+
+def create_key(config: Path, env: Mapping[str, str], paywall: str) -> str:
+    done = subprocess.run([str(PROXY), "keys", "create", "--paywall", paywall,
+                           "--config", str(config)],
+                          env=dict(env), capture_output=True, text=True, check=False, timeout=180)
+    key = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
+    if done.returncode != 0 or not key:
+        raise RuntimeError(f"paywall-proxy keys create failed (status {done.returncode}):\n"
+                           f"{done.stdout}{done.stderr}")
+    return key
+
+
+def wait_started(name: str, proc: subprocess.Popen[bytes], log: Path, workers: int,
+                 timeout: float = 180) -> None:
+    """Wait until each of the ``workers`` has logged the end of its start-up (uvicorn's)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if text.count("Application startup complete.") >= workers:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name}'s {workers} workers not all started after "
+                       f"{timeout:.0f} s:\n{tail(log)}")
+
+
+@contextlib.contextmanager
+def serve_proxy(config: Path, env: Mapping[str, str], workers: int,
+                log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``paywall-proxy serve --workers N`` on a free port, once every worker has started;
+    yields the process and the port. Fails if the proxy exits before the end."""
+    port = free_port()
+    argv = [str(PROXY), "serve", "--config", str(config), "--port", str(port),
+            "--workers", str(workers)]
+    # Stopping includes an embedded PostgreSQL's shutdown.
+    with running(argv, log, env, stop_timeout=60) as proc:
+        wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
+        wait_started("the proxy", proc, log, workers)
+        yield proc, port
+        if proc.poll() is not None:
+            raise RuntimeError(f"the proxy exited with status {proc.returncode} during the "
+                               f"runs:\n{tail(log)}")
+
+
+def stop_leftover_postgres(data_dir: Path) -> None:
+    """Stop an embedded PostgreSQL still running on ``data_dir`` once the proxy is gone.
+
+    The proxy stops the one it started when it exits; if it ever does not, the server
+    would outlive the temp dir, so it is found by its pid file and stopped here.
+    """
+    try:
+        pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        server = psutil.Process(pid)
+        if str(data_dir) not in " ".join(server.cmdline()):
+            return
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return
+    progress(f"the embedded PostgreSQL (pid {pid}) outlived the proxy; stopping it")
+    with contextlib.suppress(psutil.Error):
+        server.terminate()
+        deadline = time.monotonic() + 15
+        while server.is_running() and server.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                server.kill()
+                break
+            time.sleep(0.1)
+
+
+def process_tree(root: psutil.Process) -> list[psutil.Process]:
+    """``root`` and its descendants, less an embedded PostgreSQL."""
+    with contextlib.suppress(psutil.Error):
+        processes = []
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                if p.name() not in ("postgres", "pg_ctl"):
+                    processes.append(p)
+        return processes
+    return []
+
+
+def rss_of(processes: list[psutil.Process]) -> int:
+    total = 0
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def tree_rss(root: psutil.Process) -> int:
+    return rss_of(process_tree(root))
+
+
+def tree_fds(root: psutil.Process) -> int:
+    """The file descriptors (sockets included) open in ``root``'s tree."""
+    total = 0
+    for p in process_tree(root):
+        with contextlib.suppress(psutil.Error):
+            total += p.num_fds()
+    return total
+
+
+class RssSampler:
+    """Samples the resident memory of the one process tree under load, in the background.
+
+    Only one tree is sampled at a time (none while nginx itself is measured), so the
+    sampling costs the same whatever the number of servers. On request it also keeps the
+    most file descriptors the tree had open.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self._root: psutil.Process | None = None
+        self._peak = 0
+        self._fds: int | None = None  # the most open at once, when counted
+        self._samples: list[tuple[float, int]] = []  # (time.monotonic(), bytes)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def track(self, root: psutil.Process | None, count_fds: bool = False) -> None:
+        """Sample ``root``'s tree from now on (nothing if None); the peak and the
+        samples start anew."""
+        now = 0 if root is None else tree_rss(root)
+        fds = tree_fds(root) if root is not None and count_fds else None
+        with self._lock:
+            self._root, self._peak, self._fds = root, now, fds
+            self._samples = [] if root is None else [(time.monotonic(), now)]
+
+    def peak_fds(self) -> int | None:
+        """The most file descriptors the tracked tree had open, if :meth:`track` was asked
+        to count them."""
+        with self._lock:
+            return self._fds
+
+    def peak(self) -> int:
+        """The peak of the tracked tree since :meth:`track`."""
+        with self._lock:
+            root = self._root
+        now = 0 if root is None else tree_rss(root)
+        with self._lock:
+            return max(self._peak, now)
+
+    def peak_between(self, start: float, end: float) -> int | None:
+        """The highest sample taken from ``start`` to ``end`` (``time.monotonic()``), or
+        None if none was."""
+        with self._lock:
+            return max((v for t, v in self._samples if start <= t <= end), default=None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                root = self._root
+            if root is None:
+                continue
+            now = tree_rss(root)
+            with self._lock:
+                counting = self._fds is not None
+            fds = tree_fds(root) if counting else None
+            with self._lock:
+                if self._root is root:
+                    self._peak = max(self._peak, now)
+                    self._samples.append((time.monotonic(), now))
+                    if fds is not None and self._fds is not None:
+                        self._fds = max(self._fds, fds)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
