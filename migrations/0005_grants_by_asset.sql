@@ -18,8 +18,12 @@ BEGIN
     END IF;
     INSERT INTO users (paywall_id, user_id) VALUES (p_paywall, p_user)
     ON CONFLICT DO NOTHING;
+    -- Accounts for p_assets, and for each asset actually granted (as before: a grant of
+    -- 0 opens no account).
     INSERT INTO accounts (paywall_id, user_id, asset)
-    SELECT p_paywall, p_user, a FROM unnest(p_assets || p_grant_assets) AS a
+    SELECT p_paywall, p_user, a FROM unnest(p_assets || ARRAY(
+        SELECT g.asset FROM unnest(p_grant_assets, p_grants) AS g(asset, amount)
+        WHERE g.amount > 0)) AS a
     ORDER BY a
     ON CONFLICT (paywall_id, user_id, asset) DO NOTHING;
     UPDATE users SET starter_granted = true

@@ -534,3 +534,17 @@ async def test_concurrent_limit_changes_are_all_kept(ledger: Ledger) -> None:
     ], ledger.set_limits(paywall, user, {}, ["tokens_per_minute"]))
     limits = await ledger.limits_of(paywall, user)
     assert limits == {"concurrency": 9, **{f"k{i}": i for i in range(20)}}
+
+
+async def test_opening_a_user_grants_each_asset_once_and_opens_no_empty_grant(
+        ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    grants = {"usd": 0, "standard": 5, "advanced": 2}
+    for _ in range(2):  # the second opening grants nothing more
+        await ledger.open_user(paywall, user, assets={"credits"}, grants=grants)
+    balances = {b.asset: b.balance for b in await ledger.balances(paywall, user)}
+    assert balances == {"credits": 0, "standard": 5, "advanced": 2}  # no usd account
+    kinds = await ledger.pool.fetch(
+        "SELECT a.asset, e.kind, e.amount FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.paywall_id = $1 AND a.user_id = $2 ORDER BY a.asset", paywall, user)
+    assert [tuple(r) for r in kinds] == [("advanced", "grant", 2), ("standard", "grant", 5)]
