@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from sse import Request  # this folder is on sys.path: both run as scripts
 
 DONE = b"data: [DONE]\n\n"
 STAMP = re.compile(rb'"bench_seq":(\d+),"bench_sent":([0-9.]+)')
@@ -147,27 +148,6 @@ class Stream:
     received: list[float] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    host: str
-    port: int
-    path: str
-    body: bytes
-    auth: str
-    users: int
-
-    def request(self, n: int) -> bytes:
-        body = self.body
-        if self.users > 1:
-            body = body.replace(b'"bench-user"', f'"bench-user-{n % self.users}"'.encode())
-        head = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                "Content-Type: application/json", "Accept: text/event-stream",
-                "Connection: close", f"Content-Length: {len(body)}"]
-        if self.auth:
-            head.append(f"Authorization: {self.auth}")
-        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
 async def _body_pieces(reader: asyncio.StreamReader, chunked: bool
                        ) -> AsyncIterator[tuple[float, bytes]]:
     """The body's pieces as they arrive (HTTP chunks, or reads), with their arrival."""
@@ -183,11 +163,11 @@ async def _body_pieces(reader: asyncio.StreamReader, chunked: bool
         yield time.monotonic(), piece
 
 
-async def one_stream(target: Target, n: int, s: Stream) -> None:
+async def one_stream(target: Request, n: int, s: Stream) -> None:
     s.opened = time.monotonic()
     reader, writer = await asyncio.open_connection(target.host, target.port, limit=1 << 20)
     try:
-        writer.write(target.request(n))
+        writer.write(target.bytes_for(n))
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(head[0].split(" ", 2)[1])
         headers = {k.strip().lower(): v.strip()
@@ -218,7 +198,7 @@ async def one_stream(target: Target, n: int, s: Stream) -> None:
             await writer.wait_closed()
 
 
-async def guarded(target: Target, n: int, s: Stream, seconds: float) -> None:
+async def guarded(target: Request, n: int, s: Stream, seconds: float) -> None:
     try:
         async with asyncio.timeout(seconds):
             await one_stream(target, n, s)
@@ -294,7 +274,7 @@ def summary(streams: list[Stream], chunks: int, started: float, ended: float
     }
 
 
-async def load(target: Target, count: int, seconds: float
+async def load(target: Request, count: int, seconds: float
                ) -> tuple[list[Stream], float, float]:
     """``count`` streams at once; what each saw, and when they started and ended."""
     streams = [Stream() for _ in range(count)]
@@ -341,9 +321,9 @@ def main() -> int:
         return 0
     raise_open_files(args.streams + 64)
     url = urlsplit(args.url)
-    target = Target(url.hostname or "127.0.0.1", url.port or 80, url.path or "/",
+    target = Request(url.hostname or "127.0.0.1", url.port or 80, url.path or "/",
                     os.environ["BENCH_BODY"].encode(), os.environ.get("BENCH_AUTH", ""),
-                    int(os.environ.get("BENCH_USERS", "1") or 1))
+                    int(os.environ.get("BENCH_USERS", "1") or 1), close=True)
     streams, started, ended = uvloop.run(load(target, args.streams, args.timeout))
     if args.samples:
         write_samples(args.samples, streams)

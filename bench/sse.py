@@ -52,6 +52,7 @@ class Request:
     body: bytes
     auth: str
     users: int
+    close: bool = False  # ask the server to close the connection after the answer
 
     def bytes_for(self, n: int) -> bytes:
         body = self.body
@@ -59,6 +60,7 @@ class Request:
             body = body.replace(b'"bench-user"', f'"bench-user-{n % self.users}"'.encode())
         head = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
                 "Content-Type: application/json", "Accept: text/event-stream",
+                *(["Connection: close"] if self.close else []),
                 f"Content-Length: {len(body)}"]
         if self.auth:
             head.append(f"Authorization: {self.auth}")
