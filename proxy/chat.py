@@ -13,7 +13,6 @@ client did not ask. Only when a provider reports nothing are tokens counted here
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +34,8 @@ from proxy.providers import Call, Reply
 from proxy.relay import CLIENT_GONE, Outcome, StreamRelay, unless_client_leaves
 from proxy.replies import paywall_reply
 from proxy.requestid import new_request_id
-from proxy.services import Services, authenticate, read_json
+from proxy.services import Services, authenticate, read_json, resolve_hold
 from proxy.settings import ModelSettings, PaywallSettings
-
-log = logging.getLogger("proxy.chat")
 
 MAX_CHOICES = 128  # as OpenAI
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -78,47 +75,22 @@ class Metered:
         return Usage(self.prompt_tokens, completion)
 
     async def settle(self, usage: Usage | None, outcome: str) -> Any:
-        """Post ``usage`` at its price (capped by the hold), or void when there is none;
-        then free the request's limiter leases and correct its token count.
-
-        Should the database fail, the hold stays live with its final cost as the
-        checkpoint, so the reaper posts exactly that once this process stops renewing
-        it; nothing is lost and nothing is charged twice.
-        """
+        """Post ``usage`` at its price (capped by the hold), or void when there is none
+        (:func:`~proxy.services.resolve_hold`); then free the request's limiter leases
+        and correct its token count."""
         if self.settled:
             return None
         self.settled = True
         services = self.services
-        live = services.live
-        exact = cost(usage, self.price, self.markup_bps) if usage else 0
-        rec = self.record
-        rec.settlement = outcome
+        charge = meta = None
         if usage is not None:
-            rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        try:
-            if usage is None:
-                await services.ledger.void(self.hold_id)
-                posted = None
-            else:
-                meta = {"uncharged": exact - self.hold} if exact > self.hold else None
-                posted = await services.ledger.post(self.hold_id, min(exact, self.hold),
-                                                    usage, outcome, meta)
-                if posted is None:
-                    services.metrics.errors.labels("ledger").inc()
-                    log.error("hold %s of %s was resolved before its settlement",
-                              self.hold_id, self.request_id)
-                else:
-                    rec.cost = posted.charged
-            live.discard(self.hold_id)
-        except Exception:
-            services.metrics.errors.labels("ledger").inc()
-            final = None if usage is None else {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens, "cost": min(exact, self.hold)}
-            live.retire(self.hold_id, final)
-            log.exception("settling hold %s of %s failed; the reaper will resolve it",
-                          self.hold_id, self.request_id)
-            posted = None
+            self.record.prompt_tokens = usage.prompt_tokens
+            self.record.completion_tokens = usage.completion_tokens
+            exact = cost(usage, self.price, self.markup_bps)
+            charge = min(exact, self.hold)
+            meta = {"uncharged": exact - self.hold} if exact > self.hold else None
+        posted = await resolve_hold(services, self.record, self.hold_id, charge, usage,
+                                    outcome, meta)
         used = usage.prompt_tokens + usage.completion_tokens if usage else 0
         await services.gate.finish(self.verdict, self.lease, used - self.admitted_tokens)
         return posted

@@ -23,7 +23,6 @@ reached it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 from urllib.parse import quote
@@ -62,11 +61,10 @@ from proxy.services import (
     parse_json,
     read_body,
     read_json,
+    resolve_hold,
     services_of,
 )
 from proxy.settings import ApiProviderSettings, PaywallSettings
-
-log = logging.getLogger("proxy.gateway")
 
 FREE = "free"
 PAYWALL_HEADER = "x-paywall-id"
@@ -504,23 +502,9 @@ def _secrets(provider: ApiProviderSettings) -> list[str]:
 async def _settle(services: Services, rec: Any, hold_id: int | None, outcome: str | None,
                   failed: str = "failed") -> None:
     """Post the held credit with ``outcome``, or void it when ``outcome`` is None."""
-    if hold_id is None:  # nothing was held (a free call, or none could be placed)
-        return
-    rec.settlement = outcome or failed
-    ledger = services.ledger
-    try:
-        if outcome is None:
-            await ledger.void(hold_id)
-        else:
-            posted = await ledger.post(hold_id, 1, None, outcome)
-            if posted is not None:
-                rec.cost = posted.charged
-        services.live.discard(hold_id)
-    except Exception:
-        services.metrics.errors.labels("ledger").inc()
-        services.live.retire(hold_id, None if outcome is None else {"cost": 1})
-        log.exception(
-            "settling gateway hold %s failed; the reaper will resolve it", hold_id)
+    if hold_id is not None:  # else nothing was held (a free call, or none could be placed)
+        await resolve_hold(services, rec, hold_id, None if outcome is None else 1, None,
+                           outcome or failed)
 
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]

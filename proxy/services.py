@@ -3,6 +3,7 @@ every route uses (the paywall key, a size-limited JSON body)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,11 @@ from starlette.responses import Response
 from proxy.endusers import TokenVerifier
 from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
 from proxy.keys import KeyStore, Principal, bearer_token
-from proxy.ledger import Ledger
+from proxy.ledger import Ledger, Posted
 from proxy.limits import Gate, OverrideCache
 from proxy.links import LinkSigner
-from proxy.observe import Metrics
-from proxy.pricing import Price
+from proxy.observe import Metrics, Record
+from proxy.pricing import Price, Usage
 from proxy.providers import Provider
 from proxy.reaper import LiveHolds
 from proxy.settings import Settings
@@ -26,6 +27,7 @@ from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 
 JSON = "application/json"
+log = logging.getLogger("proxy.ledger")
 
 
 @dataclass(slots=True)
@@ -46,6 +48,42 @@ class Services:
     session: aiohttp.ClientSession
     metrics: Metrics
     verifiers: dict[str, TokenVerifier]  # each paywall's end-user token verifier
+
+
+async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: int | None,
+                       usage: Usage | None, outcome: str,
+                       meta: dict[str, Any] | None = None) -> Posted | None:
+    """Post ``charge`` on a held request (or void it, for None) and record the outcome.
+
+    Should the database fail, the hold stays live with ``charge`` as its final
+    checkpoint, so the reaper posts exactly that once this process stops renewing it:
+    nothing is lost and nothing is charged twice.
+    """
+    rec.settlement = outcome
+    live = services.live
+    try:
+        if charge is None:
+            await services.ledger.void(hold_id)
+            posted = None
+        else:
+            posted = await services.ledger.post(hold_id, charge, usage, outcome, meta)
+            if posted is None:
+                services.metrics.errors.labels("ledger").inc()
+                log.error("hold %s of %s was resolved before its settlement", hold_id,
+                          rec.request_id)
+            else:
+                rec.cost = posted.charged
+        live.discard(hold_id)
+        return posted
+    except Exception:
+        services.metrics.errors.labels("ledger").inc()
+        u = usage or Usage(0, 0)
+        live.retire(hold_id, None if charge is None else {
+            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "cost": charge})
+        log.exception("settling hold %s of %s failed; the reaper will resolve it", hold_id,
+                      rec.request_id)
+        return None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
