@@ -158,6 +158,13 @@ def free_port() -> int:
         return port
 
 
+def check_survived(name: str, proc: subprocess.Popen[Any], log: Path) -> None:
+    """Fail the run if ``proc`` died while it was being measured."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"{name} exited with status {proc.returncode} during the "
+                           f"runs:\n{tail(log)}")
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -372,9 +379,7 @@ def passthrough(client: str, upstream: Upstream, log: Path) -> Iterator[Passthro
         check_answer(name, served.url, body, {}, stream=False)
         check_answer(name, served.stream_url, chat_request("bench-stream", True), {}, stream=True)
         yield served
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {proc.returncode} during the "
-                               f"runs:\n{tail(log)}")
+        check_survived(name, proc, log)
 
 
 # --- wrk -------------------------------------------------------------------------

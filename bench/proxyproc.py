@@ -18,7 +18,7 @@ from pathlib import Path
 
 import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv
-from common import free_port, progress, running, tail, wait_ready
+from common import check_survived, free_port, progress, running, tail, wait_ready
 
 PROXY = Path(sys.executable).with_name("paywall-proxy")
 MB = 1024 * 1024
@@ -99,9 +99,7 @@ def serve_proxy(config: Path, env: Mapping[str, str], workers: int,
         wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
         wait_started("the proxy", proc, log, workers)
         yield proc, port
-        if proc.poll() is not None:
-            raise RuntimeError(f"the proxy exited with status {proc.returncode} during the "
-                               f"runs:\n{tail(log)}")
+        check_survived("the proxy", proc, log)
 
 
 def stop_leftover_postgres(data_dir: Path) -> None:

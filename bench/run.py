@@ -52,6 +52,7 @@ from common import (
     Upstream,
     chat_request,
     check_answer,
+    check_survived,
     exit_on_sigterm,
     free_port,
     install_missing,
@@ -332,9 +333,7 @@ def litellm(venv: Path, upstream: Upstream, workdir: Path, workers: int,
         wait_started(name, proc, log, workers)
         yield Server(server_name(Kind.LITELLM, workers), Kind.LITELLM, workers,
                      psutil.Process(proc.pid), port, f"Bearer {master_key}")
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {proc.returncode} during the "
-                               f"runs:\n{tail(log)}")
+        check_survived(name, proc, log)
 
 
 # --- Redis -----------------------------------------------------------------------
@@ -423,9 +422,7 @@ def redis_server(executable: str, workdir: Path, log: Path,
                 raise RuntimeError(f"redis-server not ready after {timeout:.0f} s:\n{tail(log)}")
             time.sleep(0.1)
         yield Redis(port, executable, redis_info(port, "server").get("redis_version", "?"))
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with status {proc.returncode} during the "
-                               f"runs:\n{tail(log)}")
+        check_survived("redis-server", proc, log)
 
 
 # --- memory ----------------------------------------------------------------------
