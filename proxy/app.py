@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import cors, db, gateway, observe, pages, reaper, user_api
+from proxy import balances, cors, db, gateway, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
 from proxy.endusers import TokenVerifier
@@ -225,6 +225,7 @@ def create_app(settings: Settings) -> observe.Observe:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         *user_api.routes,
+        *balances.routes,
         *gateway.routes,
         *pages.routes,
         Route("/healthz", healthz, methods=["GET"]),
