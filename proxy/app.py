@@ -42,6 +42,7 @@ from proxy.services import JSON, Services, authenticate, json_response, services
 from proxy.settings import PaywallSettings, Settings
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
+from proxy.upstream import Transport
 
 log = logging.getLogger("proxy")
 
@@ -171,6 +172,7 @@ def create_app(settings: Settings) -> observe.Observe:
                                         skip_auto_headers=("User-Agent",))
         if any(p.auth.jwks_url or p.auth.hs256_secret for p in settings.paywalls.values()):
             await asyncio.to_thread(importlib.import_module, "jwt")  # off the loop, once
+        transport = Transport(session, settings.upstream)
         tokenizer = Tokenizer()
         # Load each model's encoding now, off the loop, rather than in a first request.
         for name, m in settings.models.items():
@@ -180,7 +182,8 @@ def create_app(settings: Settings) -> observe.Observe:
         services = Services(
             settings=settings,
             keys=KeyStore(pool, settings.server.key_cache_seconds),
-            providers=build_providers(settings.providers, settings.upstream, session),
+            providers=build_providers(settings.providers, transport),
+            transport=transport,
             prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
                     for name, m in settings.models.items()},
             grants={pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import MutableMapping
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 from proxy.settings import Settings
 
@@ -24,6 +24,17 @@ _ALLOW_HEADERS = "authorization, content-type, x-paywall-id, idempotency-key, ac
 _EXPOSE = ("x-request-id, x-query-type, retry-after, x-ratelimit-limit-requests, "
            "x-ratelimit-remaining-requests, x-ratelimit-reset-requests")
 _METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def paywall_named(query_string: bytes, header: str | None) -> str | None:
+    """The paywall a gateway request names: the last ``paywall_id`` in the query (as
+    Starlette reads it), else the ``X-Paywall-Id`` header. A blank last value names
+    none (""), never the header's: CORS and the route both read this one rule."""
+    values = [v for k, v in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+              if k == "paywall_id"]
+    if values:
+        return values[-1]
+    return header
 
 
 class Cors:
@@ -41,11 +52,9 @@ class Cors:
     def _paywall(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> str | None:
         if m := _PAYWALL_IN_PATH.match(scope["path"]):
             return m.group(1)
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if query.get("paywall_id"):
-            return str(query["paywall_id"][-1])  # the one the route reads, as Starlette
         given = headers.get(b"x-paywall-id")
-        return given.decode("latin-1") if given else None
+        return paywall_named(scope.get("query_string", b""),
+                             given.decode("latin-1") if given else None)
 
     def allowed(self, origin: str, paywall_id: str | None, preflight: bool) -> bool:
         if paywall_id is None:

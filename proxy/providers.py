@@ -1,38 +1,23 @@
-"""Providers: where a chat completion is sent, and what comes back.
+"""Provider kinds: what a chat completion becomes on its way to a provider.
 
-A provider turns a :class:`Call` into a :class:`Reply`: a status, the headers the
-client may see, and the body as a stream of byte chunks that the relay passes on
-unchanged. ``openai`` covers every OpenAI-compatible HTTP API; ``mock`` answers
-itself, for the quick start, demos and benchmarks.
-
-Errors from the HTTP client become the proxy's own errors in exactly one place,
-:func:`_translate`.
+A provider turns a :class:`Call` into a :class:`~proxy.upstream.Reply`. ``openai``
+covers every OpenAI-compatible HTTP API (its URL, its auth header, extra headers and
+query parameters) and sends through the one :class:`~proxy.upstream.Transport`;
+``mock`` answers itself, for the quick start, demos and benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.settings import ProviderSettings, UpstreamSettings
-
-# Client headers that may travel upstream; everything else (the paywall key, cookies,
-# other credentials, hop-by-hop headers) stays here.
-REQUEST_HEADERS = frozenset({"accept", "accept-language", "content-type", "openai-beta",
-                             "user-agent"})
-# Provider headers the client may see.
-RESPONSE_HEADERS = frozenset({"content-type", "retry-after", "retry-after-ms",
-                              "openai-processing-ms", "openai-version"})
-_MASKED_SECRET = re.compile(rb"[A-Za-z0-9_\-]*\*{4,}[A-Za-z0-9_\-]*")
+from proxy.settings import ProviderSettings
+from proxy.upstream import OPENAI_HEADERS, Outbound, Reply, Transport, one, secret_values
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,72 +32,23 @@ class Call:
     payload: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    chunks: AsyncIterator[bytes]
-    stream: bool
-    _closer: Any = None
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-    async def read(self) -> bytes:
-        return b"".join([c async for c in self.chunks])
-
-    def close(self) -> None:
-        """Drop the upstream connection; mid-body, this cancels the provider's work."""
-        if self._closer is not None:
-            self._closer()
-            self._closer = None
-
-    async def aclose(self) -> None:
-        self.close()
-        aclose = getattr(self.chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class Provider(Protocol):
     async def send(self, call: Call) -> Reply: ...
-
-
-def scrub(body: bytes, secrets: list[str]) -> bytes:
-    """Remove secrets, whole or masked (``sk-...****abcd``), from an upstream error body."""
-    for secret in secrets:
-        if len(secret) >= 8:
-            body = body.replace(secret.encode(), b"[redacted]")
-    return _MASKED_SECRET.sub(b"[redacted]", body)
-
-
-@contextlib.contextmanager
-def _translate(provider_id: str) -> Iterator[None]:
-    try:
-        yield
-    except TimeoutError as e:
-        raise UpstreamTimeout(f"The provider '{provider_id}' did not answer in time.") from e
-    except aiohttp.ClientError as e:
-        raise UpstreamUnavailable(
-            f"The provider '{provider_id}' could not be reached ({type(e).__name__})."
-        ) from e
 
 
 class OpenAIProvider:
     """Any OpenAI-compatible API: ``POST {base_url}/chat/completions``."""
 
-    def __init__(self, provider_id: str, conf: ProviderSettings, limits: UpstreamSettings,
-                 session: aiohttp.ClientSession):
+    def __init__(self, provider_id: str, conf: ProviderSettings, transport: Transport):
         self.id = provider_id
         self.url = conf.base_url.rstrip("/") + "/chat/completions"
         self.conf = conf
-        self.limits = limits
-        self.session = session
+        self.transport = transport
         self.auth_header = conf.auth_header.lower()
+        self.secrets = tuple(secret_values(conf.headers, conf.query))
 
     def _headers(self, call: Call) -> dict[str, str]:
-        headers = {k: v for k, v in call.headers.items() if k in REQUEST_HEADERS}
+        headers = OPENAI_HEADERS.request(call.headers)
         headers["content-type"] = "application/json"
         headers.update(self.conf.headers)
         headers["x-request-id"] = call.request_id
@@ -124,52 +60,10 @@ class OpenAIProvider:
         return headers
 
     async def send(self, call: Call) -> Reply:
-        timeout = aiohttp.ClientTimeout(
-            total=None if call.stream else self.limits.read_timeout,
-            # Waiting for a free pooled connection is waiting for the answer; only the
-            # TCP (and TLS) connect itself is held to connect_timeout.
-            connect=self.limits.read_timeout, sock_connect=self.limits.connect_timeout,
-            sock_read=self.limits.stream_idle_timeout if call.stream else None,
-        )
-        with _translate(self.id):
-            resp = await self.session.post(
-                self.url, data=call.body, headers=self._headers(call),
-                params=self.conf.query or None, timeout=timeout, auto_decompress=True,
-                allow_redirects=False,
-            )
-            headers = [(k.lower(), v) for k, v in resp.headers.items()
-                       if k.lower() in RESPONSE_HEADERS]
-            if upstream_id := resp.headers.get("x-request-id"):
-                headers.append(("x-upstream-request-id", upstream_id))
-            if not 200 <= resp.status < 300:
-                try:
-                    raw = await resp.read()
-                finally:
-                    resp.release()
-                body = scrub(raw, [call.api_key, *self.conf.headers.values(),
-                                   *self.conf.query.values()])
-                return Reply(resp.status, headers, _one(body), stream=False)
-            if not call.stream:
-                try:
-                    raw = await resp.read()
-                finally:
-                    resp.release()
-                return Reply(resp.status, headers, _one(raw), stream=False)
-        streamed = "text/event-stream" in resp.headers.get("content-type", "")
-        return Reply(resp.status, headers, self._relay(resp), stream=streamed,
-                     _closer=resp.close)
-
-    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        try:
-            with _translate(self.id):
-                async for chunk in resp.content.iter_any():
-                    yield chunk
-        finally:
-            resp.release()
-
-
-async def _one(body: bytes) -> AsyncIterator[bytes]:
-    yield body
+        secrets = (call.api_key, *self.secrets) if call.api_key else self.secrets
+        return await self.transport.send(Outbound(
+            self.id, "POST", self.url, self._headers(call), call.body, call.stream,
+            OPENAI_HEADERS, secrets, self.conf.query or None))
 
 
 class MockProvider:
@@ -226,7 +120,7 @@ class MockProvider:
                              "message": {"role": "assistant", "content": text}}],
                 "usage": usage,
             })
-            return Reply(200, [("content-type", "application/json"), *headers], _one(body),
+            return Reply(200, [("content-type", "application/json"), *headers], one(body),
                          stream=False)
         opts = p.get("stream_options")
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
@@ -256,12 +150,12 @@ class MockProvider:
         yield b"data: [DONE]\n\n"
 
 
-def build_providers(providers: Mapping[str, ProviderSettings], limits: UpstreamSettings,
-                    session: aiohttp.ClientSession) -> dict[str, Provider]:
+def build_providers(providers: Mapping[str, ProviderSettings], transport: Transport
+                    ) -> dict[str, Provider]:
     built: dict[str, Provider] = {}
     for pid, conf in providers.items():
         if conf.kind == "mock":
             built[pid] = MockProvider(pid, conf)
         else:
-            built[pid] = OpenAIProvider(pid, conf, limits, session)
+            built[pid] = OpenAIProvider(pid, conf, transport)
     return built

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 
 from proxy.errors import ProxyError, UpstreamTimeout
-from proxy.providers import Reply
+from proxy.upstream import Reply
 
 log = logging.getLogger("proxy.relay")
 

@@ -25,6 +25,7 @@ from proxy.reaper import LiveHolds
 from proxy.settings import Settings
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
+from proxy.upstream import Transport
 
 JSON = "application/json"
 log = logging.getLogger("proxy.ledger")
@@ -35,6 +36,7 @@ class Services:
     settings: Settings
     keys: KeyStore
     providers: dict[str, Provider]
+    transport: Transport
     prices: dict[str, Price]
     grants: dict[str, dict[str, int]]  # each paywall's starter grants: asset → smallest units
     ledger: Ledger

@@ -5,8 +5,9 @@ import pytest
 
 from proxy.metering import Meter
 from proxy.pricing import Usage
-from proxy.providers import Call, MockProvider, scrub
+from proxy.providers import Call, MockProvider
 from proxy.settings import ProviderSettings
+from proxy.upstream import scrub
 
 KEY = "sk-proj-abcdefghijklmnop1234"
 
@@ -19,7 +20,7 @@ KEY = "sk-proj-abcdefghijklmnop1234"
     (b"short secret", b"short secret"),  # secrets under 8 characters are not hunted for
 ])
 def test_scrub(body: bytes, expected: bytes) -> None:
-    assert scrub(body, [KEY, "short"]) == expected
+    assert scrub(body, [KEY, "short"], masked=True) == expected
 
 
 def mock(**kw: int) -> MockProvider:

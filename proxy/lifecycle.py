@@ -1,0 +1,299 @@
+"""The one metered lifecycle every call that costs money runs through.
+
+    admit (limits) ─▶ hold the worst case ─▶ decide ─┬─ blocked ─▶ the adapter's answer
+                                                     └─ forward ─▶ provider ─▶ relay
+    ─▶ settle (post the cost, or void) ─▶ release the leases
+
+An :class:`Adapter` says what differs per wire format — how much to hold, how to send,
+how to read usage and delivered output in the answer, what a blocked request is
+answered with; :func:`run` does the rest, the same for all. Chat completions
+(:mod:`proxy.chat`) and the API gateway (:mod:`proxy.gateway`) are adapters.
+
+What a request acquires — its admission (a concurrency lease), its hold — is acquired
+in tasks of its own and released by one :class:`Ticket`, whose :meth:`Ticket.close`
+runs once, shielded, in a task of its own: a client that leaves, a provider that
+fails, a cancellation at any await, all end there, and the hold is resolved and the
+lease freed together or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy import guard
+from proxy.decide import Action, Decision, decide
+from proxy.errors import ProxyError
+from proxy.ledger import Posted, UserState
+from proxy.limits import Verdict
+from proxy.observe import Record
+from proxy.pricing import Usage
+from proxy.reaper import Checkpoint
+from proxy.relay import CLIENT_GONE, Framer, Outcome, StreamRelay, unless_client_leaves
+from proxy.requestid import new_request_id
+from proxy.services import Services, resolve_hold
+from proxy.settings import PaywallSettings
+from proxy.upstream import Reply
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a call may cost at most and where that is held; an adapter's first answer."""
+
+    paywall_id: str
+    paywall: PaywallSettings
+    user: str
+    limits: guard.Limits
+    asset: str
+    hold: int | None  # the worst case in the asset's smallest unit; None: nothing is held
+    label: str  # the ledger entry's model ("gpt-4o", "api:search")
+    assets: frozenset[str]  # the accounts a first-seen user is opened with
+    tokens: int = 0  # counted against token limits at admission, corrected at the end
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """How a forwarded call settles: ``amount`` posted (None voids the hold), with the
+    usage it was priced from and the outcome the ledger records."""
+
+    amount: int | None
+    outcome: str
+    usage: Usage | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def tokens(self) -> int:
+        u = self.usage
+        return u.prompt_tokens + u.completion_tokens if u else 0
+
+
+FAILED = Charge(None, "failed")
+
+
+class Adapter(Protocol):
+    """One wire format's part of the lifecycle. Only :meth:`send` talks to a provider;
+    the settle methods read what came back and count, no more."""
+
+    plan: Plan
+
+    @property
+    def error_tail(self) -> Callable[[ProxyError], bytes] | None:
+        """What ends a relayed answer the provider broke off; None: cut the connection."""
+
+    async def blocked(self, decision: Decision, state: UserState) -> Response:
+        """The answer to a request that is not forwarded (connect, top up, spend cap)."""
+
+    async def send(self) -> Reply: ...
+
+    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
+                ) -> list[tuple[bytes, bytes]]:
+        """The response headers: the provider's (as the transport let them through) and
+        the adapter's own."""
+
+    def relays(self, reply: Reply) -> bool:
+        """Whether a 2xx answer is relayed as it arrives (else read whole, then settled)."""
+
+    def framer(self) -> Framer:
+        """What the relay passes each chunk through, watching it for usage and output."""
+
+    def checkpoint(self) -> Checkpoint | None:
+        """What a live relay has delivered so far, for the reaper (None: nothing to say)."""
+
+    def gone(self) -> Charge:
+        """The charge for a client that left before the provider answered."""
+
+    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge: ...
+
+    async def settle_whole(self, content: bytes) -> Charge: ...
+
+    def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
+               verdict: Verdict | None) -> Response:
+        """The client's response to a whole 2xx answer, once it is settled."""
+
+
+def resolution(state: UserState | None, action: Action | None, charge: Charge | None
+               ) -> tuple[str, int | None]:
+    """What becomes of a request's hold at the end: ("none", None) when there is no
+    hold, ("void", None), or ("post", amount). Pure; the rule :class:`Ticket` follows."""
+    if state is None or state.hold_id is None:
+        return "none", None
+    if action is not Action.FORWARD or charge is None or charge.amount is None:
+        return "void", None
+    return "post", charge.amount
+
+
+class Ticket:
+    """What one request holds — its admission, its hold — and the one place that
+    releases them."""
+
+    def __init__(self, services: Services, rec: Record, plan: Plan):
+        self.services = services
+        self.rec = rec
+        self.plan = plan
+        self.lease = new_request_id()  # the limiter's id (never the client's X-Request-Id)
+        self.action: Action | None = None
+        self.charge: Charge | None = None
+        self._admitting: asyncio.Task[Verdict | None] | None = None
+        self._holding: asyncio.Task[UserState] | None = None
+        self._closing: asyncio.Task[Posted | None] | None = None
+
+    async def admit(self) -> Verdict | None:
+        p = self.plan
+        gate = self.services.gate
+        # In a task of its own, kept before it is awaited: a request cancelled while it
+        # runs still learns, in close(), what it acquired.
+        self._admitting = self.services.tasks.spawn(gate.admit(
+            guard.rules(p.limits, p.paywall_id, p.user, p.tokens), self.lease,
+            p.limits.lease_seconds, p.limits.fail_open))
+        await asyncio.wait([self._admitting])  # cancelling the wait leaves the task be
+        return self._admitting.result()
+
+    async def hold(self) -> UserState:
+        self._holding = self.services.tasks.spawn(self._place())
+        await asyncio.wait([self._holding])
+        return self._holding.result()
+
+    async def _place(self) -> UserState:
+        p = self.plan
+        services = self.services
+        ledger = services.ledger
+        amount = p.hold
+        assert amount is not None
+        caps = guard.spend_caps(p.limits, p.user, p.asset, services.settings.assets)
+
+        async def place() -> UserState:
+            return await ledger.hold(p.paywall_id, p.user, p.asset, amount,
+                                     request_id=self.rec.request_id, model=p.label,
+                                     require_connect=p.paywall.require_connect, caps=caps,
+                                     timezone=p.limits.timezone)
+
+        state = await place()
+        if not state.exists or (state.hold_id is None and not state.has_account):
+            await ledger.open_user(p.paywall_id, p.user, assets=set(p.assets),
+                                   grants=services.grants[p.paywall_id])
+            state = await place()
+        return state
+
+    async def close(self) -> Posted | None:
+        """Resolve the hold (post :attr:`charge`, or void) and free the leases; once."""
+        if self._closing is None:
+            self._closing = self.services.tasks.spawn(self._close())
+        return await asyncio.shield(self._closing)
+
+    async def _close(self) -> Posted | None:
+        verdict = await _outcome_of(self._admitting)
+        state = await _outcome_of(self._holding)
+        try:
+            what, amount = resolution(state, self.action, self.charge)
+            if what == "none":
+                return None
+            assert state is not None and state.hold_id is not None
+            charge = self.charge if what == "post" else None
+            usage = charge.usage if charge else None
+            outcome = (self.charge or FAILED).outcome
+            meta = charge.metadata if charge else None
+            if usage is not None:
+                self.rec.prompt_tokens = usage.prompt_tokens
+                self.rec.completion_tokens = usage.completion_tokens
+            held = self.plan.hold or 0
+            if amount is not None and amount > held:
+                meta = {**(meta or {}), "uncharged": amount - held}
+                amount = held
+            return await resolve_hold(self.services, self.rec, state.hold_id, amount, usage,
+                                      outcome, meta)
+        finally:
+            used = self.charge.tokens if self.charge and self.charge.amount is not None else 0
+            if self._admitting is not None:
+                await self.services.gate.finish(verdict, self.lease, used - self.plan.tokens)
+
+
+async def _outcome_of(task: asyncio.Task[T] | None) -> T | None:
+    """The task's result once it ends; None when it failed or there was none."""
+    if task is None:
+        return None
+    try:
+        return await task
+    except Exception:
+        return None
+
+
+async def run(request: Request, services: Services, rec: Record, call: Adapter
+              ) -> Response | StreamRelay:
+    """Carry ``call`` through the lifecycle; the answer for the client."""
+    plan = call.plan
+    ticket = Ticket(services, rec, plan)
+    relay: StreamRelay | None = None
+    try:
+        verdict = await ticket.admit()
+        if plan.hold is not None:
+            state = await ticket.hold()
+            decision = decide(plan.paywall, True, state, plan.hold)
+            ticket.action = decision.action
+            rec.outcome = decision.action.value
+            if decision.action is not Action.FORWARD:
+                return await call.blocked(decision, state)
+            assert state.hold_id is not None
+            rec.hold_id = state.hold_id
+            services.live.add(state.hold_id, call.checkpoint())
+        else:
+            ticket.action = Action.FORWARD
+            rec.outcome = Action.FORWARD.value
+        rec.upstream_started = time.perf_counter()
+        try:
+            reply = await unless_client_leaves(request, call.send())
+        except ProxyError:
+            services.metrics.errors.labels("upstream").inc()
+            raise
+        if reply is None:  # the client left before the provider answered
+            ticket.charge = call.gone()
+            return Response(status_code=CLIENT_GONE)
+        try:
+            if reply.ok and call.relays(reply):
+                relay = _relay(services, rec, ticket, call, reply, verdict)
+                return relay
+            content = await reply.read()
+        finally:
+            if relay is None:
+                await reply.aclose()
+        rec.upstream_first = rec.upstream_ended = time.perf_counter()
+        if not reply.ok:
+            rec.error = f"upstream_{reply.status}"
+            services.metrics.errors.labels("upstream").inc()
+            ticket.charge = FAILED
+            response = Response(content, status_code=reply.status)
+            response.raw_headers += call.headers(reply, verdict, relayed=False)
+            return response
+        ticket.charge = await call.settle_whole(content)
+        posted = await ticket.close()
+        return call.answer(reply, content, ticket.charge, posted, verdict)
+    finally:
+        if relay is None:
+            await ticket.close()
+
+
+def _relay(services: Services, rec: Record, ticket: Ticket, call: Adapter, reply: Reply,
+           verdict: Verdict | None) -> StreamRelay:
+    framer = call.framer()
+
+    async def on_done(outcome: Outcome) -> None:
+        rec.upstream_first, rec.upstream_ended = relay.first_at, relay.ended_at
+        if outcome is Outcome.PARTIAL:
+            services.metrics.errors.labels("upstream").inc()
+        try:
+            ticket.charge = await services.tasks.run_to_end(
+                call.settle_relayed(framer, outcome, relay.sent))
+        finally:
+            await ticket.close()
+
+    relay = StreamRelay(reply, call.headers(reply, verdict, relayed=True),
+                        services.settings.upstream.stream_max_seconds, framer, on_done,
+                        error_tail=call.error_tail)
+    return relay

@@ -1,0 +1,226 @@
+"""The one HTTP client to providers: requests out, replies in, errors translated.
+
+Everything the proxy sends to a provider — a chat completion, a gateway call — goes
+through :meth:`Transport.send`. It owns the header policy both ways (what of the
+client's request may travel, what of the provider's answer the client may see),
+secret scrubbing, timeouts, and redirects (never followed: a 3xx is relayed as it
+came). aiohttp's errors become the project's in :func:`_translate`, the one place.
+
+A :class:`Reply`'s body is a stream of byte chunks. Every byte the provider sent is
+delivered before an error that followed it (aiohttp raises a broken connection's
+error before handing over what it had already buffered; :func:`_chunks` drains the
+buffer first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.settings import UpstreamSettings
+
+_MASKED_SECRET = re.compile(rb"[A-Za-z0-9_\-]*\*{4,}[A-Za-z0-9_\-]*")
+# Header and query names whose values are credentials (scrubbed wherever they appear).
+_SECRET_NAME = re.compile(r"auth|key|token|secret|signature|password|credential", re.I)
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """Which headers cross the proxy. Requests: only ``forward`` (never the client's
+    credentials or cookies). Responses: only ``relay`` when it is set, else everything
+    but ``drop`` (the gateway relays any provider's own headers)."""
+
+    forward: frozenset[str]
+    relay: frozenset[str] | None = None
+    drop: frozenset[str] = frozenset()
+
+    def request(self, client: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in client.items() if k in self.forward}
+
+    def response(self, provider: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        out = []
+        for name, value in provider:
+            name = name.lower()
+            if (name in self.relay) if self.relay is not None else (name not in self.drop):
+                out.append((name, value))
+        return out
+
+
+# Chat completions: an allowlist both ways.
+OPENAI_HEADERS = HeaderPolicy(
+    forward=frozenset({"accept", "accept-language", "content-type", "openai-beta",
+                       "user-agent"}),
+    relay=frozenset({"content-type", "retry-after", "retry-after-ms",
+                     "openai-processing-ms", "openai-version"}),
+)
+# The gateway: the provider's own headers reach the client, but hop-by-hop, framing,
+# cookies, CORS (the proxy answers CORS itself) and the two the proxy sets (one each,
+# RFC 9110 §5.3).
+GATEWAY_HEADERS = HeaderPolicy(
+    forward=frozenset({"accept", "accept-language", "content-type", "openai-beta",
+                       "anthropic-version", "anthropic-beta", "user-agent"}),
+    drop=frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
+                    "content-encoding", "set-cookie", "proxy-authenticate", "trailer",
+                    "upgrade", "alt-svc", "strict-transport-security", "vary",
+                    "access-control-allow-origin", "access-control-allow-credentials",
+                    "access-control-allow-headers", "access-control-allow-methods",
+                    "access-control-expose-headers", "access-control-max-age",
+                    "date", "x-request-id"}),
+)
+
+
+def secret_values(headers: Mapping[str, str], query: Mapping[str, str] = {}) -> list[str]:
+    """The credentials among a provider's configured headers and query parameters, each
+    also without its auth scheme ("Bearer <key>" → "<key>"): what a provider echoes is
+    the key alone. Other values (a content type, a version) are not secrets."""
+    values = [v for k, v in [*headers.items(), *query.items()] if _SECRET_NAME.search(k)]
+    return values + [v.split(" ", 1)[1] for v in values if " " in v]
+
+
+def scrub(body: bytes, secrets: Iterable[str], masked: bool = False) -> bytes:
+    """Remove ``secrets`` from ``body``; with ``masked``, also keys shown masked
+    (``sk-...****abcd``), as providers do in error messages."""
+    for secret in secrets:
+        if len(secret) >= 8 and (raw := secret.encode()) in body:
+            body = body.replace(raw, b"[redacted]")
+    return _MASKED_SECRET.sub(b"[redacted]", body) if masked else body
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """One request to a provider, final: URL, headers and body as they will be sent."""
+
+    provider_id: str
+    method: str
+    url: str | URL
+    headers: Mapping[str, str]
+    body: bytes | None
+    stream: bool  # a stream is held to the idle timeout between chunks, not a total
+    policy: HeaderPolicy
+    secrets: tuple[str, ...] = ()
+    params: Any = None
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterator[bytes]
+    stream: bool
+    secrets: tuple[str, ...] = ()
+    _closer: Any = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    async def read(self) -> bytes:
+        """The whole body, with the provider's credentials scrubbed (and masked keys
+        too in an error body)."""
+        body = b"".join([c async for c in self.chunks])
+        return scrub(body, self.secrets, masked=not self.ok)
+
+    def close(self) -> None:
+        """Drop the upstream connection; mid-body, this cancels the provider's work."""
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    async def aclose(self) -> None:
+        self.close()
+        aclose = getattr(self.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+@contextlib.contextmanager
+def _translate(provider_id: str) -> Iterator[None]:
+    try:
+        yield
+    except TimeoutError as e:
+        raise UpstreamTimeout(f"The provider '{provider_id}' did not answer in time.") from e
+    except aiohttp.ClientError as e:
+        raise UpstreamUnavailable(
+            f"The provider '{provider_id}' could not be reached ({type(e).__name__})."
+        ) from e
+
+
+class Transport:
+    def __init__(self, session: aiohttp.ClientSession, limits: UpstreamSettings):
+        self.session = session
+        self.limits = limits
+
+    async def send(self, out: Outbound) -> Reply:
+        """The provider's status and headers; the body follows in ``Reply.chunks``.
+        Waits at most ``read_timeout`` for the answer to start."""
+        limits = self.limits
+        started = asyncio.get_running_loop().time()
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            # Waiting for a free pooled connection is waiting for the answer; only the
+            # TCP (and TLS) connect itself is held to connect_timeout.
+            connect=limits.read_timeout, sock_connect=limits.connect_timeout)
+        with _translate(out.provider_id):
+            async with asyncio.timeout(limits.read_timeout):
+                resp = await self.session.request(
+                    out.method, out.url, params=out.params, data=out.body,
+                    headers=dict(out.headers), timeout=timeout, auto_decompress=True,
+                    allow_redirects=False)
+        headers = out.policy.response(resp.headers.items())
+        upstream_id = resp.headers.get("x-request-id")
+        if upstream_id and _PRINTABLE_ASCII.fullmatch(upstream_id):  # else dropped
+            headers.append(("x-upstream-request-id", upstream_id))
+        streamed = "text/event-stream" in resp.headers.get("content-type", "")
+        # A stream may run long but not stall; a whole answer must come within the
+        # read_timeout that started with the request.
+        idle, deadline = ((limits.stream_idle_timeout, None) if out.stream
+                          else (None, started + limits.read_timeout))
+        return Reply(resp.status, headers,
+                     _chunks(resp, out.provider_id, idle, deadline, out.secrets),
+                     stream=streamed, secrets=out.secrets, _closer=resp.close)
+
+
+async def _chunks(resp: aiohttp.ClientResponse, provider_id: str, idle: float | None,
+                  deadline: float | None, secrets: tuple[str, ...]) -> AsyncIterator[bytes]:
+    content = resp.content
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline if idle is None else
+                                              loop.time() + idle):
+                    chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientError):
+                # What arrived before the failure is the client's: deliver it first.
+                if rest := _buffered(content):
+                    yield scrub(rest, secrets)
+                raise
+            if not chunk:
+                return
+            yield scrub(chunk, secrets) if secrets else chunk
+    except TimeoutError as e:
+        raise UpstreamTimeout(
+            f"The provider '{provider_id}' stalled: it did not answer in time.") from e
+    except aiohttp.ClientError as e:
+        raise UpstreamUnavailable(f"The provider '{provider_id}' broke off.") from e
+    finally:
+        resp.release()
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """The bytes ``content`` holds, without the error that its public readers raise
+    before them."""
+    return content._read_nowait(-1) if content._buffer else b""

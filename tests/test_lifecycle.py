@@ -1,0 +1,197 @@
+"""The metered lifecycle: its rules as tables, and a cancellation at every await.
+
+The cancellation test runs the real app in process (its lifespan, a real PostgreSQL,
+the in-process limiter, the built-in mock provider) and pauses the request at the
+n-th await of a money or limit operation — admission, hold, opening the user, the
+provider call, the relay's writes, posting, voiding, releasing — for n = 1, 2, … until
+a request completes without reaching n. At each pause the request is cancelled; once
+everything it started has finished, no hold may be pending and no lease live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from proxy import settings as config
+from proxy.app import create_app
+from proxy.decide import Action
+from proxy.gateway import charge_for
+from proxy.keys import KeyStore
+from proxy.ledger import UserState
+from proxy.lifecycle import Charge, resolution
+from proxy.relay import Outcome
+from tests.conftest import new_user
+
+
+def state(hold_id: int | None) -> UserState:
+    return UserState(exists=True, connected=True, has_account=True, available=10,
+                     hold_id=hold_id)
+
+
+@pytest.mark.parametrize(("held", "action", "charge", "expected"), [
+    (None, None, None, ("none", None)),  # nothing was held (admission refused, or free)
+    (state(None), Action.TOP_UP, None, ("none", None)),  # the hold was refused
+    (state(7), Action.FORWARD, None, ("void", None)),  # cancelled before any answer
+    (state(7), Action.FORWARD, Charge(None, "failed"), ("void", None)),  # provider error
+    (state(7), Action.FORWARD, Charge(5, "completed"), ("post", 5)),
+    (state(7), Action.FORWARD, Charge(0, "completed"), ("post", 0)),  # a free answer
+    (state(7), Action.CONNECT, Charge(5, "completed"), ("void", None)),  # never forwarded
+    (state(7), None, None, ("void", None)),  # cancelled between the hold and decide
+])
+def test_resolution(held: UserState | None, action: Action | None, charge: Charge | None,
+                    expected: tuple[str, int | None]) -> None:
+    assert resolution(held, action, charge) == expected
+
+
+@pytest.mark.parametrize(("outcome", "sent", "amount"), [
+    (Outcome.COMPLETED, 10, 1),
+    (Outcome.COMPLETED, 0, 1),  # an empty 2xx answer, delivered
+    (Outcome.ABORTED, 10, 1),  # the client left after part of the answer reached it
+    (Outcome.ABORTED, 0, None),  # … before any of it
+    (Outcome.PARTIAL, 10, None),  # the provider broke off: the client got a cut answer
+])
+def test_gateway_charge(outcome: Outcome, sent: int, amount: int | None) -> None:
+    assert charge_for(outcome, sent) == Charge(amount, outcome.value)
+
+
+CONFIG = """
+[billing]
+reaper_interval_seconds = 60
+hold_ttl_seconds = 300
+
+[providers.mock]
+kind = "mock"
+completion_tokens = 3
+chunk_delay_ms = 1
+
+[models.m]
+provider = "mock"
+price = { input_per_million = "1000", output_per_million = "1000" }
+
+[paywalls.app]
+starter_grant = "10"
+
+[paywalls.app.limits]
+user_concurrency = 5
+"""
+
+
+class Pauser:
+    """Stops the request at the ``target``-th call of any wrapped coroutine function
+    until released."""
+
+    def __init__(self) -> None:
+        self.reset(0)
+        self.hit: list[str] = []
+
+    def reset(self, target: int) -> None:
+        self.calls = 0
+        self.target = target
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def point(self, name: str) -> None:
+        self.calls += 1
+        if self.calls == self.target:
+            self.hit.append(name)
+            self.reached.set()
+            await self.release.wait()
+
+    def wrap(self, obj: Any, name: str) -> None:
+        fn: Callable[..., Awaitable[Any]] = getattr(obj, name)
+
+        async def paused(*args: Any, **kwargs: Any) -> Any:
+            await self.point(name)
+            return await fn(*args, **kwargs)
+
+        setattr(obj, name, paused)
+
+
+async def cancelled_or_done(app: Any, key: str, body: bytes, pauser: Pauser) -> bool:
+    """Send one chat completion straight into the ASGI app; cancel it when ``pauser``
+    stops it. True when it completed first."""
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    stays = asyncio.Event()  # the client never leaves on its own
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await stays.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            await pauser.point("relay")
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {key}".encode()),
+                         (b"content-type", b"application/json")]}
+    async with asyncio.TaskGroup() as tg:
+        request = tg.create_task(app(scope, receive, send))
+        reached = tg.create_task(pauser.reached.wait())
+        await asyncio.wait([request, reached], return_when=asyncio.FIRST_COMPLETED)
+        if request.done():
+            reached.cancel()
+            assert sent[0]["status"] == 200
+            return True
+        request.cancel()
+        pauser.release.set()
+    return False
+
+
+@pytest.fixture
+def app_settings(own_database_url: str, tmp_path: Path) -> Iterator[config.Settings]:
+    path = tmp_path / "proxy.toml"
+    path.write_text(CONFIG)
+    yield config.load(path, {"DATABASE_URL": own_database_url})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
+        app_settings: config.Settings, own_database_url: str, stream: bool) -> None:
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        key, _ = await KeyStore(conn).create("app", "test")
+    finally:
+        await conn.close()
+    app = create_app(app_settings)
+    starlette = app.app.app
+    pauser = Pauser()
+    async with starlette.router.lifespan_context(starlette):
+        services = starlette.state.services
+        for obj, names in ((services.gate, ("admit", "finish")),
+                           (services.ledger, ("hold", "open_user", "post", "void")),
+                           (services.providers["mock"], ("send",))):
+            for name in names:
+                pauser.wrap(obj, name)
+        completed = 0
+        target = 0
+        while completed < 2:  # two targets past the last await reached, to be sure
+            target += 1
+            pauser.reset(target)
+            body = orjson.dumps({"model": "m", "user": new_user("cancel"), "stream": stream,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            if await cancelled_or_done(app, key, body, pauser):
+                completed += 1
+            await services.tasks.drain()
+            pending = await services.pool.fetchval(
+                "SELECT count(*) FROM holds WHERE status = 'pending'")
+            assert pending == 0, (target, pauser.hit[-1])
+            assert not services.gate._leases, (target, pauser.hit[-1])
+            assert not any(services.gate.limiter.leases.values()), (target, pauser.hit[-1])
+            assert len(services.live) == 0, (target, pauser.hit[-1])
+    # Every kind of await was interrupted at least once.
+    expected = {"admit", "hold", "open_user", "send", "post", "finish", "relay"}
+    assert expected <= set(pauser.hit), set(pauser.hit)
