@@ -63,7 +63,7 @@ class Metered:
     settled: bool = False
 
     def cost(self, usage: Usage) -> int:
-        return min(cost(usage, self.price, self.markup_bps), self.hold)
+        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
 
     def cost_fields(self, usage: Usage) -> dict[str, Any]:
         return {"cost": format_amount(self.cost(usage), self.scale),
@@ -75,22 +75,20 @@ class Metered:
         return Usage(self.prompt_tokens, completion)
 
     async def settle(self, usage: Usage | None, outcome: str) -> Any:
-        """Post ``usage`` at its price (capped by the hold), or void when there is none
+        """Post ``usage`` at its price (bounded by the ledger), or void when there is none
         (:func:`~proxy.services.resolve_hold`); then free the request's limiter leases
         and correct its token count."""
         if self.settled:
             return None
         self.settled = True
         services = self.services
-        charge = meta = None
+        charge = None
         if usage is not None:
             self.record.prompt_tokens = usage.prompt_tokens
             self.record.completion_tokens = usage.completion_tokens
-            exact = cost(usage, self.price, self.markup_bps)
-            charge = min(exact, self.hold)
-            meta = {"uncharged": exact - self.hold} if exact > self.hold else None
+            charge = cost(usage, self.price, self.markup_bps)  # the ledger bounds it
         posted = await resolve_hold(services, self.record, self.hold_id, charge, usage,
-                                    outcome, meta)
+                                    outcome)
         used = usage.prompt_tokens + usage.completion_tokens if usage else 0
         await services.gate.finish(self.verdict, self.lease, used - self.admitted_tokens)
         return posted

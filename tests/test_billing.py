@@ -38,8 +38,10 @@ from proxy import db
 from proxy.tokens import prompt_text
 from tests.conftest import (
     Proxy,
+    by,
     mint_key,
     mint_keys,
+    parse_metrics,
     start_proxy,
     stop_proxy,
     with_database,
@@ -270,7 +272,8 @@ async def holds_of(pg: Any, paywall: str, user: str) -> list[Any]:
 async def check_books(pg: Any, paywall: str, user: str) -> Any:
     """What must hold for every account: the balance is the fold of its entries, each
     entry's balance_after the running sum, nothing negative, ``held`` the sum of the
-    pending holds, one entry per posted hold and none for any other."""
+    pending holds, one entry per posted hold and none for any other. (A charge may
+    exceed its hold by what the balance covered beyond it: balance_after stays >= 0.)"""
     acc = await account(pg, paywall, user)
     assert acc is not None, f"no account for {user}"
     entries = await entries_of(pg, paywall, user)
@@ -289,7 +292,7 @@ async def check_books(pg: Any, paywall: str, user: str) -> Any:
     for h in holds:
         if h["status"] == "posted":
             assert h["id"] in charged, h
-            assert 0 <= charged[h["id"]] <= h["amount"]
+            assert charged[h["id"]] >= 0
         else:
             assert h["id"] not in charged, h
     return acc
@@ -533,10 +536,11 @@ async def test_non_streaming_charge(billing: Billing, pg: Any) -> None:
     assert [e["kind"] for e in await entries_of(pg, "billing", user)] == ["grant", "charge"]
 
 
-async def test_a_charge_never_exceeds_its_hold(billing: Billing, pg: Any) -> None:
-    """The provider reports more output than the request allowed: the hold is charged,
-    and the difference is recorded as uncharged."""
-    user = new_user("capped")
+async def test_usage_beyond_the_hold_is_charged_when_the_balance_covers_it(
+        billing: Billing, pg: Any) -> None:
+    """The provider reports more output than the request allowed: the hold does not cap
+    the charge while the balance beyond it covers the difference."""
+    user = new_user("beyond")
     async with billing.http() as http:
         r = await http.post("/v1/chat/completions",
                             json=chat(user, "flat", max_completion_tokens=1))
@@ -544,12 +548,53 @@ async def test_a_charge_never_exceeds_its_hold(billing: Billing, pg: Any) -> Non
     hold_amount = FLAT.cost(0, 1)  # prompts are free on this model
     exact = FLAT.cost(5, 2)
     assert exact > hold_amount
-    assert money(r.headers["x-paywall-cost"]) == hold_amount
+    assert money(r.headers["x-paywall-cost"]) == exact
     hold, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
     assert (hold["status"], hold["amount"]) == ("posted", hold_amount)
-    assert_charge(entry, hold_amount, 5, 2, "completed", "flat")
-    assert orjson.loads(entry["metadata"]) == {"uncharged": exact - hold_amount}
+    assert_charge(entry, exact, 5, 2, "completed", "flat")
+    assert orjson.loads(entry["metadata"]) == {}
     await check_books(pg, "billing", user)
+
+
+def uncharged_metric(billing: Billing, paywall: str) -> float:
+    samples = parse_metrics(httpx.get(billing.proxy.url + "/metrics", timeout=10).text)
+    return by(samples, "paywall_uncharged_total", ("asset",), paywall=paywall).get(
+        ("usd",), 0.0)
+
+
+async def test_usage_beyond_what_the_balance_covers_is_recorded_as_uncharged(
+        billing: Billing, pg: Any) -> None:
+    """Beyond the hold the charge takes what is available and no more (the balance never
+    goes below what other requests hold); the rest is written down, never lost silently:
+    in the entry's metadata and in paywall_uncharged_total."""
+    user = new_user("uncharged")
+    hold_amount = FLAT.cost(0, 1)
+    exact = FLAT.cost(5, 2)
+    spare = 4
+    assert exact - hold_amount > spare
+    async with billing.http("billing-funded") as http:
+        r = await http.post("/v1/user/balance/deposit", headers={"Idempotency-Key": user},
+                            json={"user": user, "amount": plain(hold_amount + spare)})
+        assert r.status_code == 200, r.text
+        before = uncharged_metric(billing, "billing-funded")
+        r = await http.post("/v1/chat/completions",
+                            json=chat(user, "flat", max_completion_tokens=1))
+    assert r.status_code == 200, r.text
+    assert money(r.headers["x-paywall-cost"]) == hold_amount + spare
+    assert money(r.headers["x-paywall-balance"]) == 0
+    hold, entry = await settled(pg, "billing-funded", user, r.headers["x-request-id"])
+    assert (hold["status"], hold["amount"]) == ("posted", hold_amount)
+    assert_charge(entry, hold_amount + spare, 5, 2, "completed", "flat")
+    missing = exact - hold_amount - spare
+    assert orjson.loads(entry["metadata"]) == {"uncharged": missing}
+    acc = await check_books(pg, "billing-funded", user)
+    assert (acc["balance"], acc["held"]) == (0, 0)
+    # Metrics are observed once the response is done: wait for it.
+    deadline = time.monotonic() + 10
+    while uncharged_metric(billing, "billing-funded") - before != pytest.approx(
+            missing / SCALE):
+        assert time.monotonic() < deadline, "paywall_uncharged_total did not count it"
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("client_wants_usage", [False, True])

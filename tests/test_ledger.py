@@ -213,15 +213,25 @@ async def test_a_hold_has_at_most_one_entry(ledger: Ledger) -> None:
     await assert_folds(ledger, account_id)
 
 
-@pytest.mark.parametrize(("amount", "charged"), [(0, 0), (17, 17), (40, 40), (41, 40),
-                                                  (10**12, 40)])
-async def test_a_charge_never_exceeds_its_hold(ledger: Ledger, amount: int,
-                                               charged: int) -> None:
+@pytest.mark.parametrize(("amount", "charged"), [
+    (0, 0), (17, 17), (40, 40),
+    (41, 41), (70, 70),  # beyond the hold, while the balance covers it
+    (71, 70), (10**12, 70),  # beyond what it covers: the other request's hold is kept
+])
+async def test_a_charge_beyond_its_hold_takes_only_what_is_available(
+        ledger: Ledger, amount: int, charged: int) -> None:
     paywall, user, account_id = await funded(ledger, 100)
     hold_id = await hold(ledger, paywall, user, 40)
-    assert hold_id is not None
-    assert await ledger.post(hold_id, amount, None, "completed") == Posted(charged, 100 - charged)
-    assert await account(ledger, account_id) == (100 - charged, 0)
+    other = await hold(ledger, paywall, user, 30)  # another request's, still live
+    assert hold_id is not None and other is not None
+    posted = await ledger.post(hold_id, amount, None, "completed", {"note": "n"})
+    assert posted == Posted(charged, 100 - charged, amount - charged)
+    assert await account(ledger, account_id) == (100 - charged, 30)
+    [entry] = [e for e in await entries(ledger, account_id) if e["hold_id"] == hold_id]
+    assert entry["amount"] == -charged
+    uncharged = {"uncharged": amount - charged} if amount > charged else {}
+    assert orjson.loads(entry["metadata"]) == {"note": "n", **uncharged}
+    assert await ledger.post(other, 30, None, "completed") == Posted(30, 70 - charged)
     await assert_folds(ledger, account_id)
 
 
