@@ -179,12 +179,14 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale
     markup_bps = int(paywall.markup_percent * 100)
-    prompt_tokens, estimate = await services.tokenizer.prompt_tokens(
-        body, upstream_model, model.encoding)
-    # The worst case: all output tokens at the dearer of the output and reasoning prices.
-    hold = cost(Usage(estimate, output_cap * n, reasoning_tokens=(
-        output_cap * n if price.reasoning > price.output else 0)), price, markup_bps)
-    admitted_tokens = estimate + output_cap * n
+    prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
+        body, upstream_model, model.encoding, model.max_image_tokens)
+    # The worst case: all output tokens (a prediction's unused ones are billed as output
+    # too) at the dearer of the output and reasoning prices.
+    output = (output_cap + predicted) * n
+    hold = cost(Usage(estimate, output, reasoning_tokens=(
+        output if price.reasoning > price.output else 0)), price, markup_bps)
+    admitted_tokens = estimate + output
     lease = new_request_id()
     verdict = await services.gate.admit(
         guard.rules(limits, principal.paywall_id, user, admitted_tokens), lease,

@@ -13,6 +13,7 @@ units. Balances, holds and entries are read straight from the database.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import html
 import re
@@ -106,6 +107,7 @@ MODELS: dict[str, tuple[str, Tariff]] = {  # public name: (upstream behaviour, p
     "metered": ("echo", METERED),
     "metered-b": ("echo", OTHER),
     "metered-no-usage": ("no-usage", METERED),
+    "metered-billed": ("billed", METERED),
     "metered-silent": ("silent-after-3", METERED),
     "metered-break": ("break-after-3", METERED),
     "metered-crash": ("crash", METERED),
@@ -595,6 +597,90 @@ async def test_usage_beyond_what_the_balance_covers_is_recorded_as_uncharged(
             missing / SCALE):
         assert time.monotonic() < deadline, "paywall_uncharged_total did not count it"
         await asyncio.sleep(0.05)
+
+
+MEGABYTE = 1_000_000
+
+
+def megabyte_text() -> str:
+    """About a megabyte of text that tokenizes like prose (some 250k tokens)."""
+    words = [f"item{i % 997} value{i % 13}," for i in range(MEGABYTE // 20)]
+    return " ".join(words)[:MEGABYTE]
+
+
+def megabyte_base64() -> str:
+    return base64.b64encode(secrets.token_bytes(MEGABYTE * 3 // 4)).decode()
+
+
+def megabyte_request(case: str) -> dict[str, Any]:
+    """A request with about a megabyte in one billable part."""
+    big = megabyte_text()
+    if case == "function_call":
+        return {"messages": [
+            {"role": "user", "content": "Summarize the inventory."},
+            {"role": "assistant", "content": None,
+             "function_call": {"name": "inventory", "arguments": orjson.dumps(
+                 {"items": big}).decode()}},
+            {"role": "function", "name": "inventory", "content": "done"}]}
+    if case == "prediction":
+        return {"messages": HELLO, "prediction": {"type": "content", "content": big}}
+    if case == "prediction_parts":
+        return {"messages": HELLO, "prediction": {"type": "content", "content": [
+            {"type": "text", "text": big[:MEGABYTE // 2]},
+            {"type": "text", "text": big[MEGABYTE // 2:]}]}}
+    if case == "image":
+        return {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + megabyte_base64(), "detail": "high"}}]}]}
+    if case == "input_audio":
+        return {"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": megabyte_base64(),
+                                                    "format": "wav"}}]}]}
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["function_call", "prediction", "prediction_parts", "image",
+                                  "input_audio"])
+async def test_a_megabyte_part_is_held_at_or_above_what_the_provider_bills(
+        billing: Billing, pg: Any, case: str) -> None:
+    """Every billable part counts in the hold: the provider's reported usage, charged in
+    full, never exceeds what was held for it."""
+    user = new_user(case)
+    async with billing.http("billing-funded") as http:
+        r = await http.post("/v1/user/balance/deposit", headers={"Idempotency-Key": user},
+                            json={"user": user, "amount": "20"})
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/chat/completions", json={
+            "model": "metered-billed", "user": user, "max_completion_tokens": 16,
+            **megabyte_request(case)})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] > 200_000  # really a megabyte
+    billed = METERED.cost(usage["prompt_tokens"], usage["completion_tokens"])
+    hold, entry = await settled(pg, "billing-funded", user, r.headers["x-request-id"])
+    assert hold["amount"] >= billed, f"held {hold['amount']}, the provider billed {billed}"
+    assert_charge(entry, billed, usage["prompt_tokens"], usage["completion_tokens"],
+                  "completed", "metered-billed")
+    assert orjson.loads(entry["metadata"]) == {}
+    await check_books(pg, "billing-funded", user)
+
+
+async def test_a_part_that_cannot_be_bounded_is_refused_before_any_hold(
+        billing: Billing, pg: Any) -> None:
+    user = new_user("unbounded")
+    body = chat(user, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Summarize this."},
+        {"type": "file", "file": {"file_id": "file-abc123"}}]}])
+    async with billing.http() as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error",
+                                               "messages[0].content[1].file.file_id")
+    assert "file_data" in error["message"]
+    assert await holds_of(pg, "billing", user) == []
+    assert billing.forwarded(user) == 0
 
 
 @pytest.mark.parametrize("client_wants_usage", [False, True])
