@@ -22,6 +22,7 @@ from proxy.decide import Action, decide
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Posted, Stored
 from proxy.pricing import Usage
 from proxy.settings import PaywallSettings
+from tests.conftest import fresh_database
 
 ASSET = "usd"
 
@@ -558,3 +559,34 @@ async def test_opening_a_user_grants_each_asset_once_and_opens_no_empty_grant(
         "SELECT a.asset, e.kind, e.amount FROM entries e JOIN accounts a ON a.id = e.account_id"
         " WHERE a.paywall_id = $1 AND a.user_id = $2 ORDER BY a.asset", paywall, user)
     assert [tuple(r) for r in kinds] == [("advanced", "grant", 2), ("standard", "grant", 5)]
+
+
+# --- the suite's own check of the books ---------------------------------------------------
+
+def test_a_test_database_whose_books_do_not_add_up_fails_its_fixture(pg_server: str) -> None:
+    """What every test database is checked for before it is dropped (conftest): it must
+    pass on books kept by the ledger and fail, naming the account, on books that are not."""
+    async def keep_books(url: str) -> None:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            ledger = Ledger(pool, hold_ttl=3600)
+            paywall, user, _ = await funded(ledger, 100)
+            assert await hold(ledger, paywall, user, 30) is not None
+        finally:
+            await pool.close()
+
+    with fresh_database(pg_server) as url:
+        asyncio.run(keep_books(url))
+
+    async def break_books(url: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("INSERT INTO users (paywall_id, user_id) VALUES ('pw', 'u')")
+            await conn.execute("INSERT INTO accounts (paywall_id, user_id, asset, balance)"
+                               " VALUES ('pw', 'u', 'usd', 5)")
+        finally:
+            await conn.close()
+
+    with (pytest.raises(AssertionError, match=r"\(pw/u/usd\): balance 5, entries sum to 0"),
+          fresh_database(pg_server) as url):
+        asyncio.run(break_books(url))
