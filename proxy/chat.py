@@ -59,7 +59,7 @@ class ChatCall:
     error_tail = staticmethod(error_event)
 
     def cost(self, usage: Usage) -> int:
-        return min(cost(usage, self.price, self.markup_bps), self.plan.hold or 0)
+        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
 
     def cost_fields(self, usage: Usage) -> dict[str, Any]:
         return {"cost": format_amount(self.cost(usage), self.scale),
@@ -241,13 +241,15 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale
     markup_bps = int(paywall.markup_percent * 100)
-    prompt_tokens, estimate = await services.tokenizer.prompt_tokens(
-        body, upstream_model, model.encoding)
-    # The worst case: all output tokens at the dearer of the output and reasoning prices.
-    hold = cost(Usage(estimate, output_cap * n, reasoning_tokens=(
-        output_cap * n if price.reasoning > price.output else 0)), price, markup_bps)
+    prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
+        body, upstream_model, model.encoding, model.max_image_tokens)
+    # The worst case: all output tokens (a prediction's unused ones are billed as output
+    # too) at the dearer of the output and reasoning prices.
+    output = (output_cap + predicted) * n
+    hold = cost(Usage(estimate, output, reasoning_tokens=(
+        output if price.reasoning > price.output else 0)), price, markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
-                frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap * n)
+                frozenset({paywall.asset, price.asset}), tokens=estimate + output)
     provider_id = model.provider
     call = Call(
         body=orjson.dumps(body), stream=stream, request_id=request_id, headers=request.headers,

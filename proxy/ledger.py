@@ -10,8 +10,11 @@ Two-phase charging (as in TigerBeetle's pending transfers):
 
 - :meth:`Ledger.hold` reserves the worst case within the balance and the spend caps
   (``paywall_hold``: conditional UPDATEs in one transaction, one round trip);
-- :meth:`Ledger.post` charges the actual amount (never more than the hold) and
-  releases the rest, :meth:`Ledger.void` releases it all;
+- :meth:`Ledger.post` charges the actual cost and releases the hold,
+  :meth:`Ledger.void` releases it all. The hold bounds the cost as well as the proxy
+  can estimate it; should the provider still bill more, the charge exceeds the hold
+  by at most what the balance has available beyond it (``balance - held`` never goes
+  below 0), and what even that does not cover is recorded as ``uncharged``;
 - live holds are renewed by their process (:meth:`Ledger.renew`); a hold whose
   process died expires, and :meth:`Ledger.reap` posts it at its last usage
   checkpoint or, with none, voids it.
@@ -67,6 +70,7 @@ class UserState:
 class Posted:
     charged: int
     balance_after: int
+    uncharged: int = 0  # of the cost: what the hold and the balance beyond it did not cover
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +177,12 @@ class Ledger:
 
     async def post(self, hold_id: int, amount: int, usage: Usage | None, outcome: str,
                    metadata: dict[str, Any] | None = None) -> Posted | None:
-        """Charge ``amount`` (at most the hold) and release the rest; None if already resolved."""
+        """Charge the exact cost ``amount`` and release the hold; None if already resolved.
+
+        The charge is ``amount`` up to the hold plus what the account has available
+        beyond it, so it may exceed the hold but never takes what other requests hold;
+        the rest is returned as ``uncharged`` and written in the entry's metadata
+        (``{"uncharged": n}``, merged into ``metadata``)."""
         if amount < 0:
             raise ValueError(f"a charge cannot be negative: {amount}")
         u = usage or Usage(0, 0)
@@ -182,7 +191,7 @@ class Ledger:
             hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
             u.reasoning_tokens, outcome, orjson.dumps(metadata or {}).decode(),
         )
-        return Posted(row["charged"], row["balance_after"]) if row else None
+        return Posted(row["charged"], row["balance_after"], row["uncharged"]) if row else None
 
     async def void(self, hold_id: int, status: str = "voided") -> bool:
         """Release the whole hold; ``status`` is "voided", or "expired" for the reaper."""
@@ -214,7 +223,7 @@ class Ledger:
         their checkpoint's cost, or void them. One failing hold does not stop the rest."""
         rows = await self.pool.fetch(
             "SELECT id, checkpoint FROM holds WHERE status = 'pending' AND expires_at < now()"
-            " AND NOT (id = ANY($2::bigint[])) ORDER BY expires_at LIMIT $1",
+            " AND NOT (id = ANY($2::bigint[])) ORDER BY expires_at, id LIMIT $1",
             limit, list(exclude),
         )
         for row in rows:

@@ -203,10 +203,6 @@ class Ticket:
             if usage is not None:
                 self.rec.prompt_tokens = usage.prompt_tokens
                 self.rec.completion_tokens = usage.completion_tokens
-            held = self.plan.hold or 0
-            if amount is not None and amount > held:
-                meta = {**(meta or {}), "uncharged": amount - held}
-                amount = held
             return await resolve_hold(self.services, self.rec, state.hold_id, amount, usage,
                                       outcome, meta)
         finally:

@@ -77,6 +77,7 @@ class Record:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: int | None = None  # in the asset's smallest unit
+    uncharged: int = 0  # what the cost exceeded the charge by (smallest unit)
     asset: str = ""
     scale: int = 0
     hold_id: int | None = None
@@ -140,6 +141,10 @@ class Metrics:
         self.charged = Counter(
             "paywall_charged", "Amount charged, in whole units of the asset.",
             ["asset", "paywall"], registry=r)
+        self.uncharged = Counter(
+            "paywall_uncharged", "Cost the provider billed beyond the hold and the user's "
+            "available balance, so not charged; in whole units of the asset.",
+            ["asset", "paywall"], registry=r)
         self.settlements = Counter(
             "paywall_settlements", "Holds resolved at the end of a forwarded request.",
             ["paywall", "outcome"], registry=r)
@@ -193,6 +198,8 @@ class Metrics:
                 rec.completion_tokens)
         if rec.cost:
             child(self.charged, rec.asset, rec.paywall).inc(rec.cost / 10 ** rec.scale)
+        if rec.uncharged:
+            child(self.uncharged, rec.asset, rec.paywall).inc(rec.uncharged / 10 ** rec.scale)
         if rec.settlement:
             child(self.settlements, rec.paywall, rec.settlement).inc()
 

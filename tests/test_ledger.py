@@ -22,6 +22,7 @@ from proxy.decide import Action, decide
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Posted, Stored
 from proxy.pricing import Usage
 from proxy.settings import PaywallSettings
+from tests.conftest import fresh_database
 
 ASSET = "usd"
 
@@ -213,15 +214,25 @@ async def test_a_hold_has_at_most_one_entry(ledger: Ledger) -> None:
     await assert_folds(ledger, account_id)
 
 
-@pytest.mark.parametrize(("amount", "charged"), [(0, 0), (17, 17), (40, 40), (41, 40),
-                                                  (10**12, 40)])
-async def test_a_charge_never_exceeds_its_hold(ledger: Ledger, amount: int,
-                                               charged: int) -> None:
+@pytest.mark.parametrize(("amount", "charged"), [
+    (0, 0), (17, 17), (40, 40),
+    (41, 41), (70, 70),  # beyond the hold, while the balance covers it
+    (71, 70), (10**12, 70),  # beyond what it covers: the other request's hold is kept
+])
+async def test_a_charge_beyond_its_hold_takes_only_what_is_available(
+        ledger: Ledger, amount: int, charged: int) -> None:
     paywall, user, account_id = await funded(ledger, 100)
     hold_id = await hold(ledger, paywall, user, 40)
-    assert hold_id is not None
-    assert await ledger.post(hold_id, amount, None, "completed") == Posted(charged, 100 - charged)
-    assert await account(ledger, account_id) == (100 - charged, 0)
+    other = await hold(ledger, paywall, user, 30)  # another request's, still live
+    assert hold_id is not None and other is not None
+    posted = await ledger.post(hold_id, amount, None, "completed", {"note": "n"})
+    assert posted == Posted(charged, 100 - charged, amount - charged)
+    assert await account(ledger, account_id) == (100 - charged, 30)
+    [entry] = [e for e in await entries(ledger, account_id) if e["hold_id"] == hold_id]
+    assert entry["amount"] == -charged
+    uncharged = {"uncharged": amount - charged} if amount > charged else {}
+    assert orjson.loads(entry["metadata"]) == {"note": "n", **uncharged}
+    assert await ledger.post(other, 30, None, "completed") == Posted(30, 70 - charged)
     await assert_folds(ledger, account_id)
 
 
@@ -548,3 +559,34 @@ async def test_opening_a_user_grants_each_asset_once_and_opens_no_empty_grant(
         "SELECT a.asset, e.kind, e.amount FROM entries e JOIN accounts a ON a.id = e.account_id"
         " WHERE a.paywall_id = $1 AND a.user_id = $2 ORDER BY a.asset", paywall, user)
     assert [tuple(r) for r in kinds] == [("advanced", "grant", 2), ("standard", "grant", 5)]
+
+
+# --- the suite's own check of the books ---------------------------------------------------
+
+def test_a_test_database_whose_books_do_not_add_up_fails_its_fixture(pg_server: str) -> None:
+    """What every test database is checked for before it is dropped (conftest): it must
+    pass on books kept by the ledger and fail, naming the account, on books that are not."""
+    async def keep_books(url: str) -> None:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            ledger = Ledger(pool, hold_ttl=3600)
+            paywall, user, _ = await funded(ledger, 100)
+            assert await hold(ledger, paywall, user, 30) is not None
+        finally:
+            await pool.close()
+
+    with fresh_database(pg_server) as url:
+        asyncio.run(keep_books(url))
+
+    async def break_books(url: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("INSERT INTO users (paywall_id, user_id) VALUES ('pw', 'u')")
+            await conn.execute("INSERT INTO accounts (paywall_id, user_id, asset, balance)"
+                               " VALUES ('pw', 'u', 'usd', 5)")
+        finally:
+            await conn.close()
+
+    with (pytest.raises(AssertionError, match=r"\(pw/u/usd\): balance 5, entries sum to 0"),
+          fresh_database(pg_server) as url):
+        asyncio.run(break_books(url))

