@@ -298,3 +298,17 @@ def test_mock_provider(running: Running) -> None:
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == "This is a mock answer"
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 1
+
+
+@pytest.mark.parametrize("stream", [1, "true", "yes", 0, [True], {"on": True}])
+def test_stream_must_be_a_real_boolean(running: Running, stream: object) -> None:
+    """A lenient upstream streams for "stream": 1; the proxy, reading a whole answer,
+    once relayed that stream unmetered."""
+    before = len(running.upstream.seen)
+    resp = httpx.post(running.proxy.url + "/v1/chat/completions",
+                      headers={"authorization": f"Bearer {running.key}"},
+                      json={"model": "chunks", "user": "u", "messages": HELLO,
+                            "stream": stream})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "stream"
+    assert len(running.upstream.seen) == before  # the provider was never called

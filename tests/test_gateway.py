@@ -131,6 +131,11 @@ class Api:
             # The 12 bytes travel on before the connection breaks (or falls silent).
             await self._gone(receive, 5 if kind == "stall" else 0.1, tag)
             raise UpstreamCut(kind)
+        elif kind == "echo":  # a 2xx answer repeating what the provider was sent
+            given = dict(hit.headers)
+            await send_json(send, 200, {"auth": given.get("authorization", ""),
+                                        "key": given.get("x-provider-key", ""),
+                                        "agent": given.get("user-agent", "")})
         elif kind == "fail":
             auth = dict(hit.headers).get("authorization", "")
             await send_json(send, 500, {"error": {"message": f"upstream broke; you sent {auth}",
@@ -155,6 +160,10 @@ class Api:
         return True
 
 
+CLUB = credits_paywall("club", "Members only", JWT_SECRET, trial=10).replace(
+    'name = "Members only"', 'name = "Members only"\nrequire_connect = true')
+
+
 def config(api_url: str) -> str:
     return f"""
 [server]
@@ -169,6 +178,7 @@ stream_idle_timeout = 1
                  limits={"user_requests_per_minute": 3})}
 {credits_paywall("solo", "One call at a time", JWT_SECRET, trial=10,
                  limits={"user_concurrency": 1})}
+{CLUB}
 [api_providers.chat]
 url = "{api_url}/v1"
 method = "POST"
@@ -769,3 +779,57 @@ async def test_read_timeout_bounds_the_first_byte(gateway: Gateway, http: httpx.
     assert time.monotonic() - started >= SLOW_ANSWER
     state = await settled(pg, user, 1)
     assert state["holds"] == {"posted": 1} and state["balance"] == 0
+
+
+# ---- the paywall's rules, as for chat ------------------------------------------------
+
+async def test_require_connect_applies_to_gateway_calls(
+        gateway: Gateway, http: httpx.AsyncClient, pg: asyncpg.Connection) -> None:
+    user = new_user("club")  # 10 trial credits, never connected
+    before = len(gateway.api.hits)
+    resp = await http.post(gateway.url("chat", "count"), params={"paywall_id": "club"},
+                           headers=signed_in(user), json={})
+    assert (resp.status_code, resp.json()["code"]) == (402, "connect_required"), resp.text
+    link = resp.json()["details"]["connectLink"]
+    assert "/connect?token=" in link and link in resp.json()["error"]
+    assert gateway.api.hits[before:] == []  # the provider was never called
+    state = await account(pg, user, "club")
+    assert state["charges"] == [] and state["balance"] == 10 and not state["holds"]
+
+
+async def test_a_blank_repeated_paywall_id_switches_nothing(
+        gateway: Gateway, http: httpx.AsyncClient) -> None:
+    user = new_user("blank")
+    await give(http, gateway, user, 2)
+    # The route once read "" and fell back to the header's paywall, CORS read "gw".
+    resp = await http.post(gateway.url("chat", "count"),
+                           params=[("paywall_id", "gw"), ("paywall_id", "")],
+                           headers=signed_in(user, Origin=OTHER_ORIGIN,
+                                             **{"X-Paywall-Id": "limited"}), json={})
+    assert (resp.status_code, resp.json()["code"]) == (400, "paywall_required"), resp.text
+    assert "access-control-allow-origin" not in resp.headers
+
+
+async def test_path_parameter_dot_segments_are_refused(
+        gateway: Gateway, http: httpx.AsyncClient) -> None:
+    user = new_user("dotsemi")
+    before = len(gateway.api.hits)
+    for path in ("..;/count", "a/..;x/..;/count", ".;/count", "%2e%2e;/count"):
+        target = f"/api/v1/api-gateway/chat/{path}?paywall_id=gw".encode()
+        resp = await http.post(gateway.proxy.url, extensions={"target": target},
+                               headers=signed_in(user), json={})
+        assert (resp.status_code, resp.json().get("code")) == (400, "invalid_path"), \
+            (path, resp.text)
+    assert gateway.api.hits[before:] == []
+
+
+async def test_provider_secrets_are_scrubbed_from_2xx_bodies_and_only_they(
+        gateway: Gateway, http: httpx.AsyncClient) -> None:
+    user = new_user("echo")
+    await give(http, gateway, user, 2)
+    resp = await http.post(gateway.url("chat", "echo"), params={"paywall_id": "gw"},
+                           headers=signed_in(user), json={})
+    assert resp.status_code == 200, resp.text
+    assert SECRET not in resp.text
+    assert resp.json() == {"auth": "[redacted]", "key": "[redacted]",
+                           "agent": "provider-agent/1"}  # not a secret: kept
