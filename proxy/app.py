@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import balances, cors, db, gateway, observe, pages, reaper, user_api
+from proxy import balances, cors, db, gateway, gauges, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
 from proxy.endusers import TokenVerifier
@@ -124,7 +124,7 @@ async def metrics(request: Request) -> Response:
     if token and not hmac.compare_digest(
             (request.headers.get("authorization") or "").encode(), f"Bearer {token}".encode()):
         raise AuthenticationFailed("/metrics needs 'Authorization: Bearer <metrics_token>'.")
-    await observe.sample(services)
+    await gauges.sample(services)
     return Response(services.metrics.exposition(), media_type=observe.METRICS_CONTENT_TYPE)
 
 
@@ -213,7 +213,7 @@ def create_app(settings: Settings) -> observe.Observe:
                                       min([settings.billing.reaper_interval_seconds,
                                            *(ttl / 3 for ttl in leases)]),
                                       services.metrics), \
-                    observe.sampling(services, SAMPLE_SECONDS):
+                    gauges.sampling(services, SAMPLE_SECONDS):
                 yield
                 await services.tasks.drain()
         finally:

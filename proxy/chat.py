@@ -19,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import guard, lifecycle
-from proxy.decide import Action, Decision
+from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
-from proxy.ledger import Posted, UserState
+from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metering import Meter

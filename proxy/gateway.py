@@ -28,9 +28,9 @@ from yarl import URL
 from proxy import guard, lifecycle
 from proxy.balances import balances_of, current, end_user, paywall_of
 from proxy.cors import paywall_named
-from proxy.decide import Action, Decision
+from proxy.decide import Action, Decision, UserState
 from proxy.errors import Forbidden, InvalidRequest, MethodNotAllowed, NotFound, PaymentRequired
-from proxy.ledger import Posted, UserState
+from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.observe import record_of

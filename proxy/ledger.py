@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from proxy.decide import CapReached, UserState
 from proxy.pricing import Usage
 
 log = logging.getLogger("proxy.ledger")
@@ -44,26 +45,6 @@ class SpendCap:
     scope: str
     period: str
     cap: int
-
-
-@dataclass(frozen=True, slots=True)
-class CapReached:
-    name: str  # user_daily, user_monthly, paywall_daily, paywall_monthly
-    cap: int
-    used: int  # spent + held in the window before this request
-    resets: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class UserState:
-    """What the decision needs to know of an end user, read with the hold attempt."""
-
-    exists: bool
-    connected: bool
-    has_account: bool  # for the asset asked for
-    available: int  # balance - held of that asset, before this request's hold
-    hold_id: int | None  # set when the hold was placed
-    cap: CapReached | None = None  # the spend cap that refused the hold
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import guard
-from proxy.decide import Action, Decision, decide
+from proxy.decide import Action, Decision, UserState, decide
 from proxy.errors import ProxyError
-from proxy.ledger import Posted, UserState
+from proxy.ledger import Posted
 from proxy.limits import Verdict
 from proxy.observe import Record
 from proxy.pricing import Usage

@@ -13,17 +13,15 @@ paywall keys and bearer tokens never reach a log.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from prometheus_client import (
@@ -40,9 +38,6 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy.pricing import format_amount
 from proxy.requestid import request_id_from
-
-if TYPE_CHECKING:
-    from proxy.services import Services
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
 
@@ -304,47 +299,15 @@ class Observe:
 
     def finish(self, rec: Record) -> None:
         ended = time.perf_counter()
-        services: Services | None = getattr(self.app.state, "services", None)
-        if services is not None:
-            services.metrics.observe(rec, ended)
+        metrics = getattr(getattr(self.app.state, "services", None), "metrics", None)
+        if metrics is not None:
+            metrics.observe(rec, ended)
         if rec.route in _QUIET_ROUTES:
             return
         if _access_writer is not None:
             _access_writer.write(access_fields(rec, ended))
         elif access_log.isEnabledFor(logging.INFO):
             access_log.info("request", extra={"fields": access_fields(rec, ended)})
-
-
-async def sample(services: Services) -> None:
-    """Refresh the gauges and the counters kept as plain totals elsewhere."""
-    m = services.metrics
-    pool = services.pool
-    size = pool.get_size()
-    m.pool.labels("in_use").set(size - pool.get_idle_size())
-    m.pool.labels("open").set(size)
-    m.holds_live.set(len(services.live))
-    m.count_since("redis", services.gate.errors)
-    m.count_since("tokenizer", services.tokenizer.fallbacks)
-    try:
-        m.holds_pending.set(await services.ledger.pending_holds())
-    except Exception:
-        m.errors.labels("database").inc()
-        log.warning("could not count pending holds", exc_info=True)
-
-
-@contextlib.asynccontextmanager
-async def sampling(services: Services, interval: float) -> AsyncIterator[None]:
-    async def loop() -> None:
-        while True:
-            await sample(services)
-            await asyncio.sleep(interval)
-
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(loop())
-        try:
-            yield
-        finally:
-            task.cancel()
 
 
 # ---- logs ----------------------------------------------------------------------------

@@ -16,9 +16,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
-from proxy.settings import PriceSettings
+
+class PriceTerms(Protocol):
+    """Prices as configured: decimals per request and per million tokens (the
+    ``[models.*.price]`` settings)."""
+
+    @property
+    def asset(self) -> str: ...
+    @property
+    def per_request(self) -> Decimal: ...
+    @property
+    def input_per_million(self) -> Decimal: ...
+    @property
+    def output_per_million(self) -> Decimal: ...
+    @property
+    def cached_input_per_million(self) -> Decimal | None: ...
+    @property
+    def reasoning_per_million(self) -> Decimal | None: ...
 
 MILLION = 1_000_000
 MAX_UNITS = 2**63 - 1  # PostgreSQL bigint
@@ -94,7 +110,7 @@ def format_amount(amount: int, scale: int) -> str:
     return format(to_decimal(amount, scale), "f")
 
 
-def price_from(conf: PriceSettings, scale: int) -> Price:
+def price_from(conf: PriceTerms, scale: int) -> Price:
     return Price(
         asset=conf.asset,
         per_request=units(conf.per_request, scale),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.errors import ConfigError
+from proxy.pricing import price_from, units
 
 CONFIG_ENV = "PAYWALL_CONFIG"
 LINK_SECRET_ENV = "PAYWALL_LINK_SECRET"
@@ -438,8 +439,6 @@ class _Reader:
 def _check_references(s: Settings) -> None:
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{s.source}: {key}: {problem}")
-
-    from proxy.pricing import price_from, units
 
     _check_api_providers(s, fail)
     b = s.billing

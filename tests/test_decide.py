@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.decide import Action, Decision, decide
-from proxy.ledger import UserState
+from proxy.decide import Action, Decision, UserState, decide
 from proxy.settings import PaywallSettings
 
 OPEN = PaywallSettings(name="open")

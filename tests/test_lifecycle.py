@@ -21,10 +21,9 @@ import pytest
 
 from proxy import settings as config
 from proxy.app import create_app
-from proxy.decide import Action
+from proxy.decide import Action, UserState
 from proxy.gateway import charge_for
 from proxy.keys import KeyStore
-from proxy.ledger import UserState
 from proxy.lifecycle import Charge, resolution
 from proxy.relay import Outcome
 from tests.conftest import new_user

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -21,3 +24,50 @@ def test_mypy_strict() -> None:
 def test_ruff() -> None:
     result = run("ruff", "check", "proxy", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def imports(module: str) -> set[str]:
+    """What ``proxy.<module>`` imports when it is loaded (not under TYPE_CHECKING, not
+    inside functions): top-level package names and proxy modules."""
+    tree = ast.parse((ROOT / "proxy" / f"{module}.py").read_text())
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+    return {n if n.startswith("proxy.") else n.split(".")[0] for n in out}
+
+
+def proxy_modules() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "proxy").glob("*.py") if p.stem != "__init__")
+
+
+def reachable(module: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [f"proxy.{module}"]
+    while todo:
+        name = todo.pop()
+        for dep in imports(name.removeprefix("proxy.")) if name.startswith("proxy.") else ():
+            if dep not in seen:
+                seen.add(dep)
+                if dep.startswith("proxy.") and dep != "proxy.migrations":
+                    todo.append(dep)
+    return seen
+
+
+def test_no_import_cycles() -> None:
+    cycles = [m for m in proxy_modules() if f"proxy.{m}" in reachable(m)]
+    assert cycles == []
+
+
+# Pure modules: bytes and values in, values out. Not even transitively may they load a
+# client, a server framework or a module that does I/O.
+PURE = ("decide", "pricing", "metering", "sse")
+IO = {"asyncpg", "aiohttp", "redis", "starlette", "uvicorn", "prometheus_client",
+      "proxy.ledger", "proxy.db", "proxy.upstream", "proxy.services", "proxy.limits"}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_load_no_io(module: str) -> None:
+    assert reachable(module) & IO == set()
