@@ -27,7 +27,7 @@ from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import UserState
 from proxy.limits import Verdict
-from proxy.metering import Meter
+from proxy.metering import Meter, completion_text
 from proxy.observe import Record, record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Reply
@@ -297,8 +297,9 @@ async def _settle_completion(metered: Metered, headers: list[tuple[str, str]],
     except orjson.JSONDecodeError:
         data = None
     usage = Usage.from_openai(data.get("usage")) if isinstance(data, dict) else None
-    if usage is None:
-        usage = await metered.counted(_completion_text(data))
+    reported = usage is not None
+    if usage is None:  # none, or refused: the output is counted
+        usage = await metered.counted(completion_text(data, content))
     posted = await metered.settle(usage, "completed")
     out = dict(headers)
     if metered.verdict is not None:
@@ -307,7 +308,7 @@ async def _settle_completion(metered: Metered, headers: list[tuple[str, str]],
         out["x-paywall-cost"] = format_amount(posted.charged, metered.scale)
         out["x-paywall-balance"] = format_amount(posted.balance_after, metered.scale)
         if isinstance(data, dict):
-            if not isinstance(data.get("usage"), dict):
+            if not reported:
                 data["usage"] = {"prompt_tokens": usage.prompt_tokens,
                                  "completion_tokens": usage.completion_tokens,
                                  "total_tokens": usage.prompt_tokens + usage.completion_tokens}
@@ -322,25 +323,10 @@ async def _settle_stream(metered: Metered, meter: Meter, outcome: Outcome) -> No
     if meter.usage is not None:
         await metered.settle(meter.usage, "completed" if meter.done else outcome.value)
     elif meter.delivered:
-        usage = await metered.counted("".join(meter.text))
+        usage = meter.with_counted(await metered.counted("".join(meter.text)))
         await metered.settle(usage, outcome.value)
     else:
         await metered.settle(None, outcome.value)
-
-
-def _completion_text(data: Any) -> str:
-    if not isinstance(data, dict):
-        return ""
-    parts = []
-    choices = data.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            if isinstance(message.get("content"), str):
-                parts.append(message["content"])
-            if message.get("tool_calls"):
-                parts.append(orjson.dumps(message["tool_calls"]).decode())
-    return "".join(parts)
 
 
 def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings, user: str,
