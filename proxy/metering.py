@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from proxy.pricing import Usage
-from proxy.sse import SSEParser
+from proxy.sse import Event, SSEParser
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _TEXT_KEYS = ("reasoning_content", "reasoning", "content", "refusal")
@@ -104,32 +104,43 @@ class Meter:
             self._stale = True
 
     def _event(self, block: bytes) -> bytes:
-        for event in self._parser.feed(block):
-            if event.data == "[DONE]":
-                self.done = True
-                return block
-            try:
-                data = orjson.loads(event.data)
-            except orjson.JSONDecodeError:
-                data = None
-            if not isinstance(data, dict):  # garbage reaches the client too
-                self._deliver(_nonempty(event.data))
-                return block
-            choices = data.get("choices")
-            for choice in choices if isinstance(choices, list) else ():
-                if isinstance(choice, dict):
-                    self._deliver(output(choice.get("delta")))
-            if data.get("usage") is None:
-                continue
-            usage = self.reported = Usage.from_openai(data["usage"])
-            self._stale = False  # this chunk's usage covers its own deltas
-            if not choices:
-                if not self.client_wants_usage:
-                    return b""  # the extra chunk the proxy asked for
-                if usage is not None and self.price is not None:
-                    data["usage"].update(self.price(usage))
-                    return b"data: " + orjson.dumps(data) + b"\n\n"
+        """Meter every event ``block`` completes; return what to send for it. A block
+        almost always holds one event; when odd line endings make it hold several, all
+        are metered and the block is passed on as it came."""
+        events = self._parser.feed(block)
+        sent = [self._read(event) for event in events]
+        if len(sent) == 1 and sent[0] is not None:
+            return sent[0]
         return block
+
+    def _read(self, event: Event) -> bytes | None:
+        """Meter one event; return what to send instead of it, or None to pass it on."""
+        if event.data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):  # garbage reaches the client too
+            self._deliver(_nonempty(event.data))
+            return None
+        choices = data.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                self._deliver(output(choice.get("delta")))
+        if data.get("usage") is None:
+            return None
+        usage = self.reported = Usage.from_openai(data["usage"])
+        self._stale = False  # this chunk's usage covers its own deltas
+        if choices:
+            return None
+        if not self.client_wants_usage:
+            return b""  # the extra chunk the proxy asked for
+        if usage is None or self.price is None:
+            return None
+        data["usage"].update(self.price(usage))
+        return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 def output(message: Any) -> Iterator[str]:
