@@ -756,6 +756,23 @@ async def test_list_content_without_usable_usage_is_charged(
     await check_books(pg, "billing", user)
 
 
+async def test_a_body_that_is_not_json_is_charged_for_its_bytes(billing: Billing,
+                                                                pg: Any) -> None:
+    user = new_user("not-json")
+    garbage = b"<html><body>Not JSON, but an answer all the same.</body></html>"
+    billing.upstream.scripts[user] = [garbage]
+    body = chat(user, "metered-script")
+    async with billing.http() as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert (r.status_code, r.content) == (200, garbage)
+    prompt, completion = prompt_tokens(body), tokens(garbage.decode())
+    expected = METERED.cost(prompt, completion)
+    assert money(r.headers["x-paywall-cost"]) == expected
+    _, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
+    assert_charge(entry, expected, prompt, completion, "completed", "metered-script")
+    await check_books(pg, "billing", user)
+
+
 async def test_client_abort_charges_what_was_delivered(billing: Billing, pg: Any) -> None:
     """The provider sends three chunks and then nothing; the client reads them and goes."""
     user = new_user("abort")
