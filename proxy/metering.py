@@ -14,8 +14,9 @@ legacy ``function_call`` names and arguments — and the raw data of any event t
 not a JSON object, since it reached the client all the same. The provider's usage
 is read from the last chunk that carries one (:meth:`Usage.from_openai
 <proxy.pricing.Usage.from_openai>` refuses odd counts); it is taken as it is only
-when no output came after it. Otherwise the output is counted here, and the
-provider's report, if any, only raises the count (:meth:`Meter.with_counted`).
+when no output came after it, and only if it reports some output when there was
+any. Otherwise the output is counted here, and the provider's report, if any, only
+raises the count (:meth:`Meter.with_counted`).
 
 Bytes are passed on per complete event (an event split across network reads is
 held until its blank line arrives): a partial event is of no use to a client.
@@ -56,8 +57,13 @@ class Meter:
     @property
     def usage(self) -> Usage | None:
         """The provider's usage when it covers all the output delivered, else None (and
-        the output is to be counted, see :meth:`with_counted`)."""
-        return None if self._stale else self.reported
+        the output is to be counted, see :meth:`with_counted`). It does not when output
+        came after it, nor when it reports no output tokens at all for output that was
+        delivered (as a provider that puts zeros on every chunk does)."""
+        r = self.reported
+        if self._stale or (r is not None and not r.completion_tokens and self.text):
+            return None
+        return r
 
     @property
     def delivered(self) -> bool:

@@ -27,6 +27,7 @@ TOOL_DELTA = {"choices": [{"delta": {"tool_calls": [
 
 
 LATER = {"prompt_tokens": 3, "completion_tokens": 9}
+ZEROS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 NEGATIVE = {"prompt_tokens": 3, "completion_tokens": -2}
 REASONING_DELTA = {"choices": [{"delta": {"reasoning_content": "think", "reasoning": "more",
                                           "content": "say"}}]}
@@ -106,6 +107,11 @@ CASES: list[tuple[str, bool, list[bytes], bytes, list[str], Usage | None, bool]]
                                                      "usage": LATER})],
      event({"choices": [{"delta": {"content": "x"}}], "usage": LATER}), ["x"], Usage(3, 9),
      False),
+    ("zero output tokens for delivered output do not cover it", False,
+     [event({"choices": [{"delta": {"content": "x"}}], "usage": ZEROS})],
+     event({"choices": [{"delta": {"content": "x"}}], "usage": ZEROS}), ["x"], None, False),
+    ("zero output tokens for no output stand", False,
+     [event({"choices": [], "usage": ZEROS}), DONE], DONE, [], Usage(0, 0), True),
     ("a refused usage is no usage", True,
      [delta("a"), event({"choices": [], "usage": NEGATIVE}), DONE],
      delta("a") + event({"choices": [], "usage": NEGATIVE}) + DONE, ["a"], None, True),
