@@ -27,7 +27,7 @@ from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import UserState
 from proxy.limits import Verdict
-from proxy.metering import Meter, completion_text
+from proxy.metering import Meter, completion_text, completion_usage
 from proxy.observe import Record, record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Reply
@@ -296,7 +296,7 @@ async def _settle_completion(metered: Metered, headers: list[tuple[str, str]],
         data = orjson.loads(content)
     except orjson.JSONDecodeError:
         data = None
-    usage = Usage.from_openai(data.get("usage")) if isinstance(data, dict) else None
+    usage = completion_usage(data)
     reported = usage is not None
     if usage is None:  # none, or refused: the output is counted
         usage = await metered.counted(completion_text(data, content))

@@ -192,3 +192,16 @@ def completion_text(data: Any, raw: bytes) -> str:
     choices = data.get("choices")
     return "".join(text for choice in (choices if isinstance(choices, list) else ())
                    if isinstance(choice, dict) for text in output(choice.get("message")))
+
+
+def completion_usage(data: Any) -> Usage | None:
+    """The provider's usage of a completion that is not streamed (``data``, its parsed
+    body), when it is charged as it is: None when there is none, when it is refused, or
+    when it reports no output tokens for an answer that has output — then the output is
+    counted (:func:`completion_text`)."""
+    if not isinstance(data, dict):
+        return None
+    usage = Usage.from_openai(data.get("usage"))
+    if usage is not None and not usage.completion_tokens and completion_text(data, b""):
+        return None
+    return usage

@@ -724,8 +724,9 @@ async def test_garbage_data_without_usage_is_charged_for_its_bytes(billing: Bill
 
 
 @pytest.mark.parametrize("usage", [None, {"prompt_tokens": 5, "completion_tokens": -2},
-                                   {"prompt_tokens": 2**40, "completion_tokens": 2}],
-                         ids=["none", "negative", "absurd"])
+                                   {"prompt_tokens": 2**40, "completion_tokens": 2},
+                                   {"prompt_tokens": 0, "completion_tokens": 0}],
+                         ids=["none", "negative", "absurd", "zero"])
 async def test_list_content_without_usable_usage_is_charged(
         billing: Billing, pg: Any, usage: dict[str, Any] | None) -> None:
     """A completion whose content is a list of parts, with no usage or one that is

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.metering import Meter, completion_text
+from proxy.metering import Meter, completion_text, completion_usage
 from proxy.pricing import Usage
 
 
@@ -210,3 +210,23 @@ TEXTS: list[tuple[str, Any, bytes, str]] = [
                          ids=[c[0] for c in TEXTS])
 def test_completion_text(data: Any, raw: bytes, expected: str) -> None:
     assert completion_text(data, raw) == expected
+
+
+ANSWER = completion({"content": "hi"})
+
+COMPLETION_USAGE: list[tuple[str, Any, Usage | None]] = [
+    ("reported", {**ANSWER, "usage": USAGE}, Usage(3, 2)),
+    ("none", ANSWER, None),
+    ("refused", {**ANSWER, "usage": NEGATIVE}, None),
+    ("no output tokens for output", {**ANSWER, "usage": ZEROS}, None),
+    ("no output tokens for no output", {**completion({"content": ""}), "usage": ZEROS},
+     Usage(0, 0)),
+    ("not an object", [USAGE], None),
+    ("not JSON", None, None),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), [c[1:] for c in COMPLETION_USAGE],
+                         ids=[c[0] for c in COMPLETION_USAGE])
+def test_completion_usage(data: Any, expected: Usage | None) -> None:
+    assert completion_usage(data) == expected
