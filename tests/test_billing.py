@@ -678,7 +678,9 @@ async def test_usage_up_front_then_output_is_charged_for_all_of_it(billing: Bill
 
 
 @pytest.mark.parametrize("usage", [(5, -100), (-1_000_000, 3), (5, 2.5), ("5", "3"),
-                                   (5, 2**40)], ids=str)
+                                   (5, 2**40), (0, 0)],
+                         ids=["negative-completion", "negative-prompt", "fraction", "strings",
+                              "absurd", "zeros"])
 async def test_odd_stream_usage_is_refused_and_the_output_counted(
         billing: Billing, pg: Any, usage: tuple[Any, Any]) -> None:
     user = new_user("odd-usage")
