@@ -4,9 +4,10 @@
            ├─ connect / spend_cap / top_up ─▶ an assistant message, nothing charged
            └─ forward ─▶ provider ─▶ relay ─▶ [lifecycle: post the cost, release the rest]
 
-The provider's usage is authoritative: streams are asked for it
-(``stream_options.include_usage``) and the extra chunk is removed again when the
-client did not ask. Only when a provider reports nothing are tokens counted here.
+The provider's usage is authoritative when it makes sense (:mod:`proxy.metering`):
+streams are asked for it (``stream_options.include_usage``) and the extra chunk is
+removed again when the client did not ask. When a provider reports none, or usage
+that is refused or stale, the delivered output is counted here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
-from proxy.metering import Meter
+from proxy.metering import Meter, completion_text, completion_usage
 from proxy.observe import record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Provider
@@ -107,7 +108,8 @@ class ChatCall:
         if meter.usage is not None:
             return self.priced(meter.usage, "completed" if meter.done else outcome.value)
         if meter.delivered:
-            return self.priced(await self.counted("".join(meter.text)), outcome.value)
+            counted = await self.counted("".join(meter.text))
+            return self.priced(meter.with_counted(counted), outcome.value)
         return Charge(None, outcome.value)
 
     async def settle_whole(self, content: bytes) -> Charge:
@@ -115,9 +117,9 @@ class ChatCall:
             data = orjson.loads(content)
         except orjson.JSONDecodeError:
             data = None
-        usage = Usage.from_openai(data.get("usage")) if isinstance(data, dict) else None
-        if usage is None:
-            usage = await self.counted(_completion_text(data))
+        usage = completion_usage(data)
+        if usage is None:  # none, or refused: the output is counted
+            usage = await self.counted(completion_text(data, content))
         return self.priced(usage, "completed")
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
@@ -142,7 +144,7 @@ def _with_cost(content: bytes, charge: Charge, posted: Posted | None, call: Chat
     if not isinstance(data, dict):
         return content
     usage = charge.usage
-    if not isinstance(data.get("usage"), dict):
+    if completion_usage(data) is None:  # the provider's was missing or refused
         data["usage"] = {"prompt_tokens": usage.prompt_tokens,
                          "completion_tokens": usage.completion_tokens,
                          "total_tokens": usage.prompt_tokens + usage.completion_tokens}
@@ -172,7 +174,7 @@ class StreamCheckpoint:
             self.tokens += c.services.tokenizer.count(new, c.upstream_model, c.encoding)
             if not self.tokens:
                 return None
-            usage = Usage(c.prompt_tokens, self.tokens)
+            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
         return {"prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens, "cost": c.cost(usage)}
 
@@ -259,21 +261,6 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     return await lifecycle.run(request, services, rec, ChatCall(
         plan, services, services.providers[provider_id], call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding, client_wants_usage))
-
-
-def _completion_text(data: Any) -> str:
-    if not isinstance(data, dict):
-        return ""
-    parts = []
-    choices = data.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            if isinstance(message.get("content"), str):
-                parts.append(message["content"])
-            if message.get("tool_calls"):
-                parts.append(orjson.dumps(message["tool_calls"]).decode())
-    return "".join(parts)
 
 
 def _paywall_reply(services: Services, plan: Plan, model: str, request_id: str,

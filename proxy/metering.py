@@ -1,10 +1,22 @@
-"""Metering a chat-completion stream on its way through. Pure: bytes in, bytes out.
+"""Metering a chat completion on its way through. Pure: bytes in, bytes out.
 
 The :class:`Meter` sees the provider's SSE bytes, passes each complete event on
-unchanged, and keeps what billing needs: the provider's usage, the text delivered
+unchanged, and keeps what billing needs: the provider's usage, the output delivered
 so far, whether ``[DONE]`` arrived. Two events are touched, both for billing: the
 usage chunk the proxy asked for on the client's behalf is removed again, and the
-usage chunk the client asked for gains ``cost``.
+usage chunk the client asked for gains ``cost``. :func:`completion_text` is the
+same reading of output for a completion that is not streamed.
+
+Nothing the provider sends is trusted to be free. Delivered output is every string
+a client can be shown: content (a string, or the text and refusal strings of a list
+of parts), refusals, reasoning (``reasoning_content``, ``reasoning``), tool-call and
+legacy ``function_call`` names and arguments — and the raw data of any event that is
+not a JSON object, since it reached the client all the same. The provider's usage
+is read from the last chunk that carries one (:meth:`Usage.from_openai
+<proxy.pricing.Usage.from_openai>` refuses odd counts); it is taken as it is only
+when no output came after it, and only if it reports some output when there was
+any. Otherwise the output is counted here, and the provider's report, if any, only
+raises the count (:meth:`Meter.with_counted`).
 
 Bytes are passed on per complete event (an event split across network reads is
 held until its blank line arrives): a partial event is of no use to a client.
@@ -13,34 +25,63 @@ held until its blank line arrives): a partial event is of no use to a client.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 
 from proxy.pricing import Usage
-from proxy.sse import SSEParser
+from proxy.sse import Event, SSEParser
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_TEXT_KEYS = ("reasoning_content", "reasoning", "content", "refusal")
 
 
 class Meter:
-    __slots__ = ("_buf", "_parser", "client_wants_usage", "done", "price", "text", "usage")
+    __slots__ = ("_buf", "_parser", "_stale", "client_wants_usage", "done", "price",
+                 "reported", "text")
 
     def __init__(self, client_wants_usage: bool,
                  price: Callable[[Usage], dict[str, Any]] | None = None):
         self._buf = b""
         self._parser = SSEParser()
+        self._stale = False  # output arrived after the last usage-bearing chunk
         self.client_wants_usage = client_wants_usage
         self.price = price
         self.done = False
-        self.usage: Usage | None = None
+        # The usage of the last chunk that carried one (None: there was none, or the
+        # last one was refused), whether or not output came after it.
+        self.reported: Usage | None = None
         self.text: list[str] = []
+
+    @property
+    def usage(self) -> Usage | None:
+        """The provider's usage when it covers all the output delivered, else None (and
+        the output is to be counted, see :meth:`with_counted`). It does not when output
+        came after it, nor when it reports no output tokens at all for output that was
+        delivered (as a provider that puts zeros on every chunk does)."""
+        r = self.reported
+        if self._stale or (r is not None and not r.completion_tokens and self.text):
+            return None
+        return r
 
     @property
     def delivered(self) -> bool:
         """Whether any output reached the client."""
         return bool(self.text)
+
+    def with_counted(self, counted: Usage) -> Usage:
+        """What to charge when :attr:`usage` is None: ``counted`` (the usage counted here
+        from :attr:`text`), each total raised to the provider's :attr:`reported` one.
+
+        A provider that reported early and then went on, or reported the total up front,
+        is charged neither less than it delivered nor twice for it."""
+        r = self.reported
+        if r is None:
+            return counted
+        return Usage(max(r.prompt_tokens, counted.prompt_tokens),
+                     max(r.completion_tokens, counted.completion_tokens),
+                     r.cached_tokens, r.reasoning_tokens)
 
     def feed(self, chunk: bytes) -> bytes:
         """Take provider bytes; return the bytes to send to the client now."""
@@ -63,42 +104,104 @@ class Meter:
         out = self._event(rest + b"\n\n")
         return rest if out == rest + b"\n\n" else out
 
-    def _delivered(self, delta: dict[str, Any]) -> None:
-        """Keep what a delta delivers: text, a refusal, tool-call names and arguments."""
-        for key in ("content", "refusal"):
-            if isinstance(delta.get(key), str):
-                self.text.append(delta[key])
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                for key in ("name", "arguments"):
-                    if isinstance(fn.get(key), str):
-                        self.text.append(fn[key])
+    def _deliver(self, texts: Iterator[str]) -> None:
+        for text in texts:
+            self.text.append(text)
+            self._stale = True
 
     def _event(self, block: bytes) -> bytes:
-        for event in self._parser.feed(block):
-            if event.data == "[DONE]":
-                self.done = True
-                return block
-            try:
-                data = orjson.loads(event.data)
-            except orjson.JSONDecodeError:
-                return block
-            if not isinstance(data, dict):
-                return block
-            choices = data.get("choices")
-            for choice in choices if isinstance(choices, list) else ():
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict):
-                    self._delivered(delta)
-            usage = Usage.from_openai(data.get("usage"))
-            if usage is not None:
-                self.usage = usage
-                if not data.get("choices"):
-                    if not self.client_wants_usage:
-                        return b""  # the extra chunk the proxy asked for
-                    if self.price is not None:
-                        data["usage"].update(self.price(usage))
-                        return b"data: " + orjson.dumps(data) + b"\n\n"
+        """Meter every event ``block`` completes; return what to send for it. A block
+        almost always holds one event; when odd line endings make it hold several, all
+        are metered and the block is passed on as it came."""
+        events = self._parser.feed(block)
+        sent = [self._read(event) for event in events]
+        if len(sent) == 1 and sent[0] is not None:
+            return sent[0]
         return block
+
+    def _read(self, event: Event) -> bytes | None:
+        """Meter one event; return what to send instead of it, or None to pass it on."""
+        if event.data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):  # garbage reaches the client too
+            self._deliver(_nonempty(event.data))
+            return None
+        choices = data.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                self._deliver(output(choice.get("delta")))
+        if data.get("usage") is None:
+            return None
+        usage = self.reported = Usage.from_openai(data["usage"])
+        self._stale = False  # this chunk's usage covers its own deltas
+        if choices:
+            return None
+        if not self.client_wants_usage:
+            return b""  # the extra chunk the proxy asked for
+        if usage is None or self.price is None:
+            return None
+        data["usage"].update(self.price(usage))
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def output(message: Any) -> Iterator[str]:
+    """The output strings of a chat ``message`` or stream ``delta`` (empty ones left out):
+    its content, refusal and reasoning, and its tool calls' and legacy function call's
+    names and arguments."""
+    if not isinstance(message, dict):
+        return
+    for key in _TEXT_KEYS:
+        value = message.get(key)
+        if isinstance(value, list):  # content parts: text, refusal
+            for part in value:
+                if isinstance(part, str):
+                    yield from _nonempty(part)
+                elif isinstance(part, dict):
+                    for field in ("text", "refusal"):
+                        if isinstance(part.get(field), str):
+                            yield from _nonempty(part[field])
+        elif isinstance(value, str):
+            yield from _nonempty(value)
+    calls = message.get("tool_calls")
+    functions = [call.get("function") for call in calls if isinstance(call, dict)
+                 ] if isinstance(calls, list) else []
+    functions.append(message.get("function_call"))
+    for fn in functions:
+        if isinstance(fn, dict):
+            for key in ("name", "arguments"):
+                if isinstance(fn.get(key), str):
+                    yield from _nonempty(fn[key])
+
+
+def _nonempty(text: str) -> Iterator[str]:
+    if text:
+        yield text
+
+
+def completion_text(data: Any, raw: bytes) -> str:
+    """The output of a completion that is not streamed, to count when its usage is missing
+    or refused: what its choices' messages deliver (see :func:`output`), or, when the body
+    ``raw`` did not parse as a JSON object (``data``), the body's own text."""
+    if not isinstance(data, dict):
+        return raw.decode("utf-8", "replace")
+    choices = data.get("choices")
+    return "".join(text for choice in (choices if isinstance(choices, list) else ())
+                   if isinstance(choice, dict) for text in output(choice.get("message")))
+
+
+def completion_usage(data: Any) -> Usage | None:
+    """The provider's usage of a completion that is not streamed (``data``, its parsed
+    body), when it is charged as it is: None when there is none, when it is refused, or
+    when it reports no output tokens for an answer that has output — then the output is
+    counted (:func:`completion_text`)."""
+    if not isinstance(data, dict):
+        return None
+    usage = Usage.from_openai(data.get("usage"))
+    if usage is not None and not usage.completion_tokens and completion_text(data, b""):
+        return None
+    return usage

@@ -38,6 +38,7 @@ class PriceTerms(Protocol):
 
 MILLION = 1_000_000
 MAX_UNITS = 2**63 - 1  # PostgreSQL bigint
+MAX_TOKENS = 2**31 - 1  # the ledger's token columns are PostgreSQL integers
 _BPS = 10_000
 
 
@@ -60,22 +61,31 @@ class Usage:
 
     @classmethod
     def from_openai(cls, usage: Any) -> Usage | None:
-        """Read an OpenAI ``usage`` object; None when it carries no token counts."""
+        """Read an OpenAI ``usage`` object, or refuse it (None) so that the output is
+        counted instead.
+
+        Refused: anything but an object with both ``prompt_tokens`` and
+        ``completion_tokens``, and any count read here (the two totals,
+        ``prompt_tokens_details.cached_tokens``,
+        ``completion_tokens_details.reasoning_tokens``) that is not a whole number from
+        0 to :data:`MAX_TOKENS` — floats, strings and booleans included. A details
+        object may be absent or null, and so may a count inside it (then 0).
+
+        The totals are what is charged; the details only say which price applies to
+        part of them. A detail larger than its total cannot be true, so it earns no
+        price of its own: it is read as 0 and the whole total is charged at the plain
+        input or output price.
+        """
         if not isinstance(usage, dict):
             return None
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
-        if prompt is None and completion is None:
+        cached = _detail(usage.get("prompt_tokens_details"), "cached_tokens")
+        reasoning = _detail(usage.get("completion_tokens_details"), "reasoning_tokens")
+        if prompt is None or completion is None or cached is None or reasoning is None:
             return None
-        prompt, completion = prompt or 0, completion or 0
-        prompt_details = usage.get("prompt_tokens_details")
-        details = usage.get("completion_tokens_details")
-        cached = reasoning = 0
-        if isinstance(prompt_details, dict):
-            cached = _count(prompt_details.get("cached_tokens")) or 0
-        if isinstance(details, dict):
-            reasoning = _count(details.get("reasoning_tokens")) or 0
-        return cls(prompt, completion, min(cached, prompt), min(reasoning, completion))
+        return cls(prompt, completion, cached if cached <= prompt else 0,
+                   reasoning if reasoning <= completion else 0)
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -83,9 +93,20 @@ class Usage:
 
 
 def _count(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """``value`` if it is a token count the ledger can hold, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
         return value
     return None
+
+
+def _detail(details: Any, key: str) -> int | None:
+    """The count ``details[key]``: 0 when absent or null, None when it is refused."""
+    if details is None:
+        return 0
+    if not isinstance(details, dict):
+        return None
+    value = details.get(key)
+    return 0 if value is None else _count(value)
 
 
 def units(amount: Decimal, scale: int) -> int:

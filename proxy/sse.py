@@ -3,13 +3,16 @@
 Follows the WHATWG HTML "event stream interpretation" rules: lines end in CRLF,
 LF or CR; a line starting with ``:`` is a comment; ``field: value`` with one
 optional space after the colon; ``data`` lines accumulate joined by ``\\n``; an
-empty line dispatches the event (an event with no data is dropped). Chunks may
-split anywhere, including between the CR and LF of one line ending.
+empty line dispatches the event (an event with no data is dropped); one UTF-8 byte
+order mark opening the stream is ignored. Chunks may split anywhere, including
+between the CR and LF of one line ending or inside that byte order mark.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+_BOM = "\ufeff".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,10 +23,11 @@ class Event:
 
 
 class SSEParser:
-    __slots__ = ("_buf", "_data", "_event", "_id", "_skip_lf")
+    __slots__ = ("_buf", "_data", "_event", "_id", "_skip_lf", "_started")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._started = False  # past where a byte order mark may be
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
@@ -31,6 +35,13 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Take the next bytes of the stream; return the events they complete."""
+        if not self._started:
+            chunk, self._buf = self._buf + chunk, b""
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._buf = chunk
+                return []
+            self._started = True
+            chunk = chunk.removeprefix(_BOM)
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False

@@ -108,6 +108,7 @@ MODELS: dict[str, tuple[str, Tariff]] = {  # public name: (upstream behaviour, p
     "metered-b": ("echo", OTHER),
     "metered-no-usage": ("no-usage", METERED),
     "metered-billed": ("billed", METERED),
+    "metered-script": ("script", METERED),  # what the upstream sends is set per user
     "metered-silent": ("silent-after-3", METERED),
     "metered-break": ("break-after-3", METERED),
     "metered-crash": ("crash", METERED),
@@ -750,6 +751,159 @@ async def test_non_streaming_without_provider_usage_is_counted(billing: Billing,
     assert money(r.headers["x-paywall-cost"]) == expected
     _, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
     assert_charge(entry, expected, prompt, completion, "completed", "metered-no-usage")
+    await check_books(pg, "billing", user)
+
+
+# --- metering trusts nothing odd: what a provider sends is scripted frame by frame --------
+
+
+def frame(data: Any) -> bytes:
+    """One SSE event whose data is ``data`` (bytes as they are, anything else as JSON)."""
+    return b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
+
+
+def delta_frame(**delta: Any) -> bytes:
+    return frame({"id": "s1", "object": "chat.completion.chunk", "created": 1,
+                  "model": "script", "choices": [{"index": 0, "delta": delta,
+                                                  "finish_reason": None}]})
+
+
+def usage_frame(prompt: Any, completion: Any) -> bytes:
+    return frame({"id": "s1", "object": "chat.completion.chunk", "created": 1,
+                  "model": "script", "choices": [],
+                  "usage": {"prompt_tokens": prompt, "completion_tokens": completion}})
+
+
+async def scripted_stream(billing: Billing, user: str, frames: list[bytes]
+                          ) -> tuple[dict[str, Any], str, bytes]:
+    """Stream ``frames`` from the upstream through the proxy: the request body, its
+    request id and the bytes the client received."""
+    billing.upstream.scripts[user] = frames
+    body = chat(user, "metered-script", stream=True)
+    async with billing.http() as http, http.stream("POST", "/v1/chat/completions",
+                                                   json=body) as r:
+        assert r.status_code == 200
+        raw = b"".join([chunk async for chunk in r.aiter_raw()])
+    return body, r.headers["x-request-id"], raw
+
+
+WORDS_500 = [" tok" * 10] * 50
+
+
+async def test_usage_up_front_then_output_is_charged_for_all_of_it(billing: Billing,
+                                                                   pg: Any) -> None:
+    """A provider that reports usage in its first chunk and then streams on: its prompt
+    count stands, and the output that came after is charged."""
+    user = new_user("early-usage")
+    frames = [usage_frame(50, 1), *(delta_frame(content=w) for w in WORDS_500),
+              frame(b"[DONE]")]
+    body, request_id, raw = await scripted_stream(billing, user, frames)
+    delivered = stream_text(sse_events(raw))
+    assert delivered == "".join(WORDS_500) and b'"usage"' not in raw
+    completion = tokens(delivered)
+    assert completion == 500 and prompt_tokens(body) < 50
+    _, entry = await settled(pg, "billing", user, request_id)
+    assert_charge(entry, METERED.cost(50, completion), 50, completion, "completed",
+                  "metered-script")
+    await check_books(pg, "billing", user)
+
+
+@pytest.mark.parametrize("usage", [(5, -100), (-1_000_000, 3), (5, 2.5), ("5", "3"),
+                                   (5, 2**40), (0, 0)],
+                         ids=["negative-completion", "negative-prompt", "fraction", "strings",
+                              "absurd", "zeros"])
+async def test_odd_stream_usage_is_refused_and_the_output_counted(
+        billing: Billing, pg: Any, usage: tuple[Any, Any]) -> None:
+    user = new_user("odd-usage")
+    words = ["Refused", " usage", " is", " no", " usage", "."]
+    frames = [*(delta_frame(content=w) for w in words), usage_frame(*usage), frame(b"[DONE]")]
+    body, request_id, raw = await scripted_stream(billing, user, frames)
+    assert stream_text(sse_events(raw)) == "".join(words)
+    prompt, completion = prompt_tokens(body), tokens("".join(words))
+    _, entry = await settled(pg, "billing", user, request_id)
+    assert_charge(entry, METERED.cost(prompt, completion), prompt, completion, "completed",
+                  "metered-script")
+    await check_books(pg, "billing", user)
+
+
+async def test_reasoning_without_usage_is_charged(billing: Billing, pg: Any) -> None:
+    user = new_user("reasoning")
+    thoughts = ["Let", " me", " think", " about", " the", " cost", "."]
+    frames = [delta_frame(role="assistant", content=""),
+              *(delta_frame(reasoning_content=t) for t in thoughts), frame(b"[DONE]")]
+    body, request_id, raw = await scripted_stream(billing, user, frames)
+    assert [e["choices"][0]["delta"].get("reasoning_content")
+            for e in sse_events(raw)[1:-1]] == thoughts
+    prompt, completion = prompt_tokens(body), tokens("".join(thoughts))
+    assert completion > 0
+    _, entry = await settled(pg, "billing", user, request_id)
+    assert_charge(entry, METERED.cost(prompt, completion), prompt, completion, "completed",
+                  "metered-script")
+    await check_books(pg, "billing", user)
+
+
+async def test_garbage_data_without_usage_is_charged_for_its_bytes(billing: Billing,
+                                                                   pg: Any) -> None:
+    user = new_user("garbage")
+    garbage = b"this is not JSON, yet it reached the client all the same"
+    body, request_id, raw = await scripted_stream(billing, user,
+                                                  [frame(garbage), frame(b"[DONE]")])
+    assert raw == frame(garbage) + frame(b"[DONE]")  # passed on unchanged
+    prompt, completion = prompt_tokens(body), tokens(garbage.decode())
+    _, entry = await settled(pg, "billing", user, request_id)
+    assert_charge(entry, METERED.cost(prompt, completion), prompt, completion, "completed",
+                  "metered-script")
+    await check_books(pg, "billing", user)
+
+
+@pytest.mark.parametrize("usage", [None, {"prompt_tokens": 5, "completion_tokens": -2},
+                                   {"prompt_tokens": 2**40, "completion_tokens": 2},
+                                   {"prompt_tokens": 0, "completion_tokens": 0}],
+                         ids=["none", "negative", "absurd", "zero"])
+async def test_list_content_without_usable_usage_is_charged(
+        billing: Billing, pg: Any, usage: dict[str, Any] | None) -> None:
+    """A completion whose content is a list of parts, with no usage or one that is
+    refused: its parts are counted, and the client is shown what it was charged for."""
+    user = new_user("parts")
+    parts = [{"type": "text", "text": "Parts are"}, {"type": "text", "text": " output too."},
+             {"type": "refusal", "refusal": " And so are refusals."}]
+    answer: dict[str, Any] = {
+        "id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": "script",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": parts}}]}
+    if usage is not None:
+        answer["usage"] = usage
+    billing.upstream.scripts[user] = [orjson.dumps(answer)]
+    body = chat(user, "metered-script")
+    async with billing.http() as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == parts
+    prompt = prompt_tokens(body)
+    completion = tokens("Parts are output too. And so are refusals.")
+    expected = METERED.cost(prompt, completion)
+    shown = r.json()["usage"]
+    assert (shown["prompt_tokens"], shown["completion_tokens"]) == (prompt, completion)
+    assert money(shown["cost"]) == money(r.headers["x-paywall-cost"]) == expected
+    _, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
+    assert_charge(entry, expected, prompt, completion, "completed", "metered-script")
+    await check_books(pg, "billing", user)
+
+
+async def test_a_body_that_is_not_json_is_charged_for_its_bytes(billing: Billing,
+                                                                pg: Any) -> None:
+    user = new_user("not-json")
+    garbage = b"<html><body>Not JSON, but an answer all the same.</body></html>"
+    billing.upstream.scripts[user] = [garbage]
+    body = chat(user, "metered-script")
+    async with billing.http() as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert (r.status_code, r.content) == (200, garbage)
+    prompt, completion = prompt_tokens(body), tokens(garbage.decode())
+    expected = METERED.cost(prompt, completion)
+    assert money(r.headers["x-paywall-cost"]) == expected
+    _, entry = await settled(pg, "billing", user, r.headers["x-request-id"])
+    assert_charge(entry, expected, prompt, completion, "completed", "metered-script")
     await check_books(pg, "billing", user)
 
 

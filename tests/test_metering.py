@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.metering import Meter
+from proxy.metering import Meter, completion_text, completion_usage
 from proxy.pricing import Usage
 
 
@@ -24,6 +24,19 @@ USAGE_CHUNK = event({"choices": [], "usage": USAGE})
 DONE = event(b"[DONE]")
 TOOL_DELTA = {"choices": [{"delta": {"tool_calls": [
     {"index": 0, "function": {"name": "f", "arguments": "{}"}}]}}]}
+
+
+LATER = {"prompt_tokens": 3, "completion_tokens": 9}
+ZEROS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+NEGATIVE = {"prompt_tokens": 3, "completion_tokens": -2}
+REASONING_DELTA = {"choices": [{"delta": {"reasoning_content": "think", "reasoning": "more",
+                                          "content": "say"}}]}
+FUNCTION_DELTA = {"choices": [{"delta": {"function_call": {"name": "f", "arguments": '{"a"'}}}]}
+PARTS_DELTA = {"choices": [{"delta": {"content": [
+    {"type": "text", "text": "a"}, "b", {"type": "refusal", "refusal": "no"},
+    {"type": "image_url", "image_url": {"url": "x"}}]}}]}
+ODD_DELTA = {"choices": [None, {"delta": None}, {"delta": {"content": 5, "tool_calls": {},
+                                                           "function_call": "f"}}]}
 
 
 def priced(usage: Usage) -> dict[str, Any]:
@@ -45,8 +58,24 @@ CASES: list[tuple[str, bool, list[bytes], bytes, list[str], Usage | None, bool]]
      [event({"choices": [{"delta": {"content": "x"}}], "usage": USAGE})],
      event({"choices": [{"delta": {"content": "x"}}], "usage": USAGE}), ["x"], Usage(3, 2),
      False),
-    ("not JSON passes", True, [event(b"{oops"), delta("x")], event(b"{oops") + delta("x"),
-     ["x"], None, False),
+    ("not JSON passes, and is output", True, [event(b"{oops"), delta("x")],
+     event(b"{oops") + delta("x"), ["{oops", "x"], None, False),
+    ("JSON that is not an object is output", True, [event(b"[1, 2]"), event(b'"hi"')],
+     event(b"[1, 2]") + event(b'"hi"'), ["[1, 2]", '"hi"'], None, False),
+    ("multi-line garbage is output", False, [b"data: a\ndata: b\n\n"], b"data: a\ndata: b\n\n",
+     ["a\nb"], None, False),
+    ("garbage after the usage makes it stale", False, [USAGE_CHUNK, event(b"junk"), DONE],
+     event(b"junk") + DONE, ["junk"], None, True),
+    ("odd line endings: every event of a block is metered", False,
+     [b"data: {junk\n\r\n" + delta("x") + DONE], b"data: {junk\n\r\n" + delta("x") + DONE,
+     ["{junk", "x"], None, True),
+    ("a byte order mark does not hide the first event", True, [b"\xef\xbb\xbf" + delta("x")],
+     b"\xef\xbb\xbf" + delta("x"), ["x"], None, False),
+    ("an object without choices is not output", True, [event({"error": {"message": "x"}})],
+     event({"error": {"message": "x"}}), [], None, False),
+    ("empty strings deliver nothing", True,
+     [event({"choices": [{"delta": {"role": "assistant", "content": ""}}]})],
+     event({"choices": [{"delta": {"role": "assistant", "content": ""}}]}), [], None, False),
     ("comments pass", True, [b": keep-alive\n\n", delta("x")], b": keep-alive\n\n" + delta("x"),
      ["x"], None, False),
     ("an event split across reads is sent whole", True, [delta("ab")[:9], delta("ab")[9:]],
@@ -56,6 +85,45 @@ CASES: list[tuple[str, bool, list[bytes], bytes, list[str], Usage | None, bool]]
      ["f", "{}"], None, False),
     ("refusals count as delivered", True, [event({"choices": [{"delta": {"refusal": "no"}}]})],
      event({"choices": [{"delta": {"refusal": "no"}}]}), ["no"], None, False),
+    ("reasoning counts as delivered", True, [event(REASONING_DELTA)], event(REASONING_DELTA),
+     ["think", "more", "say"], None, False),
+    ("legacy function calls count as delivered", True, [event(FUNCTION_DELTA)],
+     event(FUNCTION_DELTA), ["f", '{"a"'], None, False),
+    ("content parts count as delivered", True, [event(PARTS_DELTA)], event(PARTS_DELTA),
+     ["a", "b", "no"], None, False),
+    ("every choice counts", True, [event({"choices": [
+        {"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]})],
+     event({"choices": [{"index": 0, "delta": {"content": "a"}},
+                        {"index": 1, "delta": {"content": "b"}}]}), ["a", "b"], None, False),
+    ("odd shapes are skipped", True, [event(ODD_DELTA)], event(ODD_DELTA), [], None, False),
+    # Usage: the last chunk that carries one, and only if no output came after it.
+    ("usage before the output is stale", False, [USAGE_CHUNK, delta("a"), DONE],
+     delta("a") + DONE, ["a"], None, True),
+    ("the last usage counts", False,
+     [USAGE_CHUNK, delta("a"), event({"choices": [], "usage": LATER}), DONE],
+     delta("a") + DONE, ["a"], Usage(3, 9), True),
+    ("a usage on the last delta covers it", False,
+     [event({"choices": [], "usage": USAGE}), event({"choices": [{"delta": {"content": "x"}}],
+                                                     "usage": LATER})],
+     event({"choices": [{"delta": {"content": "x"}}], "usage": LATER}), ["x"], Usage(3, 9),
+     False),
+    ("zero output tokens for delivered output do not cover it", False,
+     [event({"choices": [{"delta": {"content": "x"}}], "usage": ZEROS})],
+     event({"choices": [{"delta": {"content": "x"}}], "usage": ZEROS}), ["x"], None, False),
+    ("zero output tokens for no output stand", False,
+     [event({"choices": [], "usage": ZEROS}), DONE], DONE, [], Usage(0, 0), True),
+    ("a refused usage is no usage", True,
+     [delta("a"), event({"choices": [], "usage": NEGATIVE}), DONE],
+     delta("a") + event({"choices": [], "usage": NEGATIVE}) + DONE, ["a"], None, True),
+    ("a refused usage the proxy asked for is still removed", False,
+     [delta("a"), event({"choices": [], "usage": NEGATIVE}), DONE], delta("a") + DONE, ["a"],
+     None, True),
+    ("a refused last usage hides an earlier one", False,
+     [delta("a"), USAGE_CHUNK, event({"choices": [], "usage": NEGATIVE})], delta("a"), ["a"],
+     None, False),
+    ("null usage is no usage-bearing chunk", False,
+     [delta("a"), USAGE_CHUNK, event({"choices": [], "usage": None})],
+     delta("a") + event({"choices": [], "usage": None}), ["a"], Usage(3, 2), False),
     ("an unterminated last event is metered too", False, [USAGE_CHUNK[:-2]], b"", [],
      Usage(3, 2), False),
 ]
@@ -75,3 +143,90 @@ def test_partial_event_is_held_until_complete_then_flushed() -> None:
     meter = Meter(True)
     assert meter.feed(b"data: {\"choices\"") == b""
     assert meter.flush() == b"data: {\"choices\""
+
+
+COUNTED = Usage(4, 500)
+
+CHARGED: list[tuple[str, list[bytes], Usage]] = [
+    ("no usage: what was counted", [delta("a")], COUNTED),
+    ("usage up front, then the output: the output", [USAGE_CHUNK, delta("a")],
+     Usage(4, 500)),
+    ("the total up front: not twice", [event({"choices": [], "usage": {
+        "prompt_tokens": 9, "completion_tokens": 600,
+        "prompt_tokens_details": {"cached_tokens": 2},
+        "completion_tokens_details": {"reasoning_tokens": 100}}}), delta("a")],
+     Usage(9, 600, 2, 100)),
+    ("a refused usage: what was counted", [event({"choices": [], "usage": NEGATIVE}),
+                                           delta("a")], COUNTED),
+]
+
+
+@pytest.mark.parametrize(("chunks", "expected"), [c[1:] for c in CHARGED],
+                         ids=[c[0] for c in CHARGED])
+def test_with_counted(chunks: list[bytes], expected: Usage) -> None:
+    meter = Meter(False)
+    for c in chunks:
+        meter.feed(c)
+    assert meter.usage is None
+    assert meter.with_counted(COUNTED) == expected
+
+
+def test_stale_usage_is_still_reported() -> None:
+    meter = Meter(True, priced)
+    sent = meter.feed(USAGE_CHUNK + delta("a"))
+    assert (meter.usage, meter.reported) == (None, Usage(3, 2))
+    # The client asked for usage: the chunk is priced on what it says, all that is known.
+    assert b'"cost":"5"' in sent
+
+
+def completion(message: Any) -> dict[str, Any]:
+    return {"object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+
+
+TEXTS: list[tuple[str, Any, bytes, str]] = [
+    ("content", completion({"role": "assistant", "content": "hi"}), b"", "hi"),
+    ("content parts", completion({"content": [
+        {"type": "text", "text": "a"}, {"type": "refusal", "refusal": "b"},
+        {"type": "image_url", "image_url": {"url": "u"}}, "c"]}), b"", "abc"),
+    ("refusal", completion({"content": None, "refusal": "no"}), b"", "no"),
+    ("reasoning", completion({"reasoning_content": "r", "reasoning": "s", "content": "t"}),
+     b"", "rst"),
+    ("tool calls", completion({"content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "2", "type": "function", "function": {"name": "g", "arguments": "[]"}}]}),
+     b"", "f{}g[]"),
+    ("legacy function call", completion({"function_call": {"name": "f", "arguments": "x"}}),
+     b"", "fx"),
+    ("every choice", {"choices": [{"message": {"content": "a"}}, {"message": {"content": "b"}},
+                                  None, {"message": "odd"}]}, b"", "ab"),
+    ("no choices", {"object": "chat.completion"}, b"{}", ""),
+    ("not JSON: the body itself", None, b"<html>oops</html>", "<html>oops</html>"),
+    ("JSON but not an object: the body itself", ["a"], b'["a"]', '["a"]'),
+    ("bytes that are not UTF-8", None, b"\xff ok", "\ufffd ok"),
+]
+
+
+@pytest.mark.parametrize(("data", "raw", "expected"), [c[1:] for c in TEXTS],
+                         ids=[c[0] for c in TEXTS])
+def test_completion_text(data: Any, raw: bytes, expected: str) -> None:
+    assert completion_text(data, raw) == expected
+
+
+ANSWER = completion({"content": "hi"})
+
+COMPLETION_USAGE: list[tuple[str, Any, Usage | None]] = [
+    ("reported", {**ANSWER, "usage": USAGE}, Usage(3, 2)),
+    ("none", ANSWER, None),
+    ("refused", {**ANSWER, "usage": NEGATIVE}, None),
+    ("no output tokens for output", {**ANSWER, "usage": ZEROS}, None),
+    ("no output tokens for no output", {**completion({"content": ""}), "usage": ZEROS},
+     Usage(0, 0)),
+    ("not an object", [USAGE], None),
+    ("not JSON", None, None),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), [c[1:] for c in COMPLETION_USAGE],
+                         ids=[c[0] for c in COMPLETION_USAGE])
+def test_completion_usage(data: Any, expected: Usage | None) -> None:
+    assert completion_usage(data) == expected

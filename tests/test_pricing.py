@@ -40,19 +40,57 @@ def test_reasoning_tokens_priced_apart() -> None:
     assert cost(Usage(0, 1_000_000, reasoning_tokens=500_000), price) == 5 + 15
 
 
-@pytest.mark.parametrize(("usage", "expected"), [
-    ({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}, Usage(5, 2)),
-    ({"prompt_tokens": 10, "completion_tokens": 4,
-      "prompt_tokens_details": {"cached_tokens": 6},
-      "completion_tokens_details": {"reasoning_tokens": 3}}, Usage(10, 4, 6, 3)),
-    ({"prompt_tokens": 2, "completion_tokens": 1,
-      "prompt_tokens_details": {"cached_tokens": 9}}, Usage(2, 1, 2, 0)),  # clamped
-    ({"prompt_tokens": 3}, Usage(3, 0)),
-    ({"total_tokens": 3}, None),
-    ({"prompt_tokens": -1, "completion_tokens": "2"}, None),
-    (None, None),
-    ("usage", None),
-])
+OK = {"prompt_tokens": 5, "completion_tokens": 2}
+TOO_MANY = 2**31  # one more than the ledger's token columns hold
+
+USAGE_CASES: list[tuple[str, object, Usage | None]] = [
+    ("totals", {**OK, "total_tokens": 7}, Usage(5, 2)),
+    ("with details", {"prompt_tokens": 10, "completion_tokens": 4,
+                      "prompt_tokens_details": {"cached_tokens": 6},
+                      "completion_tokens_details": {"reasoning_tokens": 3}},
+     Usage(10, 4, 6, 3)),
+    ("details that are null", {**OK, "prompt_tokens_details": None,
+                               "completion_tokens_details": {"reasoning_tokens": None}},
+     Usage(5, 2)),
+    ("other details are not read", {**OK, "completion_tokens_details": {
+        "audio_tokens": -1, "reasoning_tokens": 1}}, Usage(5, 2, 0, 1)),
+    ("zero is a count", {"prompt_tokens": 0, "completion_tokens": 0}, Usage(0, 0)),
+    ("the largest count", {"prompt_tokens": TOO_MANY - 1, "completion_tokens": 0},
+     Usage(TOO_MANY - 1, 0)),
+    # A detail larger than its total earns no price of its own.
+    ("more cached than prompt", {**OK, "prompt_tokens_details": {"cached_tokens": 9}},
+     Usage(5, 2, 0, 0)),
+    ("more reasoning than completion", {**OK, "completion_tokens_details": {
+        "reasoning_tokens": 3}}, Usage(5, 2, 0, 0)),
+    ("all of it cached", {**OK, "prompt_tokens_details": {"cached_tokens": 5}},
+     Usage(5, 2, 5, 0)),
+    # Refused: the output is counted instead.
+    ("no completion", {"prompt_tokens": 3}, None),
+    ("no prompt", {"completion_tokens": 3}, None),
+    ("only a total", {"total_tokens": 3}, None),
+    ("null completion", {"prompt_tokens": 3, "completion_tokens": None}, None),
+    ("negative prompt", {"prompt_tokens": -1, "completion_tokens": 2}, None),
+    ("negative completion", {"prompt_tokens": 5, "completion_tokens": -500}, None),
+    ("string count", {"prompt_tokens": 5, "completion_tokens": "2"}, None),
+    ("float count", {"prompt_tokens": 5.0, "completion_tokens": 2}, None),
+    ("fractional count", {"prompt_tokens": 5, "completion_tokens": 2.5}, None),
+    ("boolean count", {"prompt_tokens": True, "completion_tokens": 2}, None),
+    ("absurd count", {"prompt_tokens": 5, "completion_tokens": TOO_MANY}, None),
+    ("count beyond a bigint", {"prompt_tokens": 2**64, "completion_tokens": 2}, None),
+    ("negative cached", {**OK, "prompt_tokens_details": {"cached_tokens": -1}}, None),
+    ("float reasoning", {**OK, "completion_tokens_details": {"reasoning_tokens": 1.0}}, None),
+    ("string cached", {**OK, "prompt_tokens_details": {"cached_tokens": "1"}}, None),
+    ("absurd reasoning", {**OK, "completion_tokens_details": {"reasoning_tokens": TOO_MANY}},
+     None),
+    ("details not an object", {**OK, "prompt_tokens_details": [1]}, None),
+    ("null", None, None),
+    ("not an object", "usage", None),
+    ("a list", [5, 2], None),
+]
+
+
+@pytest.mark.parametrize(("usage", "expected"), [c[1:] for c in USAGE_CASES],
+                         ids=[c[0] for c in USAGE_CASES])
 def test_usage_from_openai(usage: object, expected: Usage | None) -> None:
     assert Usage.from_openai(usage) == expected
 

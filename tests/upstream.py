@@ -27,6 +27,9 @@ the model name it is asked for:
   without ``stream``), and counted while it runs: ``open_by_user`` has how many such
   requests are open for each body ``user``, ``peak_by_user`` the most there ever were.
   A stream ends early when the client side goes away.
+- ``script``: the frames set in ``scripts`` for the request's body ``user``, sent as they
+  are, one body chunk each, as ``text/event-stream`` when the request streams, else as
+  ``application/json``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Upstream:
     open_streams: int = 0
     open_by_user: dict[str, int] = field(default_factory=dict)
     peak_by_user: dict[str, int] = field(default_factory=dict)
+    scripts: dict[str, list[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -117,6 +121,13 @@ class Upstream:
             await send_json(send, 200, completion)
         elif model == "billed" and not body.get("stream"):
             await send_json(send, 200, _billed(body))
+        elif model == "script":
+            media = b"text/event-stream" if body.get("stream") else b"application/json"
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", media)]})
+            for frame in self.scripts[str(body.get("user"))]:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
         elif model.startswith("linger-"):
             await self._linger(float(model.removeprefix("linger-")), body, receive, send)
         elif body.get("stream"):
