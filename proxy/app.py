@@ -31,7 +31,13 @@ from proxy import balances, cors, db, gateway, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
 from proxy.endusers import TokenVerifier
-from proxy.errors import AuthenticationFailed, ModelNotFound, ProxyError, error_body
+from proxy.errors import (
+    AuthenticationFailed,
+    DatabaseUnavailable,
+    ModelNotFound,
+    ProxyError,
+    error_body,
+)
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
@@ -104,7 +110,8 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok"
     except Exception as e:
         services.metrics.errors.labels("database").inc()
-        checks["database"] = f"unavailable: {type(e).__name__}"
+        cause = e.__cause__ if isinstance(e, DatabaseUnavailable) and e.__cause__ else e
+        checks["database"] = f"unavailable: {type(cause).__name__}"
     if services.settings.redis_url:
         try:
             async with asyncio.timeout(1.0):
@@ -130,6 +137,8 @@ async def metrics(request: Request) -> Response:
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     observe.record_of(request.state).error = exc.code or exc.type
+    if isinstance(exc, DatabaseUnavailable):  # the request's access line says so, once
+        request.app.state.services.metrics.errors.labels("database").inc()
     # /api/v1 speaks the hosted gateway's error shape; everything else OpenAI's.
     body = exc.api_body() if request.url.path.startswith(cors.PREFIX) else exc.body()
     return Response(body, status_code=exc.status, media_type=JSON, headers=exc.headers)
@@ -164,6 +173,8 @@ def create_app(settings: Settings) -> observe.Observe:
         pool = await db.create_pool(
             settings.database_url, settings.database.pool_min, settings.database.pool_max,
             settings.billing.synchronous_commit,
+            connect_timeout=settings.database.connect_timeout,
+            command_timeout=settings.database.command_timeout,
         )
         connector = aiohttp.TCPConnector(limit=settings.upstream.pool_size, limit_per_host=0,
                                          ttl_dns_cache=300, enable_cleanup_closed=True)

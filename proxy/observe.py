@@ -38,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from proxy.errors import DatabaseUnavailable
 from proxy.pricing import format_amount
 from proxy.requestid import request_id_from
 
@@ -320,6 +321,8 @@ async def sample(services: Services) -> None:
     m.count_since("tokenizer", services.tokenizer.fallbacks)
     try:
         m.holds_pending.set(await services.ledger.pending_holds())
+    except DatabaseUnavailable:  # the reaper's log says so, once per outage
+        m.errors.labels("database").inc()
     except Exception:
         m.errors.labels("database").inc()
         log.warning("could not count pending holds", exc_info=True)

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from proxy.errors import DatabaseUnavailable
 from proxy.ledger import Ledger
 from proxy.limits import Gate
 from proxy.observe import Metrics
@@ -62,6 +63,10 @@ async def run(ledger: Ledger, live: LiveHolds, interval: float, metrics: Metrics
             if reaped := await ledger.reap(exclude=live.ids()):
                 metrics.holds_expired.inc(reaped)
                 log.info("resolved %d expired holds", reaped)
+        except DatabaseUnavailable as e:  # one line a round, no traceback
+            metrics.errors.labels("database").inc()
+            log.warning("renewing or reaping holds failed: the database is unavailable (%s)",
+                        type(e.__cause__).__name__)
         except Exception:  # a database hiccup must not end the loop; the next round retries
             metrics.errors.labels("database").inc()
             log.exception("renewing or reaping holds failed")

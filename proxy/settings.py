@@ -107,6 +107,12 @@ DEFAULT_ASSETS = {
 class DatabaseSettings:
     pool_min: int = setting(2, "Connections a worker keeps open to PostgreSQL.")
     pool_max: int = setting(20, "Most connections a worker opens to PostgreSQL.")
+    connect_timeout: float = setting(
+        1.0, "Seconds to wait for a new connection; past it, a request answers 503."
+    )
+    command_timeout: float = setting(
+        5.0, "Seconds to wait for a statement's answer; past it, a request answers 503."
+    )
 
 
 @dataclass(frozen=True, slots=True)
