@@ -1,8 +1,9 @@
 """The ASGI application: routes, the request-id wrapper, error rendering, the lifespan.
 
 Nothing is built at import time. :func:`create_app` takes settings and returns the
-app; its lifespan opens the PostgreSQL pool and the upstream HTTP session, starts
-the hold reaper, and hands them to the handlers through ``app.state.services``.
+app; its lifespan opens the PostgreSQL pool and the upstream HTTP session, replays the
+settlement spool, starts the hold reaper, and hands them to the handlers through
+``app.state.services``; on the way out it writes (or spools) what billing still owes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -46,6 +48,7 @@ from proxy.pricing import price_from, units
 from proxy.providers import build_providers
 from proxy.services import JSON, Services, authenticate, json_response, services_of
 from proxy.settings import PaywallSettings, Settings
+from proxy.settler import Settlements
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 
@@ -165,6 +168,10 @@ async def _render_crash(request: Request, exc: Exception) -> Response:
                     media_type=JSON)
 
 
+def spool_dir(settings: Settings) -> Path:
+    return Path(settings.billing.spool_dir or Path(settings.data_dir) / "spool")
+
+
 def create_app(settings: Settings) -> observe.Observe:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -187,6 +194,7 @@ def create_app(settings: Settings) -> observe.Observe:
         for name, m in settings.models.items():
             await asyncio.to_thread(tokenizer.encoding, m.upstream or name, m.encoding)
         ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
+        settlements = Settlements(ledger, spool_dir(settings))
         gate = Gate(build_limiter(settings.redis_url))
         services = Services(
             settings=settings,
@@ -199,6 +207,7 @@ def create_app(settings: Settings) -> observe.Observe:
             gate=gate,
             overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),
             live=reaper.LiveHolds(),
+            settlements=settlements,
             tokenizer=tokenizer,
             signer=LinkSigner(settings.server.link_secret or secrets.token_hex(32),
                               settings.server.public_url),
@@ -215,8 +224,10 @@ def create_app(settings: Settings) -> observe.Observe:
         gc.collect()
         gc.freeze()
         try:
+            # What earlier processes spooled is posted before this reaper could expire it.
+            await settlements.replay()
             leases = [p.limits.lease_seconds for p in settings.paywalls.values()]
-            async with reaper.running(ledger, services.live, gate,
+            async with reaper.running(ledger, services.live, settlements, gate,
                                       settings.billing.reaper_interval_seconds,
                                       min([settings.billing.reaper_interval_seconds,
                                            *(ttl / 3 for ttl in leases)]),
@@ -225,10 +236,13 @@ def create_app(settings: Settings) -> observe.Observe:
                 yield
                 await services.tasks.drain()
         finally:
-            services.metrics.close()
-            await gate.limiter.close()
-            await session.close()
-            await pool.close()
+            try:
+                await settlements.shutdown(settings.billing.shutdown_settle_seconds)
+            finally:
+                services.metrics.close()
+                await gate.limiter.close()
+                await session.close()
+                await pool.close()
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -86,6 +86,14 @@ class BillingSettings:
         True, "Wait for holds and charges to reach the disk before going on; false is "
               "faster but a database crash may lose the last charges (never deposits)."
     )
+    shutdown_settle_seconds: float = setting(
+        5.0, "At shutdown, how long to keep writing settlements the database refused "
+             "before spooling the rest to disk."
+    )
+    spool_dir: str = setting(
+        "", "Where settlements still owed at shutdown are spooled, one file per process, "
+            "and replayed at start; empty = $PAYWALL_DATA_DIR/spool."
+    )
 
 
 @dataclass(frozen=True, slots=True)
