@@ -153,6 +153,10 @@ class Metrics:
         self.holds_live = Gauge(
             "paywall_holds_live", "Holds of requests in flight in this process.",
             registry=r, multiprocess_mode="livesum")
+        self.settlements_owed = Gauge(
+            "paywall_settlements_owed",
+            "Settlements the database refused, kept by this process until written.",
+            registry=r, multiprocess_mode="livesum")
         self.holds_pending = Gauge(
             "paywall_holds_pending", "Pending holds in the whole ledger.",
             registry=r, multiprocess_mode="livemax")
@@ -317,6 +321,7 @@ async def sample(services: Services) -> None:
     m.pool.labels("in_use").set(size - pool.get_idle_size())
     m.pool.labels("open").set(size)
     m.holds_live.set(len(services.live))
+    m.settlements_owed.set(len(services.settlements))
     m.count_since("redis", services.gate.errors)
     m.count_since("tokenizer", services.tokenizer.fallbacks)
     try:

@@ -23,7 +23,14 @@ import pytest
 from proxy import reaper, spool
 from proxy.pricing import Usage
 from proxy.settler import RETRY_MOST, Owed, backoff
-from tests.conftest import Proxy, mint_keys, new_user, start_proxy, stop_proxy
+from tests.conftest import (
+    Proxy,
+    mint_keys,
+    new_user,
+    parse_metrics,
+    start_proxy,
+    stop_proxy,
+)
 from tests.forwarder import Forwarder, forwarding
 from tests.upstream import CHUNKS, Upstream
 
@@ -190,6 +197,12 @@ def in_flight(http: httpx.AsyncClient, user: str, streams: int, completions: int
     return asyncio.gather(*(one(i < streams) for i in range(streams + completions)))
 
 
+async def owed(http: httpx.AsyncClient) -> float:
+    """The proxy's paywall_settlements_owed gauge."""
+    samples = parse_metrics((await http.get("/metrics")).text)
+    return samples["paywall_settlements_owed", frozenset()]
+
+
 async def assert_charged_at_usage(pg: Any, user: str, streams: int, completions: int,
                                   outcome: str = "completed") -> None:
     holds = await holds_of(pg, user)
@@ -228,6 +241,7 @@ async def test_a_database_outage_while_requests_settle_loses_no_charge(
         assert time.monotonic() - cut_at < 7, "the completions settled after the outage"
         assert all(status == 200 for status, _ in replies)
         assert all(body.endswith(b"data: [DONE]\n\n") for _, body in replies[:streams])
+        assert await owed(http) == streams + completions
         await asyncio.sleep(cut_at + 7 - time.monotonic())
         assert all(h["status"] == "pending" for h in await holds_of(pg, user))
         forwarder.restore()
@@ -238,6 +252,7 @@ async def test_a_database_outage_while_requests_settle_loses_no_charge(
         await eventually(resolved, "every hold resolved")
         await asyncio.sleep(1.5)  # a reaper round or three: nothing more may happen
         await assert_charged_at_usage(pg, user, streams, completions)
+        assert await owed(http) == 0
         assert "Traceback" not in proxy.output()
 
 
