@@ -1,8 +1,9 @@
 """The ASGI application: routes, the request-id wrapper, error rendering, the lifespan.
 
 Nothing is built at import time. :func:`create_app` takes settings and returns the
-app; its lifespan opens the PostgreSQL pool and the upstream HTTP session, starts
-the hold reaper, and hands them to the handlers through ``app.state.services``.
+app; its lifespan opens the PostgreSQL pool and the upstream HTTP session, replays the
+settlement spool, starts the hold reaper, and hands them to the handlers through
+``app.state.services``; on the way out it writes (or spools) what billing still owes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,7 +33,13 @@ from proxy import balances, cors, db, gateway, gauges, observe, pages, reaper, u
 from proxy import settings as config
 from proxy.chat import chat_completions
 from proxy.endusers import TokenVerifier
-from proxy.errors import AuthenticationFailed, ModelNotFound, ProxyError, error_body
+from proxy.errors import (
+    AuthenticationFailed,
+    DatabaseUnavailable,
+    ModelNotFound,
+    ProxyError,
+    error_body,
+)
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
@@ -40,6 +48,7 @@ from proxy.pricing import price_from, units
 from proxy.providers import build_providers
 from proxy.services import JSON, Services, authenticate, json_response, services_of
 from proxy.settings import PaywallSettings, Settings
+from proxy.settler import Settlements
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 from proxy.upstream import Transport
@@ -105,7 +114,8 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok"
     except Exception as e:
         services.metrics.errors.labels("database").inc()
-        checks["database"] = f"unavailable: {type(e).__name__}"
+        cause = e.__cause__ if isinstance(e, DatabaseUnavailable) and e.__cause__ else e
+        checks["database"] = f"unavailable: {type(cause).__name__}"
     if services.settings.redis_url:
         try:
             async with asyncio.timeout(1.0):
@@ -131,6 +141,8 @@ async def metrics(request: Request) -> Response:
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     observe.record_of(request.state).error = exc.code or exc.type
+    if isinstance(exc, DatabaseUnavailable):  # the request's access line says so, once
+        request.app.state.services.metrics.errors.labels("database").inc()
     # /api/v1 speaks the hosted gateway's error shape; everything else OpenAI's.
     body = exc.api_body() if request.url.path.startswith(cors.PREFIX) else exc.body()
     return Response(body, status_code=exc.status, media_type=JSON, headers=exc.headers)
@@ -157,6 +169,10 @@ async def _render_crash(request: Request, exc: Exception) -> Response:
                     media_type=JSON)
 
 
+def spool_dir(settings: Settings) -> Path:
+    return Path(settings.billing.spool_dir or Path(settings.data_dir) / "spool")
+
+
 def create_app(settings: Settings) -> observe.Observe:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -165,6 +181,8 @@ def create_app(settings: Settings) -> observe.Observe:
         pool = await db.create_pool(
             settings.database_url, settings.database.pool_min, settings.database.pool_max,
             settings.billing.synchronous_commit,
+            connect_timeout=settings.database.connect_timeout,
+            command_timeout=settings.database.command_timeout,
         )
         connector = aiohttp.TCPConnector(limit=settings.upstream.pool_size, limit_per_host=0,
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -178,6 +196,7 @@ def create_app(settings: Settings) -> observe.Observe:
         for name, m in settings.models.items():
             await asyncio.to_thread(tokenizer.encoding, m.upstream or name, m.encoding)
         ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
+        settlements = Settlements(ledger, spool_dir(settings))
         gate = Gate(build_limiter(settings.redis_url))
         services = Services(
             settings=settings,
@@ -191,6 +210,7 @@ def create_app(settings: Settings) -> observe.Observe:
             gate=gate,
             overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),
             live=reaper.LiveHolds(),
+            settlements=settlements,
             tokenizer=tokenizer,
             signer=LinkSigner(settings.server.link_secret or secrets.token_hex(32),
                               settings.server.public_url),
@@ -207,8 +227,10 @@ def create_app(settings: Settings) -> observe.Observe:
         gc.collect()
         gc.freeze()
         try:
+            # What earlier processes spooled is posted before this reaper could expire it.
+            await settlements.replay()
             leases = [p.limits.lease_seconds for p in settings.paywalls.values()]
-            async with reaper.running(ledger, services.live, gate,
+            async with reaper.running(ledger, services.live, settlements, gate,
                                       settings.billing.reaper_interval_seconds,
                                       min([settings.billing.reaper_interval_seconds,
                                            *(ttl / 3 for ttl in leases)]),
@@ -217,10 +239,13 @@ def create_app(settings: Settings) -> observe.Observe:
                 yield
                 await services.tasks.drain()
         finally:
-            services.metrics.close()
-            await gate.limiter.close()
-            await session.close()
-            await pool.close()
+            try:
+                await settlements.shutdown(settings.billing.shutdown_settle_seconds)
+            finally:
+                services.metrics.close()
+                await gate.limiter.close()
+                await session.close()
+                await pool.close()
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

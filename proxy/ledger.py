@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from proxy.decide import CapReached, UserState
+from proxy.errors import DatabaseUnavailable
 from proxy.pricing import Usage
 
 log = logging.getLogger("proxy.ledger")
@@ -216,6 +217,8 @@ class Ledger:
                                     {"reason": "the serving process stopped mid-request"})
                 else:
                     await self.void(row["id"], "expired")
+            except DatabaseUnavailable:
+                raise  # the rest would fail alike; the reaper's next round retries
             except Exception:
                 log.exception("could not resolve expired hold %s", row["id"])
         return len(rows)

@@ -152,6 +152,10 @@ class Metrics:
         self.holds_live = Gauge(
             "paywall_holds_live", "Holds of requests in flight in this process.",
             registry=r, multiprocess_mode="livesum")
+        self.settlements_owed = Gauge(
+            "paywall_settlements_owed",
+            "Settlements the database refused, kept by this process until written.",
+            registry=r, multiprocess_mode="livesum")
         self.holds_pending = Gauge(
             "paywall_holds_pending", "Pending holds in the whole ledger.",
             registry=r, multiprocess_mode="livemax")

@@ -13,7 +13,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.endusers import TokenVerifier
-from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
+from proxy.errors import (
+    AuthenticationFailed,
+    DatabaseUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from proxy.keys import KeyStore, Principal, bearer_token
 from proxy.ledger import Ledger, Posted
 from proxy.limits import Gate, OverrideCache
@@ -23,6 +28,7 @@ from proxy.pricing import Price, Usage
 from proxy.providers import Provider
 from proxy.reaper import LiveHolds
 from proxy.settings import Settings
+from proxy.settler import Owed, Settlements
 from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 from proxy.upstream import Transport
@@ -43,6 +49,7 @@ class Services:
     gate: Gate
     overrides: OverrideCache
     live: LiveHolds
+    settlements: Settlements  # what the ledger refused, until it takes it
     tokenizer: Tokenizer
     signer: LinkSigner
     tasks: TaskSet
@@ -57,9 +64,10 @@ async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: in
                        meta: dict[str, Any] | None = None) -> Posted | None:
     """Post ``charge`` on a held request (or void it, for None) and record the outcome.
 
-    Should the database fail, the hold stays live with ``charge`` as its final
-    checkpoint, so the reaper posts exactly that once this process stops renewing it:
-    nothing is lost and nothing is charged twice.
+    Should the database fail, the settlement is owed (:mod:`proxy.settler`): written
+    again until the ledger takes it, its hold renewed meanwhile at ``charge``, spooled
+    to disk if the process must stop first. Nothing is lost and nothing is charged
+    twice (a hold resolves at most once).
     """
     rec.settlement = outcome
     live = services.live
@@ -77,14 +85,17 @@ async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: in
                 rec.cost, rec.uncharged = posted.charged, posted.uncharged
         live.discard(hold_id)
         return posted
-    except Exception:
+    except Exception as e:
         services.metrics.errors.labels("ledger").inc()
-        u = usage or Usage(0, 0)
-        live.retire(hold_id, None if charge is None else {
-            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "cost": charge})
-        log.exception("settling hold %s of %s failed; the reaper will resolve it", hold_id,
-                      rec.request_id)
+        services.settlements.owe(Owed(hold_id, charge, usage, outcome, meta, rec.request_id))
+        live.discard(hold_id)
+        if isinstance(e, DatabaseUnavailable):
+            log.warning("settling hold %s of %s failed: the database is unavailable (%s);"
+                        " it stays owed until written", hold_id, rec.request_id,
+                        type(e.__cause__).__name__)
+        else:
+            log.exception("settling hold %s of %s failed; it stays owed until written",
+                          hold_id, rec.request_id)
         return None
 
 

@@ -87,6 +87,14 @@ class BillingSettings:
         True, "Wait for holds and charges to reach the disk before going on; false is "
               "faster but a database crash may lose the last charges (never deposits)."
     )
+    shutdown_settle_seconds: float = setting(
+        5.0, "At shutdown, how long to keep writing settlements the database refused "
+             "before spooling the rest to disk."
+    )
+    spool_dir: str = setting(
+        "", "Where settlements still owed at shutdown are spooled, one file per process, "
+            "and replayed at start; empty = $PAYWALL_DATA_DIR/spool."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +116,12 @@ DEFAULT_ASSETS = {
 class DatabaseSettings:
     pool_min: int = setting(2, "Connections a worker keeps open to PostgreSQL.")
     pool_max: int = setting(20, "Most connections a worker opens to PostgreSQL.")
+    connect_timeout: float = setting(
+        1.0, "Seconds to wait for a new connection; past it, a request answers 503."
+    )
+    command_timeout: float = setting(
+        5.0, "Seconds to wait for a statement's answer; past it, a request answers 503."
+    )
 
 
 @dataclass(frozen=True, slots=True)

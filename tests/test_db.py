@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from proxy import db
 from proxy.ledger import Ledger
+from tests.conftest import mint_keys, new_user, start_proxy, stop_proxy
+from tests.forwarder import forwarding
+from tests.upstream import Upstream
 
 
 async def test_migrations_are_recorded_and_idempotent(database_url: str) -> None:
@@ -71,3 +76,97 @@ async def test_a_pool_without_synchronous_commit_keeps_deposits_durable(
     finally:
         await fast.close()
         await safe.close()
+
+
+@pytest.mark.parametrize(("exc", "outage"), [
+    (ConnectionRefusedError(111, "refused"), True),
+    (ConnectionResetError(104, "reset"), True),
+    (TimeoutError(), True),  # a connect or a statement past its timeout
+    (asyncpg.ConnectionDoesNotExistError("closed in the middle of operation"), True),
+    (asyncpg.CannotConnectNowError("the database system is starting up"), True),
+    (asyncpg.AdminShutdownError("terminating connection"), True),
+    (asyncpg.TooManyConnectionsError("too many clients"), True),
+    (asyncpg.InterfaceError("connection is closed"), True),
+    # Answers, not outages: the statement was refused.
+    (asyncpg.CheckViolationError("balance - held >= 0"), False),
+    (asyncpg.UniqueViolationError("duplicate key"), False),
+    (asyncpg.InterfaceError("another operation is in progress"), False),
+    (ValueError("a bug"), False),
+])
+def test_what_counts_as_an_outage(exc: Exception, outage: bool) -> None:
+    assert db.is_outage(exc) is outage
+
+
+OUTAGE_CONFIG = """
+[database]
+connect_timeout = 1.0
+command_timeout = 2.0
+
+[providers.up]
+kind = "openai"
+base_url = "{url}"
+
+[models.echo]
+provider = "up"
+
+[paywalls.down]
+starter_grant = "1"
+"""
+
+
+async def test_a_database_outage_answers_503_at_once_without_calling_the_provider(
+        upstream: Upstream, database_url: str, tmp_path: Path) -> None:
+    """PostgreSQL out of reach: a completion answers 503 with Retry-After within a
+    second or so (whether its key is cached or must be looked up), the provider is not
+    called, and the log has one line for the request, no traceback."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(OUTAGE_CONFIG.format(url=upstream.url))
+    known = (await mint_keys(database_url, ["down"]))["down"]
+    fresh = (await mint_keys(database_url, ["down"]))["down"]  # never looked up
+    user = new_user("down")
+    body = {"model": "echo", "user": user, "messages": [{"role": "user", "content": "Hi"}]}
+
+    def forwarded() -> int:
+        return sum(1 for s in list(upstream.seen) if s.body.get("user") == user)
+
+    with forwarding(database_url) as fwd:
+        proxy = await asyncio.to_thread(start_proxy, config, fwd.url(database_url), tmp_path)
+        try:
+            async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+                ok = await http.post("/v1/chat/completions", json=body,
+                                     headers={"Authorization": f"Bearer {known}"})
+                assert ok.status_code == 200, ok.text
+                before = forwarded()
+                fwd.cut()
+                for key, rid in ((known, "req-outage-held"), (fresh, "req-outage-key")):
+                    started = time.monotonic()
+                    r = await http.post("/v1/chat/completions", json=body,
+                                        headers={"Authorization": f"Bearer {key}",
+                                                 "X-Request-Id": rid})
+                    assert time.monotonic() - started < 3  # about 1 s; the machine is busy
+                    assert r.status_code == 503, r.text
+                    assert r.headers["retry-after"] == "1"
+                    assert r.json()["error"]["code"] == "database_unavailable"
+                    assert r.json()["error"]["type"] == "server_error"
+                ready = await http.get("/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["checks"]["database"].startswith("unavailable")
+                assert forwarded() == before
+                await asyncio.sleep(0.3)
+                log = proxy.output()
+                for rid in ("req-outage-held", "req-outage-key"):
+                    assert len([x for x in log.splitlines() if rid in x]) == 1, log
+                assert "Traceback" not in log
+                fwd.restore()
+
+                async def served() -> bool:
+                    r = await http.post("/v1/chat/completions", json=body,
+                                        headers={"Authorization": f"Bearer {known}"})
+                    return r.status_code == 200
+
+                deadline = time.monotonic() + 10
+                while not await served():
+                    assert time.monotonic() < deadline, "the database did not come back"
+                    await asyncio.sleep(0.1)
+        finally:
+            await asyncio.to_thread(stop_proxy, proxy)
