@@ -21,7 +21,15 @@ from proxy import guard
 from proxy.errors import Conflict, InvalidRequest, PaymentRequired
 from proxy.identity import resolve_user
 from proxy.keys import Principal
-from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
+from proxy.ledger import (
+    BalanceOverflow,
+    IdempotencyConflict,
+    Moved,
+    Once,
+    Opening,
+    Refused,
+    Stored,
+)
 from proxy.pricing import format_amount, units
 from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
 
@@ -121,33 +129,32 @@ async def _money_move(request: Request, kind: str) -> Response:
         metadata = {**metadata, "description": body["description"]}
     request_id: str = request.state.request_id
 
-    grants = services.grants[principal.paywall_id]
-
-    async def write(conn: Any) -> Stored:
-        await services.ledger.open_user(principal.paywall_id, user, assets={asset},
-                                        grants=grants, conn=conn)
-        try:
-            after = await Ledger.move(
-                conn, principal.paywall_id, user, asset,
-                amount if kind == "deposit" else -amount, kind,
-                request_id=request_id, idempotency_key=key, metadata=metadata)
-        except InsufficientFunds as e:
+    def answer(result: Moved | Refused) -> Stored:
+        if isinstance(result, Refused):
             error = PaymentRequired(
-                f"The user's available balance ({_money(services, asset, e.available)} "
+                f"The user's available balance ({_money(services, asset, result.available)} "
                 f"{asset}) does not cover {_money(services, asset, amount)}.")
             return Stored(error.status, error.body())
         return Stored(200, orjson.dumps({
             "user": user, "asset": asset, "kind": kind,
-            "amount": _money(services, asset, amount), "balance": _money(services, asset, after),
-            "request_id": request_id,
+            "amount": _money(services, asset, amount),
+            "balance": _money(services, asset, result.balance), "request_id": request_id,
         }))
 
+    operation = services.ledger.deposit if kind == "deposit" else services.ledger.charge
     try:
-        stored = await services.ledger.idempotent(principal.paywall_id, key,
-                                                  {"op": kind, "body": body}, write)
+        stored = await operation(
+            principal.paywall_id, user, asset, amount,
+            opening=Opening(frozenset({asset}), services.grants[principal.paywall_id]),
+            request_id=request_id, metadata=metadata, once=Once(key, {"op": kind, "body": body}),
+            answer=answer)
     except IdempotencyConflict:
         raise Conflict("This Idempotency-Key was already used with a different request body.",
                        param="Idempotency-Key") from None
+    except BalanceOverflow:
+        raise InvalidRequest(f"The user's {asset} balance cannot hold "
+                             f"{_money(services, asset, amount)} more.", param="amount",
+                             code="balance_overflow") from None
     return Response(stored.body, status_code=stored.status, media_type=JSON)
 
 
