@@ -41,6 +41,7 @@ from proxy.ledger import (
     Opening,
     Refused,
     Stored,
+    storable,
 )
 from proxy.observe import record_of
 from proxy.services import JSON, Services, json_response, read_json, services_of
@@ -163,6 +164,10 @@ def _once(request: Request, op: str, body: dict[str, Any]) -> Once | None:
     if not 1 <= len(key) <= 255:
         raise InvalidRequest("An Idempotency-Key has 1-255 characters.",
                              param="Idempotency-Key")
+    if not storable(body):
+        raise InvalidRequest("The body cannot be kept for its Idempotency-Key: no NUL "
+                             "characters, and nested less than 250 deep.",
+                             code="invalid_value")
     return Once(key, {"op": op, "body": body})
 
 

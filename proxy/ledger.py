@@ -175,6 +175,16 @@ def _cap_name(c: SpendCap) -> str:
     return ("user_" if c.scope else "paywall_") + ("daily" if c.period == "day" else "monthly")
 
 
+def storable(value: Any) -> bool:
+    """Whether ``value`` can be kept as jsonb and hashed as a request: orjson encodes it
+    (nested at most 254 deep) and no string holds NUL, which jsonb refuses."""
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return b"\\u0000" not in encoded
+
+
 def request_hash(body: Any) -> bytes:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 

@@ -8,6 +8,7 @@ replays the first response, with another body it is a 409; keys are kept 24 h or
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,13 +30,23 @@ from proxy.ledger import (
     Opening,
     Refused,
     Stored,
+    storable,
 )
 from proxy.pricing import format_amount, units
 from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
 
+# Amounts in strings are plain ASCII decimals: no signs, exponents, spaces, "_" or
+# other scripts' digits, all of which Decimal() would take.
+_DECIMAL = re.compile(r"[0-9]{1,40}(\.[0-9]{1,40})?")
+_INTEGER = re.compile(r"[0-9]{1,20}")
+
 
 def _amount(value: Any, scale: int, field: str = "amount") -> int:
-    """A positive amount, given as a decimal string or a JSON number, in the smallest unit."""
+    """A positive amount, given as a plain decimal string or a JSON number, in the
+    smallest unit."""
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise InvalidRequest(f"'{field}' must be a plain decimal amount such as \"1.50\".",
+                             param=field)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise InvalidRequest(f"'{field}' must be a decimal amount such as \"1.50\".",
                              param=field)
@@ -125,6 +136,14 @@ async def _money_move(request: Request, kind: str) -> Response:
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object.", param="metadata")
+    for name, value in (("metadata", metadata), ("description", body.get("description"))):
+        if not storable(value):
+            raise InvalidRequest(f"'{name}' cannot be stored: no NUL characters, and "
+                                 "nested less than 250 deep.", param=name,
+                                 code="invalid_value")
+    if not storable(body):
+        raise InvalidRequest("The body cannot be stored: no NUL characters, and nested "
+                             "less than 250 deep.", code="invalid_value")
     if isinstance(body.get("description"), str):
         metadata = {**metadata, "description": body["description"]}
     request_id: str = request.state.request_id
@@ -236,20 +255,24 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit() and int() also take "²", "١٢" or "1_0".
+    if not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
         raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return int(raw)
 
 
 def _date_param(request: Request, name: str, default: datetime) -> datetime:
+    """An ISO 8601 date or time (UTC unless it names an offset), as a UTC time."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
     try:
         value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 date.", param=name) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        # An offset can carry a time past the years datetime holds (9999-12-31T23:59-05:00).
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 date from 0001-01-01 to "
+                             "9999-12-31.", param=name) from None
 
 
 routes = [
