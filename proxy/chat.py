@@ -213,9 +213,12 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
             if state.hold_id is not None:  # cannot happen: the hold and decide agree
                 await ledger.void(state.hold_id)
             await services.gate.finish(verdict, lease, -admitted_tokens)
+            # A connect link is issued against the user's connection version.
+            version = (await ledger.connect_version(principal.paywall_id, user)
+                       if decision.action is Action.CONNECT else 0)
             return _paywall_reply(services, principal.paywall_id, paywall, user, name,
                                   request_id, decision.action, state, scale, price.asset,
-                                  stream, client_wants_usage)
+                                  stream, client_wants_usage, version)
     except BaseException:
         await services.tasks.run_to_end(services.gate.finish(verdict, lease, -admitted_tokens))
         raise
@@ -345,11 +348,11 @@ def _completion_text(data: Any) -> str:
 
 def _paywall_reply(services: Services, paywall_id: str, paywall: PaywallSettings, user: str,
                    model: str, request_id: str, action: Action, state: UserState, scale: int,
-                   asset: str, stream: bool, include_usage: bool) -> Response:
+                   asset: str, stream: bool, include_usage: bool, version: int) -> Response:
     ttl = paywall.link_ttl_seconds
     name = paywall.name or paywall_id
     if action is Action.CONNECT:
-        url = services.signer.link(paywall_id, user, "connect", ttl)
+        url = services.signer.link(paywall_id, user, "connect", ttl, version=version)
         text = paywall.connect_message.format(name=name, url=url)
         info: dict[str, Any] = {"connected": False, "connect_link": url}
     elif action is Action.SPEND_CAP:

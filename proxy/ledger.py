@@ -323,14 +323,31 @@ class Ledger:
             " SET limits = (users.limits || $3::jsonb) - $4::text[]",
             paywall_id, user_id, orjson.dumps(changed).decode(), list(removed))
 
-    async def set_connected(self, paywall_id: str, user_id: str, connected: bool) -> None:
+    async def connect_version(self, paywall_id: str, user_id: str) -> int:
+        """The user's connection version, which connect links are issued against."""
+        version = await self.pool.fetchval(
+            "SELECT connect_version FROM users WHERE paywall_id = $1 AND user_id = $2",
+            paywall_id, user_id)
+        return int(version or 0)
+
+    async def connect(self, paywall_id: str, user_id: str, version: int) -> bool:
+        """Mark the user connected, if ``version`` (the link's) is still the user's
+        connection version; False when a disconnect has retired it since."""
+        return bool(await self.pool.fetchval(
+            "INSERT INTO users (paywall_id, user_id, connected_at, connect_version)"
+            " VALUES ($1, $2, now(), $3)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE"
+            " SET connected_at = coalesce(users.connected_at, now())"
+            " WHERE users.connect_version = $3 RETURNING true",
+            paywall_id, user_id, version))
+
+    async def disconnect(self, paywall_id: str, user_id: str) -> None:
+        """Withdraw the user's authorization and retire every connect link issued so far."""
         await self.pool.execute(
-            "INSERT INTO users (paywall_id, user_id, connected_at)"
-            " VALUES ($1, $2, CASE WHEN $3::boolean THEN now() END)"
-            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET connected_at ="
-            " CASE WHEN $3::boolean THEN coalesce(users.connected_at, now()) END",
-            paywall_id, user_id, connected,
-        )
+            "INSERT INTO users (paywall_id, user_id, connect_version) VALUES ($1, $2, 1)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE"
+            " SET connected_at = NULL, connect_version = users.connect_version + 1",
+            paywall_id, user_id)
 
     async def idempotent(
         self, paywall_id: str, key: str, body: Any,

@@ -103,7 +103,9 @@ async def connect_status(request: Request) -> Response:
     row = await services.ledger.user(principal.paywall_id, user)
     connected = bool(row and row["connected_at"])
     ttl = services.settings.paywalls[principal.paywall_id].link_ttl_seconds
-    link = None if connected else services.signer.link(principal.paywall_id, user, "connect", ttl)
+    link = None if connected else services.signer.link(
+        principal.paywall_id, user, "connect", ttl,
+        version=row["connect_version"] if row else 0)
     return json_response({"user": user, "connected": connected, "connect_link": link})
 
 
@@ -111,7 +113,7 @@ async def disconnect(request: Request) -> Response:
     services, principal = await _caller(request)
     body = await read_json(request, services.settings.server.max_body_bytes)
     user = resolve_user(body, None, None)
-    await services.ledger.set_connected(principal.paywall_id, user, False)
+    await services.ledger.disconnect(principal.paywall_id, user)
     return json_response({"user": user, "connected": False})
 
 

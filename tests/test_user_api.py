@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
@@ -286,3 +287,90 @@ async def test_the_largest_output_cap_is_taken(world: World) -> None:
             "model": "mock-1", "user": user, "max_tokens": 2**31 - 1,
             "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status_code == 200, resp.text
+
+
+# ---- connect links ---------------------------------------------------------------------
+
+def token_of(link: str) -> str:
+    return parse_qs(urlsplit(link).query)["token"][0]
+
+
+async def connected(pg: asyncpg.Connection, user: str) -> bool:
+    return bool(await pg.fetchval("SELECT connected_at IS NOT NULL FROM users"
+                                  " WHERE paywall_id = 'conn' AND user_id = $1", user))
+
+
+async def test_a_disconnect_retires_the_connect_links_issued_before_it(
+        world: World, pg: asyncpg.Connection) -> None:
+    """Connect, disconnect, then the first link again: refused, on the page and on
+    its form. A link issued after the disconnect, by the user API or in a completion's
+    reply, connects."""
+    user = new_user("relink")
+    page = world.proxy.url + "/connect"
+    async with world.api("conn") as api, httpx.AsyncClient(timeout=30) as browser:
+        old = token_of((await api.get("/v1/user/connect", params={"user": user})).json()[
+            "connect_link"])
+        unused = token_of((await api.get("/v1/user/connect", params={"user": user})).json()[
+            "connect_link"])
+        assert (await browser.get(page, params={"token": old})).status_code == 200
+        done = await browser.post(page, data={"token": old})
+        assert done.status_code == 200 and "authorized" in done.text
+        assert await connected(pg, user)
+        r = await api.post("/v1/user/disconnect", json={"user": user})
+        assert r.json() == {"user": user, "connected": False}
+
+        for token in (old, unused):
+            shown = await browser.get(page, params={"token": token})
+            assert shown.status_code == 400 and "invalid or has expired" in shown.text
+            submitted = await browser.post(page, data={"token": token})
+            assert submitted.status_code == 400, submitted.text
+        assert not await connected(pg, user)
+        status = (await api.get("/v1/user/connect", params={"user": user})).json()
+        assert status["connected"] is False
+
+        fresh = token_of(status["connect_link"])
+        assert (await browser.get(page, params={"token": fresh})).status_code == 200
+        assert (await browser.post(page, data={"token": fresh})).status_code == 200
+        assert await connected(pg, user)
+
+        # Again, with the link a completion answers with.
+        await api.post("/v1/user/disconnect", json={"user": user})
+        reply = await api.post("/v1/chat/completions", json={
+            "model": "mock-1", "user": user, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.headers["x-paywall-action"] == "connect"
+        from_chat = token_of(reply.json()["paywall"]["connect_link"])
+        assert (await browser.post(page, data={"token": fresh})).status_code == 400
+        assert not await connected(pg, user)
+        assert (await browser.post(page, data={"token": from_chat})).status_code == 200
+        assert await connected(pg, user)
+        r = await api.post("/v1/user/balance/deposit", headers={"Idempotency-Key": user},
+                           json={"user": user, "amount": "100"})
+        assert r.status_code == 200, r.text
+        forwarded = await api.post("/v1/chat/completions", json={
+            "model": "mock-1", "user": user, "messages": [{"role": "user", "content": "hi"}]})
+        assert forwarded.status_code == 200 and "x-paywall-action" not in forwarded.headers
+
+
+TAILS = ["garbage", "!!", "=", "==", ".", ".e30", " ", "\u00e9", "%00"]
+
+
+@pytest.mark.parametrize("tail", TAILS)
+async def test_trailing_garbage_after_a_link_is_refused(world: World, pg: asyncpg.Connection,
+                                                        tail: str) -> None:
+    user = new_user("tail")
+    page = world.proxy.url + "/connect"
+    async with world.api("conn") as api, httpx.AsyncClient(timeout=30) as browser:
+        link = (await api.get("/v1/user/connect", params={"user": user})).json()[
+            "connect_link"]
+        token = token_of(link) + tail
+        shown = await browser.get(page, params={"token": token})
+        assert shown.status_code == 400, (tail, shown.text)
+        submitted = await browser.post(page, data={"token": token})
+        assert submitted.status_code == 400, tail
+        topup = token_of((await api.get("/v1/user/balance/topup",
+                                        params={"user": user})).json()["topup_link"])
+        assert (await browser.get(world.proxy.url + "/topup",
+                                  params={"token": topup + tail})).status_code == 400
+        assert (await browser.get(world.proxy.url + "/topup",
+                                  params={"token": topup})).status_code == 200
+    assert not await connected(pg, user)
