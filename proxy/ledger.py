@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -175,6 +176,11 @@ def _cap_name(c: SpendCap) -> str:
     return ("user_" if c.scope else "paywall_") + ("daily" if c.period == "day" else "monthly")
 
 
+# orjson writes NUL as the escape \u0000; an even run of backslashes before "u0000" is
+# escaped backslashes and the text "u0000", not NUL.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def storable(value: Any) -> bool:
     """Whether ``value`` can be kept as jsonb and hashed as a request: orjson encodes it
     (nested at most 254 deep) and no string holds NUL, which jsonb refuses."""
@@ -182,7 +188,7 @@ def storable(value: Any) -> bool:
         encoded = orjson.dumps(value)
     except orjson.JSONEncodeError:
         return False
-    return b"\\u0000" not in encoded
+    return _NUL.search(encoded) is None
 
 
 def request_hash(body: Any) -> bytes:
