@@ -4,6 +4,13 @@ manual charges, the ledger and usage.
 The end user is named by ``user`` in the query (GET) or the body (POST). Deposits and
 charges require an ``Idempotency-Key`` header: the same key with the same body
 replays the first response, with another body it is a 409; keys are kept 24 h or more.
+The money itself moves in :mod:`proxy.ledger` (:meth:`~proxy.ledger.Ledger.deposit`,
+:meth:`~proxy.ledger.Ledger.charge`); a handler validates and says how to answer.
+
+Inputs are read strictly, and anything else is a 400: amounts are JSON numbers or
+plain ASCII decimal strings (``"1.50"``; no sign, exponent, space, ``_`` or other
+scripts' digits) within what a balance holds; ``limit`` and ``cursor`` are ASCII
+digits; ``from``/``to`` are ISO 8601 dates that stay within years 1-9999 in UTC.
 """
 
 from __future__ import annotations
