@@ -13,6 +13,7 @@ and grants plans.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -31,7 +32,17 @@ from proxy.errors import (
 )
 from proxy.identity import VALID_USER
 from proxy.keys import Principal
-from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
+from proxy.ledger import (
+    Balance,
+    BalanceOverflow,
+    IdempotencyConflict,
+    Moved,
+    Once,
+    Opening,
+    Refused,
+    Stored,
+    storable,
+)
 from proxy.observe import record_of
 from proxy.services import JSON, Services, json_response, read_json, services_of
 from proxy.settings import PaywallSettings
@@ -144,36 +155,48 @@ async def _owner_write(request: Request, op: str) -> tuple[Services, str, dict[s
     return services, paywall_id, body
 
 
-async def _once(request: Request, services: Services, paywall_id: str, op: str,
-                body: dict[str, Any], write: Any) -> Response:
-    """Run ``write(conn)`` in one transaction; with an ``Idempotency-Key``, at most once
-    per key (a retry replays the first answer; another body under the key is a 409)."""
+def _once(request: Request, op: str, body: dict[str, Any]) -> Once | None:
+    """The request's ``Idempotency-Key``, if it sent one: at most one move per key (a
+    retry replays the first answer; another body under the key is a 409)."""
     key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= 255:
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255:
         raise InvalidRequest("An Idempotency-Key has 1-255 characters.",
                              param="Idempotency-Key")
-    ledger = services.ledger
-    if key is None:
-        async with ledger.pool.acquire() as conn, conn.transaction():
-            await ledger.durable(conn)
-            stored: Stored = await write(conn)
-    else:
-        try:
-            stored = await ledger.idempotent(paywall_id, key, {"op": op, "body": body}, write)
-        except IdempotencyConflict:
-            raise Conflict("This Idempotency-Key was already used with a different request "
-                           "body.", param="Idempotency-Key") from None
+    if not storable(body):
+        raise InvalidRequest("The body cannot be kept for its Idempotency-Key: no NUL "
+                             "characters, and nested less than 250 deep.",
+                             code="invalid_value")
+    return Once(key, {"op": op, "body": body})
+
+
+async def _run(operation: Awaitable[Stored], param: str | None = "amount") -> Response:
+    try:
+        stored = await operation
+    except IdempotencyConflict:
+        raise Conflict("This Idempotency-Key was already used with a different request "
+                       "body.", param="Idempotency-Key") from None
+    except BalanceOverflow:
+        raise InvalidRequest("The user's balance cannot hold that many more credits.",
+                             param=param, code="balance_overflow") from None
     return Response(stored.body, status_code=stored.status, media_type=JSON)
+
+
+def _counts(types: list[str], balances: list[Balance]) -> list[dict[str, Any]]:
+    have = {b.asset: b.available for b in balances}
+    return [{"type": t, "count": have.get(t, 0)} for t in types]
 
 
 async def post_balances(request: Request) -> Response:
     services, paywall_id, body = await _owner_write(request, "balances")
     paywall = services.settings.paywalls[paywall_id]
+    types = paywall.credits.types
     user = _user_id(body.get("user_id"))
     kind = body.get("type")
-    if kind not in paywall.credits.types:
+    if not isinstance(kind, str) or kind not in types:
         raise InvalidRequest(f"Unknown credit type {kind!r} (this paywall has "
-                             f"{', '.join(paywall.credits.types) or 'none'}).",
+                             f"{', '.join(types) or 'none'}).",
                              param="type", code="unknown_type")
     amount = body.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount < 2**53:
@@ -186,28 +209,24 @@ async def post_balances(request: Request) -> Response:
     record_of(request.state).user = user
     request_id: str = request.state.request_id
 
-    async def write(conn: Any) -> Stored:
-        await services.ledger.open_user(paywall_id, user, assets=set(paywall.credits.types),
-                                        grants=services.grants[paywall_id], conn=conn)
-        try:
-            after = await Ledger.move(
-                conn, paywall_id, user, kind, -amount if op == "debit" else amount,
-                "charge" if op == "debit" else "deposit", request_id=request_id,
-                idempotency_key=request.headers.get("idempotency-key"),
-                metadata={"via": "balances"})
-        except InsufficientFunds as e:
-            balances = await balances_of(services, paywall_id, user, conn)
+    def answer(result: Moved | Refused) -> Stored:
+        balances = _counts(types, result.balances)
+        if isinstance(result, Refused):
             error = PaymentRequired(
-                f"The user has {e.available} '{kind}' credits; {amount} cannot be debited.",
+                f"The user has {result.available} '{kind}' credits; {amount} cannot be "
+                "debited.",
                 code="insufficient", details={"balances": balances, "queryType": kind,
                                               "currentBalance": current(balances, kind)})
             return Stored(error.status, error.api_body())
         return Stored(200, orjson.dumps({
-            "user_id": user, "type": kind, "op": op, "amount": amount, "count": after,
-            "balances": await balances_of(services, paywall_id, user, conn),
-            "request_id": request_id}))
+            "user_id": user, "type": kind, "op": op, "amount": amount,
+            "count": result.balance, "balances": balances, "request_id": request_id}))
 
-    return await _once(request, services, paywall_id, "balances", body, write)
+    operation = services.ledger.charge if op == "debit" else services.ledger.deposit
+    return await _run(operation(
+        paywall_id, user, kind, amount, opening=_opening(services, paywall_id),
+        request_id=request_id, metadata={"via": "balances"},
+        once=_once(request, "balances", body), answer=answer))
 
 
 async def post_grants(request: Request) -> Response:
@@ -224,21 +243,20 @@ async def post_grants(request: Request) -> Response:
     request_id: str = request.state.request_id
     types = services.settings.paywalls[paywall_id].credits.types
 
-    async def write(conn: Any) -> Stored:
-        await services.ledger.open_user(paywall_id, user, assets=set(types),
-                                        grants=services.grants[paywall_id], conn=conn)
-        for kind, count in sorted(plan.credits.items()):
-            if count:
-                await Ledger.move(conn, paywall_id, user, kind, count, "grant",
-                                  request_id=request_id,
-                                  idempotency_key=request.headers.get("idempotency-key"),
-                                  metadata={"plan": plan_id})
+    def answer(result: Moved | Refused) -> Stored:
         return Stored(200, orjson.dumps({
             "user_id": user, "plan": plan_id, "credits": dict(plan.credits),
-            "balances": await balances_of(services, paywall_id, user, conn),
-            "request_id": request_id}))
+            "balances": _counts(types, result.balances), "request_id": request_id}))
 
-    return await _once(request, services, paywall_id, "grants", body, write)
+    return await _run(services.ledger.grant(
+        paywall_id, user, plan.credits, opening=_opening(services, paywall_id),
+        request_id=request_id, metadata={"plan": plan_id},
+        once=_once(request, "grants", body), answer=answer), param="plan")
+
+
+def _opening(services: Services, paywall_id: str) -> Opening:
+    return Opening(frozenset(services.settings.paywalls[paywall_id].credits.types),
+                   services.grants[paywall_id])
 
 
 def current(balances: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:

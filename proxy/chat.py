@@ -75,9 +75,13 @@ class ChatCall:
         return Charge(cost(usage, self.price, self.markup_bps), outcome, usage)
 
     async def blocked(self, decision: Decision, state: UserState) -> Response:
-        return _paywall_reply(self.services, self.plan, self.model,
-                              self.call.request_id, decision.action, state, self.scale,
-                              self.price.asset, self.call.stream, self.client_wants_usage)
+        p = self.plan
+        # A connect link is issued against the user's connection version.
+        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
+                   if decision.action is Action.CONNECT else 0)
+        return _paywall_reply(self.services, p, self.model, self.call.request_id,
+                              decision.action, state, self.scale, self.price.asset,
+                              self.call.stream, self.client_wants_usage, version)
 
     async def send(self) -> Reply:
         return await self.provider.send(self.call)
@@ -265,12 +269,12 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
 
 def _paywall_reply(services: Services, plan: Plan, model: str, request_id: str,
                    action: Action, state: UserState, scale: int, asset: str, stream: bool,
-                   include_usage: bool) -> Response:
+                   include_usage: bool, version: int) -> Response:
     paywall_id, paywall, user = plan.paywall_id, plan.paywall, plan.user
     ttl = paywall.link_ttl_seconds
     name = paywall.name or paywall_id
     if action is Action.CONNECT:
-        url = services.signer.link(paywall_id, user, "connect", ttl)
+        url = services.signer.link(paywall_id, user, "connect", ttl, version=version)
         text = paywall.connect_message.format(name=name, url=url)
         info: dict[str, Any] = {"connected": False, "connect_link": url}
     elif action is Action.SPEND_CAP:

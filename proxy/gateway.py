@@ -67,8 +67,9 @@ class GatewayCall:
         details: dict[str, Any] = {"balances": balances, "queryType": p.asset,
                                    "currentBalance": current(balances, p.asset)}
         if decision.action is Action.CONNECT:
+            version = await self.services.ledger.connect_version(p.paywall_id, p.user)
             link = self.services.signer.link(p.paywall_id, p.user, "connect",
-                                             p.paywall.link_ttl_seconds)
+                                             p.paywall.link_ttl_seconds, version=version)
             raise PaymentRequired("Connect your account to use this service: " + link,
                                   code="connect_required",
                                   details={**details, "connectLink": link})

@@ -24,6 +24,7 @@ from proxy.settings import AssetSettings, LimitSettings
 INT_OVERRIDES = ("requests_per_minute", "tokens_per_minute", "concurrency",
                  "max_tokens_per_request")
 CAP_OVERRIDES = ("daily_spend_cap", "monthly_spend_cap")
+MAX_OUTPUT_TOKENS = 2**31 - 1  # what an output cap may be: the ledger's token counts are int4
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,12 @@ def spend_caps(limits: Limits, user_id: str, asset: str,
 
 def output_cap(requested: int | None, default: int, limits: Limits, field: str) -> int:
     """The output cap a request runs with: its own, else ``default``, within
-    ``max_tokens_per_request`` (lowered to it, or refused, per the paywall)."""
+    ``max_tokens_per_request`` (lowered to it, or refused, per the paywall). A cap past
+    :data:`MAX_OUTPUT_TOKENS` is refused whatever the paywall's limit."""
+    if requested is not None and requested > MAX_OUTPUT_TOKENS:
+        raise InvalidRequest(f"'{field}' is {requested}; it can be at most "
+                             f"{MAX_OUTPUT_TOKENS} tokens.", param=field,
+                             code="invalid_value")
     cap = requested if requested is not None else default
     if limits.max_tokens and cap > limits.max_tokens:
         if requested is not None and not limits.clamp:

@@ -18,22 +18,30 @@ Two-phase charging (as in TigerBeetle's pending transfers):
 - live holds are renewed by their process (:meth:`Ledger.renew`); a hold whose
   process died expires, and :meth:`Ledger.reap` posts it at its last usage
   checkpoint or, with none, voids it.
+
+Money that moves at once — :meth:`Ledger.deposit`, :meth:`Ledger.charge` and
+:meth:`Ledger.grant` — is one operation each: one durable transaction that opens the
+user (with its starter grants), moves the money, and keeps the answer under the
+request's idempotency key, so a retry replays that answer byte for byte. The caller
+says how to answer (``answer``, pure); the ledger decides when.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 
 from proxy.decide import CapReached, UserState
 from proxy.errors import DatabaseUnavailable
-from proxy.pricing import Usage
+from proxy.pricing import MAX_UNITS, Usage
 
 log = logging.getLogger("proxy.ledger")
 
@@ -100,6 +108,47 @@ class InsufficientFunds(Exception):
         self.available = available
 
 
+class BalanceOverflow(ValueError):
+    """The move would take a balance past what the ledger holds (a PostgreSQL bigint)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """An idempotency key and the request it was sent with (what a retry must match)."""
+
+    key: str
+    request: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """How a user is opened on first sight: accounts for ``assets`` and the starter
+    ``grants`` (asset → amount), written once."""
+
+    assets: frozenset[str]
+    grants: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A money operation done: the moved asset's balance after it, and all the user's
+    balances as the same transaction sees them."""
+
+    balance: int
+    balances: list[Balance]
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A charge that the available balance did not cover; nothing moved."""
+
+    available: int
+    balances: list[Balance]
+
+
+Answer = Callable[[Moved | Refused], Stored]
+
+
 _ACCOUNT = """
 WITH u AS (
     INSERT INTO users (paywall_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING
@@ -111,6 +160,21 @@ ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
 
 def _cap_name(c: SpendCap) -> str:
     return ("user_" if c.scope else "paywall_") + ("daily" if c.period == "day" else "monthly")
+
+
+# orjson writes NUL as the escape \u0000; an even run of backslashes before "u0000" is
+# escaped backslashes and the text "u0000", not NUL.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def storable(value: Any) -> bool:
+    """Whether ``value`` can be kept as jsonb and hashed as a request: orjson encodes it
+    (nested at most 254 deep) and no string holds NUL, which jsonb refuses."""
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return _NUL.search(encoded) is None
 
 
 def request_hash(body: Any) -> bytes:
@@ -258,14 +322,31 @@ class Ledger:
             " SET limits = (users.limits || $3::jsonb) - $4::text[]",
             paywall_id, user_id, orjson.dumps(changed).decode(), list(removed))
 
-    async def set_connected(self, paywall_id: str, user_id: str, connected: bool) -> None:
+    async def connect_version(self, paywall_id: str, user_id: str) -> int:
+        """The user's connection version, which connect links are issued against."""
+        version = await self.pool.fetchval(
+            "SELECT connect_version FROM users WHERE paywall_id = $1 AND user_id = $2",
+            paywall_id, user_id)
+        return int(version or 0)
+
+    async def connect(self, paywall_id: str, user_id: str, version: int) -> bool:
+        """Mark the user connected, if ``version`` (the link's) is still the user's
+        connection version; False when a disconnect has retired it since."""
+        return bool(await self.pool.fetchval(
+            "INSERT INTO users (paywall_id, user_id, connected_at, connect_version)"
+            " VALUES ($1, $2, now(), $3)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE"
+            " SET connected_at = coalesce(users.connected_at, now())"
+            " WHERE users.connect_version = $3 RETURNING true",
+            paywall_id, user_id, version))
+
+    async def disconnect(self, paywall_id: str, user_id: str) -> None:
+        """Withdraw the user's authorization and retire every connect link issued so far."""
         await self.pool.execute(
-            "INSERT INTO users (paywall_id, user_id, connected_at)"
-            " VALUES ($1, $2, CASE WHEN $3::boolean THEN now() END)"
-            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET connected_at ="
-            " CASE WHEN $3::boolean THEN coalesce(users.connected_at, now()) END",
-            paywall_id, user_id, connected,
-        )
+            "INSERT INTO users (paywall_id, user_id, connect_version) VALUES ($1, $2, 1)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE"
+            " SET connected_at = NULL, connect_version = users.connect_version + 1",
+            paywall_id, user_id)
 
     async def idempotent(
         self, paywall_id: str, key: str, body: Any,
@@ -314,17 +395,22 @@ class Ledger:
                    metadata: dict[str, Any]) -> int:
         """Add ``amount`` (negative to take) to a balance with its entry; return the new
         balance. Taking more than is available raises InsufficientFunds."""
+        if abs(amount) > MAX_UNITS:
+            raise BalanceOverflow(amount)
         await conn.execute(_ACCOUNT, paywall_id, user_id, asset)
-        row = await conn.fetchrow(
-            "WITH a AS (UPDATE accounts SET balance = balance + $4"
-            "  WHERE paywall_id = $1 AND user_id = $2 AND asset = $3"
-            "    AND balance - held + $4 >= 0 RETURNING id, balance)"
-            " INSERT INTO entries (account_id, kind, amount, balance_after, request_id,"
-            "   idempotency_key, metadata)"
-            " SELECT id, $5, $4, balance, $6, $7, $8 FROM a RETURNING balance_after",
-            paywall_id, user_id, asset, amount, kind, request_id, idempotency_key,
-            orjson.dumps(metadata).decode(),
-        )
+        try:
+            row = await conn.fetchrow(
+                "WITH a AS (UPDATE accounts SET balance = balance + $4"
+                "  WHERE paywall_id = $1 AND user_id = $2 AND asset = $3"
+                "    AND balance - held + $4 >= 0 RETURNING id, balance)"
+                " INSERT INTO entries (account_id, kind, amount, balance_after, request_id,"
+                "   idempotency_key, metadata)"
+                " SELECT id, $5, $4, balance, $6, $7, $8 FROM a RETURNING balance_after",
+                paywall_id, user_id, asset, amount, kind, request_id, idempotency_key,
+                orjson.dumps(metadata).decode(),
+            )
+        except asyncpg.NumericValueOutOfRangeError:
+            raise BalanceOverflow(amount) from None
         if row is None:
             available = await conn.fetchval(
                 "SELECT balance - held FROM accounts"
@@ -333,6 +419,62 @@ class Ledger:
             )
             raise InsufficientFunds(available or 0)
         return int(row["balance_after"])
+
+    # ---- money operations: one transaction each, answered once per key ----------------
+
+    async def deposit(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
+                      opening: Opening, request_id: str, metadata: dict[str, Any],
+                      once: Once | None, answer: Answer) -> Stored:
+        """Credit ``amount`` (> 0) to the user's ``asset``; ``answer`` gets :class:`Moved`.
+        BalanceOverflow when the balance cannot hold it (nothing moves, nothing is kept)."""
+        if amount <= 0:
+            raise ValueError(f"a deposit is positive: {amount}")
+        return await self._operate(paywall_id, user_id, opening, once, answer, request_id,
+                                   [(asset, amount, "deposit", metadata)])
+
+    async def charge(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
+                     opening: Opening, request_id: str, metadata: dict[str, Any],
+                     once: Once | None, answer: Answer) -> Stored:
+        """Take ``amount`` (> 0) from what the user has available (balance - held);
+        ``answer`` gets :class:`Moved`, or :class:`Refused` when it does not cover it."""
+        if amount <= 0:
+            raise ValueError(f"a charge is positive: {amount}")
+        return await self._operate(paywall_id, user_id, opening, once, answer, request_id,
+                                   [(asset, -amount, "charge", metadata)])
+
+    async def grant(self, paywall_id: str, user_id: str, amounts: Mapping[str, int], *,
+                    opening: Opening, request_id: str, metadata: dict[str, Any],
+                    once: Once | None, answer: Answer) -> Stored:
+        """Grant ``amounts`` (asset → amount ≥ 0; 0 writes nothing) together; ``answer``
+        gets :class:`Moved` (``balance``: the last asset granted, in name order)."""
+        if any(n < 0 for n in amounts.values()):
+            raise ValueError(f"a grant is not negative: {dict(amounts)}")
+        return await self._operate(paywall_id, user_id, opening, once, answer, request_id,
+                                   [(a, n, "grant", metadata)
+                                    for a, n in sorted(amounts.items()) if n])
+
+    async def _operate(self, paywall_id: str, user_id: str, opening: Opening,
+                       once: Once | None, answer: Answer, request_id: str,
+                       moves: Sequence[tuple[str, int, str, dict[str, Any]]]) -> Stored:
+        async def write(conn: Any) -> Stored:
+            await self.open_user(paywall_id, user_id, assets=set(opening.assets),
+                                 grants=opening.grants, conn=conn)
+            after = 0
+            try:
+                for asset, amount, kind, metadata in moves:
+                    after = await self.move(
+                        conn, paywall_id, user_id, asset, amount, kind, request_id=request_id,
+                        idempotency_key=once.key if once else None, metadata=metadata)
+            except InsufficientFunds as e:
+                return answer(Refused(e.available,
+                                      await self.balances(paywall_id, user_id, conn)))
+            return answer(Moved(after, await self.balances(paywall_id, user_id, conn)))
+
+        if once is not None:
+            return await self.idempotent(paywall_id, once.key, once.request, write)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.durable(conn)
+            return await write(conn)
 
     async def entries(self, paywall_id: str, user_id: str, *, before: int | None,
                       limit: int) -> list[Entry]:

@@ -38,6 +38,9 @@ async def connect_page(request: Request) -> Response:
     claims = services.signer.verify(token, "connect")
     if claims is None or claims.paywall_id not in services.settings.paywalls:
         return _invalid()
+    if claims.version != await services.ledger.connect_version(claims.paywall_id,
+                                                               claims.user_id):
+        return _invalid()  # the user disconnected since the link was issued
     name = html.escape(services.settings.paywalls[claims.paywall_id].name or claims.paywall_id)
     return _page(f"Authorize {name}", f"""<h1>Authorize {name}</h1>
 <p><strong>{name}</strong> asks to charge your account for what you use in it.</p>
@@ -52,7 +55,8 @@ async def connect_submit(request: Request) -> Response:
     claims = services.signer.verify(token if isinstance(token, str) else "", "connect")
     if claims is None or claims.paywall_id not in services.settings.paywalls:
         return _invalid()
-    await services.ledger.set_connected(claims.paywall_id, claims.user_id, True)
+    if not await services.ledger.connect(claims.paywall_id, claims.user_id, claims.version):
+        return _invalid()
     name = html.escape(services.settings.paywalls[claims.paywall_id].name or claims.paywall_id)
     return _page("Connected", f"<h1>Done</h1><p>{name} is authorized. "
                  "You can go back to the app and continue.</p>")

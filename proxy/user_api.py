@@ -4,10 +4,18 @@ manual charges, the ledger and usage.
 The end user is named by ``user`` in the query (GET) or the body (POST). Deposits and
 charges require an ``Idempotency-Key`` header: the same key with the same body
 replays the first response, with another body it is a 409; keys are kept 24 h or more.
+The money itself moves in :mod:`proxy.ledger` (:meth:`~proxy.ledger.Ledger.deposit`,
+:meth:`~proxy.ledger.Ledger.charge`); a handler validates and says how to answer.
+
+Inputs are read strictly, and anything else is a 400: amounts are JSON numbers or
+plain ASCII decimal strings (``"1.50"``; no sign, exponent, space, ``_`` or other
+scripts' digits) within what a balance holds; ``limit`` and ``cursor`` are ASCII
+digits; ``from``/``to`` are ISO 8601 dates that stay within years 1-9999 in UTC.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,13 +29,31 @@ from proxy import guard
 from proxy.errors import Conflict, InvalidRequest, PaymentRequired
 from proxy.identity import resolve_user
 from proxy.keys import Principal
-from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Stored
+from proxy.ledger import (
+    BalanceOverflow,
+    IdempotencyConflict,
+    Moved,
+    Once,
+    Opening,
+    Refused,
+    Stored,
+    storable,
+)
 from proxy.pricing import format_amount, units
 from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
 
+# Amounts in strings are plain ASCII decimals: no signs, exponents, spaces, "_" or
+# other scripts' digits, all of which Decimal() would take.
+_DECIMAL = re.compile(r"[0-9]{1,40}(\.[0-9]{1,40})?")
+_INTEGER = re.compile(r"[0-9]{1,20}")
+
 
 def _amount(value: Any, scale: int, field: str = "amount") -> int:
-    """A positive amount, given as a decimal string or a JSON number, in the smallest unit."""
+    """A positive amount, given as a plain decimal string or a JSON number, in the
+    smallest unit."""
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise InvalidRequest(f"'{field}' must be a plain decimal amount such as \"1.50\".",
+                             param=field)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise InvalidRequest(f"'{field}' must be a decimal amount such as \"1.50\".",
                              param=field)
@@ -84,7 +110,9 @@ async def connect_status(request: Request) -> Response:
     row = await services.ledger.user(principal.paywall_id, user)
     connected = bool(row and row["connected_at"])
     ttl = services.settings.paywalls[principal.paywall_id].link_ttl_seconds
-    link = None if connected else services.signer.link(principal.paywall_id, user, "connect", ttl)
+    link = None if connected else services.signer.link(
+        principal.paywall_id, user, "connect", ttl,
+        version=row["connect_version"] if row else 0)
     return json_response({"user": user, "connected": connected, "connect_link": link})
 
 
@@ -92,7 +120,7 @@ async def disconnect(request: Request) -> Response:
     services, principal = await _caller(request)
     body = await read_json(request, services.settings.server.max_body_bytes)
     user = resolve_user(body, None, None)
-    await services.ledger.set_connected(principal.paywall_id, user, False)
+    await services.ledger.disconnect(principal.paywall_id, user)
     return json_response({"user": user, "connected": False})
 
 
@@ -117,37 +145,44 @@ async def _money_move(request: Request, kind: str) -> Response:
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object.", param="metadata")
+    for name, value in (("metadata", metadata), ("description", body.get("description"))):
+        if not storable(value):
+            raise InvalidRequest(f"'{name}' cannot be stored: no NUL characters, and "
+                                 "nested less than 250 deep.", param=name,
+                                 code="invalid_value")
+    if not storable(body):
+        raise InvalidRequest("The body cannot be stored: no NUL characters, and nested "
+                             "less than 250 deep.", code="invalid_value")
     if isinstance(body.get("description"), str):
         metadata = {**metadata, "description": body["description"]}
     request_id: str = request.state.request_id
 
-    grants = services.grants[principal.paywall_id]
-
-    async def write(conn: Any) -> Stored:
-        await services.ledger.open_user(principal.paywall_id, user, assets={asset},
-                                        grants=grants, conn=conn)
-        try:
-            after = await Ledger.move(
-                conn, principal.paywall_id, user, asset,
-                amount if kind == "deposit" else -amount, kind,
-                request_id=request_id, idempotency_key=key, metadata=metadata)
-        except InsufficientFunds as e:
+    def answer(result: Moved | Refused) -> Stored:
+        if isinstance(result, Refused):
             error = PaymentRequired(
-                f"The user's available balance ({_money(services, asset, e.available)} "
+                f"The user's available balance ({_money(services, asset, result.available)} "
                 f"{asset}) does not cover {_money(services, asset, amount)}.")
             return Stored(error.status, error.body())
         return Stored(200, orjson.dumps({
             "user": user, "asset": asset, "kind": kind,
-            "amount": _money(services, asset, amount), "balance": _money(services, asset, after),
-            "request_id": request_id,
+            "amount": _money(services, asset, amount),
+            "balance": _money(services, asset, result.balance), "request_id": request_id,
         }))
 
+    operation = services.ledger.deposit if kind == "deposit" else services.ledger.charge
     try:
-        stored = await services.ledger.idempotent(principal.paywall_id, key,
-                                                  {"op": kind, "body": body}, write)
+        stored = await operation(
+            principal.paywall_id, user, asset, amount,
+            opening=Opening(frozenset({asset}), services.grants[principal.paywall_id]),
+            request_id=request_id, metadata=metadata, once=Once(key, {"op": kind, "body": body}),
+            answer=answer)
     except IdempotencyConflict:
         raise Conflict("This Idempotency-Key was already used with a different request body.",
                        param="Idempotency-Key") from None
+    except BalanceOverflow:
+        raise InvalidRequest(f"The user's {asset} balance cannot hold "
+                             f"{_money(services, asset, amount)} more.", param="amount",
+                             code="balance_overflow") from None
     return Response(stored.body, status_code=stored.status, media_type=JSON)
 
 
@@ -229,20 +264,24 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit() and int() also take "²", "١٢" or "1_0".
+    if not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
         raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return int(raw)
 
 
 def _date_param(request: Request, name: str, default: datetime) -> datetime:
+    """An ISO 8601 date or time (UTC unless it names an offset), as a UTC time."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
     try:
         value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 date.", param=name) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        # An offset can carry a time past the years datetime holds (9999-12-31T23:59-05:00).
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 date from 0001-01-01 to "
+                             "9999-12-31.", param=name) from None
 
 
 routes = [

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.endusers import REFETCH_SECONDS
+from proxy.ledger import Ledger
 from tests.conftest import Proxy, mint_keys, new_user, serving_proxy
 from tests.upstream import free_port, serve_asgi
 
@@ -529,6 +530,60 @@ async def test_idempotency_key_moves_once(world: World, http: httpx.AsyncClient,
     too_long = await http.post(url, headers={**headers, "Idempotency-Key": "k" * 256},
                                json=move(user, 1))
     assert too_long.status_code == 400
+
+
+async def test_credits_past_what_a_balance_holds_are_400(
+        world: World, http: httpx.AsyncClient, pg: asyncpg.Connection) -> None:
+    """A balance is a bigint: a credit or a plan that would pass it is refused with 400
+    (it was a 500 from the database), and nothing moves."""
+    user = new_user("full")
+    await open_user(world, http, user)
+    room = 2**63 - 1 - 5 - 40  # 5 trial credits; 40 more fit
+    async with pg.transaction():
+        await Ledger.move(pg, "hs", user, "standard", room, "adjustment", request_id=None,
+                          idempotency_key=None, metadata={"test": "nearly full"})
+    key = {"X-Api-Key": world.keys["hs"]}
+    for headers in (key, {**key, "Idempotency-Key": f"full-{user}"}):
+        over = await http.post(world.url("hs", "balances"), headers=headers,
+                               json=move(user, 41, "credit"))
+        assert over.status_code == 400, over.text
+        assert (over.json()["code"], over.json()["param"]) == ("balance_overflow", "amount")
+        plan = await http.post(world.url("hs", "grants"), headers=headers,
+                               json={"user_id": user, "plan": "pro"})
+        assert plan.status_code == 400, plan.text
+        assert (plan.json()["code"], plan.json()["param"]) == ("balance_overflow", "plan")
+    fits = await http.post(world.url("hs", "balances"), headers=key,
+                           json=move(user, 40, "credit"))
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["count"] == 2**63 - 1
+    assert await balance(pg, "hs", user) == (2**63 - 1, 0)
+    assert [e["kind"] for e in await entries(pg, "hs", user)] == [
+        "grant", "adjustment", "deposit"]
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("route", ["balances", "grants"])
+async def test_bodies_that_cannot_be_kept_are_400(world: World, http: httpx.AsyncClient,
+                                                  pg: asyncpg.Connection, route: str) -> None:
+    """With an Idempotency-Key the body is hashed and kept: one nested past what can be
+    encoded, or holding NUL, is a 400 (it was a 500)."""
+    user = new_user("deep")
+    await open_user(world, http, user)
+    body = move(user, 1, "credit") if route == "balances" else {"user_id": user,
+                                                                "plan": "pro"}
+    for extra in ({"note": nested(300)}, {"note": "a\u0000b"}):
+        resp = await http.post(world.url("hs", route), json={**body, **extra},
+                               headers={"X-Api-Key": world.keys["hs"],
+                                        "Idempotency-Key": f"deep-{user}"})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["code"] == "invalid_value"
+    assert await balance(pg, "hs", user) == (5, 0)
 
 
 async def test_granting_a_plan_makes_the_user_paid(world: World, http: httpx.AsyncClient,

@@ -70,6 +70,26 @@ def test_output_cap_rejects_when_told_to() -> None:
     assert e.value.param == "max_completion_tokens" and e.value.code == "max_tokens_exceeded"
 
 
+@pytest.mark.parametrize(("requested", "max_tokens", "mode", "expected"), [
+    (2**31 - 1, 0, "clamp", 2**31 - 1),  # the most an output cap can be
+    (2**31, 0, "clamp", None),
+    (2**31, 1000, "clamp", None),  # refused, not clamped: it is no token count at all
+    (2**63, 1000, "reject", None),
+    (10**30, 0, "reject", None),
+    (None, 0, "clamp", 4096),
+])
+def test_output_caps_past_int32_are_refused(requested: int | None, max_tokens: int,
+                                            mode: str, expected: int | None) -> None:
+    limits = guard.effective(LimitSettings(max_tokens_per_request=max_tokens,
+                                           max_tokens_mode=mode), {})  # type: ignore[arg-type]
+    if expected is not None:
+        assert guard.output_cap(requested, 4096, limits, "max_tokens") == expected
+        return
+    with pytest.raises(InvalidRequest) as e:
+        guard.output_cap(requested, 4096, limits, "max_tokens")
+    assert e.value.param == "max_tokens" and str(guard.MAX_OUTPUT_TOKENS) in e.value.message
+
+
 def test_parse_overrides() -> None:
     current = {"requests_per_minute": 5, "concurrency": 2}
     out = guard.parse_overrides({"user": "u", "requests_per_minute": None, "tokens_per_minute": 0,

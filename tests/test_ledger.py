@@ -19,7 +19,19 @@ import pytest
 
 from proxy import db
 from proxy.decide import Action, decide
-from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Posted, Stored
+from proxy.ledger import (
+    BalanceOverflow,
+    IdempotencyConflict,
+    InsufficientFunds,
+    Ledger,
+    Moved,
+    Once,
+    Opening,
+    Posted,
+    Refused,
+    Stored,
+    storable,
+)
 from proxy.pricing import Usage
 from proxy.settings import PaywallSettings
 from tests.conftest import fresh_database
@@ -590,3 +602,85 @@ def test_a_test_database_whose_books_do_not_add_up_fails_its_fixture(pg_server: 
     with (pytest.raises(AssertionError, match=r"\(pw/u/usd\): balance 5, entries sum to 0"),
           fresh_database(pg_server) as url):
         asyncio.run(break_books(url))
+
+
+# --- money operations ------------------------------------------------------------------
+
+def answered(result: Moved | Refused) -> Stored:
+    if isinstance(result, Refused):
+        return Stored(402, orjson.dumps({"available": result.available}))
+    return Stored(200, orjson.dumps({"balance": result.balance, "balances": [
+        [b.asset, b.balance, b.held] for b in result.balances]}))
+
+
+async def test_money_operations_open_move_and_answer_once(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    opening = Opening(frozenset({ASSET, "credits"}), {ASSET: 10})
+    kw: dict[str, Any] = {"opening": opening, "request_id": "req-1", "metadata": {"n": 1},
+                          "answer": answered}
+    once = Once("k1", {"op": "deposit", "amount": 5})
+    first = await ledger.deposit(paywall, user, ASSET, 5, once=once, **kw)
+    assert orjson.loads(first.body) == {"balance": 15, "balances": [["credits", 0, 0],
+                                                                    ["usd", 15, 0]]}
+    assert await ledger.deposit(paywall, user, ASSET, 5, once=once, **kw) == first
+    with pytest.raises(IdempotencyConflict):
+        await ledger.deposit(paywall, user, ASSET, 6, once=Once("k1", {"amount": 6}), **kw)
+    refused = await ledger.charge(paywall, user, ASSET, 16, once=Once("k2", 16), **kw)
+    assert (refused.status, orjson.loads(refused.body)) == (402, {"available": 15})
+    # A refusal is kept too: the same key answers it again, even once funds arrive.
+    await ledger.deposit(paywall, user, ASSET, 1, once=None, **kw)
+    assert await ledger.charge(paywall, user, ASSET, 16, once=Once("k2", 16), **kw) == refused
+    granted = await ledger.grant(paywall, user, {"credits": 3, ASSET: 0, "extra": 2},
+                                 once=None, **kw)
+    assert orjson.loads(granted.body)["balances"] == [
+        ["credits", 3, 0], ["extra", 2, 0], ["usd", 16, 0]]
+    charged = await ledger.charge(paywall, user, ASSET, 16, once=Once("k3", 16), **kw)
+    assert orjson.loads(charged.body)["balance"] == 0
+    rows = await ledger.pool.fetch(
+        "SELECT a.asset, e.kind, e.amount, e.idempotency_key FROM entries e"
+        " JOIN accounts a ON a.id = e.account_id WHERE a.paywall_id = $1 ORDER BY e.id",
+        paywall)
+    assert [tuple(r) for r in rows] == [
+        ("usd", "grant", 10, None), ("usd", "deposit", 5, "k1"), ("usd", "deposit", 1, None),
+        ("credits", "grant", 3, None), ("extra", "grant", 2, None),
+        ("usd", "charge", -16, "k3")]
+    for op in (ledger.deposit, ledger.charge):
+        with pytest.raises(ValueError):
+            await op(paywall, user, ASSET, 0, once=None, **kw)
+
+
+async def test_a_balance_past_a_bigint_is_a_typed_error(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    most = 2**63 - 1
+    kw: dict[str, Any] = {"opening": Opening(frozenset({ASSET}), {}), "request_id": "r",
+                          "metadata": {}, "answer": answered}
+    await ledger.deposit(paywall, user, ASSET, most - 1, once=None, **kw)
+    with pytest.raises(BalanceOverflow):
+        await ledger.deposit(paywall, user, ASSET, 2, once=Once("full", 2), **kw)
+    with pytest.raises(BalanceOverflow):
+        await ledger.grant(paywall, user, {ASSET: 2}, once=None, **kw)
+    # Nothing was kept under the key, so it works once there is room.
+    await ledger.charge(paywall, user, ASSET, 1, once=None, **kw)
+    done = await ledger.deposit(paywall, user, ASSET, 2, once=Once("full", 2), **kw)
+    assert orjson.loads(done.body)["balance"] == most
+    async with ledger.pool.acquire() as conn:
+        with pytest.raises(BalanceOverflow):
+            await Ledger.move(conn, paywall, user, ASSET, most + 1, "adjustment",
+                              request_id=None, idempotency_key=None, metadata={})
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ({"a": "b"}, True), ({"a": "\u00e9\u0661"}, True), ({"a": "\\u0000"}, True),
+    ({"a": "x\u0000"}, False), ({"x\u0000": 1}, False), ([[[[1]]]], True),
+    ("\\\u0000", False), ("a\\\\u0000", True), (["ok", {"k": ["\u0000"]}], False),
+])
+def test_storable(value: Any, ok: bool) -> None:
+    assert storable(value) is ok
+
+
+def test_storable_depth() -> None:
+    value: Any = 1
+    for _ in range(254):
+        value = [value]
+    assert storable(value)
+    assert not storable([value])

@@ -77,6 +77,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.paywall = f"model-{uuid.uuid4().hex}"
         self.users: set[str] = set()
         self.connected: set[str] = set()
+        self.versions: dict[str, int] = {}  # connection versions
         self.granted: set[str] = set()  # users whose starter grant was written
         self.accounts: dict[tuple[str, str], list[int]] = {}  # -> [balance, held]
         self.holds: dict[int, ModelHold] = {}
@@ -133,14 +134,24 @@ class LedgerMachine(RuleBasedStateMachine):
         if first and grant > 0:
             self.accounts[(user, GRANT_ASSET)][0] += grant
 
-    @rule(user=users, connected=st.booleans())
-    def set_connected(self, user: str, connected: bool) -> None:
-        self.run(self.ledger.set_connected(self.paywall, user, connected))
-        self.users.add(user)
-        if connected:
-            self.connected.add(user)
-        else:
+    @rule(user=users, connected=st.booleans(), stale=st.booleans())
+    def set_connected(self, user: str, connected: bool, stale: bool) -> None:
+        """Connect with a link of the user's connection version (or of an older one,
+        which a disconnect retired), or disconnect."""
+        current = self.versions.get(user, 0)
+        if not connected:
+            self.run(self.ledger.disconnect(self.paywall, user))
+            self.versions[user] = current + 1
+            self.users.add(user)
             self.connected.discard(user)
+            return
+        version = current - 1 if stale and current > 0 else current
+        done = self.run(self.ledger.connect(self.paywall, user, version))
+        assert done == (version == current)
+        assert self.run(self.ledger.connect_version(self.paywall, user)) == current
+        if done:
+            self.users.add(user)
+            self.connected.add(user)
 
     @rule(user=users, asset=assets, amount=st.integers(0, 500),
           kind=st.sampled_from(["deposit", "topup"]),
