@@ -1120,9 +1120,11 @@ def main() -> int:
         args.setups = [k for k in SETUPS.values() if k is not Kind.PREVIOUS or args.previous]
     if Kind.PREVIOUS in args.setups:
         try:
-            resolve_release(args.previous or "")
+            if not args.previous:
+                raise RuntimeError("the setup previous needs --previous REF")
+            resolve_release(args.previous)
         except RuntimeError as e:
-            progress(f"bench/run.py: the setup previous needs --previous REF: {e}")
+            progress(f"bench/run.py: {e}")
             return 2
     os.environ["BENCH_USERS"] = str(args.users)  # read by chat.lua and bench/sse.py
     if not os.access(PROXY, os.X_OK):
