@@ -1,5 +1,6 @@
 """Running ``paywall-proxy serve`` for the benchmarks: its database, a key, its start-up,
-a leftover embedded PostgreSQL, and the resident memory of its process tree.
+a leftover embedded PostgreSQL, an earlier release checked out to run next to it, and the
+resident memory of its process tree.
 
 Used by bench/run.py for every proxy setup and by bench/open_streams.py.
 """
@@ -8,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
+import secrets
 import subprocess
 import sys
+import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv
@@ -22,6 +28,8 @@ from common import check_survived, free_port, progress, running, tail, wait_read
 
 PROXY = Path(sys.executable).with_name("paywall-proxy")
 MB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+IMPORTED = "bench: proxy imported from "
 
 
 def _server_version(url: str) -> str:
@@ -60,14 +68,106 @@ def embedded_version(data_dir: Path) -> str | None:
     return None
 
 
-def create_key(config: Path, env: Mapping[str, str], paywall: str) -> str:
-    done = subprocess.run([str(PROXY), "keys", "create", "--paywall", paywall,
+def _run_sql(url: str, statement: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def own_database(env: Mapping[str, str], data_dir: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """``env`` (from :func:`database_env`) for a second proxy with a database of its own,
+    and a line saying which: with ``DATABASE_URL``, a new database on the same server,
+    dropped at the end; else an embedded PostgreSQL in ``data_dir``, stopped at the end.
+
+    Each proxy migrates only its own database, so an earlier release never meets the
+    schema of a later one, nor the reverse.
+    """
+    if (url := env.get("DATABASE_URL")) is None:
+        try:
+            yield {**env, "PAYWALL_DATA_DIR": str(data_dir)}, "its own embedded PostgreSQL"
+        finally:
+            stop_leftover_postgres(data_dir)
+        return
+    name = "paywall_bench_" + secrets.token_hex(4)
+    _run_sql(url, f"CREATE DATABASE {name}")
+    try:
+        yield ({**env, "DATABASE_URL": urlunsplit(urlsplit(url)._replace(path="/" + name))},
+               f"its own database {name} on the DATABASE_URL's server, dropped after the run")
+    finally:
+        _run_sql(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """An earlier release of the proxy, extracted from git into ``root``, run with this
+    virtualenv's Python (and so its packages) and that release's own ``proxy`` package."""
+
+    ref: str
+    commit: str  # abbreviated
+    root: Path
+
+    @property
+    def command(self) -> list[str]:
+        # -P keeps the current directory off sys.path, where the project's own
+        # checkout would shadow PYTHONPATH; the release says which package it imported.
+        return [sys.executable, "-P", "-c",
+                f"import sys, proxy; print({IMPORTED!r} + proxy.__file__, file=sys.stderr, "
+                "flush=True); from proxy.cli import main; sys.exit(main())"]
+
+    def env(self, env: Mapping[str, str]) -> dict[str, str]:
+        return {**env, "PYTHONPATH": str(self.root)}
+
+    def check_imported(self, output: str) -> None:
+        """Fail unless ``output`` (the release's stderr) shows it imported its own code."""
+        expected = str(self.root / "proxy" / "__init__.py")
+        found = [line.removeprefix(IMPORTED) for line in output.splitlines()
+                 if line.startswith(IMPORTED)]
+        if found != [expected]:
+            raise RuntimeError(f"{self.ref} should run {expected}; it imported "
+                               f"{', '.join(found) or 'nothing it reported'}")
+
+
+def resolve_release(ref: str) -> str:
+    """The abbreviated commit of ``ref`` in the project's repository; fails if none."""
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--short",
+                           f"{ref}^{{commit}}"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"--previous {ref}: not a commit here: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def check_out(ref: str, root: Path) -> Release:
+    """``git archive`` of ``ref`` extracted into ``root`` (no worktree to clean up)."""
+    commit = resolve_release(ref)
+    done = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"git archive {commit} failed: {done.stderr.decode().strip()}")
+    root.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        tar.extractall(root, filter="data")
+    return Release(ref, commit, root)
+
+
+def create_key(config: Path, env: Mapping[str, str], paywall: str,
+               release: Release | None = None) -> str:
+    """Mint a key with ``paywall-proxy keys create``, or with ``release``'s."""
+    command = [str(PROXY)] if release is None else release.command
+    done = subprocess.run([*command, "keys", "create", "--paywall", paywall,
                            "--config", str(config)],
                           env=dict(env), capture_output=True, text=True, check=False, timeout=180)
     key = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
     if done.returncode != 0 or not key:
         raise RuntimeError(f"paywall-proxy keys create failed (status {done.returncode}):\n"
                            f"{done.stdout}{done.stderr}")
+    if release is not None:
+        release.check_imported(done.stderr)
     return key
 
 
@@ -87,17 +187,22 @@ def wait_started(name: str, proc: subprocess.Popen[bytes], log: Path, workers: i
 
 
 @contextlib.contextmanager
-def serve_proxy(config: Path, env: Mapping[str, str], workers: int,
-                log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def serve_proxy(config: Path, env: Mapping[str, str], workers: int, log: Path,
+                release: Release | None = None,
+                ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``paywall-proxy serve --workers N`` on a free port, once every worker has started;
-    yields the process and the port. Fails if the proxy exits before the end."""
+    yields the process and the port. Fails if the proxy exits before the end. With
+    ``release``, that release's serve instead, checked to run its own code."""
     port = free_port()
-    argv = [str(PROXY), "serve", "--config", str(config), "--port", str(port),
+    command: Sequence[str] = [str(PROXY)] if release is None else release.command
+    argv = [*command, "serve", "--config", str(config), "--port", str(port),
             "--workers", str(workers)]
     # Stopping includes an embedded PostgreSQL's shutdown.
     with running(argv, log, env, stop_timeout=60) as proc:
         wait_ready("the proxy", proc, log, f"http://127.0.0.1:{port}/healthz", timeout=180)
         wait_started("the proxy", proc, log, workers)
+        if release is not None:
+            release.check_imported(log.read_text(encoding="utf-8", errors="replace"))
         yield proc, port
         check_survived("the proxy", proc, log)
 

@@ -6,7 +6,8 @@ Starts nginx as a near-free upstream and, in front of it, bench/passthrough.py (
 floor: aiohttp client, no auth, no database, no metering), the proxy with each
 ``--workers`` count, the same proxy with every limit on but set too high to refuse
 anything (once with the limits in process, once in a redis-server started here), and the
-LiteLLM proxy when bench/litellm.sh has installed it. At each concurrency wrk runs
+LiteLLM proxy when bench/litellm.sh has installed it, and with ``--previous REF`` the
+proxy of that earlier release (its own checkout and database). At each concurrency wrk runs
 against every one of them, streaming and not, and bench/sse.py times each stream's first
 byte; the setups alternate within each concurrency so that the figures compared are
 taken close together. Then bench/open_streams.py holds 1,000 slow streams open at once
@@ -14,9 +15,10 @@ through the proxy (``open-streams``). Writes JSON and a Markdown report to the o
 (also as ``latest.json`` and ``latest.md``) and prints it.
 
     .venv/bin/python bench/run.py [--duration 5] [--concurrency 1,8,64] [--workers 1,2]
-                                  [--setups direct,bare,proxy,limits-local,limits-redis,
-                                            litellm,open-streams]
-                                  [--no-stream] [--install-litellm] [--out bench/results]
+                                  [--setups direct,bare,proxy,previous,limits-local,
+                                            limits-redis,litellm,open-streams]
+                                  [--previous REF] [--no-stream] [--install-litellm]
+                                  [--out bench/results]
                                   [--open-streams 1000] [--stream-chunks 24]
                                   [--chunk-interval-ms 500]
 """
@@ -36,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -74,11 +76,15 @@ from open_streams import OpenStreams
 from proxyproc import (
     MB,
     PROXY,
+    Release,
     RssSampler,
+    check_out,
     create_key,
     database_env,
     embedded_version,
+    own_database,
     process_tree,
+    resolve_release,
     rss_of,
     serve_proxy,
     stop_leftover_postgres,
@@ -110,6 +116,7 @@ class Kind(Enum):
     DIRECT = "direct nginx"
     BARE = "bare pass-through"
     PROXY = "proxy"
+    PREVIOUS = "previous release"  # the proxy of --previous REF
     LIMITS_LOCAL = "proxy + limits (in process)"
     LIMITS_REDIS = "proxy + limits (Redis)"
     LITELLM = "LiteLLM proxy"
@@ -118,11 +125,13 @@ class Kind(Enum):
 
 # --setups names, in the order the setups run at each concurrency.
 SETUPS = {"direct": Kind.DIRECT, "bare": Kind.BARE, "proxy": Kind.PROXY,
-          "limits-local": Kind.LIMITS_LOCAL, "limits-redis": Kind.LIMITS_REDIS,
-          "litellm": Kind.LITELLM, "open-streams": Kind.OPEN_STREAMS}
+          "previous": Kind.PREVIOUS, "limits-local": Kind.LIMITS_LOCAL,
+          "limits-redis": Kind.LIMITS_REDIS, "litellm": Kind.LITELLM,
+          "open-streams": Kind.OPEN_STREAMS}
 PROXY_KINDS = (Kind.PROXY, Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
 LIMITS_KINDS = (Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
-LOG_NAMES = {Kind.PROXY: "proxy", Kind.LIMITS_LOCAL: "limits-local",
+METERED_KINDS = (*PROXY_KINDS, Kind.PREVIOUS)  # every proxy, this release's or not
+LOG_NAMES = {Kind.PROXY: "proxy", Kind.PREVIOUS: "previous", Kind.LIMITS_LOCAL: "limits-local",
              Kind.LIMITS_REDIS: "limits-redis", Kind.LITELLM: "litellm"}
 
 
@@ -207,7 +216,7 @@ def server_name(kind: Kind, workers: int) -> str:
 
 
 def paywall_of(kind: Kind) -> str:
-    return PAYWALL if kind is Kind.PROXY else LIMITS_PAYWALL
+    return LIMITS_PAYWALL if kind in LIMITS_KINDS else PAYWALL
 
 
 def setup_name(server: str, stream: bool) -> str:
@@ -274,9 +283,10 @@ on_redis_error = "closed"
 
 @contextlib.contextmanager
 def proxy(kind: Kind, config: Path, env: Mapping[str, str], key: str, workers: int,
-          log: Path) -> Iterator[Server]:
-    """``paywall-proxy serve`` with ``workers``; wrk will use ``key``."""
-    with serve_proxy(config, env, workers, log) as (proc, port):
+          log: Path, release: Release | None = None) -> Iterator[Server]:
+    """``paywall-proxy serve`` with ``workers`` (``release``'s if given); wrk will use
+    ``key``."""
+    with serve_proxy(config, env, workers, log, release) as (proc, port):
         yield Server(server_name(kind, workers), kind, workers, psutil.Process(proc.pid), port,
                      f"Bearer {key}")
 
@@ -473,7 +483,7 @@ def check_target(t: Target, user: str = "bench-user") -> None:
     answer = check_answer(t.setup, t.url, chat_request(t.model, t.stream, user),
                           {"Authorization": t.auth} if t.auth else {}, t.stream)
     limited = t.kind in LIMITS_KINDS
-    if t.kind in PROXY_KINDS and (LIMIT_HEADER in answer.headers) != limited:
+    if t.kind in METERED_KINDS and (LIMIT_HEADER in answer.headers) != limited:
         raise RuntimeError(f"{t.setup}: the answer from {t.url} "
                            f"{'lacks' if limited else 'has'} {LIMIT_HEADER}; its headers: "
                            f"{answer.headers}")
@@ -490,12 +500,13 @@ def open_users(plan: list[Target], users: list[str]) -> None:
     A user's first request opens its account and grant, and each day's first its spend
     windows; in a running app nearly every request comes after those. The plain
     paywall's users may exist already from earlier runs on the same database, the
-    limits paywall's not: without this the two would not pay the same.
+    limits paywall's not: without this the two would not pay the same. The previous
+    release has a database of its own, so its users are opened there too.
     """
-    firsts: dict[str, Target] = {}
+    firsts: dict[tuple[str, bool], Target] = {}
     for t in plan:
-        if t.server is not None and t.kind in PROXY_KINDS and not t.stream:
-            firsts.setdefault(paywall_of(t.kind), t)
+        if t.server is not None and t.kind in METERED_KINDS and not t.stream:
+            firsts.setdefault((paywall_of(t.kind), t.kind is Kind.PREVIOUS), t)
     with ThreadPoolExecutor(max_workers=8) as pool:
         for t in firsts.values():
             progress(f"one request per end user ({len(users)}) through {t.setup}")
@@ -652,6 +663,37 @@ def litellm_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
 
 
 @dataclass(frozen=True, slots=True)
+class VsPrevious:
+    """The proxy against the previous release with as many workers at one concurrency."""
+
+    setup: str  # the proxy's
+    workers: int
+    stream: bool
+    concurrency: int
+    load: Load
+    previous: Load
+    rps_vs_previous: float  # proxy RPS / previous RPS
+    p50_vs_previous: float  # proxy p50 / previous p50
+
+
+def previous_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
+                   concurrency: list[int]) -> list[VsPrevious]:
+    rows = []
+    for t in plan:
+        if t.server is None or t.kind is not Kind.PROXY:
+            continue
+        peer = setup_name(server_name(Kind.PREVIOUS, t.server.workers), t.stream)
+        for c in concurrency:
+            if (base := loads.get((peer, c))) is None:
+                continue
+            load = loads[t.setup, c]
+            rows.append(VsPrevious(t.setup, t.server.workers, t.stream, c, load, base,
+                                   load.rps / base.rps if base.rps else 0.0,
+                                   load.p50_ms / base.p50_ms if base.p50_ms else 0.0))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
 class Results:
     rows: list[Row]
     pipeline: list[PipelineCost]
@@ -662,6 +704,8 @@ class Results:
     database: str
     redis: str | None  # which redis-server, when the run had one
     litellm: str | None  # "LiteLLM 1.2.3", NOT_INSTALLED, or None when not asked for
+    vs_previous: list[VsPrevious] = field(default_factory=list)
+    previous: str | None = None  # which release and database, when the run had one
 
 
 def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[Row]:
@@ -690,7 +734,7 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
     """Start everything, run every setup, stop everything; ``litellm_venv`` None leaves
     LiteLLM out (not installed, or not asked for)."""
     kinds: list[Kind] = [k for k in args.setups if k is not Kind.LITELLM or litellm_venv]
-    proxies = [k for k in kinds if k in PROXY_KINDS]
+    proxies = [k for k in kinds if k in METERED_KINDS]
     streams = [False, True] if args.stream else [False]
     redis: Redis | None = None
     with nginx_upstream(workdir) as upstream:
@@ -713,17 +757,32 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                         redis_server(redis_exe, workdir, logs / "redis.log"))
                     progress(f"redis-server {redis.version} on port {redis.port}")
                 keys = {}
-                for paywall in dict.fromkeys(paywall_of(k) for k in proxies):
+                for paywall in dict.fromkeys(paywall_of(k) for k in proxies
+                                             if k is not Kind.PREVIOUS):
                     progress(f"creating a key for paywall {paywall}")
                     keys[paywall] = create_key(config, env, paywall)
+                release, previous_env, previous = None, env, None
+                if Kind.PREVIOUS in kinds:
+                    release = check_out(args.previous, workdir / "previous")
+                    own_env, previous = stack.enter_context(
+                        own_database(env, workdir / "previous-data"))
+                    previous_env = release.env(own_env)
+                    progress(f"creating a key for paywall {PAYWALL} with {release.ref} "
+                             f"({release.commit}), {previous}")
+                    previous_key = create_key(config, previous_env, PAYWALL, release)
                 for n in args.workers:
                     for kind in proxies:
                         progress(f"starting {server_name(kind, n)}")
-                        served_env = ({**env, "REDIS_URL": redis.url}
-                                      if kind is Kind.LIMITS_REDIS and redis else env)
-                        servers.append(stack.enter_context(proxy(
-                            kind, config, served_env, keys[paywall_of(kind)], n,
-                            logs / f"{LOG_NAMES[kind]}-w{n}.log")))
+                        log = logs / f"{LOG_NAMES[kind]}-w{n}.log"
+                        if kind is Kind.PREVIOUS:
+                            served = proxy(kind, config, previous_env, previous_key, n, log,
+                                           release)
+                        else:
+                            served = proxy(kind, config,
+                                           {**env, "REDIS_URL": redis.url}
+                                           if kind is Kind.LIMITS_REDIS and redis else env,
+                                           keys[paywall_of(kind)], n, log)
+                        servers.append(stack.enter_context(served))
                     if Kind.LITELLM in kinds:
                         assert litellm_venv is not None
                         progress(f"starting {server_name(Kind.LITELLM, n)}")
@@ -731,6 +790,9 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                             litellm_venv, upstream, workdir, n, logs / f"litellm-w{n}.log")))
                 if version := embedded_version(workdir / "data"):
                     database = f"embedded PostgreSQL {version}"
+                if release is not None and (version := embedded_version(
+                        workdir / "previous-data")):
+                    previous = f"its own embedded PostgreSQL {version}"
                 plan = targets(upstream, kinds, servers, streams)
                 for t in plan:
                     check_target(t)
@@ -752,7 +814,9 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
         litellm_costs(plan, m.loads, args.concurrency), memory,
         limits_checks(plan, m, args.concurrency, again, scripts), database,
         None if redis is None else f"redis-server {redis.version} ({redis.executable})",
-        None if Kind.LITELLM not in args.setups else args.litellm_label)
+        None if Kind.LITELLM not in args.setups else args.litellm_label,
+        previous_costs(plan, m.loads, args.concurrency),
+        None if release is None else f"{release.ref} (commit {release.commit}), {previous}")
 
 
 # --- the report ------------------------------------------------------------------
@@ -872,6 +936,11 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
         lines.append("- proxy + limits: the same, on a paywall with every rate, token and "
                      "concurrency limit, every spend cap and the output cap on, all too high "
                      f"to be reached; limits {' or '.join(where)}")
+    if results.previous is not None:
+        lines.append(f"- previous release: `paywall-proxy serve` of {results.previous}, "
+                     "extracted with git archive and run by the same Python with its own "
+                     "`proxy` package on PYTHONPATH; the proxy's settings and paywall, full "
+                     "metering, no limits")
     if Kind.BARE.value in kinds:
         lines.append(f"- bare pass-through: bench/passthrough.py, {BARE_CLIENT} client, "
                      "1 worker, no auth, no database, no metering")
@@ -946,6 +1015,20 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                        "limits RPS / proxy RPS"],
                       [[c.setup, str(c.concurrency), f"{c.p50_over_proxy_ms:+.3f}",
                         _ratio(c.rps_vs_proxy)] for c in results.limits]), ""]
+    if results.vs_previous:
+        lines += ["## Against the previous release", "",
+                  "The proxy against the previous release with as many workers, at the same "
+                  "concurrency, one right after the other (whole streams for stream rows). "
+                  "Both hold and settle each request, each in its own database.", "",
+                  markdown_table(
+                      ["setup", "concurrency", "proxy RPS", "previous RPS",
+                       "proxy RPS / previous RPS", "proxy p50 ms", "previous p50 ms",
+                       "proxy p50 / previous p50"],
+                      [[c.setup, str(c.concurrency),
+                        f"{c.load.rps:,.0f}{_errors_note(c.load.errors)}",
+                        f"{c.previous.rps:,.0f}{_errors_note(c.previous.errors)}",
+                        _ratio(c.rps_vs_previous), ms(c.load.p50_ms), ms(c.previous.p50_ms),
+                        _ratio(c.p50_vs_previous)] for c in results.vs_previous]), ""]
     if results.vs_litellm:
         lines += ["## Against LiteLLM", "",
                   "Each proxy setup against the LiteLLM proxy with as many workers, at the "
@@ -1004,8 +1087,12 @@ def main() -> int:
                         help="comma-separated proxy worker counts, one proxy each (default 1)")
     parser.add_argument("--synchronous-commit", choices=("on", "off"), default="on",
                         help="the proxies' billing.synchronous_commit (default on)")
-    parser.add_argument("--setups", type=setup_kinds, default=list(SETUPS.values()),
-                        help=f"comma-separated setups to run (default all: {','.join(SETUPS)})")
+    parser.add_argument("--setups", type=setup_kinds, default=None,
+                        help="comma-separated setups to run (default all: "
+                             f"{','.join(SETUPS)}; previous only with --previous)")
+    parser.add_argument("--previous", metavar="REF",
+                        help="a git ref (commit, tag) of an earlier release to run as the "
+                             "setup previous (default: none)")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each setup streaming (default: yes)")
     parser.add_argument("--warmup", type=int, default=1,
@@ -1029,6 +1116,16 @@ def main() -> int:
                              "(default 500)")
     args = parser.parse_args()
     args.workers = sorted(set(args.workers))
+    if args.setups is None:
+        args.setups = [k for k in SETUPS.values() if k is not Kind.PREVIOUS or args.previous]
+    if Kind.PREVIOUS in args.setups:
+        try:
+            if not args.previous:
+                raise RuntimeError("the setup previous needs --previous REF")
+            resolve_release(args.previous)
+        except RuntimeError as e:
+            progress(f"bench/run.py: {e}")
+            return 2
     os.environ["BENCH_USERS"] = str(args.users)  # read by chat.lua and bench/sse.py
     if not os.access(PROXY, os.X_OK):
         progress(f"bench/run.py: not found: {PROXY} (the project installed in .venv)")
@@ -1106,6 +1203,8 @@ def main() -> int:
         "pipeline": [asdict(c) for c in results.pipeline],
         "limits": [asdict(c) for c in results.limits],
         "vs_litellm": [asdict(c) for c in results.vs_litellm],
+        "previous": results.previous,
+        "vs_previous": [asdict(c) for c in results.vs_previous],
         "memory": [asdict(m) for m in results.memory],
         "checks": [asdict(c) for c in results.checks],
         "open_streams": None if opened is None else asdict(opened),
