@@ -247,8 +247,12 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale
     markup_bps = int(paywall.markup_percent * 100)
-    prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
-        body, upstream_model, model.encoding, model.max_image_tokens)
+    try:
+        prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
+            body, upstream_model, model.encoding, model.max_image_tokens)
+        upstream_body = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
+        raise InvalidRequest("The request body is nested too deeply.") from None
     # The worst case: all output tokens (a prediction's unused ones are billed as output
     # too) at the dearer of the output and reasoning prices.
     output = (output_cap + predicted) * n
@@ -258,7 +262,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output)
     provider_id = model.provider
     call = Call(
-        body=orjson.dumps(body), stream=stream, request_id=request_id, headers=request.headers,
+        body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
         api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
         payload=body,
     )

@@ -12,13 +12,13 @@ the paywall's setting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from proxy.errors import InvalidRequest
 from proxy.ledger import SpendCap
 from proxy.limits import Rule
-from proxy.pricing import units
+from proxy.pricing import parse_decimal, units
 from proxy.settings import AssetSettings, LimitSettings
 
 INT_OVERRIDES = ("requests_per_minute", "tokens_per_minute", "concurrency",
@@ -167,14 +167,14 @@ def parse_overrides(body: dict[str, Any], assets: dict[str, AssetSettings],
         for asset, amount in value.items():
             if asset not in assets:
                 raise InvalidRequest(f"Unknown asset {asset!r} in '{name}'.", param=name)
+            parsed = parse_decimal(amount)
             try:
-                parsed = Decimal(amount if isinstance(amount, str) else repr(amount))
+                if parsed is None or parsed < 0:
+                    raise ValueError(amount)
                 units(parsed, assets[asset].scale)
-            except (InvalidOperation, ValueError, TypeError):
-                raise InvalidRequest(f"'{name}.{asset}' must be a decimal amount.",
-                                     param=name) from None
-            if isinstance(amount, bool) or parsed < 0:
-                raise InvalidRequest(f"'{name}.{asset}' must not be negative.", param=name)
+            except ValueError:
+                raise InvalidRequest(f"'{name}.{asset}' must be a plain decimal amount "
+                                     "such as \"1.50\".", param=name) from None
             caps[asset] = format(parsed, "f")
         out[name] = caps
     unknown = set(body) - {"user", *INT_OVERRIDES, *CAP_OVERRIDES}

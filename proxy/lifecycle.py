@@ -29,11 +29,11 @@ from starlette.responses import Response
 
 from proxy import guard
 from proxy.decide import Action, Decision, UserState, decide
-from proxy.errors import ProxyError
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.ledger import Posted
 from proxy.limits import Verdict
 from proxy.observe import Record
-from proxy.pricing import Usage
+from proxy.pricing import MAX_UNITS, Usage
 from proxy.reaper import Checkpoint
 from proxy.relay import CLIENT_GONE, Framer, Outcome, StreamRelay, unless_client_leaves
 from proxy.requestid import new_request_id
@@ -225,6 +225,9 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
               ) -> Response | StreamRelay:
     """Carry ``call`` through the lifecycle; the answer for the client."""
     plan = call.plan
+    if plan.hold is not None and plan.hold > MAX_UNITS:
+        raise InvalidRequest("This request's worst case is more than a balance can hold; "
+                             "lower max_tokens.", param="max_tokens")
     ticket = Ticket(services, rec, plan)
     relay: StreamRelay | None = None
     try:

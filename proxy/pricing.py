@@ -14,6 +14,7 @@ to the plain input and output prices) when the provider reports them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -120,6 +121,22 @@ def units(amount: Decimal, scale: int) -> int:
     if abs(scaled) > MAX_UNITS:
         raise ValueError(f"{amount} is more than the ledger holds in this asset")
     return int(scaled)
+
+
+# Amounts in strings are plain ASCII decimals: no signs, exponents, spaces, "_" or
+# other scripts' digits, all of which Decimal() would take.
+_DECIMAL = re.compile(r"[0-9]{1,40}(\.[0-9]{1,40})?")
+
+
+def parse_decimal(value: Any) -> Decimal | None:
+    """An amount as a client sends it — a plain decimal string (``"1.50"``) or a finite
+    JSON number — or None for anything else."""
+    if isinstance(value, str):
+        return Decimal(value) if _DECIMAL.fullmatch(value) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    amount = Decimal(repr(value))
+    return amount if amount.is_finite() else None
 
 
 def to_decimal(amount: int, scale: int) -> Decimal:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -39,29 +38,20 @@ from proxy.ledger import (
     Stored,
     storable,
 )
-from proxy.pricing import format_amount, units
+from proxy.pricing import format_amount, parse_decimal, units
 from proxy.services import JSON, Services, authenticate, json_response, read_json, services_of
 
-# Amounts in strings are plain ASCII decimals: no signs, exponents, spaces, "_" or
-# other scripts' digits, all of which Decimal() would take.
-_DECIMAL = re.compile(r"[0-9]{1,40}(\.[0-9]{1,40})?")
 _INTEGER = re.compile(r"[0-9]{1,20}")
 
 
 def _amount(value: Any, scale: int, field: str = "amount") -> int:
     """A positive amount, given as a plain decimal string or a JSON number, in the
     smallest unit."""
-    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+    amount = parse_decimal(value)
+    if amount is None:
         raise InvalidRequest(f"'{field}' must be a plain decimal amount such as \"1.50\".",
                              param=field)
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise InvalidRequest(f"'{field}' must be a decimal amount such as \"1.50\".",
-                             param=field)
-    try:
-        amount = Decimal(value if isinstance(value, str) else repr(value))
-    except ArithmeticError:
-        raise InvalidRequest(f"'{field}' must be a decimal amount.", param=field) from None
-    if not amount.is_finite() or amount <= 0:
+    if amount <= 0:
         raise InvalidRequest(f"'{field}' must be a positive amount.", param=field)
     try:
         return units(amount, scale)

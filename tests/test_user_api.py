@@ -35,6 +35,10 @@ completion_tokens = 3
 provider = "mock"
 price = { input_per_million = "1", output_per_million = "1000" }
 
+[models.dear]
+provider = "mock"
+price = { input_per_million = "1", output_per_million = "100000000" }
+
 [paywalls.app]
 name = "Inputs app"
 starter_grant = "0"
@@ -287,6 +291,36 @@ async def test_the_largest_output_cap_is_taken(world: World) -> None:
             "model": "mock-1", "user": user, "max_tokens": 2**31 - 1,
             "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status_code == 200, resp.text
+
+
+async def test_a_worst_case_past_what_a_balance_holds_is_400(world: World,
+                                                            pg: asyncpg.Connection) -> None:
+    """$100 a token × 2^31 − 1 tokens is more units than a bigint: once a 500 from
+    the hold's arithmetic in PostgreSQL."""
+    user = new_user("dear")
+    async with world.api() as api:
+        resp = await api.post("/v1/chat/completions", json={
+            "model": "dear", "user": user, "max_tokens": 2**31 - 1,
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert_400(resp, "max_tokens")
+    assert await pg.fetchval("SELECT count(*) FROM holds h JOIN accounts a"
+                             " ON a.id = h.account_id WHERE a.user_id = $1", user) == 0
+
+
+async def test_a_chat_body_nested_too_deeply_to_forward_is_400(world: World) -> None:
+    async with world.api() as api:
+        resp = await api.post("/v1/chat/completions", json={
+            "model": "mock-1", "user": new_user("deep"), "tools": [nested(300)],
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert_400(resp)
+
+
+@pytest.mark.parametrize("amount", ["١٠", "1_0", "１", "1e3", "-1", -1, " 1", True])
+async def test_spend_cap_overrides_take_plain_decimals_only(api: httpx.AsyncClient,
+                                                            amount: object) -> None:
+    resp = await api.patch("/v1/user/limits", json={"user": new_user("capov"),
+                                                     "daily_spend_cap": {"usd": amount}})
+    assert_400(resp, "daily_spend_cap")
 
 
 # ---- connect links ---------------------------------------------------------------------
