@@ -94,7 +94,7 @@ class ChatCall:
         return out + _STREAM_HEADERS if relayed else out
 
     def relays(self, reply: Reply) -> bool:
-        return reply.stream
+        return self.call.stream and reply.stream
 
     def framer(self) -> Framer:
         self.meter = Meter(self.client_wants_usage, self.cost_fields)

@@ -37,7 +37,7 @@ from proxy.observe import record_of
 from proxy.relay import Framer, Outcome, StreamRelay, Verbatim
 from proxy.services import Services, parse_json, read_body, services_of
 from proxy.settings import ApiProviderSettings
-from proxy.upstream import GATEWAY_HEADERS, Outbound, Reply, secret_values
+from proxy.upstream import GATEWAY_HEADERS, Outbound, Reply, encoded, secret_values
 
 FREE = "free"
 PAYWALL_HEADER = "x-paywall-id"
@@ -154,7 +154,7 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
     headers["x-request-id"] = request.state.request_id
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "paywall_id"]
     out = Outbound(provider_id, provider.method, url, headers, body or None, stream=True,
-                   policy=GATEWAY_HEADERS, secrets=tuple(secret_values(provider.headers)),
+                   policy=GATEWAY_HEADERS, secrets=encoded(secret_values(provider.headers)),
                    params=params or None)
     return await lifecycle.run(request, services, rec, GatewayCall(
         plan, services, request, provider_id, provider, out))

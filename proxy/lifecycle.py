@@ -19,10 +19,11 @@ lease freed together or not at all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -42,6 +43,7 @@ from proxy.settings import PaywallSettings
 from proxy.upstream import Reply
 
 T = TypeVar("T")
+log = logging.getLogger("proxy.lifecycle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,6 @@ class Charge:
     amount: int | None
     outcome: str
     usage: Usage | None = None
-    metadata: dict[str, Any] | None = None
 
     @property
     def tokens(self) -> int:
@@ -134,10 +135,11 @@ class Ticket:
     """What one request holds — its admission, its hold — and the one place that
     releases them."""
 
-    def __init__(self, services: Services, rec: Record, plan: Plan):
+    def __init__(self, services: Services, rec: Record, call: Adapter):
         self.services = services
         self.rec = rec
-        self.plan = plan
+        self.call = call
+        self.plan = call.plan
         self.lease = new_request_id()  # the limiter's id (never the client's X-Request-Id)
         self.action: Action | None = None
         self.charge: Charge | None = None
@@ -182,29 +184,36 @@ class Ticket:
             state = await place()
         return state
 
-    async def close(self) -> Posted | None:
-        """Resolve the hold (post :attr:`charge`, or void) and free the leases; once."""
+    async def close(self, price: Callable[[], Awaitable[Charge]] | None = None
+                    ) -> Posted | None:
+        """Resolve the hold (post :attr:`charge`, or what ``price`` finds, or void) and
+        free the leases; once. Pricing runs inside the shielded close too: a request
+        cancelled while its answer is counted is still charged for it."""
         if self._closing is None:
-            self._closing = self.services.tasks.spawn(self._close())
+            self._closing = self.services.tasks.spawn(self._close(price))
         return await asyncio.shield(self._closing)
 
-    async def _close(self) -> Posted | None:
+    async def _close(self, price: Callable[[], Awaitable[Charge]] | None) -> Posted | None:
         verdict = await _outcome_of(self._admitting)
         state = await _outcome_of(self._holding)
         try:
+            if price is not None:
+                try:
+                    self.charge = await price()
+                except Exception:  # a bug: still charge what is surely owed
+                    log.exception("pricing the answer of %s failed", self.rec.request_id)
+                    self.charge = self.call.gone()
             what, amount = resolution(state, self.action, self.charge)
             if what == "none":
                 return None
             assert state is not None and state.hold_id is not None
-            charge = self.charge if what == "post" else None
-            usage = charge.usage if charge else None
-            outcome = (self.charge or FAILED).outcome
-            meta = charge.metadata if charge else None
+            charge = self.charge or FAILED
+            usage = charge.usage if what == "post" else None
             if usage is not None:
                 self.rec.prompt_tokens = usage.prompt_tokens
                 self.rec.completion_tokens = usage.completion_tokens
             return await resolve_hold(self.services, self.rec, state.hold_id, amount, usage,
-                                      outcome, meta)
+                                      charge.outcome)
         finally:
             used = self.charge.tokens if self.charge and self.charge.amount is not None else 0
             if self._admitting is not None:
@@ -228,7 +237,7 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
     if plan.hold is not None and plan.hold > MAX_UNITS:
         raise InvalidRequest("This request's worst case is more than a balance can hold; "
                              "lower max_tokens.", param="max_tokens")
-    ticket = Ticket(services, rec, plan)
+    ticket = Ticket(services, rec, call)
     relay: StreamRelay | None = None
     try:
         verdict = await ticket.admit()
@@ -258,11 +267,14 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             if reply.ok and call.relays(reply):
                 relay = _relay(services, rec, ticket, call, reply, verdict)
                 return relay
-            content = await reply.read()
+            content = await unless_client_leaves(request, reply.read())
         finally:
             if relay is None:
                 await reply.aclose()
         rec.upstream_first = rec.upstream_ended = time.perf_counter()
+        if content is None:  # the client left while the answer came in
+            ticket.charge = call.gone()
+            return Response(status_code=CLIENT_GONE)
         if not reply.ok:
             rec.error = f"upstream_{reply.status}"
             services.metrics.errors.labels("upstream").inc()
@@ -270,8 +282,8 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             response = Response(content, status_code=reply.status)
             response.raw_headers += call.headers(reply, verdict, relayed=False)
             return response
-        ticket.charge = await call.settle_whole(content)
-        posted = await ticket.close()
+        posted = await ticket.close(lambda: call.settle_whole(content))
+        assert ticket.charge is not None
         return call.answer(reply, content, ticket.charge, posted, verdict)
     finally:
         if relay is None:
@@ -286,11 +298,7 @@ def _relay(services: Services, rec: Record, ticket: Ticket, call: Adapter, reply
         rec.upstream_first, rec.upstream_ended = relay.first_at, relay.ended_at
         if outcome is Outcome.PARTIAL:
             services.metrics.errors.labels("upstream").inc()
-        try:
-            ticket.charge = await services.tasks.run_to_end(
-                call.settle_relayed(framer, outcome, relay.sent))
-        finally:
-            await ticket.close()
+        await ticket.close(lambda: call.settle_relayed(framer, outcome, relay.sent))
 
     relay = StreamRelay(reply, call.headers(reply, verdict, relayed=True),
                         services.settings.upstream.stream_max_seconds, framer, on_done,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from proxy.settings import ProviderSettings
-from proxy.upstream import OPENAI_HEADERS, Outbound, Reply, Transport, one, secret_values
+from proxy.upstream import OPENAI_HEADERS, Outbound, Reply, Transport, encoded, one, secret_values
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class OpenAIProvider:
         self.conf = conf
         self.transport = transport
         self.auth_header = conf.auth_header.lower()
-        self.secrets = tuple(secret_values(conf.headers, conf.query))
+        self.secrets = encoded(secret_values(conf.headers, conf.query))
 
     def _headers(self, call: Call) -> dict[str, str]:
         headers = OPENAI_HEADERS.request(call.headers)
@@ -60,10 +60,13 @@ class OpenAIProvider:
         return headers
 
     async def send(self, call: Call) -> Reply:
-        secrets = (call.api_key, *self.secrets) if call.api_key else self.secrets
+        secrets = (*encoded([call.api_key]), *self.secrets) if call.api_key else self.secrets
+        limits = self.transport.limits
         return await self.transport.send(Outbound(
             self.id, "POST", self.url, self._headers(call), call.body, call.stream,
-            OPENAI_HEADERS, secrets, self.conf.query or None))
+            OPENAI_HEADERS, secrets, self.conf.query or None,
+            # A stream's first chunk is held to the idle timeout, like every next one.
+            first_byte_timeout=limits.stream_idle_timeout if call.stream else None))
 
 
 class MockProvider:

@@ -15,7 +15,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 
@@ -23,6 +23,7 @@ from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.upstream import Reply
 
 log = logging.getLogger("proxy.relay")
+T = TypeVar("T")
 
 
 class Outcome(enum.Enum):
@@ -57,10 +58,10 @@ class Verbatim:
         return b""
 
 
-async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, Reply]
-                               ) -> Reply | None:
-    """The provider's reply, or None — its call cancelled — if the client goes away
-    first. The body has been read, so the next ASGI message is the disconnect."""
+async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, T]) -> T | None:
+    """What ``sending`` returns (the provider's reply, or its body), or None — the call
+    cancelled — if the client goes away first. The request body has been read, so the
+    next ASGI message is the disconnect."""
     async def gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -106,6 +107,9 @@ class StreamRelay:
                 gone.add_done_callback(lambda t: t.cancelled() or pump.cancel())
         except OSError:
             self.outcome = Outcome.ABORTED
+        except asyncio.CancelledError:  # the server gave up on this response
+            self.outcome = Outcome.ABORTED
+            raise
         finally:
             try:
                 await self.reply.aclose()

@@ -84,11 +84,15 @@ def backoff(attempt: int) -> float:
     return float(min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_MOST))
 
 
+MAX_REFUSALS = 5
+
+
 class Settlements:
     def __init__(self, ledger: Ledger, spool_dir: Path):
         self.ledger = ledger
         self.spool_dir = spool_dir
         self._owed: dict[int, Owed] = {}
+        self._refusals: dict[int, int] = {}  # hold id → times the ledger refused it
         self._wake = asyncio.Event()
 
     def owe(self, owed: Owed) -> None:
@@ -113,21 +117,32 @@ class Settlements:
                                       owed.metadata)
 
     async def write_owed(self) -> bool:
-        """One round: write what is owed, in order, up to the first failure. True when
-        nothing is owed any more."""
+        """One round: write what is owed, in order, until the database is unavailable.
+        True when nothing is owed any more. A settlement the ledger itself refuses does
+        not hold up the others; refused ``MAX_REFUSALS`` times, it is left to the reaper,
+        which posts the hold at its checkpoint (the final cost, renewed meanwhile)."""
         for hold_id, owed in list(self._owed.items()):
             try:
                 posted = await self.write(owed)
             except DatabaseUnavailable:
                 return False
             except Exception:
-                log.exception("writing the settlement of hold %s failed", hold_id)
-                return False
+                refused = self._refusals[hold_id] = self._refusals.get(hold_id, 0) + 1
+                if refused < MAX_REFUSALS:
+                    log.warning("writing the settlement of hold %s failed", hold_id,
+                                exc_info=refused == 1)
+                    continue
+                log.error("the ledger refused the settlement of hold %s %d times; the "
+                          "reaper will post it at its checkpoint", hold_id, refused)
+                self._owed.pop(hold_id, None)
+                self._refusals.pop(hold_id, None)
+                continue
             if owed.charge is not None and posted is None:
                 log.warning("hold %s of %s was resolved before its owed settlement",
                             hold_id, owed.request_id)
             if self._owed.get(hold_id) is owed:
                 del self._owed[hold_id]
+                self._refusals.pop(hold_id, None)
         return not self._owed
 
     async def run(self) -> None:

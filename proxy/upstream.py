@@ -86,13 +86,51 @@ def secret_values(headers: Mapping[str, str], query: Mapping[str, str] = {}) -> 
     return values + [v.split(" ", 1)[1] for v in values if " " in v]
 
 
-def scrub(body: bytes, secrets: Iterable[str], masked: bool = False) -> bytes:
+def encoded(secrets: Iterable[str]) -> tuple[bytes, ...]:
+    """The secrets worth hunting for (8 characters or more), as bytes, once."""
+    return tuple(s.encode() for s in secrets if len(s) >= 8)
+
+
+def scrub(body: bytes, secrets: Iterable[str | bytes], masked: bool = False) -> bytes:
     """Remove ``secrets`` from ``body``; with ``masked``, also keys shown masked
     (``sk-...****abcd``), as providers do in error messages."""
     for secret in secrets:
-        if len(secret) >= 8 and (raw := secret.encode()) in body:
+        raw = secret.encode() if isinstance(secret, str) else secret
+        if len(raw) >= 8 and raw in body:
             body = body.replace(raw, b"[redacted]")
     return _MASKED_SECRET.sub(b"[redacted]", body) if masked else body
+
+
+def _could_begin(data: bytes, secret: bytes) -> int:
+    """How many bytes at the end of ``data`` could be the start of ``secret``."""
+    i = data.find(secret[:1], max(0, len(data) - len(secret) + 1))
+    while i != -1:
+        if secret.startswith(data[i:]):
+            return len(data) - i
+        i = data.find(secret[:1], i + 1)
+    return 0
+
+
+class StreamScrubber:
+    """Secrets out of a body that arrives in chunks, also one split across two: the end
+    of a chunk that could begin a secret waits for the next chunk. (An SSE event ends
+    in a blank line, which begins no secret, so no event is ever held back.)"""
+
+    __slots__ = ("_held", "secrets")
+
+    def __init__(self, secrets: tuple[bytes, ...]):
+        self.secrets = secrets
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = scrub(self._held + chunk if self._held else chunk, self.secrets)
+        keep = max(_could_begin(data, s) for s in self.secrets)
+        self._held = data[len(data) - keep:] if keep else b""
+        return data[:len(data) - keep] if keep else data
+
+    def flush(self) -> bytes:
+        rest, self._held = self._held, b""
+        return rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +144,9 @@ class Outbound:
     body: bytes | None
     stream: bool  # a stream is held to the idle timeout between chunks, not a total
     policy: HeaderPolicy
-    secrets: tuple[str, ...] = ()
+    secrets: tuple[bytes, ...] = ()  # see encoded()
     params: Any = None
+    first_byte_timeout: float | None = None  # for the answer to start; None: read_timeout
 
 
 @dataclass(slots=True)
@@ -116,7 +155,6 @@ class Reply:
     headers: list[tuple[str, str]]
     chunks: AsyncIterator[bytes]
     stream: bool
-    secrets: tuple[str, ...] = ()
     _closer: Any = field(default=None, repr=False)
 
     @property
@@ -124,10 +162,10 @@ class Reply:
         return 200 <= self.status < 300
 
     async def read(self) -> bytes:
-        """The whole body, with the provider's credentials scrubbed (and masked keys
-        too in an error body)."""
+        """The whole body (its chunks are scrubbed of the provider's credentials; an
+        error body also of keys shown masked)."""
         body = b"".join([c async for c in self.chunks])
-        return scrub(body, self.secrets, masked=not self.ok)
+        return body if self.ok else scrub(body, (), masked=True)
 
     def close(self) -> None:
         """Drop the upstream connection; mid-body, this cancels the provider's work."""
@@ -174,7 +212,8 @@ class Transport:
             # TCP (and TLS) connect itself is held to connect_timeout.
             connect=limits.read_timeout, sock_connect=limits.connect_timeout)
         with _translate(out.provider_id):
-            async with asyncio.timeout(limits.read_timeout):
+            async with asyncio.timeout(min(out.first_byte_timeout or limits.read_timeout,
+                                           limits.read_timeout)):
                 resp = await self.session.request(
                     out.method, out.url, params=out.params, data=out.body,
                     headers=dict(out.headers), timeout=timeout, auto_decompress=True,
@@ -190,13 +229,14 @@ class Transport:
                           else (None, started + limits.read_timeout))
         return Reply(resp.status, headers,
                      _chunks(resp, out.provider_id, idle, deadline, out.secrets),
-                     stream=streamed, secrets=out.secrets, _closer=resp.close)
+                     stream=streamed, _closer=resp.close)
 
 
 async def _chunks(resp: aiohttp.ClientResponse, provider_id: str, idle: float | None,
-                  deadline: float | None, secrets: tuple[str, ...]) -> AsyncIterator[bytes]:
+                  deadline: float | None, secrets: tuple[bytes, ...]) -> AsyncIterator[bytes]:
     content = resp.content
     loop = asyncio.get_running_loop()
+    scrubber = StreamScrubber(secrets) if secrets else None
     try:
         while True:
             try:
@@ -205,12 +245,21 @@ async def _chunks(resp: aiohttp.ClientResponse, provider_id: str, idle: float | 
                     chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError):
                 # What arrived before the failure is the client's: deliver it first.
-                if rest := _buffered(content):
-                    yield scrub(rest, secrets)
+                rest = _buffered(content)
+                if scrubber is not None:
+                    rest = scrubber.feed(rest) + scrubber.flush()
+                if rest:
+                    yield rest
                 raise
             if not chunk:
+                if scrubber is not None and (rest := scrubber.flush()):
+                    yield rest
                 return
-            yield scrub(chunk, secrets) if secrets else chunk
+            if scrubber is not None:
+                chunk = scrubber.feed(chunk)
+                if not chunk:
+                    continue
+            yield chunk
     except TimeoutError as e:
         raise UpstreamTimeout(
             f"The provider '{provider_id}' stalled: it did not answer in time.") from e

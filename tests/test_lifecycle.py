@@ -180,10 +180,11 @@ async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
         while completed < 2:  # two targets past the last await reached, to be sure
             target += 1
             pauser.reset(target)
-            body = orjson.dumps({"model": "m", "user": new_user("cancel"), "stream": stream,
+            user = new_user("cancel")
+            body = orjson.dumps({"model": "m", "user": user, "stream": stream,
                                  "messages": [{"role": "user", "content": "hi"}]})
-            if await cancelled_or_done(app, key, body, pauser):
-                completed += 1
+            done = await cancelled_or_done(app, key, body, pauser)
+            completed += done
             await services.tasks.drain()
             pending = await services.pool.fetchval(
                 "SELECT count(*) FROM holds WHERE status = 'pending'")

@@ -23,7 +23,15 @@ import pytest
 
 from proxy.errors import UpstreamUnavailable
 from proxy.settings import UpstreamSettings
-from proxy.upstream import OPENAI_HEADERS, Outbound, Transport, scrub, secret_values
+from proxy.upstream import (
+    OPENAI_HEADERS,
+    Outbound,
+    StreamScrubber,
+    Transport,
+    encoded,
+    scrub,
+    secret_values,
+)
 from tests.conftest import PROVIDER_KEY, mint_key, new_user, serving_proxy
 
 KEY = "sk-proj-abcdefghijklmnop1234"
@@ -53,6 +61,23 @@ def test_secret_values_are_the_credentials_only(headers: dict[str, str],
                                                 query: dict[str, str],
                                                 expected: list[str]) -> None:
     assert secret_values(headers, query) == expected
+
+
+@pytest.mark.parametrize(("chunks", "out"), [
+    ([b"a " + KEY.encode() + b" b"], [b"a [redacted] b"]),
+    # A key split across two reads is held back at the first, found at the second.
+    ([b"a " + KEY[:10].encode(), KEY[10:].encode() + b" b"], [b"a ", b"[redacted] b"]),
+    ([b"a " + KEY[:1].encode(), KEY[1:].encode()], [b"a ", b"[redacted]"]),
+    # What only looks like a key's start is handed on at the next read (or the end).
+    ([b"data: sk", b"y\n\n"], [b"data: ", b"sky\n\n"]),
+    ([b"end sk-proj"], [b"end ", b"sk-proj"]),
+    # An SSE event ends in a blank line: never held back.
+    ([b'data: {"x": "sk-proj-abc"}\n\n'], [b'data: {"x": "sk-proj-abc"}\n\n']),
+])
+def test_stream_scrubber(chunks: list[bytes], out: list[bytes]) -> None:
+    scrubber = StreamScrubber(encoded([KEY, "short"]))
+    got = [scrubber.feed(c) for c in chunks] + [scrubber.flush()]
+    assert [g for g in got if g] == out
 
 
 def _chunk(text: str) -> bytes:

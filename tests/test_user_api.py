@@ -295,7 +295,7 @@ async def test_the_largest_output_cap_is_taken(world: World) -> None:
 
 async def test_a_worst_case_past_what_a_balance_holds_is_400(world: World,
                                                             pg: asyncpg.Connection) -> None:
-    """$100 a token × 2^31 − 1 tokens is more units than a bigint: once a 500 from
+    """$100 a token for 2^31 - 1 tokens is more units than a bigint: once a 500 from
     the hold's arithmetic in PostgreSQL."""
     user = new_user("dear")
     async with world.api() as api:
@@ -315,7 +315,8 @@ async def test_a_chat_body_nested_too_deeply_to_forward_is_400(world: World) -> 
     assert_400(resp)
 
 
-@pytest.mark.parametrize("amount", ["١٠", "1_0", "１", "1e3", "-1", -1, " 1", True])
+@pytest.mark.parametrize("amount", ["\u0661\u0660", "1_0", "\uff11", "1e3", "-1", -1, " 1",
+                                    True])
 async def test_spend_cap_overrides_take_plain_decimals_only(api: httpx.AsyncClient,
                                                             amount: object) -> None:
     resp = await api.patch("/v1/user/limits", json={"user": new_user("capov"),
