@@ -1,6 +1,7 @@
-"""What one connection may cost the server, over real sockets against the real server:
-heads past ``max_head_bytes`` get 431 as soon as the limit is passed, clients that send
-their head or body too slowly are dropped, and neither stalls anyone else.
+"""What one connection may cost the server: the head limit as a table of reads and
+answers (the protocol on a stand-in transport), then over real sockets against the real
+server: heads past ``max_head_bytes`` get 431 as soon as the limit is passed, clients
+that send their head or body too slowly are dropped, and neither stalls anyone else.
 
 The proxy here runs with ``head_timeout_seconds = 1`` and ``body_timeout_seconds = 1.5``
 and the default ``max_head_bytes`` (64 KiB). Timings are asserted generously: the
@@ -9,17 +10,23 @@ machine may be busy.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import openai
 import orjson
 import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
+from proxy.server import BoundedHttpToolsProtocol, ConnectionLimits
 from tests.conftest import Proxy, mint_key, serving_proxy
 from tests.upstream import Upstream
 
@@ -27,6 +34,119 @@ HEAD_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.5
 MAX_HEAD = 65536
 HUGE = 96 * 1024 * 1024
+
+
+# --- the head limit, read by read -------------------------------------------------------
+
+LIMIT = 1024
+
+
+async def echo_length(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers 200 with the length of the body it read."""
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(str(size))).encode())]})
+    await send({"type": "http.response.body", "body": str(size).encode()})
+
+
+class StandInTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+
+def get(size: int, path: str = "/") -> bytes:
+    """A GET whose head is exactly ``size`` bytes."""
+    start, end = f"GET {path} HTTP/1.1\r\nhost: x\r\nx-pad: ".encode(), b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+def post(head_size: int, body: bytes) -> bytes:
+    start = f"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\nx-pad: ".encode()
+    end = b"\r\n\r\n"
+    return start + b"p" * (head_size - len(start) - len(end)) + end + body
+
+
+def reads(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+HEAD_CASES = [
+    ("at the limit, one read", [get(LIMIT)], [b"200"]),
+    ("a byte over, one read", [get(LIMIT + 1)], [b"431"]),
+    ("at the limit, 100-byte reads", reads(get(LIMIT), 100), [b"200"]),
+    ("a byte over, 100-byte reads", reads(get(LIMIT + 1), 100), [b"431"]),
+    ("a byte over, the last read one byte", [get(LIMIT + 1)[:-1], b"\n"], [b"431"]),
+    ("far over, one read", [get(100 * LIMIT)], [b"431"]),
+    ("a body in the head's read is not head", [post(LIMIT, b"b" * 10 * LIMIT)],
+     [b"200 10240"]),
+    ("two requests in one read, each at the limit", [get(LIMIT) + get(LIMIT)],
+     [b"200", b"200"]),
+    ("one at the limit, then one over", [get(LIMIT), get(LIMIT + 1)], [b"200", b"431"]),
+    ("one at the limit, then one over, in 300-byte reads",
+     reads(get(LIMIT) + get(2 * LIMIT), 300), [b"200", b"431"]),
+]
+
+
+@pytest.mark.parametrize(("reads_", "answers"), [c[1:] for c in HEAD_CASES],
+                         ids=[c[0] for c in HEAD_CASES])
+async def test_the_head_limit(reads_: list[bytes], answers: list[bytes]) -> None:
+    config = Config(app=echo_length, lifespan="off", log_config=None)
+    protocol = BoundedHttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={},
+        limits=ConnectionLimits(max_head_bytes=LIMIT))
+    transport = StandInTransport()
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    try:
+        for data in reads_:
+            if not transport.closed:
+                protocol.data_received(data)
+            for _ in range(20):  # let the application answer
+                await asyncio.sleep(0)
+        seen = re.findall(rb"HTTP/1\.1 (\d{3}) ", transport.written)
+        assert seen == [a[:3] for a in answers], transport.written
+        for a in answers:
+            if b" " in a:  # the body length the application read
+                assert transport.written.endswith(a.split(b" ")[1])
+        if answers[-1] == b"431":
+            assert b"request_header_fields_too_large" in transport.written
+    finally:
+        protocol.connection_lost(None)
 
 
 @dataclass
