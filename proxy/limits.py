@@ -254,9 +254,10 @@ class RedisLimiter:
     and a connection ``connect_timeout`` seconds, short, since a live host answers a
     connect at once. A command that fails for a closed connection or a timeout is tried
     once more on a fresh connection: a pooled connection may have died with an earlier
-    Redis, and a timeout may still have been the loop. (An admission retried after its
-    reply timed out may have been counted twice: that errs toward refusing, never toward
-    letting through.) Callers queue for a free pooled connection rather than fail.
+    Redis, and a timeout may still have been the loop. (A command retried after its reply
+    timed out may have run twice: an admission then counts twice, which errs toward
+    refusing; a token correction at settlement is applied twice.) Callers queue for a
+    free pooled connection rather than fail.
     """
 
     def __init__(self, url: str, read_timeout: float = 5.0, connect_timeout: float = 1.0,
