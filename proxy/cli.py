@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import asyncpg
 
-from proxy import db, observe
+from proxy import db, observe, server
 from proxy import settings as config
 from proxy.errors import ConfigError
 from proxy.keys import KeyStore
@@ -138,9 +138,12 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     # the embedded PostgreSQL is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _raise_open_files_limit()
+    limits = server.ConnectionLimits(settings.server.max_head_bytes,
+                                     settings.server.head_timeout_seconds,
+                                     settings.server.body_timeout_seconds)
     with _metrics_dir(workers):
         uvicorn.run("proxy.app:app_from_env", factory=True, host=host, port=port,
-                    workers=workers, loop="uvloop", http="httptools", lifespan="on",
+                    workers=workers, loop="uvloop", http=server.protocol(limits), lifespan="on",
                     access_log=False, server_header=False, proxy_headers=False,
                     log_level="info", log_config=None)
     return 0

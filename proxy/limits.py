@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.errors import LimiterUnavailable, RateLimited
@@ -241,14 +243,29 @@ return {1, now_s, 0, unpack(out)}
 
 
 class RedisLimiter:
-    """The shared limiter: one Lua script per request, whatever the number of rules."""
+    """The shared limiter: one Lua script per request, whatever the number of rules.
 
-    def __init__(self, url: str, timeout: float = 0.5, connections: int = 64):
-        # A bounded pool that queues callers rather than failing them when all its
-        # connections are busy.
+    Its timeouts tell a busy proxy from a dead Redis. A Redis that is gone refuses the
+    connection at once, whatever the timeouts, and the limiter is unavailable within
+    milliseconds. A slow answer, though, is nearly always this process's own event loop
+    running late under load: a healthy Redis answers in well under a millisecond, but the
+    reply is only read when the loop gets to it. So an answer is waited for
+    ``read_timeout`` seconds (several, far above any loop lag worth serving through),
+    and a connection ``connect_timeout`` seconds, short, since a live host answers a
+    connect at once. A command that fails for a closed connection or a timeout is tried
+    once more on a fresh connection: a pooled connection may have died with an earlier
+    Redis, and a timeout may still have been the loop. (A command retried after its reply
+    timed out may have run twice: an admission then counts twice, which errs toward
+    refusing; a token correction at settlement is applied twice.) Callers queue for a
+    free pooled connection rather than fail.
+    """
+
+    def __init__(self, url: str, read_timeout: float = 5.0, connect_timeout: float = 1.0,
+                 connections: int = 64):
         pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=connections, timeout=5 * timeout + 1,
-            socket_timeout=timeout, socket_connect_timeout=timeout)
+            url, max_connections=connections, timeout=read_timeout + connect_timeout,
+            socket_timeout=read_timeout, socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 1))
         self.redis = redis.Redis(connection_pool=pool)
         self._admit = self.redis.register_script(_ADMIT)
 

@@ -47,6 +47,13 @@ class ServerSettings:
     port: int = setting(8080, "TCP port to listen on.")
     workers: int = setting(1, "Worker processes (serve --workers overrides).")
     max_body_bytes: int = setting(10 * 1024 * 1024, "Largest request body accepted; 413 above.")
+    max_head_bytes: int = setting(
+        65536, "Largest request line plus headers accepted; 431 above, read no further.")
+    head_timeout_seconds: float = setting(
+        10.0, "Longest a client may take to send a request's head; 408 and closed after.")
+    body_timeout_seconds: float = setting(
+        60.0, "Longest a client may take to send a request's body after its head; 408 "
+              "(or closed, once the answer has begun) after.")
     key_cache_seconds: float = setting(
         5.0, "How long a looked-up API key is trusted before it is checked again (max 5)."
     )
@@ -465,6 +472,9 @@ def _check_references(s: Settings) -> None:
     for key in ("read_timeout", "stream_idle_timeout", "stream_max_seconds"):
         if getattr(s.upstream, key) <= 0:
             raise fail(f"upstream.{key}", "must be more than 0")
+    for key in ("max_head_bytes", "head_timeout_seconds", "body_timeout_seconds"):
+        if getattr(s.server, key) <= 0:
+            raise fail(f"server.{key}", "must be more than 0")
     if s.server.key_cache_seconds > 5:
         raise fail("server.key_cache_seconds", "must be at most 5 so revocation is prompt")
     for pid, p in s.providers.items():

@@ -4,6 +4,9 @@ the same scenarios (the Redis one against a real redis-server)."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +15,8 @@ import pytest
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import Gate, LocalLimiter, RedisLimiter, Rule, Verdict, duration, window_check
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, start_redis
+from tests.upstream import free_port
 
 WINDOW_CASES = [
     ("empty window", {}, 100, 10, 1, (True, 0, 0.0)),
@@ -143,11 +147,71 @@ async def test_gate_refuses_with_openai_headers_and_fails_open_or_closed(
     assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
     assert await gate.admit([], "c", 30, True) is None  # no rules, nothing to ask
 
-    dead = Gate(RedisLimiter("redis://127.0.0.1:1/0", timeout=0.2))
+    dead = Gate(RedisLimiter("redis://127.0.0.1:1/0"))
+    started = time.monotonic()
     assert await dead.admit([rule], "d", 30, fail_open=True) is None
+    assert time.monotonic() - started < 0.5  # refused: no timeout to wait for
     with pytest.raises(LimiterUnavailable) as closed:
         await dead.admit([rule], "e", 30, fail_open=False)
     assert closed.value.status == 503 and closed.value.headers["retry-after"] == "1"
     assert dead.errors == 2
     await dead.finish(Verdict(True, (), None, 0), "d")  # never raises
     await dead.limiter.close()
+
+
+BUSY = """local t0 = redis.call('TIME')
+repeat local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+return 1"""
+
+
+def keep_redis_busy(port: int, seconds: float) -> socket.socket:
+    """Redis runs one script at a time: this one spins for ``seconds``, so what is sent
+    meanwhile is answered after it."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    parts = [b"EVAL", BUSY.encode(), b"0", str(int(seconds * 1e6)).encode()]
+    sock.sendall(b"*%d\r\n" % len(parts)
+                 + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+    return sock
+
+
+async def test_a_stalled_event_loop_is_not_a_dead_redis(redis_server: RedisServer) -> None:
+    """The reply to an admission arrives while the event loop is stuck for longer than
+    a Redis round trip could ever take: it is read late, not taken for an outage."""
+    gate = Gate(RedisLimiter(redis_server.url))
+    rule = Rule(key("rpm"), "requests", 10, 1)
+    try:
+        await gate.limiter.ping()  # a pooled connection, as in a running proxy
+
+        async def stall() -> None:
+            await asyncio.sleep(0.05)  # the admission has sent its script by now
+            time.sleep(1.5)  # noqa: ASYNC251  # the point: the whole loop is stuck
+
+        with keep_redis_busy(redis_server.port, 0.3):  # its reply comes during the stall
+            verdict, _ = await asyncio.gather(
+                gate.admit([rule], "a", 30, fail_open=True), stall())
+        assert isinstance(verdict, Verdict) and verdict.allowed
+        assert gate.errors == 0
+    finally:
+        await gate.limiter.close()
+
+
+async def test_a_redis_that_stops_answering_is_unavailable_after_the_read_timeout() -> None:
+    port = free_port()
+    server = start_redis(port)
+    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", read_timeout=0.5)
+    gate = Gate(limiter)
+    rule = Rule(key("rpm"), "requests", 10, 1)
+    try:
+        assert isinstance(await gate.admit([rule], "a", 30, fail_open=True), Verdict)
+        server.send_signal(signal.SIGSTOP)  # connected, but never answers
+        started = time.monotonic()
+        assert await gate.admit([rule], "b", 30, fail_open=True) is None
+        # The reply waited for, then once more on a fresh connection.
+        assert 0.9 < time.monotonic() - started < 3
+        assert gate.errors == 1
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+        await limiter.close()
