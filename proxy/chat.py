@@ -57,6 +57,7 @@ class ChatCall:
     encoding: str
     client_wants_usage: bool
     meter: Meter | None = None
+    answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
     error_tail = staticmethod(error_event)
 
     def cost(self, usage: Usage) -> int:
@@ -122,13 +123,16 @@ class ChatCall:
         except orjson.JSONDecodeError:
             data = None
         usage = completion_usage(data)
+        self.answered = data, usage is not None
         if usage is None:  # none, or refused: the output is counted
             usage = await self.counted(completion_text(data, content))
         return self.priced(usage, "completed")
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
-        response = Response(_with_cost(content, charge, posted, self), status_code=200)
+        data, reported = self.answered
+        response = Response(_with_cost(content, data, reported, charge, posted, self),
+                            status_code=200)
         response.raw_headers += self.headers(reply, verdict, relayed=False)
         if posted is not None:
             response.raw_headers += [
@@ -137,18 +141,14 @@ class ChatCall:
         return response
 
 
-def _with_cost(content: bytes, charge: Charge, posted: Posted | None, call: ChatCall) -> bytes:
-    """The provider's body with ``usage.cost`` added (and usage, when it had none)."""
-    if posted is None or charge.usage is None:
-        return content
-    try:
-        data = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return content
-    if not isinstance(data, dict):
+def _with_cost(content: bytes, data: Any, reported: bool, charge: Charge,
+               posted: Posted | None, call: ChatCall) -> bytes:
+    """The provider's body (``content``, parsed: ``data``) with ``usage.cost`` added,
+    and the usage charged when the provider ``reported`` none that could be used."""
+    if posted is None or charge.usage is None or not isinstance(data, dict):
         return content
     usage = charge.usage
-    if completion_usage(data) is None:  # the provider's was missing or refused
+    if not reported:
         data["usage"] = {"prompt_tokens": usage.prompt_tokens,
                          "completion_tokens": usage.completion_tokens,
                          "total_tokens": usage.prompt_tokens + usage.completion_tokens}
