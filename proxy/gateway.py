@@ -154,6 +154,7 @@ async def api_gateway(request: Request) -> Response | StreamRelay:
     headers["x-request-id"] = request.state.request_id
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "paywall_id"]
     out = Outbound(provider_id, provider.method, url, headers, body or None, stream=True,
+                   slow_start=True,
                    policy=GATEWAY_HEADERS, secrets=encoded(secret_values(provider.headers)),
                    params=params or None)
     return await lifecycle.run(request, services, rec, GatewayCall(

@@ -149,12 +149,13 @@ class Ticket:
 
     async def admit(self) -> Verdict | None:
         p = self.plan
-        gate = self.services.gate
+        rules = guard.rules(p.limits, p.paywall_id, p.user, p.tokens)
+        if not rules:  # nothing to count, nothing to acquire
+            return None
         # In a task of its own, kept before it is awaited: a request cancelled while it
         # runs still learns, in close(), what it acquired.
-        self._admitting = self.services.tasks.spawn(gate.admit(
-            guard.rules(p.limits, p.paywall_id, p.user, p.tokens), self.lease,
-            p.limits.lease_seconds, p.limits.fail_open))
+        self._admitting = self.services.tasks.spawn(self.services.gate.admit(
+            rules, self.lease, p.limits.lease_seconds, p.limits.fail_open))
         await asyncio.wait([self._admitting])  # cancelling the wait leaves the task be
         return self._admitting.result()
 

@@ -61,12 +61,9 @@ class OpenAIProvider:
 
     async def send(self, call: Call) -> Reply:
         secrets = (*encoded([call.api_key]), *self.secrets) if call.api_key else self.secrets
-        limits = self.transport.limits
         return await self.transport.send(Outbound(
             self.id, "POST", self.url, self._headers(call), call.body, call.stream,
-            OPENAI_HEADERS, secrets, self.conf.query or None,
-            # A stream's first chunk is held to the idle timeout, like every next one.
-            first_byte_timeout=limits.stream_idle_timeout if call.stream else None))
+            OPENAI_HEADERS, secrets, self.conf.query or None))
 
 
 class MockProvider:

@@ -146,7 +146,7 @@ class Outbound:
     policy: HeaderPolicy
     secrets: tuple[bytes, ...] = ()  # see encoded()
     params: Any = None
-    first_byte_timeout: float | None = None  # for the answer to start; None: read_timeout
+    slow_start: bool = False  # a stream may take read_timeout to begin (the gateway)
 
 
 @dataclass(slots=True)
@@ -203,46 +203,72 @@ class Transport:
 
     async def send(self, out: Outbound) -> Reply:
         """The provider's status and headers; the body follows in ``Reply.chunks``.
-        Waits at most ``read_timeout`` for the answer to start."""
+
+        A whole answer (not ``stream``) must come within ``read_timeout``. A stream may
+        run long but not stall: every read, the first included, within
+        ``stream_idle_timeout`` — but with ``slow_start`` the answer may take
+        ``read_timeout`` to begin. aiohttp keeps these timers itself where it can (one
+        per request, not one per chunk).
+        """
         limits = self.limits
-        started = asyncio.get_running_loop().time()
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            # Waiting for a free pooled connection is waiting for the answer; only the
-            # TCP (and TLS) connect itself is held to connect_timeout.
-            connect=limits.read_timeout, sock_connect=limits.connect_timeout)
+        # Waiting for a free pooled connection is waiting for the answer; only the TCP
+        # (and TLS) connect itself is held to connect_timeout.
+        if not out.stream:
+            timeout = aiohttp.ClientTimeout(total=limits.read_timeout,
+                                            sock_connect=limits.connect_timeout)
+        elif not out.slow_start:
+            timeout = aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
+                                            sock_connect=limits.connect_timeout,
+                                            sock_read=limits.stream_idle_timeout)
+        else:
+            timeout = aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
+                                            sock_connect=limits.connect_timeout)
+        sending = self.session.request(
+            out.method, out.url, params=out.params, data=out.body, headers=dict(out.headers),
+            timeout=timeout, auto_decompress=True, allow_redirects=False)
         with _translate(out.provider_id):
-            async with asyncio.timeout(min(out.first_byte_timeout or limits.read_timeout,
-                                           limits.read_timeout)):
-                resp = await self.session.request(
-                    out.method, out.url, params=out.params, data=out.body,
-                    headers=dict(out.headers), timeout=timeout, auto_decompress=True,
-                    allow_redirects=False)
+            if out.slow_start:
+                async with asyncio.timeout(limits.read_timeout):
+                    resp = await sending
+            else:
+                resp = await sending
         headers = out.policy.response(resp.headers.items())
         upstream_id = resp.headers.get("x-request-id")
         if upstream_id and _PRINTABLE_ASCII.fullmatch(upstream_id):  # else dropped
             headers.append(("x-upstream-request-id", upstream_id))
         streamed = "text/event-stream" in resp.headers.get("content-type", "")
-        # A stream may run long but not stall; a whole answer must come within the
-        # read_timeout that started with the request.
-        idle, deadline = ((limits.stream_idle_timeout, None) if out.stream
-                          else (None, started + limits.read_timeout))
-        return Reply(resp.status, headers,
-                     _chunks(resp, out.provider_id, idle, deadline, out.secrets),
-                     stream=streamed, _closer=resp.close)
+        if not out.stream:
+            chunks = _whole(resp, out.provider_id, out.secrets)
+        else:
+            idle = limits.stream_idle_timeout if out.slow_start else None
+            chunks = _chunks(resp, out.provider_id, idle, out.secrets)
+        return Reply(resp.status, headers, chunks, stream=streamed, _closer=resp.close)
+
+
+async def _whole(resp: aiohttp.ClientResponse, provider_id: str,
+                 secrets: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    try:
+        with _translate(provider_id):
+            body = await resp.read()
+    finally:
+        resp.release()
+    yield scrub(body, secrets) if secrets else body
 
 
 async def _chunks(resp: aiohttp.ClientResponse, provider_id: str, idle: float | None,
-                  deadline: float | None, secrets: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+                  secrets: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    """The body as it arrives, each read within ``idle`` seconds when that is set here
+    (else aiohttp's ``sock_read`` keeps that time)."""
     content = resp.content
-    loop = asyncio.get_running_loop()
     scrubber = StreamScrubber(secrets) if secrets else None
     try:
         while True:
             try:
-                async with asyncio.timeout_at(deadline if idle is None else
-                                              loop.time() + idle):
+                if idle is None:
                     chunk = await content.readany()
+                else:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError):
                 # What arrived before the failure is the client's: deliver it first.
                 rest = _buffered(content)
