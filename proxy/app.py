@@ -216,7 +216,6 @@ def create_app(settings: Settings) -> observe.Observe:
                               settings.server.public_url),
             tasks=TaskSet(),
             pool=pool,
-            session=session,
             metrics=observe.Metrics(),
             verifiers={pid: TokenVerifier(p.auth, session)
                        for pid, p in settings.paywalls.items()},

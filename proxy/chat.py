@@ -89,9 +89,9 @@ class ChatCall:
 
     def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
                 ) -> list[tuple[bytes, bytes]]:
-        out = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in reply.headers]
+        out = reply.raw_headers()
         if verdict is not None and (relayed or reply.ok):
-            out += [(k.encode(), v.encode()) for k, v in verdict.headers().items()]
+            out += verdict.raw_headers()
         return out + _STREAM_HEADERS if relayed else out
 
     def relays(self, reply: Reply) -> bool:
@@ -285,7 +285,7 @@ def _paywall_reply(services: Services, plan: Plan, model: str, request_id: str,
         cap = state.cap
         assert cap is not None
         label = cap.name.replace("_", " ")
-        resets = cap.resets.isoformat().replace("+00:00", "Z")
+        resets = cap.resets_at
         text = paywall.spend_cap_message.format(name=name, cap=label, resets=resets)
         info = {"connected": True, "spend_cap": cap.name, "cap": format_amount(cap.cap, scale),
                 "spent": format_amount(cap.used, scale), "asset": asset, "resets_at": resets}

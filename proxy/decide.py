@@ -22,6 +22,11 @@ class CapReached:
     used: int  # spent + held in the window before this request
     resets: datetime
 
+    @property
+    def resets_at(self) -> str:
+        """When the window starts anew, as ISO 8601 with a Z."""
+        return self.resets.isoformat().replace("+00:00", "Z")
+
 
 @dataclass(frozen=True, slots=True)
 class UserState:

@@ -75,7 +75,7 @@ class GatewayCall:
                                   details={**details, "connectLink": link})
         if decision.action is Action.SPEND_CAP and state.cap is not None:
             details["spendCap"] = state.cap.name
-            details["resetsAt"] = state.cap.resets.isoformat().replace("+00:00", "Z")
+            details["resetsAt"] = state.cap.resets_at
             raise PaymentRequired(f"The {state.cap.name.replace('_', ' ')} limit is reached.",
                                   code="spend_cap", details=details)
         record_of(self.request.state).outcome = "not_enough_queries"
@@ -87,13 +87,8 @@ class GatewayCall:
 
     def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
                 ) -> list[tuple[bytes, bytes]]:
-        # Header values keep the bytes the provider sent (aiohttp decodes them with
-        # surrogateescape).
-        out = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in reply.headers]
-        out.append((b"x-query-type", self.provider.query_type.encode()))
-        if verdict is not None:
-            out += [(k.encode(), v.encode()) for k, v in verdict.headers().items()]
-        return out
+        out = [*reply.raw_headers(), (b"x-query-type", self.provider.query_type.encode())]
+        return out + verdict.raw_headers() if verdict is not None else out
 
     def relays(self, reply: Reply) -> bool:
         return True  # any size, any format: passed on as it arrives

@@ -257,25 +257,18 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             rec.outcome = Action.FORWARD.value
         rec.upstream_started = time.perf_counter()
         try:
-            reply = await unless_client_leaves(request, call.send())
+            got = await unless_client_leaves(request, _answer(call))
         except ProxyError:
             services.metrics.errors.labels("upstream").inc()
             raise
-        if reply is None:  # the client left before the provider answered
+        if got is None:  # the client left before the provider's answer was in
             ticket.charge = call.gone()
             return Response(status_code=CLIENT_GONE)
-        try:
-            if reply.ok and call.relays(reply):
-                relay = _relay(services, rec, ticket, call, reply, verdict)
-                return relay
-            content = await unless_client_leaves(request, reply.read())
-        finally:
-            if relay is None:
-                await reply.aclose()
+        reply, content = got
+        if content is None:
+            relay = _relay(services, rec, ticket, call, reply, verdict)
+            return relay
         rec.upstream_first = rec.upstream_ended = time.perf_counter()
-        if content is None:  # the client left while the answer came in
-            ticket.charge = call.gone()
-            return Response(status_code=CLIENT_GONE)
         if not reply.ok:
             rec.error = f"upstream_{reply.status}"
             services.metrics.errors.labels("upstream").inc()
@@ -289,6 +282,17 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
     finally:
         if relay is None:
             await ticket.close()
+
+
+async def _answer(call: Adapter) -> tuple[Reply, bytes | None]:
+    """The provider's reply and, unless it is relayed as it arrives, its whole body."""
+    reply = await call.send()
+    if reply.ok and call.relays(reply):
+        return reply, None
+    try:
+        return reply, await reply.read()
+    finally:
+        await reply.aclose()
 
 
 def _relay(services: Services, rec: Record, ticket: Ticket, call: Adapter, reply: Reply,

@@ -61,6 +61,9 @@ class Verdict:
     refused: Count | None = None
     second: int = 0  # the window bucket this request was counted in
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(k.encode(), v.encode()) for k, v in self.headers().items()]
+
     def headers(self) -> dict[str, str]:
         """``x-ratelimit-*`` headers as OpenAI sends them, for the tightest rule of each
         kind (requests, tokens)."""

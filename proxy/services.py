@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -54,7 +53,6 @@ class Services:
     signer: LinkSigner
     tasks: TaskSet
     pool: Any
-    session: aiohttp.ClientSession
     metrics: Metrics
     verifiers: dict[str, TokenVerifier]  # each paywall's end-user token verifier
 

@@ -161,6 +161,11 @@ class Reply:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers as ASGI sends them, values in the bytes the provider sent
+        (aiohttp decodes them with surrogateescape)."""
+        return [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in self.headers]
+
     async def read(self) -> bytes:
         """The whole body (its chunks are scrubbed of the provider's credentials; an
         error body also of keys shown masked)."""
