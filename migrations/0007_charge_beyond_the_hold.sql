@@ -43,13 +43,18 @@ BEGIN
           AND w.period = x->>'period' AND w.starts = (x->>'starts')::date
         FOR UPDATE;
     END LOOP;
-    -- This hold's own amount is part of "held": what lies beyond it is balance - held.
-    SELECT greatest(a.balance - a.held, 0) INTO v_beyond FROM accounts a
-    WHERE a.id = h.account_id FOR UPDATE;
-    charged := least(p_cost, h.amount + v_beyond);
-    uncharged := p_cost - charged;
-    IF uncharged > 0 THEN
-        v_metadata := v_metadata || jsonb_build_object('uncharged', uncharged);
+    IF p_cost <= h.amount THEN  -- the usual case: the hold covers it, nothing to read
+        charged := p_cost;
+        uncharged := 0;
+    ELSE
+        -- This hold's own amount is part of "held": what lies beyond it is balance - held.
+        SELECT greatest(a.balance - a.held, 0) INTO v_beyond FROM accounts a
+        WHERE a.id = h.account_id FOR UPDATE;
+        charged := least(p_cost, h.amount + v_beyond);
+        uncharged := p_cost - charged;
+        IF uncharged > 0 THEN
+            v_metadata := v_metadata || jsonb_build_object('uncharged', uncharged);
+        END IF;
     END IF;
     FOR x IN SELECT value FROM jsonb_array_elements(h.windows)
              ORDER BY value->>'scope', value->>'period' LOOP

@@ -100,27 +100,45 @@ _ONE_LINE = _OneLine()
 
 
 class Database:
-    """The worker's asyncpg pool, with outages translated (the methods the proxy uses)."""
+    """The worker's asyncpg pool, with outages translated (the methods the proxy uses).
+    (try/except in each method rather than a context manager: this is on every
+    request's path.)"""
 
     def __init__(self, pool: Any):
         self.pool = pool
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
-        with translated():
+        try:
             return list(await self.pool.fetch(query, *args))
+        except Exception as e:
+            if is_outage(e):
+                raise DatabaseUnavailable() from e
+            raise
 
     async def fetchrow(self, query: str, *args: Any) -> Any:
-        with translated():
+        try:
             return await self.pool.fetchrow(query, *args)
+        except Exception as e:
+            if is_outage(e):
+                raise DatabaseUnavailable() from e
+            raise
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        with translated():
+        try:
             return await self.pool.fetchval(query, *args)
+        except Exception as e:
+            if is_outage(e):
+                raise DatabaseUnavailable() from e
+            raise
 
     async def execute(self, query: str, *args: Any) -> str:
-        with translated():
+        try:
             status: str = await self.pool.execute(query, *args)
-            return status
+        except Exception as e:
+            if is_outage(e):
+                raise DatabaseUnavailable() from e
+            raise
+        return status
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:

@@ -140,7 +140,7 @@ class Ticket:
         self.rec = rec
         self.call = call
         self.plan = call.plan
-        self.lease = new_request_id()  # the limiter's id (never the client's X-Request-Id)
+        self.lease = ""  # the limiter's id for this request, set on admission
         self.action: Action | None = None
         self.charge: Charge | None = None
         self._admitting: asyncio.Task[Verdict | None] | None = None
@@ -152,6 +152,7 @@ class Ticket:
         rules = guard.rules(p.limits, p.paywall_id, p.user, p.tokens)
         if not rules:  # nothing to count, nothing to acquire
             return None
+        self.lease = new_request_id()  # never the client's X-Request-Id
         # In a task of its own, kept before it is awaited: a request cancelled while it
         # runs still learns, in close(), what it acquired.
         self._admitting = self.services.tasks.spawn(self.services.gate.admit(
