@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -414,3 +415,19 @@ def by(samples: Samples, name: str, keys: tuple[str, ...], **labels: str
             k = tuple(d[x] for x in keys)
             out[k] = out.get(k, 0) + v
     return out
+
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], what: str, within: float = 10.0,
+                     every: float = 0.05) -> T:
+    """``probe()``'s first true value, asked every ``every`` seconds for ``within``."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(every)

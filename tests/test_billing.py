@@ -20,12 +20,12 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import asyncpg
@@ -40,6 +40,7 @@ from proxy.tokens import prompt_text
 from tests.conftest import (
     Proxy,
     by,
+    eventually,
     mint_key,
     mint_keys,
     parse_metrics,
@@ -144,7 +145,6 @@ PAYWALLS: dict[str, dict[str, Any]] = {
     "billing-crash": {"name": "Crash app", "starter_grant": "5"},
 }
 GRANT = units("1")
-T = TypeVar("T")
 
 
 def _toml_value(value: Any) -> str:
@@ -300,17 +300,6 @@ async def check_books(pg: Any, paywall: str, user: str) -> Any:
             assert h["id"] not in charged, h
     return acc
 
-
-async def eventually(probe: Callable[[], Awaitable[T]], what: str,
-                     within: float = 10.0) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def settled(pg: Any, paywall: str, user: str, request_id: str) -> tuple[Any, Any]:

