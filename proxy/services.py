@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from proxy.endusers import TokenVerifier
@@ -127,11 +127,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise too_large
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_large
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_large
+            parts.append(part)
+    except ClientDisconnect:  # a client gone mid-body (or dropped as too slow): no crash
+        raise InvalidRequest("The client went away before its body was complete.",
+                             code="client_disconnected") from None
     return b"".join(parts)
 
 
