@@ -25,7 +25,7 @@ held until its blank line arrives): a partial event is of no use to a client.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -104,9 +104,9 @@ class Meter:
         out = self._event(rest + b"\n\n")
         return rest if out == rest + b"\n\n" else out
 
-    def _deliver(self, texts: Iterator[str]) -> None:
-        for text in texts:
-            self.text.append(text)
+    def _deliver(self, texts: list[str]) -> None:
+        if texts:
+            self.text.extend(texts)
             self._stale = True
 
     def _event(self, block: bytes) -> bytes:
@@ -129,7 +129,7 @@ class Meter:
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict):  # garbage reaches the client too
-            self._deliver(_nonempty(event.data))
+            self._deliver([event.data] if event.data else [])
             return None
         choices = data.get("choices")
         for choice in choices if isinstance(choices, list) else ():
@@ -149,38 +149,45 @@ class Meter:
         return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def output(message: Any) -> Iterator[str]:
+def output(message: Any) -> list[str]:
     """The output strings of a chat ``message`` or stream ``delta`` (empty ones left out):
     its content, refusal and reasoning, and its tool calls' and legacy function call's
-    names and arguments."""
+    names and arguments. (Runs once per stream event: no generators, few lookups.)"""
+    out: list[str] = []
     if not isinstance(message, dict):
-        return
+        return out
     for key in _TEXT_KEYS:
         value = message.get(key)
-        if isinstance(value, list):  # content parts: text, refusal
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if value:
+                out.append(value)
+        elif isinstance(value, list):  # content parts: text, refusal
             for part in value:
                 if isinstance(part, str):
-                    yield from _nonempty(part)
+                    if part:
+                        out.append(part)
                 elif isinstance(part, dict):
                     for field in ("text", "refusal"):
-                        if isinstance(part.get(field), str):
-                            yield from _nonempty(part[field])
-        elif isinstance(value, str):
-            yield from _nonempty(value)
+                        text = part.get(field)
+                        if isinstance(text, str) and text:
+                            out.append(text)
     calls = message.get("tool_calls")
-    functions = [call.get("function") for call in calls if isinstance(call, dict)
-                 ] if isinstance(calls, list) else []
-    functions.append(message.get("function_call"))
-    for fn in functions:
-        if isinstance(fn, dict):
-            for key in ("name", "arguments"):
-                if isinstance(fn.get(key), str):
-                    yield from _nonempty(fn[key])
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, dict):
+                _function(call.get("function"), out)
+    _function(message.get("function_call"), out)
+    return out
 
 
-def _nonempty(text: str) -> Iterator[str]:
-    if text:
-        yield text
+def _function(fn: Any, out: list[str]) -> None:
+    if isinstance(fn, dict):
+        for key in ("name", "arguments"):
+            text = fn.get(key)
+            if isinstance(text, str) and text:
+                out.append(text)
 
 
 def completion_text(data: Any, raw: bytes) -> str:
