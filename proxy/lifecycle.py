@@ -64,7 +64,9 @@ class Plan:
 @dataclass(frozen=True, slots=True)
 class Charge:
     """How a forwarded call settles: ``amount`` posted (None voids the hold), with the
-    usage it was priced from and the outcome the ledger records."""
+    usage it was priced from and the outcome the ledger records. ``amount`` is the exact
+    cost: beyond the hold the ledger takes only what the balance covers, and records
+    the rest as uncharged."""
 
     amount: int | None
     outcome: str
