@@ -115,7 +115,11 @@ class ChatCall:
         if meter.delivered:
             counted = await self.counted("".join(meter.text))
             return self.priced(meter.with_counted(counted), outcome.value)
-        return Charge(None, outcome.value)
+        if outcome is Outcome.PARTIAL:  # the provider failed before any output
+            return Charge(None, outcome.value)
+        # The provider answered and has the prompt; the client left before any output
+        # (or there was none): the prompt is owed, as for a client gone before the answer.
+        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
 
     async def settle_whole(self, content: bytes) -> Charge:
         try:

@@ -151,8 +151,9 @@ class Meter:
 
 def output(message: Any) -> list[str]:
     """The output strings of a chat ``message`` or stream ``delta`` (empty ones left out):
-    its content, refusal and reasoning, and its tool calls' and legacy function call's
-    names and arguments. (Runs once per stream event: no generators, few lookups.)"""
+    its content, refusal and reasoning, its audio's transcript and data, and its tool
+    calls' (function and custom) and legacy function call's names and arguments. (Runs
+    once per stream event: no generators, few lookups.)"""
     out: list[str] = []
     if not isinstance(message, dict):
         return out
@@ -173,18 +174,26 @@ def output(message: Any) -> list[str]:
                         text = part.get(field)
                         if isinstance(text, str) and text:
                             out.append(text)
+    audio = message.get("audio")
+    if isinstance(audio, dict):  # spoken output: its transcript and its data
+        for key in ("transcript", "data"):
+            text = audio.get(key)
+            if isinstance(text, str) and text:
+                out.append(text)
     calls = message.get("tool_calls")
     if isinstance(calls, list):
         for call in calls:
             if isinstance(call, dict):
                 _function(call.get("function"), out)
+                _function(call.get("custom"), out)
     _function(message.get("function_call"), out)
     return out
 
 
 def _function(fn: Any, out: list[str]) -> None:
+    """A function call's (or a custom tool call's) name and arguments (or input)."""
     if isinstance(fn, dict):
-        for key in ("name", "arguments"):
+        for key in ("name", "arguments", "input"):
             text = fn.get(key)
             if isinstance(text, str) and text:
                 out.append(text)

@@ -33,6 +33,9 @@ class Outcome(enum.Enum):
 
 
 CLIENT_GONE = 499  # the status logged for a client that left before the provider answered
+# What writing to a client that is gone raises: OSError, or uvloop's RuntimeError for a
+# closed transport (a client that pipelined a second request and left).
+_GONE = (OSError, RuntimeError)
 
 
 def error_event(error: ProxyError) -> bytes:
@@ -105,7 +108,7 @@ class StreamRelay:
                 gone = tg.create_task(self._client_gone(receive))
                 pump.add_done_callback(lambda _: gone.cancel())
                 gone.add_done_callback(lambda t: t.cancelled() or pump.cancel())
-        except OSError:
+        except _GONE:
             self.outcome = Outcome.ABORTED
         except asyncio.CancelledError:  # the server gave up on this response
             self.outcome = Outcome.ABORTED
@@ -136,8 +139,11 @@ class StreamRelay:
                         self.first_at = time.perf_counter()
                     out = self.meter.feed(chunk)
                     if out:
-                        await send({"type": "http.response.body", "body": out,
-                                    "more_body": True})
+                        try:
+                            await send({"type": "http.response.body", "body": out,
+                                        "more_body": True})
+                        except RuntimeError as e:  # uvloop: the transport is closed
+                            raise ConnectionResetError(str(e)) from e
                         self.sent += len(out)
             tail = self.meter.flush()
         except TimeoutError:
@@ -164,6 +170,6 @@ class StreamRelay:
             return
         try:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
-        except OSError:
+        except _GONE:
             self.outcome = Outcome.ABORTED
         self._pumped = True

@@ -111,6 +111,7 @@ MODELS: dict[str, tuple[str, Tariff]] = {  # public name: (upstream behaviour, p
     "metered-billed": ("billed", METERED),
     "metered-script": ("script", METERED),  # what the upstream sends is set per user
     "metered-silent": ("silent-after-3", METERED),
+    "metered-silent-0": ("silent-after-0", METERED),
     "metered-break": ("break-after-3", METERED),
     "metered-crash": ("crash", METERED),
     "metered-sleepy": ("sleepy", METERED),
@@ -960,6 +961,28 @@ async def test_provider_error_before_the_first_byte_charges_nothing(
     acc = await check_books(pg, "billing", user)
     assert (acc["balance"], acc["held"]) == (GRANT, 0)
     assert [e["kind"] for e in await entries_of(pg, "billing", user)] == ["grant"]
+
+
+async def test_a_client_gone_after_the_headers_before_any_output_pays_the_prompt(
+        billing: Billing, pg: Any) -> None:
+    """Once the stream's headers are in, the provider has the prompt: a client that
+    leaves before the first word pays it (the hold was once voided, the prompt free)."""
+    user = new_user("headers")
+    body = chat(user, "metered-silent-0", stream=True)
+    async with billing.http() as http, http.stream("POST", "/v1/chat/completions",
+                                                   json=body) as r:
+        assert r.status_code == 200  # the headers, and nothing else: leave now
+    prompt = prompt_tokens(body)
+    expected = METERED.cost(prompt, 0)
+    rows = await eventually(lambda: _resolved(pg, user), "the hold resolved")
+    _, entry = await settled(pg, "billing", user, rows[0]["request_id"])
+    assert_charge(entry, expected, prompt, 0, "aborted", "metered-silent-0")
+    await check_books(pg, "billing", user)
+
+
+async def _resolved(pg: Any, user: str) -> list[Any]:
+    rows = list(await holds_of(pg, "billing", user))
+    return rows if rows and rows[0]["status"] != "pending" else []
 
 
 async def test_a_client_gone_before_the_answer_pays_the_prompt_only(billing: Billing,

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.metering import Meter, completion_text, completion_usage
+from proxy.metering import Meter, completion_text, completion_usage, output
 from proxy.pricing import Usage
 
 
@@ -230,3 +230,21 @@ COMPLETION_USAGE: list[tuple[str, Any, Usage | None]] = [
                          ids=[c[0] for c in COMPLETION_USAGE])
 def test_completion_usage(data: Any, expected: Usage | None) -> None:
     assert completion_usage(data) == expected
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ({"content": "hi"}, ["hi"]),
+    ({"content": ""}, []),
+    # Spoken output: its transcript and its data are delivered.
+    ({"audio": {"id": "a1", "transcript": "hello", "data": "UklGRg=="}},
+     ["hello", "UklGRg=="]),
+    ({"audio": {"transcript": ""}}, []),
+    # A custom tool call's name and input, beside function calls.
+    ({"tool_calls": [{"type": "custom", "custom": {"name": "sh", "input": "ls -la"}}]},
+     ["sh", "ls -la"]),
+    ({"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}, ["f", "{}"]),
+    ({"function_call": {"name": "g", "arguments": "[1]"}}, ["g", "[1]"]),
+    (None, []),
+])
+def test_output(message: object, expected: list[str]) -> None:
+    assert output(message) == expected
