@@ -1,8 +1,8 @@
 """Tracked background tasks: nothing is fired and forgotten.
 
-Work that must finish even if the request that started it is cancelled (a
-settlement, say) runs as a task kept here and is awaited through a shield; the
-lifespan waits for whatever is left at shutdown.
+Work that must finish even if the request that started it is cancelled (a hold, a
+settlement: :mod:`proxy.lifecycle`) runs as a task kept here and is awaited through a
+shield or ``asyncio.wait``; the lifespan waits for whatever is left at shutdown.
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ class TaskSet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def run_to_end(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` to its end even if the caller is cancelled meanwhile."""
-        return await asyncio.shield(self.spawn(coro))
 
     async def drain(self) -> None:
         while self._tasks:
