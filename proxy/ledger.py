@@ -232,6 +232,8 @@ class Ledger:
         if amount < 0:
             raise ValueError(f"a charge cannot be negative: {amount}")
         u = usage or Usage(0, 0)
+        if u.cache_write_tokens:  # no column of its own: kept with the entry
+            metadata = {**(metadata or {}), "cache_write_tokens": u.cache_write_tokens}
         row = await self.pool.fetchrow(
             "SELECT * FROM paywall_post($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
             hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,

@@ -221,3 +221,22 @@ def completion_usage(data: Any) -> Usage | None:
     if usage is not None and not usage.completion_tokens and completion_text(data, b""):
         return None
     return usage
+
+
+def public_names(upstream: str, public: str) -> Callable[[bytes], bytes] | None:
+    """What puts the ``public`` model name in place of the provider's (``upstream``) in an
+    answer's JSON bytes, body or stream events alike; None when the two are the same.
+
+    Only a ``"model"`` member whose value is exactly the provider's name is rewritten,
+    wherever it stands (a Responses stream repeats it in each ``response`` object). A
+    string inside a JSON string has its quotes escaped, so text that merely looks like
+    one (``\\"model\\": ...`` in content) is never touched."""
+    if upstream == public:
+        return None
+    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(orjson.dumps(upstream)))
+    replacement = b"\\g<1>" + orjson.dumps(public).replace(b"\\", b"\\\\")
+
+    def rename(data: bytes) -> bytes:
+        return pattern.sub(replacement, data) if b'"model"' in data else data
+
+    return rename

@@ -8,8 +8,9 @@ each kind. A request's cost is
 
 — one rounding, upwards, per request, so the paywall never undercharges by a unit
 and never charges more than one unit over the exact amount. Cached prompt tokens
-are priced at ``cached_input`` and reasoning tokens at ``reasoning`` (both default
-to the plain input and output prices) when the provider reports them.
+are priced at ``cached_input``, prompt tokens written to the cache at ``cache_write``
+and reasoning tokens at ``reasoning`` (the first two default to the plain input
+price, the last to the output price) when the provider reports them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 
 class PriceTerms(Protocol):
@@ -36,6 +37,8 @@ class PriceTerms(Protocol):
     def cached_input_per_million(self) -> Decimal | None: ...
     @property
     def reasoning_per_million(self) -> Decimal | None: ...
+    @property
+    def cache_write_per_million(self) -> Decimal | None: ...
 
 MILLION = 1_000_000
 MAX_UNITS = 2**63 - 1  # PostgreSQL bigint
@@ -51,6 +54,7 @@ class Price:
     output: int
     cached_input: int
     reasoning: int
+    cache_write: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,9 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Prompt tokens written to the provider's prompt cache (Anthropic bills them apart);
+    # part of prompt_tokens, like cached_tokens, and never overlapping them.
+    cache_write_tokens: int = 0
 
     @classmethod
     def from_openai(cls, usage: Any) -> Usage | None:
@@ -69,7 +76,10 @@ class Usage:
         ``completion_tokens``, and any count read here (the two totals,
         ``prompt_tokens_details.cached_tokens``,
         ``completion_tokens_details.reasoning_tokens``) that is not a whole number from
-        0 to :data:`MAX_TOKENS` — floats, strings and booleans included. A details
+        0 to :data:`MAX_TOKENS` — floats, strings and booleans included.
+        ``prompt_tokens_details.cache_write_tokens`` (as OpenRouter reports the prompt
+        written to a provider's cache, and the Anthropic translation does) is read
+        too. A details
         object may be absent or null, and so may a count inside it (then 0).
 
         The totals are what is charged; the details only say which price applies to
@@ -82,15 +92,57 @@ class Usage:
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
         cached = _detail(usage.get("prompt_tokens_details"), "cached_tokens")
+        written = _detail(usage.get("prompt_tokens_details"), "cache_write_tokens")
         reasoning = _detail(usage.get("completion_tokens_details"), "reasoning_tokens")
-        if prompt is None or completion is None or cached is None or reasoning is None:
+        if (prompt is None or completion is None or cached is None or reasoning is None
+                or written is None):
             return None
-        return cls(prompt, completion, cached if cached <= prompt else 0,
-                   reasoning if reasoning <= completion else 0)
+        if cached + written > prompt:
+            cached = written = 0
+        return cls(prompt, completion, cached, reasoning if reasoning <= completion else 0,
+                   written)
+
+    @classmethod
+    def from_responses(cls, usage: Any) -> Usage | None:
+        """Read the ``usage`` of a Responses API object (``input_tokens``,
+        ``output_tokens``, ``input_tokens_details.cached_tokens``,
+        ``output_tokens_details.reasoning_tokens``), refused as :meth:`from_openai`
+        refuses."""
+        if not isinstance(usage, dict):
+            return None
+        return cls.from_openai({
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "prompt_tokens_details": usage.get("input_tokens_details"),
+            "completion_tokens_details": usage.get("output_tokens_details")})
+
+    @classmethod
+    def from_anthropic(cls, usage: Any) -> Usage | None:
+        """Read an Anthropic Messages ``usage`` object, or refuse it (None).
+
+        Anthropic's ``input_tokens`` leaves out the prompt tokens read from the cache
+        (``cache_read_input_tokens``) and written to it
+        (``cache_creation_input_tokens``); the prompt is all three. The two cache
+        counts may be absent or null (then 0); every count present must be a whole
+        number from 0 to :data:`MAX_TOKENS`, and so must the sum."""
+        if not isinstance(usage, dict):
+            return None
+        counts = [_count(usage.get("input_tokens")), _count(usage.get("output_tokens"))]
+        for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+            value = usage.get(key)
+            counts.append(0 if value is None else _count(value))
+        if any(c is None for c in counts):
+            return None
+        fresh, output, read, written = cast(list[int], counts)
+        prompt = fresh + read + written
+        if prompt > MAX_TOKENS:
+            return None
+        return cls(prompt, output, cached_tokens=read, cache_write_tokens=written)
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "cached_tokens": self.cached_tokens, "reasoning_tokens": self.reasoning_tokens}
+                "cached_tokens": self.cached_tokens, "reasoning_tokens": self.reasoning_tokens,
+                "cache_write_tokens": self.cache_write_tokens}
 
 
 def _count(value: Any) -> int | None:
@@ -158,14 +210,17 @@ def price_from(conf: PriceTerms, scale: int) -> Price:
                            else conf.cached_input_per_million, scale),
         reasoning=units(conf.output_per_million if conf.reasoning_per_million is None
                         else conf.reasoning_per_million, scale),
+        cache_write=units(conf.input_per_million if conf.cache_write_per_million is None
+                          else conf.cache_write_per_million, scale),
     )
 
 
 def cost(usage: Usage, price: Price, markup_bps: int = 0) -> int:
     exact = (
         price.per_request * MILLION
-        + (usage.prompt_tokens - usage.cached_tokens) * price.input
+        + (usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens) * price.input
         + usage.cached_tokens * price.cached_input
+        + usage.cache_write_tokens * price.cache_write
         + (usage.completion_tokens - usage.reasoning_tokens) * price.output
         + usage.reasoning_tokens * price.reasoning
     ) * (_BPS + markup_bps)

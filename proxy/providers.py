@@ -22,7 +22,8 @@ from proxy.upstream import OPENAI_HEADERS, Outbound, Reply, Transport, encoded, 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One chat completion to send: the body is final (model already mapped)."""
+    """One call to send: the body is final (model already mapped). ``path`` is the
+    endpoint under the provider's base URL."""
 
     body: bytes
     stream: bool
@@ -30,6 +31,7 @@ class Call:
     headers: Mapping[str, str]
     api_key: str
     payload: Mapping[str, Any] = field(default_factory=dict)
+    path: str = "/chat/completions"
 
 
 class Provider(Protocol):
@@ -37,11 +39,11 @@ class Provider(Protocol):
 
 
 class OpenAIProvider:
-    """Any OpenAI-compatible API: ``POST {base_url}/chat/completions``."""
+    """Any OpenAI-compatible API: ``POST {base_url}{call.path}``."""
 
     def __init__(self, provider_id: str, conf: ProviderSettings, transport: Transport):
         self.id = provider_id
-        self.url = conf.base_url.rstrip("/") + "/chat/completions"
+        self.base_url = conf.base_url.rstrip("/")
         self.conf = conf
         self.transport = transport
         self.auth_header = conf.auth_header.lower()
@@ -62,7 +64,7 @@ class OpenAIProvider:
     async def send(self, call: Call) -> Reply:
         secrets = (*encoded([call.api_key]), *self.secrets) if call.api_key else self.secrets
         return await self.transport.send(Outbound(
-            self.id, "POST", self.url, self._headers(call), call.body, call.stream,
+            self.id, "POST", self.base_url + call.path, self._headers(call), call.body, call.stream,
             OPENAI_HEADERS, secrets, self.conf.query or None))
 
 

@@ -133,14 +133,20 @@ class DatabaseSettings:
 
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
-    kind: Literal["openai", "mock"] = setting(
-        "openai", "'openai' for any OpenAI-compatible API, 'mock' for the built-in fake."
+    kind: Literal["openai", "anthropic", "mock"] = setting(
+        "openai", "'openai' for any OpenAI-compatible API, 'anthropic' for Anthropic's "
+                  "Messages API, 'mock' for the built-in fake."
     )
-    base_url: str = setting("", "Base URL ending before /chat/completions (openai kind).")
+    base_url: str = setting(
+        "", "Base URL ending before /chat/completions (openai kind) or /messages "
+            "(anthropic kind: https://api.anthropic.com/v1).")
     api_key: str = setting("", "The operator's built-in key; paywalls may bring their own.")
     auth_header: str = setting(
-        "authorization", "Header carrying the key: 'authorization' (Bearer) or e.g. 'api-key'."
+        "authorization", "Header carrying the key: 'authorization' (Bearer) or e.g. 'api-key' "
+                         "(the anthropic kind always sends x-api-key)."
     )
+    anthropic_version: str = setting(
+        "2023-06-01", "Anthropic kind: the anthropic-version header sent upstream.")
     headers: dict[str, str] = setting({}, "Extra headers sent with every upstream request.")
     query: dict[str, str] = setting({}, "Query parameters added upstream (e.g. api-version).")
     latency_ms: int = setting(0, "Mock: delay before the first byte.")
@@ -159,6 +165,10 @@ class PriceSettings:
     )
     reasoning_per_million: Decimal | None = setting(
         None, "Price of 1M reasoning tokens (default: the output price)."
+    )
+    cache_write_per_million: Decimal | None = setting(
+        None, "Price of 1M prompt tokens written to the provider's cache (Anthropic's "
+              "cache_creation_input_tokens; default: the input price)."
     )
 
 

@@ -107,7 +107,11 @@ class Tokenizer:
         reports nothing), an upper estimate of the prompt tokens it will be billed (the
         hold), and an upper estimate of the completion tokens its ``prediction`` may
         add to the output cap. Raises InvalidRequest for a part that cannot be bounded."""
-        prompt = prompt_parts(payload, image_tokens)
+        return await self.bound(prompt_parts(payload, image_tokens), model, name)
+
+    async def bound(self, prompt: Prompt, model: str, name: str = "") -> tuple[int, int, int]:
+        """:meth:`prompt_tokens` for a prompt already taken apart — by
+        :func:`prompt_parts` for chat, or by another wire format's own walker."""
         counted = await self.count_async(prompt.text, model, name)
         estimate = math.ceil((counted + prompt.messages * _PER_MESSAGE + prompt.media)
                              * _MARGIN) + 8

@@ -109,4 +109,56 @@ def test_price_from_settings_defaults_cached_and_reasoning() -> None:
     p = price_from(PriceSettings(asset="usd", per_request=Decimal("0.001"),
                                  input_per_million=Decimal("0.15"),
                                  output_per_million=Decimal("0.6")), 9)
-    assert p == Price("usd", 1_000_000, 150_000_000, 600_000_000, 150_000_000, 600_000_000)
+    assert p == Price("usd", 1_000_000, 150_000_000, 600_000_000, 150_000_000, 600_000_000,
+                      cache_write=150_000_000)
+
+
+def test_cache_write_tokens_are_priced_apart() -> None:
+    p = price_from(PriceSettings(asset="usd", input_per_million=Decimal("3"),
+                                 output_per_million=Decimal("15"),
+                                 cached_input_per_million=Decimal("0.3"),
+                                 cache_write_per_million=Decimal("3.75")), 9)
+    # 1M fresh + 2M read + 4M written prompt tokens, 1M output.
+    usage = Usage(7_000_000, 1_000_000, cached_tokens=2_000_000, cache_write_tokens=4_000_000)
+    assert cost(usage, p) == (3 + 2 * 0.3 + 4 * 3.75 + 15) * 10**9
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    ({"input_tokens": 3, "output_tokens": 5}, Usage(3, 5)),
+    ({"input_tokens": 3, "output_tokens": 5, "cache_read_input_tokens": 10,
+      "cache_creation_input_tokens": 7}, Usage(20, 5, cached_tokens=10, cache_write_tokens=7)),
+    ({"input_tokens": 3, "output_tokens": 5, "cache_read_input_tokens": None}, Usage(3, 5)),
+    ({"input_tokens": 3}, None),
+    ({"input_tokens": "3", "output_tokens": 5}, None),
+    ({"input_tokens": 3, "output_tokens": 5, "cache_read_input_tokens": -1}, None),
+    ({"input_tokens": 2**31 - 1, "output_tokens": 5, "cache_read_input_tokens": 1}, None),
+    ([1, 2], None),
+])
+def test_anthropic_usage(usage: object, expected: Usage | None) -> None:
+    assert Usage.from_anthropic(usage) == expected
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    ({"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}, Usage(3, 5)),
+    ({"input_tokens": 9, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 4},
+      "output_tokens_details": {"reasoning_tokens": 2}}, Usage(9, 5, 4, 2)),
+    ({"input_tokens": 9, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 10}},
+     Usage(9, 5)),
+    ({"input_tokens": 9, "output_tokens": True}, None),
+    ({"prompt_tokens": 9, "completion_tokens": 5}, None),
+    (None, None),
+])
+def test_responses_usage(usage: object, expected: Usage | None) -> None:
+    assert Usage.from_responses(usage) == expected
+
+
+def test_openai_usage_reads_cache_write_tokens() -> None:
+    assert Usage.from_openai({"prompt_tokens": 9, "completion_tokens": 1,
+                              "prompt_tokens_details": {"cached_tokens": 2,
+                                                        "cache_write_tokens": 3}}
+                             ) == Usage(9, 1, cached_tokens=2, cache_write_tokens=3)
+    # together more than the prompt: neither can be true
+    assert Usage.from_openai({"prompt_tokens": 4, "completion_tokens": 1,
+                              "prompt_tokens_details": {"cached_tokens": 2,
+                                                        "cache_write_tokens": 3}}
+                             ) == Usage(4, 1)
