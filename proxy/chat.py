@@ -31,7 +31,7 @@ from proxy.observe import record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay, error_event
-from proxy.replies import paywall_reply
+from proxy.replies import notice, paywall_reply
 from proxy.services import Services, authenticate, read_json
 from proxy.settings import ModelSettings, PaywallSettings
 from proxy.upstream import Reply
@@ -278,26 +278,9 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
 def _paywall_reply(services: Services, plan: Plan, model: str, request_id: str,
                    action: Action, state: UserState, scale: int, asset: str, stream: bool,
                    include_usage: bool, version: int) -> Response:
-    paywall_id, paywall, user = plan.paywall_id, plan.paywall, plan.user
-    ttl = paywall.link_ttl_seconds
-    name = paywall.name or paywall_id
-    if action is Action.CONNECT:
-        url = services.signer.link(paywall_id, user, "connect", ttl, version=version)
-        text = paywall.connect_message.format(name=name, url=url)
-        info: dict[str, Any] = {"connected": False, "connect_link": url}
-    elif action is Action.SPEND_CAP:
-        cap = state.cap
-        assert cap is not None
-        label = cap.name.replace("_", " ")
-        resets = cap.resets_at
-        text = paywall.spend_cap_message.format(name=name, cap=label, resets=resets)
-        info = {"connected": True, "spend_cap": cap.name, "cap": format_amount(cap.cap, scale),
-                "spent": format_amount(cap.used, scale), "asset": asset, "resets_at": resets}
-    else:
-        url = services.signer.link(paywall_id, user, "topup", ttl)
-        text = paywall.topup_message.format(name=name, url=url)
-        info = {"connected": True, "balance": format_amount(state.available, scale),
-                "asset": asset, "topup_link": url}
-    body, media = paywall_reply(request_id=request_id, model=model, text=text, paywall=info,
-                                stream=stream, include_usage=include_usage)
+    told = notice(services.signer, plan.paywall_id, plan.paywall, plan.user, action, state,
+                  scale, asset, version)
+    body, media = paywall_reply(request_id=request_id, model=model, text=told.text,
+                                paywall=told.paywall, stream=stream,
+                                include_usage=include_usage)
     return Response(body, media_type=media, headers={"x-paywall-action": action.value})
