@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from proxy.anthropic import AnthropicProvider
 from proxy.settings import ProviderSettings
 from proxy.upstream import OPENAI_HEADERS, Outbound, Reply, Transport, encoded, one, secret_values
 
@@ -158,6 +159,8 @@ def build_providers(providers: Mapping[str, ProviderSettings], transport: Transp
     for pid, conf in providers.items():
         if conf.kind == "mock":
             built[pid] = MockProvider(pid, conf)
+        elif conf.kind == "anthropic":
+            built[pid] = AnthropicProvider(pid, conf, transport)
         else:
             built[pid] = OpenAIProvider(pid, conf, transport)
     return built

@@ -62,6 +62,15 @@ OPENAI_HEADERS = HeaderPolicy(
     relay=frozenset({"content-type", "retry-after", "retry-after-ms",
                      "openai-processing-ms", "openai-version"}),
 )
+# Anthropic's Messages API: an allowlist both ways (its rate-limit headers by name).
+ANTHROPIC_HEADERS = HeaderPolicy(
+    forward=frozenset({"accept", "accept-language", "content-type", "anthropic-version",
+                       "anthropic-beta", "user-agent"}),
+    relay=frozenset({"content-type", "retry-after", "request-id",
+                     *(f"anthropic-ratelimit-{kind}-{what}"
+                       for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+                       for what in ("limit", "remaining", "reset"))}),
+)
 # The gateway: the provider's own headers reach the client, but hop-by-hop, framing,
 # cookies, CORS (the proxy answers CORS itself) and the two the proxy sets (one each,
 # RFC 9110 §5.3).

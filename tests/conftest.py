@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import db
 from proxy.keys import KeyStore
+from tests.anthropic_upstream import AnthropicUpstream, serve_anthropic_upstream
 from tests.upstream import Upstream, free_port, serve_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +171,12 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[Upstream]:
     with serve_upstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="session")
+def anthropic_upstream() -> Iterator[AnthropicUpstream]:
+    with serve_anthropic_upstream() as up:
         yield up
 
 
