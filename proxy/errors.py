@@ -24,7 +24,8 @@ exceptions (``BadRequestError``, ``AuthenticationError``, ...).
 
 The /api/v1 routes (gateway, end users, balances) render the same errors in the
 hosted gateway's shape instead: ``{"error": message, "code": code, "details": ...}``
-(:meth:`ProxyError.api_body`).
+(:meth:`ProxyError.api_body`), and the Messages routes in Anthropic's:
+``{"type": "error", "error": {"type", "message"}}`` (:meth:`ProxyError.anthropic_body`).
 
 ``ConfigError`` is separate: it stops the process at start-up and never reaches
 a client.
@@ -41,6 +42,14 @@ def error_body(message: str, type: str, param: str | None = None,
                code: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param,
                                    "code": code}})
+
+
+# Anthropic's error type for each status (its API's own pairs; others: api_error).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    402: "billing_error", 403: "permission_error", 404: "not_found_error",
+                    405: "invalid_request_error", 409: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    502: "api_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
 class ProxyError(Exception):
@@ -60,6 +69,12 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.param, self.code)
+
+    def anthropic_body(self) -> bytes:
+        """The error as Anthropic's Messages API renders its own, so the Anthropic SDKs
+        raise their typed exceptions: its type follows from the status."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
 
     def api_body(self) -> bytes:
         out: dict[str, Any] = {"error": self.message, "code": self.code or self.type}

@@ -1,0 +1,421 @@
+"""Anthropic's Messages API on the wire: what a request is billed for, what an answer
+delivers, and what a blocked request is told. Pure: no I/O.
+
+What a Messages request is billed for (:func:`prompt_of`):
+
+- ``system`` (a string or text blocks) and every message's content (a string or
+  blocks): text, a ``tool_use``'s name and JSON input, a ``tool_result``'s content
+  (a string or blocks, read the same way), a ``thinking`` block's text, a
+  ``search_result``'s source, title and text; and ``tools``, ``tool_choice`` as JSON;
+- an image by at most ``image_tokens`` (``models.*.max_image_tokens``), an inline one
+  for its size when that is more (as :mod:`proxy.tokens` bounds inline data: one
+  token per byte at most); a base64 document (a PDF) and a ``redacted_thinking``
+  block's data by their size; a plain-text document by its text;
+- the system prompt the provider adds for tools: :data:`TOOL_PROMPT_TOKENS` when the
+  request has any, and :data:`DEFINED_TOOL_TOKENS` more for each tool the provider
+  defines and the client runs (bash, text editor, computer, memory).
+
+Refused with 400 before any hold, because what they cost cannot be known before the
+request is sent: content stored at the provider (an image or document by ``file``
+source, a ``container_upload``), a document by URL (its page count is unknown),
+server tools (web search, web fetch, code execution, ...: fees per use and fetched
+content), ``mcp_servers``, and any block or tool type this module does not know.
+
+The :class:`StreamMeter` watches an Anthropic SSE stream (``event: X`` / ``data:
+{...}``) the way :class:`proxy.metering.Meter` watches a chat stream: events pass on
+unchanged (but for the public model name), and it keeps the usage — ``message_start``'s
+``message.usage``, each ``message_delta``'s ``usage`` laid over it (its counts are
+cumulative) — and the output delivered: text, tool inputs (``partial_json``),
+thinking, tool names, and the raw data of any event that is not a JSON object.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from proxy.errors import InvalidRequest, ProxyError
+from proxy.pricing import Usage
+from proxy.sse import Event, SSEParser
+from proxy.tokens import Prompt, data_tokens
+
+# The system prompt Anthropic adds when a request has tools (at most 346 tokens for
+# current models, per its tool-use pricing), with room to spare.
+TOOL_PROMPT_TOKENS = 600
+# What one provider-defined, client-run tool adds to the prompt besides its JSON (the
+# largest, the text editor, adds 700 tokens).
+DEFINED_TOOL_TOKENS = 1_000
+DEFINED_TOOLS = ("bash_", "text_editor_", "computer_", "memory_")
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_DELTA_KEYS = {"text_delta": "text", "input_json_delta": "partial_json",
+               "thinking_delta": "thinking"}
+
+
+def _unbounded(what: str, param: str, hint: str = "") -> InvalidRequest:
+    return InvalidRequest(f"{what} cannot be priced before the request is sent, so it cannot"
+                          f" be paid for in advance{hint}.", param=param)
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _source(block: dict[str, Any], where: str, image_tokens: int, text: list[str]) -> int:
+    """An image's or document's source: what it adds to ``text``, and its media bound."""
+    kind = block.get("type")
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise InvalidRequest(f"An {kind} block needs a 'source' object.", param=f"{where}.source")
+    how = source.get("type")
+    if how == "file":
+        raise _unbounded(f"An {kind} sent by file_id", f"{where}.source",
+                         "; send it as base64 instead")
+    if kind == "image":
+        if how == "url":
+            return image_tokens
+        if how == "base64" and isinstance(source.get("data"), str):
+            return max(image_tokens, data_tokens(source["data"]))
+    elif how == "base64" and isinstance(source.get("data"), str):
+        return data_tokens(source["data"])
+    elif how == "text" and isinstance(source.get("data"), str):
+        text.append(source["data"])
+        return 0
+    elif how == "content":
+        content = source.get("content")
+        if isinstance(content, str):
+            text.append(content)
+            return 0
+        if isinstance(content, list):
+            return _blocks(content, f"{where}.source.content", image_tokens, text)
+    elif how == "url":
+        raise _unbounded("A document sent by URL", f"{where}.source",
+                         "; send it as base64 instead")
+    raise InvalidRequest(f"An {kind} block's source of type {how!r} is not supported.",
+                         param=f"{where}.source.type")
+
+
+def _block(block: Any, where: str, image_tokens: int, text: list[str]) -> int:
+    """Add a content block's billable text to ``text``; return its media bound."""
+    if isinstance(block, str):
+        text.append(block)
+        return 0
+    if not isinstance(block, dict):
+        raise InvalidRequest("A content block must be an object.", param=where)
+    kind = block.get("type")
+    if kind == "text":
+        if isinstance(block.get("text"), str):
+            text.append(block["text"])
+        return 0
+    if kind in ("image", "document"):
+        for key in ("title", "context"):
+            if isinstance(block.get(key), str):
+                text.append(block[key])
+        return _source(block, where, image_tokens, text)
+    if kind == "tool_use":
+        for key in ("id", "name"):
+            if isinstance(block.get(key), str):
+                text.append(block[key])
+        text.append(_json(block.get("input")))
+        return 0
+    if kind == "tool_result":
+        if isinstance(block.get("tool_use_id"), str):
+            text.append(block["tool_use_id"])
+        content = block.get("content")
+        if isinstance(content, list):
+            return _blocks(content, f"{where}.content", image_tokens, text)
+        if content is not None:
+            text.append(_json(content))
+        return 0
+    if kind == "thinking":
+        if isinstance(block.get("thinking"), str):
+            text.append(block["thinking"])
+        return 0
+    if kind == "redacted_thinking":
+        data = block.get("data")
+        return data_tokens(data) if isinstance(data, str) else 0
+    if kind == "search_result":
+        for key in ("source", "title"):
+            if isinstance(block.get(key), str):
+                text.append(block[key])
+        content = block.get("content")
+        return _blocks(content, f"{where}.content", image_tokens, text) if isinstance(
+            content, list) else 0
+    if kind == "container_upload":
+        raise _unbounded("A container_upload (a file stored at the provider)", where)
+    raise InvalidRequest(
+        f"Content blocks of type {kind!r} are not supported: what they cost cannot be"
+        " bounded before the request is sent.", param=f"{where}.type")
+
+
+def _blocks(blocks: list[Any], where: str, image_tokens: int, text: list[str]) -> int:
+    return sum(_block(b, f"{where}[{j}]", image_tokens, text) for j, b in enumerate(blocks))
+
+
+def _tools(tools: Any, text: list[str]) -> int:
+    """Add the tools' JSON to ``text``; return what the provider adds for them."""
+    if tools is None or tools == []:
+        return 0
+    if not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be a list.", param="tools")
+    media = TOOL_PROMPT_TOKENS
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise InvalidRequest("A tool must be an object.", param=f"tools[{i}]")
+        kind = tool.get("type")
+        if kind is not None and kind != "custom":
+            if not isinstance(kind, str) or not kind.startswith(DEFINED_TOOLS):
+                raise InvalidRequest(
+                    f"The tool type {kind!r} is not supported: server tools (web search,"
+                    " web fetch, code execution, ...) cost fees per use that cannot be"
+                    " bounded before the request is sent. Run the tool in your app and"
+                    " declare it as a client tool instead.", param=f"tools[{i}].type")
+            media += DEFINED_TOOL_TOKENS
+        text.append(_json(tool))
+    return media
+
+
+def prompt_of(body: dict[str, Any], image_tokens: int) -> Prompt:
+    """What a Messages request ``body`` is billed for (see the module doc); raises
+    InvalidRequest, with the ``param`` at fault, for a part that cannot be bounded."""
+    text: list[str] = []
+    media = 0
+    system = body.get("system")
+    if isinstance(system, str):
+        text.append(system)
+    elif isinstance(system, list):
+        media += _blocks(system, "system", image_tokens, text)
+    elif system is not None:
+        raise InvalidRequest("'system' must be a string or a list of text blocks.",
+                             param="system")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("'messages' must be a list.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest("A message must be an object.", param=f"messages[{i}]")
+        if isinstance(message.get("role"), str):
+            text.append(message["role"])
+        content = message.get("content")
+        if isinstance(content, list):
+            media += _blocks(content, f"messages[{i}].content", image_tokens, text)
+        elif isinstance(content, str):
+            text.append(content)
+        else:
+            raise InvalidRequest("A message's content must be a string or a list of blocks.",
+                                 param=f"messages[{i}].content")
+    media += _tools(body.get("tools"), text)
+    if body.get("tool_choice") is not None:
+        text.append(_json(body["tool_choice"]))
+    return Prompt("\n".join(text), len(messages) + (1 if system else 0), media)
+
+
+def block_output(block: Any, out: list[str]) -> None:
+    """A content block's output strings (a whole answer's, or a ``content_block_start``'s):
+    text, thinking, a tool call's name and input, a redacted thinking block's data."""
+    if not isinstance(block, dict):
+        return
+    for key in ("text", "thinking", "name", "data"):
+        value = block.get(key)
+        if isinstance(value, str) and value:
+            out.append(value)
+    value = block.get("input")
+    if value:  # a stream's tool_use starts with {}; its input follows as partial_json
+        out.append(_json(value))
+
+
+def message_output(data: Any, raw: bytes) -> str:
+    """The output of a whole Messages answer, to count when its usage is missing or
+    refused: its content blocks' output (:func:`block_output`), or, when the body
+    ``raw`` did not parse as a JSON object (``data``), the body's own text."""
+    if not isinstance(data, dict):
+        return raw.decode("utf-8", "replace")
+    out: list[str] = []
+    content = data.get("content")
+    for block in content if isinstance(content, list) else ():
+        block_output(block, out)
+    return "".join(out)
+
+
+def message_usage(data: Any) -> Usage | None:
+    """A whole answer's usage when it is charged as it is: None when there is none, when
+    it is refused, or when it reports no output for an answer that has output."""
+    if not isinstance(data, dict):
+        return None
+    usage = Usage.from_anthropic(data.get("usage"))
+    if usage is not None and not usage.completion_tokens and message_output(data, b""):
+        return None
+    return usage
+
+
+def with_counted(reported: Usage | None, counted: Usage) -> Usage:
+    """What to charge when the output is counted here: ``counted``, each total raised to
+    the provider's ``reported`` one, whose cache counts keep their own prices."""
+    if reported is None:
+        return counted
+    return Usage(max(reported.prompt_tokens, counted.prompt_tokens),
+                 max(reported.completion_tokens, counted.completion_tokens),
+                 reported.cached_tokens, reported.reasoning_tokens,
+                 reported.cache_write_tokens)
+
+
+class StreamMeter:
+    """An Anthropic stream on its way to the client, metered (see the module doc).
+
+    Bytes are passed on per complete event, with ``rename`` (the public model name)
+    applied to each."""
+
+    __slots__ = ("_buf", "_parser", "_stale", "_usage", "done", "failed", "rename",
+                 "reported", "text")
+
+    def __init__(self, rename: Callable[[bytes], bytes] | None = None):
+        self._buf = b""
+        self._parser = SSEParser()
+        self._stale = False  # output arrived after the last usage-bearing event
+        self._usage: dict[str, Any] = {}
+        self.rename = rename
+        self.done = False  # message_stop arrived
+        self.failed = False  # the provider sent an error event
+        self.reported: Usage | None = None  # the usage so far (None: none, or refused)
+        self.text: list[str] = []
+
+    @property
+    def usage(self) -> Usage | None:
+        """The provider's usage when it covers all the output delivered, else None (the
+        output is then counted, see :meth:`with_counted`)."""
+        r = self.reported
+        if self._stale or (r is not None and not r.completion_tokens and self.text):
+            return None
+        return r
+
+    @property
+    def delivered(self) -> bool:
+        return bool(self.text)
+
+    def with_counted(self, counted: Usage) -> Usage:
+        return with_counted(self.reported, counted)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take provider bytes; return the bytes to send to the client now."""
+        buf = self._buf + chunk if self._buf else chunk
+        out: list[bytes] = []
+        start = 0
+        for m in _EVENT_END.finditer(buf):
+            out.append(self._block(buf[start:m.end()]))
+            start = m.end()
+        self._buf = buf[start:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """An unterminated last event, metered and passed on as it came."""
+        rest, self._buf = self._buf, b""
+        if rest.strip():
+            for event in self._parser.feed(rest + b"\n\n"):  # metered; sent as it came
+                self._read(event)
+        return self.rename(rest) if self.rename and rest else rest
+
+    def _block(self, block: bytes) -> bytes:
+        for event in self._parser.feed(block):
+            self._read(event)
+        return self.rename(block) if self.rename is not None else block
+
+    def _deliver(self, texts: list[str]) -> None:
+        if texts:
+            self.text.extend(texts)
+            self._stale = True
+
+    def _read(self, event: Event) -> None:
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):  # garbage reaches the client too
+            self._deliver([event.data] if event.data else [])
+            return
+        kind = data.get("type")
+        out: list[str] = []
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            if isinstance(delta, dict):
+                how = delta.get("type")
+                key = _DELTA_KEYS.get(how) if isinstance(how, str) else None
+                value = delta.get(key) if key else None
+                if isinstance(value, str) and value:
+                    out.append(value)
+            self._deliver(out)
+        elif kind == "content_block_start":
+            block_output(data.get("content_block"), out)
+            self._deliver(out)
+        elif kind == "message_start":
+            message = data.get("message")
+            if isinstance(message, dict):
+                content = message.get("content")
+                for block in content if isinstance(content, list) else ():
+                    block_output(block, out)
+                self._deliver(out)
+                self._report(message.get("usage"), fresh=True)
+        elif kind == "message_delta":
+            self._report(data.get("usage"), fresh=False)
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            self.failed = True
+
+    def _report(self, usage: Any, fresh: bool) -> None:
+        """Lay ``usage`` over what was reported before (message_delta's counts are
+        cumulative and may include the input and cache counts as well)."""
+        if not isinstance(usage, dict):
+            if fresh:
+                self._usage, self.reported = {}, None
+            return
+        if fresh:
+            self._usage = {}
+        self._usage.update((k, v) for k, v in usage.items() if v is not None)
+        self.reported = Usage.from_anthropic(self._usage)
+        self._stale = False
+
+
+def message_id(request_id: str) -> str:
+    return "msg_" + request_id.removeprefix("req_")
+
+
+def sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def error_event(error: ProxyError) -> bytes:
+    """What ends a stream the provider broke off: an ``error`` event, which the Anthropic
+    SDKs raise."""
+    return b"event: error\ndata: " + error.anthropic_body() + b"\n\n"
+
+
+def paywall_message(*, request_id: str, model: str, text: str, paywall: dict[str, Any],
+                    stream: bool) -> tuple[bytes, str]:
+    """A blocked request's answer as an ordinary assistant ``message`` with ``text`` (and
+    the machine-readable ``paywall`` object), or for ``stream`` its full event sequence;
+    the body and its content type."""
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    message: dict[str, Any] = {
+        "id": message_id(request_id), "type": "message", "role": "assistant",
+        "model": model, "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn", "stop_sequence": None, "usage": usage, "paywall": paywall,
+    }
+    if not stream:
+        return orjson.dumps(message), "application/json"
+    start = {**message, "content": [], "stop_reason": None}
+    events = [
+        sse("message_start", {"type": "message_start", "message": start}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}}),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "text_delta", "text": text}}),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse("message_delta", {"type": "message_delta",
+                              "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                              "usage": {"output_tokens": 0}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(events), "text/event-stream"

@@ -1,0 +1,267 @@
+"""Anthropic's Messages API (``POST /v1/messages``), as an adapter of the metered
+lifecycle (:mod:`proxy.lifecycle`), for apps that speak it with the Anthropic SDKs.
+
+    client ─▶ key (x-api-key or Bearer) ─▶ parse + user ─▶ bound the prompt
+           ─▶ [lifecycle: limits, hold, decide]
+           ├─ connect / spend_cap / top_up ─▶ an assistant message, nothing charged
+           └─ forward ─▶ anthropic provider ─▶ relay ─▶ [lifecycle: post, release]
+
+Only models served by an ``anthropic`` provider are answered here; the body goes
+upstream as it came but for the model name and ``max_tokens`` (within the paywall's
+limits). The end user is ``metadata.user_id``, else the ``X-Paywall-User`` header,
+else the path (``/v1/{user}/messages``; the SDK's base URL ``.../v1/{user}`` lands on
+``/v1/{user}/v1/messages``).
+
+The provider's usage is authoritative (cache reads and writes priced apart); when it
+is missing or refused, the delivered output is counted here (:mod:`proxy.anthropic_wire`).
+What a whole answer cost, and the balance after, are in the ``x-paywall-cost`` and
+``x-paywall-balance`` headers: Anthropic's ``usage`` has no field for money, and the
+body is left as the provider sent it (but for the public model name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy import anthropic_wire as wire
+from proxy import guard, lifecycle
+from proxy.decide import Action, Decision, UserState
+from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.identity import USER_HEADER, resolve_user
+from proxy.ledger import Posted
+from proxy.lifecycle import Charge, Plan
+from proxy.limits import Verdict
+from proxy.metering import public_names
+from proxy.observe import record_of
+from proxy.pricing import Price, Usage, cost, format_amount
+from proxy.providers import Call, Provider
+from proxy.relay import Framer, Outcome, StreamRelay
+from proxy.replies import notice
+from proxy.services import Services, authenticate, read_json
+from proxy.upstream import Reply
+
+_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+@dataclass(slots=True)
+class MessagesCall:
+    """One Messages request: its plan, and how its answer is read and priced."""
+
+    plan: Plan
+    services: Services
+    provider: Provider
+    call: Call
+    price: Price
+    scale: int
+    markup_bps: int
+    prompt_tokens: int  # counted here, for when the provider reports nothing
+    model: str  # the public name
+    upstream_model: str
+    encoding: str
+    meter: wire.StreamMeter | None = None
+    error_tail = staticmethod(wire.error_event)
+
+    def priced(self, usage: Usage, outcome: str) -> Charge:
+        return Charge(cost(usage, self.price, self.markup_bps), outcome, usage)
+
+    async def counted(self, text: str) -> Usage:
+        tokenizer = self.services.tokenizer
+        completion = await tokenizer.count_async(text, self.upstream_model, self.encoding)
+        return Usage(self.prompt_tokens, completion)
+
+    async def blocked(self, decision: Decision, state: UserState) -> Response:
+        p = self.plan
+        # A connect link is issued against the user's connection version.
+        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
+                   if decision.action is Action.CONNECT else 0)
+        told = notice(self.services.signer, p.paywall_id, p.paywall, p.user, decision.action,
+                      state, self.scale, self.price.asset, version)
+        body, media = wire.paywall_message(request_id=self.call.request_id, model=self.model,
+                                           text=told.text, paywall=told.paywall,
+                                           stream=self.call.stream)
+        return Response(body, media_type=media,
+                        headers={"x-paywall-action": decision.action.value})
+
+    async def send(self) -> Reply:
+        return await self.provider.send(self.call)
+
+    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
+                ) -> list[tuple[bytes, bytes]]:
+        out = reply.raw_headers()
+        if verdict is not None and (relayed or reply.ok):
+            out += verdict.raw_headers()
+        return out + _STREAM_HEADERS if relayed else out
+
+    def relays(self, reply: Reply) -> bool:
+        return self.call.stream and reply.stream
+
+    def framer(self) -> Framer:
+        self.meter = wire.StreamMeter(public_names(self.upstream_model, self.model))
+        return self.meter
+
+    def checkpoint(self) -> StreamCheckpoint | None:
+        return StreamCheckpoint(self) if self.call.stream else None
+
+    def gone(self) -> Charge:
+        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
+
+    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
+        meter = self.meter
+        assert meter is not None and framer is meter
+        # A provider that failed (broke off, or said so in an error event) before any
+        # output is owed nothing; after output, what it delivered.
+        failed = outcome is Outcome.PARTIAL or meter.failed
+        if failed and not meter.delivered:
+            return Charge(None, Outcome.PARTIAL.value)
+        if meter.usage is not None:
+            return self.priced(meter.usage, "completed" if meter.done else outcome.value)
+        if meter.delivered:
+            counted = await self.counted("".join(meter.text))
+            return self.priced(meter.with_counted(counted), outcome.value)
+        # The provider has the prompt; the client left before any output (or there was
+        # none): the prompt is owed, as for a client gone before the answer.
+        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
+
+    async def settle_whole(self, content: bytes) -> Charge:
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            data = None
+        usage = wire.message_usage(data)
+        if usage is None:  # none, or refused: the output is counted
+            usage = await self.counted(wire.message_output(data, content))
+        return self.priced(usage, "completed")
+
+    def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
+               verdict: Verdict | None) -> Response:
+        rename = public_names(self.upstream_model, self.model)
+        response = Response(rename(content) if rename else content, status_code=200)
+        response.raw_headers += self.headers(reply, verdict, relayed=False)
+        if posted is not None:
+            response.raw_headers += [
+                (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
+                (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
+        return response
+
+
+class StreamCheckpoint:
+    """What a live stream has delivered so far, counted incrementally for the reaper."""
+
+    def __init__(self, call: MessagesCall):
+        self.call = call
+        self.seen = 0
+        self.tokens = 0
+
+    def __call__(self) -> dict[str, Any] | None:
+        c = self.call
+        meter = c.meter
+        if meter is None:
+            return None
+        usage = meter.usage
+        if usage is None:
+            new = "".join(meter.text[self.seen:])
+            self.seen = len(meter.text)
+            self.tokens += c.services.tokenizer.count(new, c.upstream_model, c.encoding)
+            if not self.tokens:
+                return None
+            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
+        return {"prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost": cost(usage, c.price, c.markup_bps)}
+
+
+def _user_id(body: dict[str, Any]) -> Any:
+    metadata = body.get("metadata")
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("'metadata' must be an object.", param="metadata")
+    return metadata.get("user_id")
+
+
+def _checked(body: dict[str, Any]) -> tuple[str, bool, int]:
+    """The request's model, stream flag and max_tokens, as given; 400 for what is wrong
+    with them, or for a feature whose cost cannot be bounded."""
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("'model' is required: the name of a model.", param="model")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidRequest("'max_tokens' is required: a positive integer.",
+                             param="max_tokens")
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):  # "stream": 1 or "true" would stream unmetered
+        raise InvalidRequest("'stream' must be true or false.", param="stream")
+    for field in ("mcp_servers", "container"):
+        if body.get(field):
+            raise InvalidRequest(
+                f"'{field}' is not supported: remote tools and containers cost what cannot"
+                " be bounded before the request is sent.", param=field)
+    return name, stream, max_tokens
+
+
+async def messages(request: Request) -> Response | StreamRelay:
+    services: Services = request.app.state.services
+    s = services.settings
+    rec = record_of(request.state)
+    principal = await authenticate(request, services)
+    paywall_id = rec.paywall = principal.paywall_id
+    body = await read_json(request, s.server.max_body_bytes)
+    user = resolve_user({"user": _user_id(body)}, request.headers.get(USER_HEADER),
+                        request.path_params.get("user"))
+    rec.user = user
+    request_id: str = request.state.request_id
+
+    name, stream, max_tokens = _checked(body)
+    paywall = s.paywalls[paywall_id]
+    model = s.models.get(name)
+    if model is None:
+        raise ModelNotFound(f"The model '{name}' does not exist or you do not have access "
+                            "to it.", param="model")
+    provider_id = model.provider
+    if s.providers[provider_id].kind != "anthropic":
+        raise InvalidRequest(f"The model '{name}' is not served by an Anthropic provider; "
+                             "call it at /v1/chat/completions instead.", param="model",
+                             code="wrong_endpoint")
+    upstream_model = model.upstream or name
+    rec.model, rec.provider = name, provider_id
+    limits = guard.effective(paywall.limits, await services.overrides.get(paywall_id, user))
+    output_cap = guard.output_cap(max_tokens, paywall.max_output_tokens, limits, "max_tokens")
+    body["model"] = upstream_model
+    body["max_tokens"] = output_cap
+
+    price = services.prices[name]
+    scale = s.assets[price.asset].scale
+    rec.asset, rec.scale = price.asset, scale
+    markup_bps = int(paywall.markup_percent * 100)
+    prompt = wire.prompt_of(body, model.max_image_tokens)
+    try:
+        upstream_body = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
+        raise InvalidRequest("The request body is nested too deeply.") from None
+    prompt_tokens, estimate, _ = await services.tokenizer.bound(prompt, upstream_model,
+                                                                model.encoding)
+    # The worst case: the whole prompt at the dearer of the input and cache-write prices
+    # (the provider may write all of it to its cache), and all of max_tokens (extended
+    # thinking's budget is within it) at the dearer of the output and reasoning prices.
+    hold = cost(Usage(estimate, output_cap,
+                      reasoning_tokens=output_cap if price.reasoning > price.output else 0,
+                      cache_write_tokens=estimate if price.cache_write > price.input else 0),
+                price, markup_bps)
+    plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
+                frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap)
+    call = Call(
+        body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
+        api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
+        payload=body, path="/messages",
+    )
+    return await lifecycle.run(request, services, rec, MessagesCall(
+        plan, services, services.providers[provider_id], call, price, scale, markup_bps,
+        prompt_tokens, name, upstream_model, model.encoding))
