@@ -12,6 +12,7 @@ that is refused or stale, the delivered output is counted here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
-from proxy.metering import Meter, completion_text, completion_usage
+from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Provider
@@ -56,6 +57,8 @@ class ChatCall:
     upstream_model: str
     encoding: str
     client_wants_usage: bool
+    rename: Callable[[bytes], bytes] | None = None  # the public model name, in answers
+    reply_format: str = "text"  # what a blocked request is answered with (_reply_format)
     meter: Meter | None = None
     answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
     error_tail = staticmethod(error_event)
@@ -82,7 +85,8 @@ class ChatCall:
                    if decision.action is Action.CONNECT else 0)
         return _paywall_reply(self.services, p, self.model, self.call.request_id,
                               decision.action, state, self.scale, self.price.asset,
-                              self.call.stream, self.client_wants_usage, version)
+                              self.call.stream, self.client_wants_usage, version,
+                              self.reply_format)
 
     async def send(self) -> Reply:
         return await self.provider.send(self.call)
@@ -98,7 +102,7 @@ class ChatCall:
         return self.call.stream and reply.stream
 
     def framer(self) -> Framer:
-        self.meter = Meter(self.client_wants_usage, self.cost_fields)
+        self.meter = Meter(self.client_wants_usage, self.cost_fields, self.rename)
         return self.meter
 
     def checkpoint(self) -> StreamCheckpoint | None:
@@ -135,7 +139,8 @@ class ChatCall:
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
         data, reported = self.answered
-        response = Response(_with_cost(content, data, reported, charge, posted, self),
+        body = _with_cost(content, data, reported, charge, posted, self)
+        response = Response(self.rename(body) if self.rename is not None else body,
                             status_code=200)
         response.raw_headers += self.headers(reply, verdict, relayed=False)
         if posted is not None:
@@ -272,15 +277,29 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     )
     return await lifecycle.run(request, services, rec, ChatCall(
         plan, services, services.providers[provider_id], call, price, scale, markup_bps,
-        prompt_tokens, name, upstream_model, model.encoding, client_wants_usage))
+        prompt_tokens, name, upstream_model, model.encoding, client_wants_usage,
+        rename=public_names(upstream_model, name), reply_format=_reply_format(body)))
+
+
+def _reply_format(body: dict[str, Any]) -> str:
+    """How a blocked request's message is best carried so the client's parser takes it:
+    "refusal" for a ``json_schema`` response format (the SDKs' ``.parse()`` returns a
+    refusal rather than failing on text that is not the schema), "json_object" for JSON
+    mode (the message inside a JSON object), else "text". A request that forces a tool
+    still gets text: a made-up tool call would be run as if the model had made it."""
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
+        return "refusal"
+    return "json_object" if kind == "json_object" else "text"
 
 
 def _paywall_reply(services: Services, plan: Plan, model: str, request_id: str,
                    action: Action, state: UserState, scale: int, asset: str, stream: bool,
-                   include_usage: bool, version: int) -> Response:
+                   include_usage: bool, version: int, reply_format: str) -> Response:
     told = notice(services.signer, plan.paywall_id, plan.paywall, plan.user, action, state,
                   scale, asset, version)
     body, media = paywall_reply(request_id=request_id, model=model, text=told.text,
                                 paywall=told.paywall, stream=stream,
-                                include_usage=include_usage)
+                                include_usage=include_usage, reply_format=reply_format)
     return Response(body, media_type=media, headers={"x-paywall-action": action.value})

@@ -1,4 +1,4 @@
-"""Who the end user is: one rule, three places to look, in a fixed order."""
+"""Who the end user is: one rule, a few places to look, in a fixed order."""
 
 from __future__ import annotations
 
@@ -11,18 +11,24 @@ USER_HEADER = "x-paywall-user"
 VALID_USER = re.compile(r"[A-Za-z0-9._:@|-]{1,128}")  # as the users table's CHECK
 
 _HOW = (
-    "pass the end user's id in the body 'user' field, the X-Paywall-User header, "
-    "or the path /v1/{user}/chat/completions"
+    "pass the end user's id in the body 'user' (or 'safety_identifier') field, the "
+    "X-Paywall-User header, or the path /v1/{user}/chat/completions"
 )
+# The body fields naming the end user, in order: OpenAI's ``user``, and
+# ``safety_identifier``, the name OpenAI gives the same id now.
+MODEL_FIELDS = ("user", "safety_identifier")
 
 
-def resolve_user(body: dict[str, Any], header: str | None, path_user: str | None) -> str:
-    """The body's ``user`` field, else the ``X-Paywall-User`` header, else the path segment.
+def resolve_user(body: dict[str, Any], header: str | None, path_user: str | None,
+                 fields: tuple[str, ...] = MODEL_FIELDS) -> str:
+    """The body's ``user`` field, else its ``safety_identifier``, else the
+    ``X-Paywall-User`` header, else the path segment (``fields`` names the body fields
+    read, in order).
 
     The first one present decides; it must be 1-128 letters, digits or ``._:@|-``.
     """
-    for source, value in (("user", body.get("user")), ("X-Paywall-User", header),
-                          ("path", path_user)):
+    found = [(name, body.get(name)) for name in fields]
+    for source, value in (*found, ("X-Paywall-User", header), ("path", path_user)):
         if value is None or value == "":
             continue
         if not isinstance(value, str) or not VALID_USER.fullmatch(value):

@@ -1,7 +1,8 @@
 """Metering a chat completion on its way through. Pure: bytes in, bytes out.
 
 The :class:`Meter` sees the provider's SSE bytes, passes each complete event on
-unchanged, and keeps what billing needs: the provider's usage, the output delivered
+unchanged (but for the model's public name, :func:`public_names`), and keeps what
+billing needs: the provider's usage, the output delivered
 so far, whether ``[DONE]`` arrived. Two events are touched, both for billing: the
 usage chunk the proxy asked for on the client's behalf is removed again, and the
 usage chunk the client asked for gains ``cost``. :func:`completion_text` is the
@@ -39,11 +40,13 @@ _TEXT_KEYS = ("reasoning_content", "reasoning", "content", "refusal")
 
 class Meter:
     __slots__ = ("_buf", "_parser", "_stale", "client_wants_usage", "done", "price",
-                 "reported", "text")
+                 "rename", "reported", "text")
 
     def __init__(self, client_wants_usage: bool,
-                 price: Callable[[Usage], dict[str, Any]] | None = None):
+                 price: Callable[[Usage], dict[str, Any]] | None = None,
+                 rename: Callable[[bytes], bytes] | None = None):
         self._buf = b""
+        self.rename = rename  # puts the public model name in each event (public_names)
         self._parser = SSEParser()
         self._stale = False  # output arrived after the last usage-bearing chunk
         self.client_wants_usage = client_wants_usage
@@ -93,7 +96,8 @@ class Meter:
             start = m.end()
             out.append(self._event(block))
         self._buf = buf[start:]
-        return b"".join(out)
+        sent = b"".join(out)
+        return self.rename(sent) if self.rename is not None and sent else sent
 
     def flush(self) -> bytes:
         """What is left when the provider closes: an unterminated last event, metered
@@ -102,7 +106,8 @@ class Meter:
         if not rest.strip():
             return rest
         out = self._event(rest + b"\n\n")
-        return rest if out == rest + b"\n\n" else out
+        sent = rest if out == rest + b"\n\n" else out
+        return self.rename(sent) if self.rename is not None and sent else sent
 
     def _deliver(self, texts: list[str]) -> None:
         if texts:

@@ -60,19 +60,31 @@ def notice(signer: LinkSigner, paywall_id: str, paywall: PaywallSettings, user: 
 
 
 def paywall_reply(*, request_id: str, model: str, text: str, paywall: dict[str, Any],
-                  stream: bool, include_usage: bool) -> tuple[bytes, str]:
-    """The reply body and its content type."""
+                  stream: bool, include_usage: bool, reply_format: str = "text"
+                  ) -> tuple[bytes, str]:
+    """The reply body and its content type. ``reply_format`` says where the text goes:
+    "text" (the message's content), "refusal" (its refusal, content null: for a
+    ``json_schema`` request) or "json_object" (content is a JSON object holding
+    ``message`` and ``paywall``: for JSON mode)."""
     cid = "chatcmpl-" + request_id.removeprefix("req_")
     created = int(time.time())
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if reply_format == "refusal":
+        said: dict[str, Any] = {"content": None, "refusal": text}
+    elif reply_format == "json_object":
+        said = {"content": orjson.dumps({"message": text, "paywall": paywall}).decode(),
+                "refusal": None}
+    else:
+        said = {"content": text, "refusal": None}
     if not stream:
         body = {
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": text, "refusal": None}}],
+                         "message": {"role": "assistant", **said}}],
             "usage": usage, "paywall": paywall,
         }
         return orjson.dumps(body), "application/json"
+    delta = {"role": "assistant", **{k: v for k, v in said.items() if v is not None}}
 
     def chunk(choices: list[Any], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({
@@ -80,8 +92,7 @@ def paywall_reply(*, request_id: str, model: str, text: str, paywall: dict[str, 
             "choices": choices, **extra}) + b"\n\n"
 
     events = [
-        chunk([{"index": 0, "delta": {"role": "assistant", "content": text},
-                "finish_reason": None}], paywall=paywall),
+        chunk([{"index": 0, "delta": delta, "finish_reason": None}], paywall=paywall),
         chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
     ]
     if include_usage:

@@ -65,7 +65,7 @@ async def _caller(request: Request) -> tuple[Services, Principal]:
 
 
 def _query_user(request: Request) -> str:
-    return resolve_user({"user": request.query_params.get("user")}, None, None)
+    return resolve_user({"user": request.query_params.get("user")}, None, None, ("user",))
 
 
 def _asset(services: Services, principal: Principal, body: dict[str, Any]) -> tuple[str, int]:
@@ -109,7 +109,7 @@ async def connect_status(request: Request) -> Response:
 async def disconnect(request: Request) -> Response:
     services, principal = await _caller(request)
     body = await read_json(request, services.settings.server.max_body_bytes)
-    user = resolve_user(body, None, None)
+    user = resolve_user(body, None, None, ("user",))
     await services.ledger.disconnect(principal.paywall_id, user)
     return json_response({"user": user, "connected": False})
 
@@ -129,7 +129,7 @@ async def _money_move(request: Request, kind: str) -> Response:
         raise InvalidRequest("An Idempotency-Key header (1-255 characters) is required.",
                              param="Idempotency-Key", code="idempotency_key_required")
     body = await read_json(request, services.settings.server.max_body_bytes)
-    user = resolve_user(body, None, None)
+    user = resolve_user(body, None, None, ("user",))
     asset, scale = _asset(services, principal, body)
     amount = _amount(body.get("amount"), scale)
     metadata = body.get("metadata") or {}
@@ -232,7 +232,7 @@ async def get_limits(request: Request) -> Response:
 async def patch_limits(request: Request) -> Response:
     services, principal = await _caller(request)
     body = await read_json(request, services.settings.server.max_body_bytes)
-    user = resolve_user(body, None, None)
+    user = resolve_user(body, None, None, ("user",))
     changed = guard.parse_overrides(body, services.settings.assets, {})
     removed = [k for k, v in body.items() if v is None and k != "user"]
     await services.ledger.set_limits(principal.paywall_id, user, changed, removed)

@@ -14,6 +14,11 @@ CASES: list[tuple[str, dict[str, Any], str | None, str | None, str]] = [
     ("empty body user falls through", {"user": ""}, "h", None, "h"),
     ("all allowed characters", {"user": "aZ09._:@|-"}, None, None, "aZ09._:@|-"),
     ("128 characters", {"user": "u" * 128}, None, None, "u" * 128),
+    ("safety_identifier when user is absent", {"safety_identifier": "s"}, "h", "p", "s"),
+    ("user before safety_identifier", {"user": "b", "safety_identifier": "s"}, None, None,
+     "b"),
+    ("empty user falls to safety_identifier", {"user": "", "safety_identifier": "s"}, None,
+     None, "s"),
 ]
 
 
@@ -32,6 +37,7 @@ def test_resolution_order(body: dict[str, Any], header: str | None, path: str | 
     ({"user": "ok/../x"}, None, None, "invalid_user"),
     ({}, "bad\u00e9", None, "invalid_user"),
     ({"user": "bad!"}, "good", None, "invalid_user"),  # the first one present decides
+    ({"safety_identifier": "a b"}, "good", None, "invalid_user"),
 ])
 def test_rejections(body: dict[str, Any], header: str | None, path: str | None,
                     code: str) -> None:
@@ -41,3 +47,8 @@ def test_rejections(body: dict[str, Any], header: str | None, path: str | None,
     assert e.value.code == code
     assert e.value.param == "user"
     assert "X-Paywall-User" in e.value.message
+
+
+def test_owner_apis_read_only_user() -> None:
+    with pytest.raises(InvalidRequest):
+        resolve_user({"safety_identifier": "s"}, None, None, ("user",))
