@@ -2,6 +2,11 @@
 
 A call to ``/messages`` carries a native Messages body and is posted as it is; its
 answer comes back as Anthropic sent it (headers through :data:`ANTHROPIC_HEADERS`).
+A call to ``/chat/completions`` is translated (:mod:`proxy.translate`): its payload
+becomes a Messages request, and the answer — whole, streamed, or an error — comes
+back as OpenAI's chat completions would have sent it, so chat's metering reads it
+unchanged. What cannot be translated is refused before anything is sent
+(:func:`proxy.translate.check` says so earlier still).
 
 Every request carries ``x-api-key`` (the call's key), ``anthropic-version`` (the
 client's own when it sent one, else the provider's setting), the client's
@@ -11,16 +16,22 @@ parameters. The credentials among them are scrubbed from whatever comes back.
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
+
+import orjson
 
 from proxy.errors import InvalidRequest
 from proxy.settings import ProviderSettings
+from proxy.translate import ChunkTranslator, to_completion, to_messages, to_openai_error
 from proxy.upstream import ANTHROPIC_HEADERS, Outbound, Reply, Transport, encoded, secret_values
 
 if TYPE_CHECKING:  # proxy.providers builds this kind
     from proxy.providers import Call
 
 MESSAGES = "/messages"
+CHAT = "/chat/completions"
 
 
 class AnthropicProvider:
@@ -52,5 +63,50 @@ class AnthropicProvider:
     async def send(self, call: Call) -> Reply:
         if call.path == MESSAGES:
             return await self._post(call, call.body, call.stream)
+        if call.path == CHAT:
+            return await self._chat(call)
         raise InvalidRequest(f"The provider '{self.id}' (anthropic) does not serve "
                              f"{call.path}.")
+
+    async def _chat(self, call: Call) -> Reply:
+        """A chat completion, sent as Messages, answered as a chat completion."""
+        body = to_messages(call.payload)
+        reply = await self._post(call, orjson.dumps(body), call.stream)
+        created = int(time.time())
+        headers = [(k, v) for k, v in reply.headers if k != "content-type"]
+        if reply.ok and call.stream and reply.stream:
+            options = call.payload.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            stream = ChunkTranslator(include_usage, created, str(body.get("model") or ""))
+            return Reply(reply.status, [("content-type", "text/event-stream"), *headers],
+                         _translated(reply, stream.feed), stream=True, _closer=reply.close)
+
+        def whole(raw: bytes) -> bytes:
+            if not reply.ok:
+                return to_openai_error(reply.status, raw)
+            try:
+                completion = to_completion(orjson.loads(raw), created)
+            except orjson.JSONDecodeError:
+                completion = None
+            return raw if completion is None else orjson.dumps(completion)
+
+        return Reply(reply.status, [("content-type", "application/json"), *headers],
+                     _translated(reply, whole, whole=True), stream=False, _closer=reply.close)
+
+
+async def _translated(reply: Reply, translate: Callable[[bytes], bytes], whole: bool = False
+                      ) -> AsyncIterator[bytes]:
+    """``reply``'s body through ``translate``: chunk by chunk, or ``whole`` in one go.
+    An error the body ends in is raised after what came before it is delivered."""
+    try:
+        if whole:
+            yield translate(b"".join([c async for c in reply.chunks]))
+            return
+        async for chunk in reply.chunks:
+            out = translate(chunk)
+            if out:
+                yield out
+    finally:
+        aclose = getattr(reply.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
