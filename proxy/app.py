@@ -32,6 +32,7 @@ from starlette.routing import Route
 from proxy import balances, cors, db, gateway, gauges, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
+from proxy.embeddings import embeddings
 from proxy.endusers import TokenVerifier
 from proxy.errors import (
     AuthenticationFailed,
@@ -249,6 +250,8 @@ def create_app(settings: Settings) -> observe.Observe:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/{user}/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/{user}/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         *user_api.routes,

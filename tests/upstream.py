@@ -47,6 +47,8 @@ import orjson
 import tiktoken
 import uvicorn
 
+from tests import embeddings_upstream
+
 CHUNKS = 8
 CHUNK_DELAY = 0.15
 WORDS = [f"w{i}" for i in range(CHUNKS)]
@@ -97,6 +99,8 @@ class Upstream:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         body = orjson.loads(raw) if raw else {}
         self.seen.append(Seen(scope["path"], scope["query_string"].decode(), headers, body))
+        if scope["path"].endswith("/embeddings"):
+            return await embeddings_upstream.answer(body, send)
         model = body.get("model", "")
         if model == "reject":
             auth = headers.get("authorization", "") or headers.get("api-key", "")
