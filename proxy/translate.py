@@ -108,8 +108,9 @@ def to_messages(payload: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("temperature", "top_p"):
         if payload.get(key) is not None:
             out[key] = payload[key]
-    if isinstance(payload.get("user"), str) and payload["user"]:
-        out["metadata"] = {"user_id": payload["user"]}
+    end_user = payload.get("user") or payload.get("safety_identifier")
+    if isinstance(end_user, str):
+        out["metadata"] = {"user_id": end_user}
     tools = payload.get("tools")
     if tools:
         out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
