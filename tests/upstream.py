@@ -47,7 +47,7 @@ import orjson
 import tiktoken
 import uvicorn
 
-from tests import embeddings_upstream
+from tests import embeddings_upstream, responses_upstream
 
 CHUNKS = 8
 CHUNK_DELAY = 0.15
@@ -101,6 +101,8 @@ class Upstream:
         self.seen.append(Seen(scope["path"], scope["query_string"].decode(), headers, body))
         if scope["path"].endswith("/embeddings"):
             return await embeddings_upstream.answer(body, send)
+        if scope["path"].endswith("/responses"):
+            return await responses_upstream.handle(body, receive, send)
         model = body.get("model", "")
         if model == "reject":
             auth = headers.get("authorization", "") or headers.get("api-key", "")

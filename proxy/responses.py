@@ -1,0 +1,472 @@
+"""The OpenAI Responses API (``POST /v1/responses``), as an adapter of the metered lifecycle.
+
+    client ─▶ key ─▶ parse + user ─▶ refuse what cannot be priced ─▶ estimate
+           ─▶ [lifecycle: limits, hold, decide] ─┬─ blocked ─▶ a ``response`` saying so
+                                                 └─ forward ─▶ provider ``/responses``
+           ─▶ relay (:class:`~proxy.response_events.ResponseMeter`) ─▶ [lifecycle: settle]
+
+A hold must bound what the provider bills before it is asked, so a request is refused
+(400) when part of its cost is out of the proxy's sight: state the provider keeps
+(``previous_response_id``, ``conversation``, a stored ``prompt``, ``item_reference``
+items, files and images by ``file_id``, files by ``file_url``), hosted tools, which
+bill per call on top of tokens (web search, file search, code interpreter, computer
+use, image generation, MCP), and ``background`` responses, which are answered before
+they are metered. ``store`` is passed on as sent: a stored response costs nothing more
+here, but only a later request that refers to it could use it, and that is refused.
+
+Without ``max_output_tokens`` the paywall's cap is sent upstream in it, so the hold
+bounds the answer. The provider's usage is authoritative when it covers the output;
+otherwise the delivered output is counted here, as for chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy import guard, lifecycle
+from proxy.decide import Action, Decision, UserState
+from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
+from proxy.identity import USER_HEADER, resolve_user
+from proxy.ledger import Posted
+from proxy.lifecycle import Charge, Plan
+from proxy.limits import Verdict
+from proxy.metering import public_names
+from proxy.observe import record_of
+from proxy.pricing import Price, Usage, cost, format_amount
+from proxy.providers import Call, Provider
+from proxy.relay import Framer, Outcome, StreamRelay
+from proxy.replies import notice
+from proxy.response_events import (
+    ResponseMeter,
+    blocked_reply,
+    error_event,
+    response_text,
+    response_usage,
+    usage_object,
+)
+from proxy.services import Services, authenticate, read_json
+from proxy.tokens import IMAGE_TOKENS, Prompt, data_tokens
+from proxy.upstream import Reply
+
+_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+TOOLS = frozenset({"function", "custom"})  # priced by their tokens alone
+# Input items whose every string is prompt. (item_reference is refused: what it names is
+# stored at the provider.)
+ITEMS = frozenset({
+    "message", "function_call", "function_call_output", "custom_tool_call",
+    "custom_tool_call_output", "reasoning", "compaction", "web_search_call",
+    "file_search_call", "computer_call", "computer_call_output", "image_generation_call",
+    "code_interpreter_call", "local_shell_call", "local_shell_call_output", "shell_call",
+    "shell_call_output", "apply_patch_call", "apply_patch_call_output", "mcp_list_tools",
+    "mcp_approval_request", "mcp_approval_response", "mcp_call"})
+# A message's content parts: text ones, and the media ones _media() bounds.
+PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text", "reasoning_text",
+                   "input_image", "input_file", "input_audio"})
+_STATE = ("the provider keeps what it refers to, which the proxy cannot price before the"
+          " request is sent; send the whole conversation in 'input' instead.")
+
+
+# --- what a request is billed for (pure) ---------------------------------------------
+
+
+def check_request(body: dict[str, Any]) -> None:
+    """Refuse (InvalidRequest, with the ``param`` at fault) a Responses request whose
+    cost cannot be bounded before it is sent; see the module doc."""
+    if body.get("background"):
+        raise InvalidRequest("'background' responses are not supported: the proxy meters"
+                             " the answer as it is delivered.", param="background")
+    for key in ("previous_response_id", "conversation"):
+        if body.get(key) is not None:
+            raise InvalidRequest(f"'{key}' is not supported: " + _STATE, param=key)
+    if body.get("prompt") is not None:
+        raise InvalidRequest("A stored 'prompt' is not supported: its content is kept at the"
+                             " provider and cannot be priced before the request is sent;"
+                             " send it as 'instructions' and 'input'.", param="prompt")
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be a list.", param="tools")
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in TOOLS:
+            raise InvalidRequest(
+                f"Tools of type {kind!r} are not supported: a hosted tool is billed per call"
+                " on top of tokens, which cannot be bounded before the request is sent."
+                " Use 'function' or 'custom' tools.", param=f"tools[{i}].type")
+
+
+def prompt_parts(body: dict[str, Any], image_tokens: int = IMAGE_TOKENS) -> Prompt:
+    """What a Responses request ``body`` is billed for as prompt: every string of its
+    ``instructions`` and ``input`` items (media bounded as :mod:`proxy.tokens` does for
+    chat), and its ``tools``, ``text`` (the output format's schema) and ``tool_choice``.
+    Raises InvalidRequest, with the ``param`` at fault, for a part that cannot be bounded."""
+    text: list[str] = []
+    media = 0
+    items = 0
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        text.append(instructions)
+        items += 1
+    elif instructions is not None:
+        raise InvalidRequest("'instructions' must be a string.", param="instructions")
+    given = body.get("input")
+    if isinstance(given, str):
+        text.append(given)
+        items += 1
+    elif isinstance(given, list):
+        for i, item in enumerate(given):
+            media += _item(item, f"input[{i}]", image_tokens, text)
+        items += len(given)
+    elif given is not None:
+        raise InvalidRequest("'input' must be a string or a list of items.", param="input")
+    for key in ("tools", "text", "tool_choice"):
+        value = body.get(key)
+        if value:
+            text.append(value if isinstance(value, str) else orjson.dumps(value).decode())
+    return Prompt("\n".join(text), items, media)
+
+
+def _item(item: Any, where: str, image_tokens: int, text: list[str]) -> int:
+    """Add an input item's strings to ``text``; return the bound of its media."""
+    if not isinstance(item, dict):
+        raise InvalidRequest("An input item must be an object.", param=where)
+    kind = item.get("type", "message" if "role" in item else None)
+    if kind == "item_reference":
+        raise InvalidRequest("An 'item_reference' input item is not supported: " + _STATE,
+                             param=f"{where}.type")
+    if kind not in ITEMS:
+        raise InvalidRequest(
+            f"Input items of type {kind!r} are not supported: what they cost cannot be"
+            " bounded before the request is sent.", param=f"{where}.type")
+    media = 0
+    for key, value in item.items():
+        if key == "content" and kind == "message" and isinstance(value, list):
+            for j, part in enumerate(value):
+                media += _part(part, f"{where}.content[{j}]", image_tokens, text)
+        else:
+            media += _field(key, value, where, image_tokens, text)
+    return media
+
+
+def _part(part: Any, where: str, image_tokens: int, text: list[str]) -> int:
+    if not isinstance(part, dict):
+        raise InvalidRequest("A content part must be an object.", param=where)
+    if part.get("type") not in PARTS:
+        raise InvalidRequest(
+            f"Content parts of type {part.get('type')!r} are not supported: what they cost"
+            " cannot be bounded before the request is sent.", param=f"{where}.type")
+    return _walk(part, where, image_tokens, text)
+
+
+def _walk(value: Any, where: str, image_tokens: int, text: list[str]) -> int:
+    """Every string of ``value`` into ``text``, but media (an image, a file, audio,
+    encrypted reasoning), whose bound is returned."""
+    if isinstance(value, str):
+        text.append(value)
+        return 0
+    if isinstance(value, list):
+        return sum(_walk(v, f"{where}[{i}]", image_tokens, text) for i, v in enumerate(value))
+    if not isinstance(value, dict):
+        return 0
+    kind = value.get("type")
+    if kind in ("input_image", "computer_screenshot", "input_file"):
+        return _media(value, where, image_tokens, text)
+    if kind == "input_audio":
+        audio = value.get("input_audio")
+        data = audio.get("data") if isinstance(audio, dict) else None
+        if not isinstance(data, str):
+            raise InvalidRequest("An input_audio part carries its audio as base64 'data'.",
+                                 param=f"{where}.input_audio.data")
+        return data_tokens(data)
+    if value.get("file_id") is not None:
+        raise InvalidRequest(_BY_ID, param=f"{where}.file_id")
+    return sum(_field(key, v, where, image_tokens, text) for key, v in value.items())
+
+
+def _field(key: str, value: Any, where: str, image_tokens: int, text: list[str]) -> int:
+    """One member of an object, as :func:`_walk` reads it."""
+    if key == "annotations":  # citations: their file ids name nothing to read
+        text.extend(_strings(value))
+        return 0
+    if key == "encrypted_content" and isinstance(value, str):
+        return data_tokens(value)  # what it decrypts to is no longer than it is
+    return _walk(value, f"{where}.{key}", image_tokens, text)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+_BY_ID = ("Content sent by 'file_id' is stored at the provider and cannot be priced before it"
+          " is read, so it cannot be paid for in advance; send it inline instead.")
+
+
+def _media(part: dict[str, Any], where: str, image_tokens: int, text: list[str]) -> int:
+    """An image's or a file's bound: an image at most ``image_tokens`` (a ``data:`` URL at
+    least its bytes), a file's inline data its bytes."""
+    if part.get("file_id") is not None:
+        raise InvalidRequest(_BY_ID, param=f"{where}.file_id")
+    if part.get("type") == "input_file":
+        if part.get("file_url") is not None:
+            raise InvalidRequest("A file sent by 'file_url' cannot be priced before it is"
+                                 " fetched; send its content as 'file_data' instead.",
+                                 param=f"{where}.file_url")
+        data = part.get("file_data")
+        if not isinstance(data, str):
+            raise InvalidRequest("An input_file part carries its content as 'file_data'.",
+                                 param=f"{where}.file_data")
+        text.extend(v for k, v in part.items()
+                    if k not in ("file_data", "type") and isinstance(v, str))
+        return data_tokens(data)
+    url = part.get("image_url")
+    text.extend(v for k, v in part.items() if k not in ("image_url", "type")
+                and isinstance(v, str))
+    if isinstance(url, str) and url[:5].lower() == "data:":
+        return max(image_tokens, data_tokens(url))
+    return image_tokens
+
+
+# --- the adapter ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ResponsesCall:
+    """One Responses request: its plan, and how its answer is read and priced."""
+
+    plan: Plan
+    services: Services
+    provider: Provider
+    call: Call
+    price: Price
+    scale: int
+    markup_bps: int
+    prompt_tokens: int  # counted here, for when the provider reports nothing
+    model: str  # the public name
+    upstream_model: str
+    encoding: str
+    structured: bool  # text.format is a JSON schema: a blocked reply is a refusal
+    meter: ResponseMeter | None = None
+    answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
+
+    @property
+    def error_tail(self) -> Callable[[ProxyError], bytes]:
+        """The Responses API's ``error`` event, numbered after the provider's last."""
+        def tail(error: ProxyError) -> bytes:
+            seq = self.meter.sequence + 1 if self.meter is not None else 0
+            return error_event(error.code or error.type, error.message, error.param, seq)
+        return tail
+
+    def cost(self, usage: Usage) -> int:
+        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
+
+    def priced(self, usage: Usage, outcome: str) -> Charge:
+        return Charge(self.cost(usage), outcome, usage)
+
+    def cost_fields(self, usage: Usage) -> dict[str, Any]:
+        return {"cost": format_amount(self.cost(usage), self.scale),
+                "cost_asset": self.price.asset}
+
+    async def counted(self, text: str) -> Usage:
+        completion = await self.services.tokenizer.count_async(text, self.upstream_model,
+                                                               self.encoding)
+        return Usage(self.prompt_tokens, completion)
+
+    async def blocked(self, decision: Decision, state: UserState) -> Response:
+        p = self.plan
+        # A connect link is issued against the user's connection version.
+        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
+                   if decision.action is Action.CONNECT else 0)
+        told = notice(self.services.signer, p.paywall_id, p.paywall, p.user,
+                      decision.action, state, self.scale, self.price.asset, version)
+        body, media = blocked_reply(request_id=self.call.request_id, model=self.model,
+                                    text=told.text, paywall=told.paywall,
+                                    stream=self.call.stream, refusal=self.structured)
+        return Response(body, media_type=media,
+                        headers={"x-paywall-action": decision.action.value})
+
+    async def send(self) -> Reply:
+        return await self.provider.send(self.call)
+
+    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
+                ) -> list[tuple[bytes, bytes]]:
+        out = reply.raw_headers()
+        if verdict is not None and (relayed or reply.ok):
+            out += verdict.raw_headers()
+        if relayed:
+            out += _STREAM_HEADERS
+        return out
+
+    def relays(self, reply: Reply) -> bool:
+        return self.call.stream and reply.stream
+
+    def framer(self) -> Framer:
+        self.meter = ResponseMeter(public_names(self.upstream_model, self.model),
+                                   self.cost_fields)
+        return self.meter
+
+    def checkpoint(self) -> Checkpoint | None:
+        return Checkpoint(self) if self.call.stream else None
+
+    def gone(self) -> Charge:
+        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
+
+    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
+        meter = self.meter
+        assert meter is not None and framer is meter
+        if meter.usage is not None:
+            return self.priced(meter.usage, "completed" if meter.done else outcome.value)
+        if meter.delivered:
+            counted = await self.counted("".join(meter.text))
+            return self.priced(meter.with_counted(counted), outcome.value)
+        if outcome is Outcome.PARTIAL or meter.failed:  # it failed before any output
+            return Charge(None, "failed" if outcome is Outcome.COMPLETED else outcome.value)
+        # The provider has the prompt; the client left before any output (or there was
+        # none): the prompt is owed.
+        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
+
+    async def settle_whole(self, content: bytes) -> Charge:
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            data = None
+        usage = response_usage(data)
+        self.answered = data, usage is not None
+        if usage is None:  # none, or refused: the output is counted
+            usage = await self.counted(response_text(data, content))
+        return self.priced(usage, "completed")
+
+    def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
+               verdict: Verdict | None) -> Response:
+        data, reported = self.answered
+        body = content
+        if posted is not None and charge.usage is not None and isinstance(data, dict):
+            if not reported:
+                data["usage"] = usage_object(charge.usage)
+            data["usage"]["cost"] = format_amount(posted.charged, self.scale)
+            data["usage"]["cost_asset"] = self.price.asset
+            body = orjson.dumps(data)
+        rename = public_names(self.upstream_model, self.model)
+        response = Response(rename(body) if rename else body, status_code=200)
+        response.raw_headers += self.headers(reply, verdict, relayed=False)
+        if posted is not None:
+            response.raw_headers += [
+                (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
+                (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
+        return response
+
+
+class Checkpoint:
+    """What a live stream has delivered so far, for the reaper: counted as it grows."""
+
+    def __init__(self, call: ResponsesCall):
+        self.call = call
+        self.counted = 0  # of meter.text
+        self.tokens = 0
+
+    def __call__(self) -> dict[str, Any] | None:
+        c, meter = self.call, self.call.meter
+        if meter is None:
+            return None
+        usage = meter.usage
+        if usage is None:
+            fresh = "".join(meter.text[self.counted:])
+            self.counted = len(meter.text)
+            self.tokens += c.services.tokenizer.count(fresh, c.upstream_model, c.encoding)
+            if not self.tokens:
+                return None
+            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
+        return {"prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens, "cost": c.cost(usage)}
+
+
+# --- the route ------------------------------------------------------------------------
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):  # "stream": 1 would stream unmetered
+        raise InvalidRequest(f"'{key}' must be true or false.", param=key)
+    return value
+
+
+async def create_response(request: Request) -> Response | StreamRelay:
+    services: Services = request.app.state.services
+    s = services.settings
+    rec = record_of(request.state)
+    principal = await authenticate(request, services)
+    paywall_id = rec.paywall = principal.paywall_id
+    body = await read_json(request, s.server.max_body_bytes)
+    user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
+    rec.user = user
+    request_id: str = request.state.request_id
+
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    paywall = s.paywalls[paywall_id]
+    model = s.models.get(name)
+    if model is None:
+        raise ModelNotFound(
+            f"The model '{name}' does not exist or you do not have access to it.", param="model")
+    provider_id = model.provider
+    if s.providers[provider_id].kind != "openai":
+        raise InvalidRequest(f"The model '{name}' is not served through the Responses API;"
+                             " use /v1/chat/completions.", param="model",
+                             code="unsupported_model")
+    upstream_model = model.upstream or name
+    rec.model, rec.provider = name, provider_id
+    stream = _flag(body, "stream")
+    check_request(body)
+    limits = guard.effective(paywall.limits, await services.overrides.get(paywall_id, user))
+    requested = body.get("max_output_tokens")
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int)
+                                  or requested < 1):
+        raise InvalidRequest("'max_output_tokens' must be a positive integer.",
+                             param="max_output_tokens")
+    output_cap = guard.output_cap(requested, paywall.max_output_tokens, limits,
+                                  "max_output_tokens")
+    body["max_output_tokens"] = output_cap
+    body["model"] = upstream_model
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    structured = isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+
+    price = services.prices[name]
+    scale = s.assets[price.asset].scale
+    rec.asset, rec.scale = price.asset, scale
+    markup_bps = int(paywall.markup_percent * 100)
+    try:
+        prompt_tokens, estimate, _ = await services.tokenizer.bound(
+            prompt_parts(body, model.max_image_tokens), upstream_model, model.encoding)
+        upstream_body = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
+        raise InvalidRequest("The request body is nested too deeply.") from None
+    # The worst case: every output token at the dearer of the output and reasoning prices.
+    hold = cost(Usage(estimate, output_cap, reasoning_tokens=(
+        output_cap if price.reasoning > price.output else 0)), price, markup_bps)
+    plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
+                frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap)
+    call = Call(
+        body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
+        api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
+        payload=body, path="/responses",
+    )
+    return await lifecycle.run(request, services, rec, ResponsesCall(
+        plan, services, services.providers[provider_id], call, price, scale, markup_bps,
+        prompt_tokens, name, upstream_model, model.encoding, structured))
