@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import balances, cors, db, gateway, gauges, observe, pages, reaper, user_api
+from proxy import balances, cors, db, gateway, gauges, messages, observe, pages, reaper, user_api
 from proxy import settings as config
 from proxy.chat import chat_completions
 from proxy.embeddings import embeddings
@@ -144,8 +144,10 @@ async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     observe.record_of(request.state).error = exc.code or exc.type
     if isinstance(exc, DatabaseUnavailable):  # the request's access line says so, once
         request.app.state.services.metrics.errors.labels("database").inc()
-    # /api/v1 speaks the hosted gateway's error shape; everything else OpenAI's.
-    body = exc.api_body() if request.url.path.startswith(cors.PREFIX) else exc.body()
+    # /api/v1 speaks the hosted gateway's error shape, Messages Anthropic's; the rest OpenAI's.
+    path = request.url.path
+    body = (exc.api_body() if path.startswith(cors.PREFIX)
+            else exc.anthropic_body() if messages.speaks_anthropic(path) else exc.body())
     return Response(body, status_code=exc.status, media_type=JSON, headers=exc.headers)
 
 
@@ -250,6 +252,7 @@ def create_app(settings: Settings) -> observe.Observe:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/{user}/chat/completions", chat_completions, methods=["POST"]),
+        *messages.routes,
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/{user}/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),

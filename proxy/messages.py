@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from proxy import anthropic_wire as wire
 from proxy import guard, lifecycle
@@ -115,9 +116,10 @@ class MessagesCall:
         assert meter is not None and framer is meter
         # A provider that failed (broke off, or said so in an error event) before any
         # output is owed nothing; after output, what it delivered.
-        failed = outcome is Outcome.PARTIAL or meter.failed
-        if failed and not meter.delivered:
-            return Charge(None, Outcome.PARTIAL.value)
+        if meter.failed:
+            outcome = Outcome.PARTIAL
+        if outcome is Outcome.PARTIAL and not meter.delivered:
+            return Charge(None, outcome.value)
         if meter.usage is not None:
             return self.priced(meter.usage, "completed" if meter.done else outcome.value)
         if meter.delivered:
@@ -265,3 +267,16 @@ async def messages(request: Request) -> Response | StreamRelay:
     return await lifecycle.run(request, services, rec, MessagesCall(
         plan, services, services.providers[provider_id], call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding))
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether ``path`` is a Messages route, whose errors are rendered as Anthropic's."""
+    return path.startswith("/v1/") and path.endswith("/messages")
+
+
+routes = [
+    Route("/v1/messages", messages, methods=["POST"]),
+    Route("/v1/{user}/messages", messages, methods=["POST"]),
+    # The Anthropic SDK appends /v1/messages to its base URL, here .../v1/{user}.
+    Route("/v1/{user}/v1/messages", messages, methods=["POST"]),
+]

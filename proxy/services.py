@@ -108,10 +108,14 @@ def services_of(request: Request) -> Services:
 
 
 async def authenticate(request: Request, services: Services) -> Principal:
-    key = bearer_token(request.headers.get("authorization"))
+    """The paywall whose key the request carries: as ``Authorization: Bearer <key>``
+    (the OpenAI SDKs), else as ``x-api-key`` (the Anthropic SDKs)."""
+    key = (bearer_token(request.headers.get("authorization"))
+           or request.headers.get("x-api-key") or None)
     if key is None:
         raise AuthenticationFailed(
-            "Missing API key: send your paywall key as 'Authorization: Bearer <key>'."
+            "Missing API key: send your paywall key as 'Authorization: Bearer <key>' "
+            "or 'x-api-key: <key>'."
         )
     principal = await services.keys.authenticate(key)
     if principal is None or principal.paywall_id not in services.settings.paywalls:
