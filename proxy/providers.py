@@ -3,7 +3,9 @@
 A provider turns a :class:`Call` into a :class:`~proxy.upstream.Reply`. ``openai``
 covers every OpenAI-compatible HTTP API (its URL, its auth header, extra headers and
 query parameters) and sends through the one :class:`~proxy.upstream.Transport`;
-``mock`` answers itself, for the quick start, demos and benchmarks.
+``anthropic`` (:mod:`proxy.anthropic`) speaks Anthropic's Messages API through it, and
+answers chat completions translated; ``mock`` answers itself, for the quick start,
+demos and benchmarks.
 """
 
 from __future__ import annotations
