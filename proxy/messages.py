@@ -216,8 +216,8 @@ async def messages(request: Request) -> Response | StreamRelay:
     principal = await authenticate(request, services)
     paywall_id = rec.paywall = principal.paywall_id
     body = await read_json(request, s.server.max_body_bytes)
-    user = resolve_user({"user": _user_id(body)}, request.headers.get(USER_HEADER),
-                        request.path_params.get("user"))
+    user = resolve_user({"metadata.user_id": _user_id(body)}, request.headers.get(USER_HEADER),
+                        request.path_params.get("user"), fields=("metadata.user_id",))
     rec.user = user
     request_id: str = request.state.request_id
 

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from proxy import anthropic_wire as wire
+from proxy import errors
 from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.metering import public_names
 from proxy.pricing import Usage
@@ -370,3 +371,28 @@ def test_the_error_tail_is_an_anthropic_error_event() -> None:
     assert event.event == "error"
     assert orjson.loads(event.data) == {"type": "error", "error": {
         "type": "api_error", "message": "The provider 'a' broke off."}}
+
+
+ERRORS: list[tuple[errors.ProxyError, str]] = [
+    (errors.InvalidRequest("x"), "invalid_request_error"),
+    (errors.PayloadTooLarge("x"), "request_too_large"),
+    (errors.NotFound("x"), "not_found_error"),
+    (errors.ModelNotFound("x"), "not_found_error"),
+    (errors.MethodNotAllowed("x"), "invalid_request_error"),
+    (errors.AuthenticationFailed("x"), "authentication_error"),
+    (errors.Forbidden("x"), "permission_error"),
+    (errors.PaymentRequired("x"), "billing_error"),
+    (errors.Conflict("x"), "invalid_request_error"),
+    (errors.RateLimited("x", "tokens", {}), "rate_limit_error"),
+    (errors.LimiterUnavailable("x"), "overloaded_error"),
+    (errors.DatabaseUnavailable("x"), "overloaded_error"),
+    (errors.UpstreamUnavailable("x"), "api_error"),
+    (errors.UpstreamTimeout("x"), "timeout_error"),
+    (errors.ProxyError("x"), "api_error"),
+]
+
+
+@pytest.mark.parametrize(("error", "kind"), ERRORS, ids=[type(e).__name__ for e, _ in ERRORS])
+def test_errors_in_anthropics_shape(error: errors.ProxyError, kind: str) -> None:
+    assert orjson.loads(error.anthropic_body()) == {
+        "type": "error", "error": {"type": kind, "message": "x"}}

@@ -489,3 +489,32 @@ async def test_an_unknown_model_is_not_found(env: Env) -> None:
             await c.messages.create(model="claude-nope", max_tokens=10, messages=HELLO)
     assert isinstance(e.value.body, dict)
     assert e.value.body["error"]["type"] == "not_found_error"
+
+
+async def test_a_missing_key_and_a_bad_user_id_are_anthropic_shaped(env: Env) -> None:
+    async with httpx.AsyncClient(base_url=env.proxy.url, timeout=30) as http:
+        missing = await http.post("/v1/messages", json={"model": "claude-pub"})
+        bad_user = await http.post("/v1/messages", headers={"x-api-key": env.keys["msg"]},
+                                   json={"model": "claude-pub", "max_tokens": 5,
+                                         "messages": HELLO,
+                                         "metadata": {"user_id": "no spaces allowed"}})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    assert "x-api-key" in missing.json()["error"]["message"]
+    assert bad_user.status_code == 400
+    assert bad_user.json()["type"] == "error"
+    assert "metadata.user_id" in bad_user.json()["error"]["message"]
+
+
+async def test_the_hold_covers_the_prompt_as_cache_writes_and_all_of_max_tokens(
+        env: Env, pg: Any) -> None:
+    """Cache writes are dearer than plain input here: the whole prompt could be written."""
+    user = new_user("hold")
+    body = {"model": "claude-pub", "max_tokens": 300, "messages": HELLO}
+    async with env.client(user=user) as c:
+        raw = await c.messages.with_raw_response.create(**body)
+    hold, _ = await settled(pg, "msg", user, raw.headers["x-request-id"])
+    # The proxy's estimate: its count, 4 tokens a message, 5% and 8 tokens to spare.
+    estimate = -(-(tokens(prompt_of(body, 0).text) + 4) * 105 // 100) + 8
+    exact = (estimate * WRITE + 300 * OUTPUT) * (BPS + MARKUP_BPS)
+    assert hold["amount"] == -(-exact // (MILLION * BPS))
