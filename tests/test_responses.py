@@ -764,3 +764,14 @@ async def test_the_user_in_the_path(served: Served, pg: Any) -> None:
     _, entry = await settled(pg, raw.headers["x-request-id"])
     assert charge_of(entry) == ("charge", REPORTED_COST, 20, 7, "completed", "gpt-r")
     assert await balance(pg, "resp", user) == (GRANT - REPORTED_COST, 0)
+
+
+async def test_safety_identifier_names_the_user(served: Served, pg: Any) -> None:
+    user = new_user("safety")
+    raw = await asyncio.to_thread(lambda: served.sdk().responses.with_raw_response.create(
+        model="gpt-r", input="hi", safety_identifier=user))
+    _, entry = await settled(pg, raw.headers["x-request-id"])
+    assert charge_of(entry) == ("charge", REPORTED_COST, 20, 7, "completed", "gpt-r")
+    assert await balance(pg, "resp", user) == (GRANT - REPORTED_COST, 0)
+    assert served.forwarded(user) == []  # it went upstream as sent, not as 'user'
+    assert served.upstream.last().body["safety_identifier"] == user
