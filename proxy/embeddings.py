@@ -176,7 +176,7 @@ class EmbeddingsCall:
 
     plan: Plan
     services: Services
-    provider: Provider | MockEmbeddings
+    provider: Provider  # the mock kind: MockEmbeddings
     call: Call
     price: Price
     scale: int
