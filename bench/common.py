@@ -3,7 +3,8 @@ wrk runs, the tables.
 
 The upstream is nginx answering every POST with a fixed ``chat.completion`` (or a fixed
 SSE stream) from its configuration, so it costs almost nothing and what is measured is
-whatever stands between wrk and it.
+whatever stands between wrk and it. It also serves bench/answers.py's fixed Responses
+and embeddings answers, for bench/endpoints.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from answers import (
+    EMBEDDINGS_PATH,
+    RESPONSES_PATH,
+    STREAM_RESPONSES_PATH,
+    embeddings_body,
+    response_body,
+    response_stream_body,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 CHAT_LUA = BENCH_DIR / "chat.lua"
@@ -323,6 +333,19 @@ http {{
         location = {STREAM_CHAT_PATH} {{
             default_type text/event-stream;
             return 200 {_nginx_string(stream_body())};
+        }}
+        # bench/answers.py: what bench/endpoints.py measures beside chat.
+        location = {RESPONSES_PATH} {{
+            default_type application/json;
+            return 200 {_nginx_string(response_body())};
+        }}
+        location = {STREAM_RESPONSES_PATH} {{
+            default_type text/event-stream;
+            return 200 {_nginx_string(response_stream_body())};
+        }}
+        location = {EMBEDDINGS_PATH} {{
+            default_type application/json;
+            return 200 {_nginx_string(embeddings_body())};
         }}
     }}
 }}

@@ -8,7 +8,9 @@ uvicorn and the upstream client. Every client gets the same connection limit.
 - ``/stream/v1/chat/completions``: the upstream's answer is relayed chunk by chunk as it
   arrives (a ``StreamingResponse``), as a streaming proxy does.
 
-Each path is forwarded to the same path on the upstream origin. Started by
+``/v1/responses`` and ``/v1/embeddings`` are forwarded like the first,
+``/stream/v1/responses`` relayed like the second (bench/endpoints.py). Each path is
+forwarded to the same path on the upstream origin. Started by
 ``common.passthrough`` for bench/clients.py and bench/run.py:
 
     python bench/passthrough.py {aiohttp,httpx-aiohttp,httpx} --upstream ORIGIN --port PORT
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import uvicorn
+from answers import EMBEDDINGS_PATH, RESPONSES_PATH, STREAM_RESPONSES_PATH
 from common import CHAT_PATH, STREAM_CHAT_PATH, UPSTREAM_CONNECTIONS
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -120,23 +123,26 @@ def client(name: str) -> contextlib.AbstractAsyncContextManager[Client]:
     raise ValueError(f"unknown client {name!r}")
 
 
-def create_app(name: str, origin: str) -> Starlette:
-    chat_url, stream_url = origin + CHAT_PATH, origin + STREAM_CHAT_PATH
+Handler = Callable[[Request], Awaitable[Response]]
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with client(name) as upstream:
-            app.state.upstream = upstream
-            yield
 
-    async def chat_completions(request: Request) -> Response:
+def whole(url: str) -> Handler:
+    """A handler forwarding to ``url``: the answer read whole, then sent."""
+
+    async def forward(request: Request) -> Response:
         upstream: Client = request.app.state.upstream
-        status, content, content_type = await upstream.forward(chat_url, await request.body())
+        status, content, content_type = await upstream.forward(url, await request.body())
         return Response(content, status_code=status, media_type=content_type)
 
-    async def stream_chat_completions(request: Request) -> Response:
+    return forward
+
+
+def relayed(url: str) -> Handler:
+    """A handler forwarding to ``url``: the answer relayed chunk by chunk."""
+
+    async def forward(request: Request) -> Response:
         upstream: Client = request.app.state.upstream
-        opened = await upstream.open(stream_url, await request.body())
+        opened = await upstream.open(url, await request.body())
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -148,9 +154,21 @@ def create_app(name: str, origin: str) -> Starlette:
         return StreamingResponse(relay(), status_code=opened.status,
                                  headers={"content-type": opened.content_type})
 
+    return forward
+
+
+def create_app(name: str, origin: str) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with client(name) as upstream:
+            app.state.upstream = upstream
+            yield
+
     return Starlette(routes=[
-        Route(CHAT_PATH, chat_completions, methods=["POST"]),
-        Route(STREAM_CHAT_PATH, stream_chat_completions, methods=["POST"]),
+        *(Route(path, whole(origin + path), methods=["POST"])
+          for path in (CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH)),
+        *(Route(path, relayed(origin + path), methods=["POST"])
+          for path in (STREAM_CHAT_PATH, STREAM_RESPONSES_PATH)),
     ], lifespan=lifespan)
 
 
