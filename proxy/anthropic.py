@@ -24,7 +24,13 @@ import orjson
 
 from proxy.errors import InvalidRequest
 from proxy.settings import ProviderSettings
-from proxy.translate import ChunkTranslator, to_completion, to_messages, to_openai_error
+from proxy.translate import (
+    ChunkTranslator,
+    answer_tool,
+    to_completion,
+    to_messages,
+    to_openai_error,
+)
 from proxy.upstream import ANTHROPIC_HEADERS, Outbound, Reply, Transport, encoded, secret_values
 
 if TYPE_CHECKING:  # proxy.providers builds this kind
@@ -74,10 +80,12 @@ class AnthropicProvider:
         reply = await self._post(call, orjson.dumps(body), call.stream)
         created = int(time.time())
         headers = [(k, v) for k, v in reply.headers if k != "content-type"]
+        answer = answer_tool(call.payload)
         if reply.ok and call.stream and reply.stream:
             options = call.payload.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            stream = ChunkTranslator(include_usage, created, str(body.get("model") or ""))
+            stream = ChunkTranslator(include_usage, created, str(body.get("model") or ""),
+                                     answer)
             return Reply(reply.status, [("content-type", "text/event-stream"), *headers],
                          _translated(reply, stream.feed), stream=True, _closer=reply.close)
 
@@ -85,7 +93,7 @@ class AnthropicProvider:
             if not reply.ok:
                 return to_openai_error(reply.status, raw)
             try:
-                completion = to_completion(orjson.loads(raw), created)
+                completion = to_completion(orjson.loads(raw), created, answer)
             except orjson.JSONDecodeError:
                 completion = None
             return raw if completion is None else orjson.dumps(completion)

@@ -7,10 +7,13 @@ bytes out.
     Anthropic error body ──to_openai_error──▶ {"error": {message, type, param, code}}
 
 What a chat request asks for that Messages cannot give (several choices, log
-probabilities, audio, JSON output modes, predicted outputs) is refused with a 400
-naming the parameter, never dropped in silence: :func:`check` says so before anything
-is sent. Sampling knobs Messages lacks (penalties, seed, logit bias) and OpenAI's
-storage options are left out.
+probabilities, audio, predicted outputs) is refused with a 400 naming the parameter,
+never dropped in silence: :func:`check` says so before anything is sent. A JSON
+``response_format`` (``json_schema``, ``json_object``) is asked for as Messages does
+structured output: one tool, its input the schema, that the model must call
+(:func:`answer_tool`); that call's input comes back as the message's content.
+Sampling knobs Messages lacks (penalties, seed, logit bias) and OpenAI's storage
+options are left out.
 
 Usage: Anthropic's ``input_tokens`` leaves out the prompt read from and written to its
 cache; the chat usage counts all three as ``prompt_tokens``, with the parts in
@@ -37,6 +40,7 @@ FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
           "max_tokens": "length", "model_context_window_exceeded": "length",
           "tool_use": "tool_calls", "refusal": "content_filter"}
 _UNSUPPORTED = ("prediction", "audio")
+JSON_TOOL = "json_answer"  # the tool a json_object (or an unnamed schema) is asked through
 
 
 def _refuse(message: str, param: str) -> InvalidRequest:
@@ -121,6 +125,13 @@ def to_messages(payload: Mapping[str, Any]) -> dict[str, Any]:
             choice["disable_parallel_tool_use"] = True
     if choice is not None:
         out["tool_choice"] = choice
+    forced = answer_tool(payload)
+    if forced is not None:
+        spec = _obj(_obj(payload.get("response_format")).get("json_schema"))
+        tool: dict[str, Any] = {"name": forced, "description": str(
+            spec.get("description") or "Give the answer as this tool's input.")}
+        tool["input_schema"] = spec.get("schema") or {"type": "object"}
+        out["tools"], out["tool_choice"] = [tool], {"type": "tool", "name": forced}
     if payload.get("stream"):
         out["stream"] = True
     return out
@@ -140,9 +151,29 @@ def _refuse_unsupported(p: Mapping[str, Any]) -> None:
         if p.get(key) is not None:
             raise _refuse(f"'{key}' cannot be translated", key)
     fmt = p.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return
+    if fmt.get("type") not in ("json_object", "json_schema"):
         raise _refuse(f"response_format {fmt.get('type')!r} cannot be translated",
                       "response_format")
+    if p.get("tools"):
+        raise _refuse("A JSON response_format together with tools cannot be translated",
+                      "response_format")
+    schema = _obj(fmt.get("json_schema")).get("schema")
+    if fmt["type"] == "json_schema" and not (isinstance(schema, dict)
+                                             and schema.get("type", "object") == "object"):
+        raise _refuse("response_format.json_schema.schema must be an object schema",
+                      "response_format.json_schema.schema")
+
+
+def answer_tool(payload: Mapping[str, Any]) -> str | None:
+    """The tool a JSON ``response_format`` is asked through (its schema's name, else
+    :data:`JSON_TOOL`), or None when the answer is plain text."""
+    fmt = _obj(payload.get("response_format"))
+    if fmt.get("type") not in ("json_object", "json_schema"):
+        return None
+    name = _obj(fmt.get("json_schema")).get("name")
+    return name if isinstance(name, str) and name else JSON_TOOL
 
 
 def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -306,19 +337,24 @@ def openai_usage(usage: Any) -> dict[str, Any] | None:
                                       "cache_write_tokens": u.cache_write_tokens}}
 
 
-def to_completion(msg: Any, created: int) -> dict[str, Any] | None:
-    """The chat.completion for a whole Messages answer; None when ``msg`` is not one."""
+def to_completion(msg: Any, created: int, answer: str | None = None) -> dict[str, Any] | None:
+    """The chat.completion for a whole Messages answer; None when ``msg`` is not one. A
+    call of the ``answer`` tool (:func:`answer_tool`) is the content, as JSON text."""
     if not isinstance(msg, dict) or not isinstance(msg.get("content"), list):
         return None
     texts: list[str] = []
     thinking: list[str] = []
     calls: list[dict[str, Any]] = []
+    reason = FINISH.get(str(msg.get("stop_reason")), "stop")
     for block in msg["content"]:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             thinking.append(block["thinking"])
+        elif kind == "tool_use" and answer is not None and block.get("name") == answer:
+            texts.append(orjson.dumps(block.get("input", {})).decode())
+            reason = "stop" if reason == "tool_calls" else reason
         elif kind == "tool_use":
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
@@ -335,7 +371,7 @@ def to_completion(msg: Any, created: int) -> dict[str, Any] | None:
         "id": msg.get("id"), "object": "chat.completion", "created": created,
         "model": msg.get("model"),
         "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": FINISH.get(str(msg.get("stop_reason")), "stop")}]}
+                     "finish_reason": reason}]}
     usage = openai_usage(msg.get("usage"))
     if usage is not None:
         out["usage"] = usage
@@ -380,12 +416,16 @@ class ChunkTranslator:
     output yet): a client or proxy that is left before the end still knows what the
     prompt cost. At ``message_stop`` the usage chunk (``choices: []``) follows with
     ``include_usage``, then ``[DONE]``. An ``error`` event becomes ``data: {"error":
-    ...}`` in OpenAI's shape, and the stream ends there."""
+    ...}`` in OpenAI's shape, and the stream ends there. The input of a call of the
+    ``answer`` tool (:func:`answer_tool`) streams as content."""
 
-    __slots__ = ("_blocks", "_calls", "_parser", "_usage", "created", "id",
-                 "include_usage", "model")
+    __slots__ = ("_answering", "_blocks", "_calls", "_parser", "_usage", "answer",
+                 "created", "id", "include_usage", "model")
 
-    def __init__(self, include_usage: bool, created: int, model: str = ""):
+    def __init__(self, include_usage: bool, created: int, model: str = "",
+                 answer: str | None = None):
+        self.answer = answer
+        self._answering: set[int] = set()  # the blocks that call the answer tool
         self.include_usage = include_usage
         self.created = created
         self.model = model
@@ -437,7 +477,10 @@ class ChunkTranslator:
             reason = delta.get("stop_reason")
             if reason is None:
                 return b""
-            return self._chunk({}, FINISH.get(str(reason), "stop"))
+            finish = FINISH.get(str(reason), "stop")
+            if finish == "tool_calls" and self._answering and not self._calls:
+                finish = "stop"
+            return self._chunk({}, finish)
         if kind == "message_stop":
             usage = openai_usage(self._usage)
             tail = self._chunk(None, usage=usage) if self.include_usage and usage else b""
@@ -450,6 +493,10 @@ class ChunkTranslator:
     def _block_start(self, data: dict[str, Any]) -> bytes:
         block = data.get("content_block")
         if not isinstance(block, dict):
+            return b""
+        if block.get("type") == "tool_use" and self.answer is not None \
+                and block.get("name") == self.answer:
+            self._answering.add(_index(data))
             return b""
         if block.get("type") == "tool_use":
             ordinal = self._blocks[_index(data)] = self._calls
@@ -471,6 +518,8 @@ class ChunkTranslator:
         if kind == "thinking_delta" and delta.get("thinking"):
             return self._chunk({"reasoning_content": delta["thinking"]})
         if kind == "input_json_delta" and delta.get("partial_json"):
+            if _index(data) in self._answering:
+                return self._chunk({"content": delta["partial_json"]})
             ordinal = self._blocks.get(_index(data))
             if ordinal is None:
                 return b""

@@ -26,8 +26,9 @@ It behaves according to the model asked for:
   text ``TOOL_PREAMBLE`` then a ``tool_use`` block (``toolu_<n>``, input
   ``TOOL_INPUT``, streamed as the pieces ``TOOL_INPUT_PIECES``) for each of the first two
   tools (only the first with ``tool_choice.disable_parallel_tool_use``), stop_reason
-  ``tool_use``; when the last user message has tool results, the text ``tool said: <each
-  result's text, joined by " | ">``.
+  ``tool_use``; with ``tool_choice`` ``any`` or ``tool`` (a forced call) no text, and
+  ``tool`` calls only the tool it names; when the last user message has tool results,
+  the text ``tool said: <each result's text, joined by " | ">``.
 - ``claude-max``: ``min(max_tokens, 20)`` words, ``stop_reason: max_tokens``.
 - ``claude-stream-endless``: a stream of a word every 0.1 s for a minute; when the
   client side goes away the time is recorded in ``closed_at``.
@@ -151,8 +152,11 @@ def plan(body: dict[str, Any]) -> Plan:
         if body.get("tools"):
             choice = body.get("tool_choice") or {}
             tools = body["tools"][:1 if choice.get("disable_parallel_tool_use") else 2]
-            blocks: list[tuple[str, list[str], dict[str, Any]]] = [
-                ("text", _pieces(TOOL_PREAMBLE), {})]
+            blocks: list[tuple[str, list[str], dict[str, Any]]] = []
+            if choice.get("type") == "tool":
+                tools = [t for t in body["tools"] if t["name"] == choice["name"]]
+            if choice.get("type") not in ("tool", "any"):
+                blocks.append(("text", _pieces(TOOL_PREAMBLE), {}))
             for i, tool in enumerate(tools):
                 blocks.append(("tool_use", list(TOOL_INPUT_PIECES),
                                {"id": f"toolu_{i}", "name": tool["name"]}))

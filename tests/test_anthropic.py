@@ -482,7 +482,8 @@ async def test_upstream_error_is_openai_shaped_and_voids_the_hold(
 
 @pytest.mark.parametrize(("extra", "param"), [
     ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array"}}}}, "response_format.json_schema.schema"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]},
      "messages[0].tool_calls[0].function.arguments"),
@@ -555,3 +556,32 @@ async def test_provider_failure_mid_stream_charges_prompt_and_delivered(
     prompt = max(anthropic_prompt(claude.sent(request_id).body)[0], proxy_prompt([HELLO]))
     await assert_charged(pg, request_id, prompt, len(ENC.encode_ordinary(delivered)),
                          outcome=outcome)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_json_schema_through_a_forced_tool(claude: Claude, pg: asyncpg.Connection,
+                                                 stream: bool) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    async with claude.http() as http:
+        r = await http.post("/v1/chat/completions", json={
+            "model": "claude-tools-test", "user": new_user("claude-json"),
+            "messages": [HELLO], "response_format": fmt, "stream": stream})
+    assert r.status_code == 200, r.text
+    if stream:
+        events = sse_events(r.content)
+        content = "".join(e["choices"][0]["delta"].get("content") or ""
+                          for e in events if isinstance(e, dict) and e["choices"])
+        finish = [e["choices"][0]["finish_reason"] for e in events
+                  if isinstance(e, dict) and e["choices"]][-1]
+    else:
+        choice = r.json()["choices"][0]
+        content, finish = choice["message"]["content"], choice["finish_reason"]
+        assert "tool_calls" not in choice["message"]
+    assert orjson.loads(content) == TOOL_INPUT and finish == "stop"
+    request_id = r.headers["x-request-id"]
+    seen = claude.sent(request_id).body
+    assert seen["tools"] == [{"name": "place", "input_schema": schema,
+                              "description": "Give the answer as this tool's input."}]
+    assert seen["tool_choice"] == {"type": "tool", "name": "place"}
+    await assert_charged(pg, request_id, anthropic_prompt(seen)[0], len(TOOL_INPUT_PIECES))

@@ -126,6 +126,20 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
      req([user("q")], safety_identifier="u-2"),
      {"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "q"}],
       "metadata": {"user_id": "u-2"}}),
+    ("json_schema: one forced tool",
+     req([user("q")], response_format={"type": "json_schema", "json_schema": {
+         "name": "city", "description": "A city", "strict": True,
+         "schema": {"type": "object", "properties": {"name": {"type": "string"}}}}}),
+     {"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "q"}],
+      "tools": [{"name": "city", "description": "A city", "input_schema": {
+          "type": "object", "properties": {"name": {"type": "string"}}}}],
+      "tool_choice": {"type": "tool", "name": "city"}}),
+    ("json_object: a forced tool taking any object",
+     req([user("q")], response_format={"type": "json_object"}),
+     {"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "q"}],
+      "tools": [{"name": "json_answer", "description": "Give the answer as this tool's input.",
+                 "input_schema": {"type": "object"}}],
+      "tool_choice": {"type": "tool", "name": "json_answer"}}),
     ("stop list; empty assistant turn dropped",
      req([user("q"), {"role": "assistant", "content": ""}, user("r")], stop=["a", "b"]),
      {"model": "claude-x", "max_tokens": 100, "stop_sequences": ["a", "b"],
@@ -147,9 +161,13 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     (req([user("q")], top_logprobs=2), "top_logprobs"),
     (req([user("q")], modalities=["text", "audio"]), "modalities"),
     (req([user("q")], audio={"voice": "alloy", "format": "wav"}), "audio"),
-    (req([user("q")], response_format={"type": "json_object"}), "response_format"),
     (req([user("q")], response_format={"type": "json_schema", "json_schema": {}}),
+     "response_format.json_schema.schema"),
+    (req([user("q")], response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array"}}}), "response_format.json_schema.schema"),
+    (req([user("q")], response_format={"type": "json_object"}, tools=[TOOL]),
      "response_format"),
+    (req([user("q")], response_format={"type": "yaml"}), "response_format"),
     (req([user("q")], prediction={"type": "content", "content": "x"}), "prediction"),
     (req([user("q"), {"role": "assistant", "tool_calls": [
         {**CALL, "function": {"name": "weather", "arguments": "{not json"}}]}]),
@@ -247,6 +265,15 @@ def test_response(answer: dict[str, Any], expected: dict[str, Any]) -> None:
     assert to_completion(answer, 42) == expected
 
 
+def test_response_through_the_answer_tool() -> None:
+    answer = msg([{"type": "tool_use", "id": "toolu_1", "name": "city",
+                   "input": {"name": "Paris"}}], "tool_use")
+    assert to_completion(answer, 42, "city") == completion(
+        {"content": '{"name":"Paris"}'}, "stop", chat_usage(10, 3))
+    # A call of another tool is still a tool call.
+    assert to_completion(answer, 42, "other")["choices"][0]["finish_reason"] == "tool_calls"  # type: ignore[index]
+
+
 @pytest.mark.parametrize("answer", [None, [], {"type": "error"}, {"content": "x"}])
 def test_response_not_a_message(answer: Any) -> None:
     assert to_completion(answer, 42) is None
@@ -311,6 +338,21 @@ def test_stream_with_tools(split: int) -> None:
         chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}),
         chunk({}, "tool_calls"),
         chunk(None, usage=chat_usage(3, 6)),
+        "[DONE]",
+    ]
+
+
+def test_stream_through_the_answer_tool() -> None:
+    plan = Plan([("tool_use", ['{"na', 'me": "Paris"}'], {"id": "toolu_a", "name": "city"})],
+                "tool_use")
+    raw = b"".join(stream_events(BODY, plan))
+    t = ChunkTranslator(False, 42, answer="city")
+    events = [e.removeprefix(b"data: ") for e in t.feed(raw).split(b"\n\n") if e]
+    assert [orjson.loads(e) if e != b"[DONE]" else "[DONE]" for e in events] == [
+        chunk({"role": "assistant", "content": ""}, with_usage=False),
+        chunk({"content": '{"na'}, with_usage=False),
+        chunk({"content": 'me": "Paris"}'}, with_usage=False),
+        chunk({}, "stop", with_usage=False),
         "[DONE]",
     ]
 
