@@ -44,6 +44,7 @@ from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
 from proxy.services import Services, authenticate, read_json
+from proxy.settings import Settings
 from proxy.upstream import Reply
 
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -234,6 +235,7 @@ async def messages(request: Request) -> Response | StreamRelay:
                              code="wrong_endpoint")
     upstream_model = model.upstream or name
     rec.model, rec.provider = name, provider_id
+    prompt = wire.prompt_of(body, model.max_image_tokens)  # 400s before any I/O
     limits = guard.effective(paywall.limits, await services.overrides.get(paywall_id, user))
     output_cap = guard.output_cap(max_tokens, paywall.max_output_tokens, limits, "max_tokens")
     body["model"] = upstream_model
@@ -243,7 +245,6 @@ async def messages(request: Request) -> Response | StreamRelay:
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale
     markup_bps = int(paywall.markup_percent * 100)
-    prompt = wire.prompt_of(body, model.max_image_tokens)
     try:
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
@@ -267,6 +268,17 @@ async def messages(request: Request) -> Response | StreamRelay:
     return await lifecycle.run(request, services, rec, MessagesCall(
         plan, services, services.providers[provider_id], call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding))
+
+
+def model_list(settings: Settings) -> dict[str, Any]:
+    """The models served here (those of ``anthropic`` providers) as Anthropic's
+    ``GET /v1/models`` lists them, for an Anthropic SDK's ``models.list()``: one page."""
+    data = [{"type": "model", "id": name, "display_name": name,
+             "created_at": "1970-01-01T00:00:00Z", "lifecycle": "active"}
+            for name, m in settings.models.items()
+            if settings.providers[m.provider].kind == "anthropic"]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
 
 
 def speaks_anthropic(path: str) -> bool:

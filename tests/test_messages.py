@@ -24,7 +24,9 @@ import pytest
 import tiktoken
 from anthropic import AsyncAnthropic
 
+from proxy import settings as config_of
 from proxy.anthropic_wire import prompt_of
+from proxy.messages import model_list
 from tests.anthropic_upstream import (
     CACHE_READ,
     CACHE_WRITE,
@@ -518,3 +520,16 @@ async def test_the_hold_covers_the_prompt_as_cache_writes_and_all_of_max_tokens(
     estimate = -(-(tokens(prompt_of(body, 0).text) + 4) * 105 // 100) + 8
     exact = (estimate * WRITE + 300 * OUTPUT) * (BPS + MARKUP_BPS)
     assert hold["amount"] == -(-exact // (MILLION * BPS))
+
+
+def test_the_anthropic_model_list(env: Env, tmp_path: Any) -> None:
+    """What an Anthropic SDK's models.list() would read: the Messages models only."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(config(env.upstream))
+    listed = model_list(config_of.load(path, env={}))
+    assert [m["id"] for m in listed["data"]] == list(MODELS)
+    assert (listed["has_more"], listed["first_id"], listed["last_id"]) == (
+        False, "claude-pub", "claude-odd")
+    for m in listed["data"]:
+        info = anthropic.types.ModelInfo.model_validate(m)
+        assert (info.type, info.display_name) == ("model", m["id"])
