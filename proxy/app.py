@@ -47,6 +47,7 @@ from proxy.limits import Gate, OverrideCache, build_limiter
 from proxy.links import LinkSigner
 from proxy.pricing import price_from, units
 from proxy.providers import build_providers
+from proxy.responses import create_response
 from proxy.services import JSON, Services, authenticate, json_response, services_of
 from proxy.settings import PaywallSettings, Settings
 from proxy.settler import Settlements
@@ -151,11 +152,22 @@ async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=exc.status, media_type=JSON, headers=exc.headers)
 
 
+# What a client that calls an unknown /v1 route is told this proxy serves.
+ENDPOINTS = ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings",
+             "POST /v1/messages", "GET /v1/models", "GET /v1/models/{model}")
+
+
 async def _render_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    if request.url.path.startswith(cors.PREFIX):
+    path = request.url.path
+    if path.startswith(cors.PREFIX):
         body = orjson.dumps({"error": str(exc.detail), "code": code})
+    elif exc.status_code == 404 and (path == "/v1" or path.startswith("/v1/")):
+        body = error_body(
+            f"Unknown route {request.method} {path}. This proxy serves "
+            + ", ".join(ENDPOINTS) + " (each also under /v1/{user}/ to name the end user).",
+            "invalid_request_error", code="unknown_url")
     else:
         body = error_body(str(exc.detail), "invalid_request_error", code=code)
     return Response(body, status_code=exc.status_code, media_type=JSON, headers=exc.headers)
@@ -253,10 +265,15 @@ def create_app(settings: Settings) -> observe.Observe:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/{user}/chat/completions", chat_completions, methods=["POST"]),
         *messages.routes,
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/{user}/responses", create_response, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/{user}/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        # A client whose base URL names the user (/v1/{user}) lists models there too.
+        Route("/v1/{user}/models", list_models, methods=["GET"]),
+        Route("/v1/{user}/models/{model:path}", get_model, methods=["GET"]),
         *user_api.routes,
         *balances.routes,
         *gateway.routes,

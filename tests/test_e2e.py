@@ -258,7 +258,17 @@ def test_proxy_errors_are_openai_shaped(running: Running) -> None:
 
     assert httpx.post(url, headers=auth, content=chunked()).status_code == 413  # type: ignore[arg-type]
     missing = httpx.get(running.proxy.url + "/v1/nowhere")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+    message = missing.json()["error"]["message"]
+    assert message.startswith("Unknown route GET /v1/nowhere.")
+    for endpoint in ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings",
+                     "POST /v1/messages", "GET /v1/models"):
+        assert endpoint in message
+    with pytest.raises(openai.NotFoundError) as sdk:  # as the SDK shows it
+        client(running).post("/audio/speech", cast_to=object, body={})
+    assert "POST /v1/audio/speech" in sdk.value.message
+    outside = httpx.get(running.proxy.url + "/nowhere")
+    assert outside.status_code == 404 and outside.json()["error"]["code"] == "not_found"
 
 
 def test_request_ids(running: Running) -> None:
@@ -286,6 +296,12 @@ def test_models_list_and_retrieve(running: Running) -> None:
     assert c.models.retrieve("gpt-test").owned_by == "up"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("nope")
+    # A base URL that names the user (/v1/{user}) serves the models too.
+    by_path = OpenAI(base_url=f"{running.proxy.base_url}/someone", api_key=running.key)
+    assert {m.id for m in by_path.models.list()} == models.keys()
+    assert by_path.models.retrieve("gpt-test").owned_by == "up"
+    with pytest.raises(openai.NotFoundError):
+        by_path.models.retrieve("nope")
 
 
 def test_mock_provider(running: Running) -> None:

@@ -571,6 +571,29 @@ CASES = [
          route="/v1/models/{model:path}"),
     Case("model-unknown", lambda c: c.call("GET", "/v1/models/nope"), 404, "rejected",
          route="/v1/models/{model:path}", error="model_not_found"),
+    Case("models-user-path", lambda c: c.call("GET", f"/v1/{USER}/models"), 200, "ok",
+         route="/v1/models"),
+    Case("model-user-path", lambda c: c.call("GET", f"/v1/{USER}/models/priced"), 200, "ok",
+         route="/v1/models/{model:path}"),
+    # the other wire formats: each route, refused before anything is held
+    *(case for path in ("/v1/responses", "/v1/embeddings", "/v1/messages") for case in (
+        Case(f"{path}-no-user",
+             lambda c, path=path: c.call("POST", path, json={
+                 "model": "priced", "input": "hi", "max_tokens": 5, "messages": HELLO}),
+             400, "rejected", route=path, error="missing_user",
+             fields={"paywall": "app"}),
+        Case(f"{path}-user-path-unknown-model",
+             lambda c, path=path: c.call("POST", path.replace("/v1/", f"/v1/{USER}/"), json={
+                 "model": "nope", "input": "hi", "max_tokens": 5, "messages": HELLO}),
+             404, "rejected", route=path, error="model_not_found",
+             fields={"paywall": "app", "user": USER}))),
+    Case("messages-sdk-base-url-unknown-model",
+         lambda c: c.call("POST", f"/v1/{USER}/v1/messages", json={
+             "model": "nope", "max_tokens": 5, "messages": HELLO}),
+         404, "rejected", route="/v1/messages", error="model_not_found",
+         fields={"paywall": "app", "user": USER}),
+    Case("v1-unknown-route", lambda c: c.call("POST", "/v1/audio/speech", json={}), 404,
+         "rejected", route="other", error=UNCHECKED),
     # the user API
     Case("balance", lambda c: c.call("GET", "/v1/user/balance", params={"user": USER}), 200,
          "ok", route="/v1/user/balance"),
