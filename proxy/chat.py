@@ -20,7 +20,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import guard, lifecycle
+from proxy import guard, lifecycle, translate
 from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
@@ -252,6 +252,8 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         body["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                   "include_usage": True}
 
+    if s.providers[model.provider].kind == "anthropic":
+        translate.check(body)  # what Messages cannot do is refused before any hold
     price = services.prices[name]
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale

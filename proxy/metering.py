@@ -84,7 +84,7 @@ class Meter:
             return counted
         return Usage(max(r.prompt_tokens, counted.prompt_tokens),
                      max(r.completion_tokens, counted.completion_tokens),
-                     r.cached_tokens, r.reasoning_tokens)
+                     r.cached_tokens, r.reasoning_tokens, r.cache_write_tokens)
 
     def feed(self, chunk: bytes) -> bytes:
         """Take provider bytes; return the bytes to send to the client now."""

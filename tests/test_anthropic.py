@@ -504,6 +504,9 @@ async def test_untranslatable_request_is_a_400_and_costs_nothing(
     assert len(claude.up.seen) == seen + 1  # only the first request went upstream
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE request_id = $1",
                              r.headers["x-request-id"]) == 0
+    # refused before anything was held, not held and then voided
+    assert await pg.fetchval("SELECT count(*) FROM holds WHERE request_id = $1",
+                             r.headers["x-request-id"]) == 0
     assert await balance_of(pg, user) == before
 
 

@@ -158,6 +158,12 @@ CHARGED: list[tuple[str, list[bytes], Usage]] = [
      Usage(9, 600, 2, 100)),
     ("a refused usage: what was counted", [event({"choices": [], "usage": NEGATIVE}),
                                            delta("a")], COUNTED),
+    ("the prompt's cache split kept (a translated Anthropic stream cut short)",
+     [event({"choices": [{"index": 0, "delta": {"role": "assistant"}}], "usage": {
+         "prompt_tokens": 30, "completion_tokens": 0,
+         "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 15}}}),
+      delta("a")],
+     Usage(30, 500, cached_tokens=10, cache_write_tokens=15)),
 ]
 
 

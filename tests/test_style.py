@@ -63,7 +63,8 @@ def test_no_import_cycles() -> None:
 
 # Pure modules: bytes and values in, values out. Not even transitively may they load a
 # client, a server framework or a module that does I/O.
-PURE = ("decide", "pricing", "metering", "sse")
+PURE = ("decide", "pricing", "metering", "sse", "translate", "replies", "response_events",
+        "anthropic_wire")
 IO = {"asyncpg", "aiohttp", "redis", "starlette", "uvicorn", "prometheus_client",
       "proxy.ledger", "proxy.db", "proxy.upstream", "proxy.services", "proxy.limits"}
 
