@@ -533,3 +533,26 @@ def test_the_anthropic_model_list(env: Env, tmp_path: Any) -> None:
     for m in listed["data"]:
         info = anthropic.types.ModelInfo.model_validate(m)
         assert (info.type, info.display_name) == ("model", m["id"])
+
+
+async def test_metadata_names_the_user_before_the_header_and_the_path(env: Env,
+                                                                      pg: Any) -> None:
+    first, header_user, path_user = new_user("first"), new_user("hdr"), new_user("path")
+    async with httpx.AsyncClient(base_url=env.proxy.url, timeout=30) as http:
+        r = await http.post(f"/v1/{path_user}/messages",
+                            headers={"x-api-key": env.keys["msg"],
+                                     "X-Paywall-User": header_user},
+                            json={"model": "claude-pub", "max_tokens": 5, "messages": HELLO,
+                                  "metadata": {"user_id": first}})
+        by_header = await http.post(f"/v1/{path_user}/messages",
+                                    headers={"x-api-key": env.keys["msg"],
+                                             "X-Paywall-User": header_user},
+                                    json={"model": "claude-pub", "max_tokens": 5,
+                                          "messages": HELLO})
+    assert r.status_code == by_header.status_code == 200
+    for user, response in ((first, r), (header_user, by_header)):
+        entry = await charge_of(pg, user, response.headers["x-request-id"])
+        usage = response.json()["usage"]
+        assert entry["amount"] == -cost(usage["input_tokens"], usage["output_tokens"])
+    rows = await pg.fetch("SELECT 1 FROM accounts WHERE user_id = $1", path_user)
+    assert rows == []
