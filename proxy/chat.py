@@ -59,6 +59,7 @@ class ChatCall:
     client_wants_usage: bool
     rename: Callable[[bytes], bytes] | None = None  # the public model name, in answers
     reply_format: str = "text"  # what a blocked request is answered with (_reply_format)
+    translated: bool = False  # the provider speaks another wire format (anthropic)
     meter: Meter | None = None
     answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
     error_tail = staticmethod(error_event)
@@ -102,7 +103,8 @@ class ChatCall:
         return self.call.stream and reply.stream
 
     def framer(self) -> Framer:
-        self.meter = Meter(self.client_wants_usage, self.cost_fields, self.rename)
+        self.meter = Meter(self.client_wants_usage, self.cost_fields, self.rename,
+                           usage_is_ours=self.translated)
         return self.meter
 
     def checkpoint(self) -> StreamCheckpoint | None:
@@ -252,7 +254,8 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         body["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                   "include_usage": True}
 
-    if s.providers[model.provider].kind == "anthropic":
+    translated = s.providers[model.provider].kind == "anthropic"
+    if translated:
         translate.check(body)  # what Messages cannot do is refused before any hold
     price = services.prices[name]
     scale = s.assets[price.asset].scale
@@ -280,7 +283,8 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     return await lifecycle.run(request, services, rec, ChatCall(
         plan, services, services.providers[provider_id], call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding, client_wants_usage,
-        rename=public_names(upstream_model, name), reply_format=_reply_format(body)))
+        rename=public_names(upstream_model, name), reply_format=_reply_format(body),
+        translated=translated))
 
 
 def _reply_format(body: dict[str, Any]) -> str:

@@ -40,12 +40,16 @@ _TEXT_KEYS = ("reasoning_content", "reasoning", "content", "refusal")
 
 class Meter:
     __slots__ = ("_buf", "_parser", "_stale", "client_wants_usage", "done", "price",
-                 "rename", "reported", "text")
+                 "rename", "reported", "text", "usage_is_ours")
 
     def __init__(self, client_wants_usage: bool,
                  price: Callable[[Usage], dict[str, Any]] | None = None,
-                 rename: Callable[[bytes], bytes] | None = None):
+                 rename: Callable[[bytes], bytes] | None = None,
+                 usage_is_ours: bool = False):
         self._buf = b""
+        # Usage on chunks with choices is the proxy's own (a translated stream puts the
+        # prompt's on its first chunk): removed too when the client did not ask for it.
+        self.usage_is_ours = usage_is_ours
         self.rename = rename  # puts the public model name in each event (public_names)
         self._parser = SSEParser()
         self._stale = False  # output arrived after the last usage-bearing chunk
@@ -145,6 +149,9 @@ class Meter:
         usage = self.reported = Usage.from_openai(data["usage"])
         self._stale = False  # this chunk's usage covers its own deltas
         if choices:
+            if self.usage_is_ours and not self.client_wants_usage:
+                del data["usage"]  # what the proxy's translation put there, for billing
+                return b"data: " + orjson.dumps(data) + b"\n\n"
             return None
         if not self.client_wants_usage:
             return b""  # the extra chunk the proxy asked for

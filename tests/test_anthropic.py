@@ -328,6 +328,7 @@ async def test_stream_without_usage_asked(claude: Claude, pg: asyncpg.Connection
     events = sse_events(r.content)
     assert events[-1] == "[DONE]"
     assert all(e["choices"] for e in events[:-1])  # no usage chunk reached the client
+    assert all(e.get("usage") is None for e in events[:-1])  # nor usage on any other chunk
     prompt, _, _ = anthropic_prompt(claude.sent(r.headers["x-request-id"]).body)
     await assert_charged(pg, r.headers["x-request-id"], prompt, 3)
 
