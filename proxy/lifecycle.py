@@ -59,6 +59,7 @@ class Plan:
     label: str  # the ledger entry's model ("gpt-4o", "api:search")
     assets: frozenset[str]  # the accounts a first-seen user is opened with
     tokens: int = 0  # counted against token limits at admission, corrected at the end
+    cap_param: str = "max_tokens"  # the request field that bounds the worst case
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +241,7 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
     plan = call.plan
     if plan.hold is not None and plan.hold > MAX_UNITS:
         raise InvalidRequest("This request's worst case is more than a balance can hold; "
-                             "lower max_tokens.", param="max_tokens")
+                             f"lower {plan.cap_param}.", param=plan.cap_param)
     ticket = Ticket(services, rec, call)
     relay: StreamRelay | None = None
     try:

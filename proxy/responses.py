@@ -466,7 +466,8 @@ async def create_response(request: Request) -> Response | StreamRelay:
     hold = cost(Usage(estimate, output_cap, reasoning_tokens=(
         output_cap if price.reasoning > price.output else 0)), price, markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
-                frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap)
+                frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap,
+                cap_param="max_output_tokens")
     call = Call(
         body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
         api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,

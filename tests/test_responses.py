@@ -402,6 +402,11 @@ kind = "mock"
 [models.mock-r]
 provider = "mock"
 
+[models.gpt-r-dear]
+provider = "up"
+upstream = "r-echo"
+price = {{ output_per_million = "9000000000" }}
+
 [paywalls.resp]
 name = "Responses app"
 starter_grant = "1"
@@ -741,6 +746,19 @@ async def test_requests_that_cannot_be_priced_are_refused(served: Served, extra:
                             headers={"Authorization": f"Bearer {served.keys['resp']}"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+    assert served.forwarded(user) == []
+
+
+async def test_a_worst_case_past_a_balance_names_max_output_tokens(served: Served) -> None:
+    user = new_user("dear")
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(served.base_url + "/responses", json={
+            "model": "gpt-r-dear", "input": "hi", "user": user,
+            "max_output_tokens": 2**31 - 1},
+            headers={"Authorization": f"Bearer {served.keys['resp']}"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "max_output_tokens" and "lower max_output_tokens" in error["message"]
     assert served.forwarded(user) == []
 
 
