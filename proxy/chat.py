@@ -29,7 +29,7 @@ from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount
+from proxy.pricing import Price, Usage, cost, format_amount, worst_case
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay, error_event
 from proxy.replies import notice, paywall_reply
@@ -268,10 +268,9 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
     # The worst case: all output tokens (a prediction's unused ones are billed as output
-    # too) at the dearer of the output and reasoning prices.
+    # too), each at its dearest price.
     output = (output_cap + predicted) * n
-    hold = cost(Usage(estimate, output, reasoning_tokens=(
-        output if price.reasoning > price.output else 0)), price, markup_bps)
+    hold = worst_case(estimate, output, price, markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output)
     provider_id = model.provider

@@ -47,7 +47,7 @@ from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import MAX_UNITS, Price, Usage, cost, format_amount
+from proxy.pricing import MAX_UNITS, Price, Usage, cost, format_amount, worst_case
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
@@ -343,7 +343,7 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     markup_bps = int(paywall.markup_percent * 100)
     counted = await count_input(services.tokenizer, inputs, upstream_model, model.encoding)
     bound = estimate(counted)
-    hold = cost(Usage(bound, 0), price, markup_bps)
+    hold = worst_case(bound, 0, price, markup_bps)
     if hold > MAX_UNITS:
         raise InvalidRequest("This request's input costs more than a balance can hold.",
                              param="input")

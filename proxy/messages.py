@@ -39,7 +39,7 @@ from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount
+from proxy.pricing import Price, Usage, cost, format_amount, worst_case
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
@@ -251,13 +251,9 @@ async def messages(request: Request) -> Response | StreamRelay:
         raise InvalidRequest("The request body is nested too deeply.") from None
     prompt_tokens, estimate, _ = await services.tokenizer.bound(prompt, upstream_model,
                                                                 model.encoding)
-    # The worst case: the whole prompt at the dearer of the input and cache-write prices
-    # (the provider may write all of it to its cache), and all of max_tokens (extended
-    # thinking's budget is within it) at the dearer of the output and reasoning prices.
-    hold = cost(Usage(estimate, output_cap,
-                      reasoning_tokens=output_cap if price.reasoning > price.output else 0,
-                      cache_write_tokens=estimate if price.cache_write > price.input else 0),
-                price, markup_bps)
+    # The worst case: the whole prompt at its dearest price (the provider may write all
+    # of it to its cache), all of max_tokens (extended thinking's budget is within it).
+    hold = worst_case(estimate, output_cap, price, markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap)
     call = Call(

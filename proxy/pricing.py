@@ -225,3 +225,18 @@ def cost(usage: Usage, price: Price, markup_bps: int = 0) -> int:
         + usage.reasoning_tokens * price.reasoning
     ) * (_BPS + markup_bps)
     return -(-exact // (MILLION * _BPS))
+
+
+def worst_case(prompt_tokens: int, output_tokens: int, price: Price, markup_bps: int = 0
+               ) -> int:
+    """The most a call of at most ``prompt_tokens`` in and ``output_tokens`` out can
+    cost, what a hold is placed for: every prompt token at the dearest prompt price
+    (plain, read from the cache, written to it: a provider may write the whole prompt
+    to its cache) and every output token at the dearer of the output and reasoning
+    prices. No :class:`Usage` within those totals costs more (:func:`cost`)."""
+    exact = (
+        price.per_request * MILLION
+        + prompt_tokens * max(price.input, price.cached_input, price.cache_write)
+        + output_tokens * max(price.output, price.reasoning)
+    ) * (_BPS + markup_bps)
+    return -(-exact // (MILLION * _BPS))

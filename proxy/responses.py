@@ -38,7 +38,7 @@ from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount
+from proxy.pricing import Price, Usage, cost, format_amount, worst_case
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
@@ -462,9 +462,8 @@ async def create_response(request: Request) -> Response | StreamRelay:
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
-    # The worst case: every output token at the dearer of the output and reasoning prices.
-    hold = cost(Usage(estimate, output_cap, reasoning_tokens=(
-        output_cap if price.reasoning > price.output else 0)), price, markup_bps)
+    # The worst case: every token at its dearest price.
+    hold = worst_case(estimate, output_cap, price, markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap,
                 cap_param="max_output_tokens")

@@ -589,3 +589,21 @@ async def test_json_schema_through_a_forced_tool(claude: Claude, pg: asyncpg.Con
                               "description": "Give the answer as this tool's input."}]
     assert seen["tool_choice"] == {"type": "tool", "name": "place"}
     await assert_charged(pg, request_id, anthropic_prompt(seen)[0], len(TOOL_INPUT_PIECES))
+
+
+async def test_the_hold_prices_the_prompt_as_cache_writes(claude: Claude,
+                                                          pg: asyncpg.Connection) -> None:
+    """Cache writes are dearer than plain input here, and an Anthropic provider may write
+    the whole prompt to its cache: the hold prices all of it so."""
+    user = new_user("claude-hold")
+    messages = [CACHED_SYSTEM, HELLO]
+    async with claude.sdk() as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="claude-test", user=user, messages=messages,  # type: ignore[arg-type]
+            max_tokens=300)
+    request_id = raw.headers["x-request-id"]
+    await entry_of(pg, request_id)
+    hold = await pg.fetchval("SELECT amount FROM holds WHERE request_id = $1", request_id)
+    # The proxy's estimate: its count, 4 tokens a message, 5% and 8 tokens to spare.
+    estimate = -(-(proxy_prompt(messages) + 4 * len(messages)) * 105 // 100) + 8
+    assert hold == estimate * WRITTEN + 300 * OUTPUT

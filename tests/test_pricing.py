@@ -5,8 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.pricing import Price, Usage, cost, price_from, to_decimal, units
+from proxy.pricing import Price, Usage, cost, price_from, to_decimal, units, worst_case
 from proxy.settings import PriceSettings
 
 # usd at scale 9: "0.15" per million tokens = 150_000_000 units per million = 150 per token.
@@ -162,3 +164,30 @@ def test_openai_usage_reads_cache_write_tokens() -> None:
                               "prompt_tokens_details": {"cached_tokens": 2,
                                                         "cache_write_tokens": 3}}
                              ) == Usage(4, 1)
+
+
+PRICES = st.integers(0, 10**12)
+
+
+@given(per_request=PRICES, plain=PRICES, cached=PRICES, written=PRICES, out=PRICES,
+       reasoning=PRICES, markup=st.integers(0, 50_000), prompt=st.integers(0, 10**7),
+       output=st.integers(0, 10**7), data=st.data())
+def test_worst_case_bounds_every_usage_within_it(per_request: int, plain: int, cached: int,
+                                                 written: int, out: int, reasoning: int,
+                                                 markup: int, prompt: int, output: int,
+                                                 data: st.DataObject) -> None:
+    price = Price("usd", per_request, plain, out, cached, reasoning, written)
+    read = data.draw(st.integers(0, prompt))
+    write = data.draw(st.integers(0, prompt - read))
+    thought = data.draw(st.integers(0, output))
+    usage = Usage(prompt, output, cached_tokens=read, reasoning_tokens=thought,
+                  cache_write_tokens=write)
+    bound = worst_case(prompt, output, price, markup)
+    assert cost(usage, price, markup) <= bound
+    # and it is reached: the whole prompt at the dearest of its prices
+    dearest = max((plain, Usage(prompt, output)), (cached, Usage(prompt, output, prompt)),
+                  (written, Usage(prompt, output, cache_write_tokens=prompt)),
+                  key=lambda p: p[0])[1]
+    top = Usage(dearest.prompt_tokens, output, dearest.cached_tokens,
+                output if reasoning > out else 0, dearest.cache_write_tokens)
+    assert cost(top, price, markup) == bound
