@@ -86,10 +86,16 @@ def _model_card(name: str, s: Settings) -> dict[str, Any]:
     }
 
 
+# Sent by every Anthropic SDK request: such a client reads Anthropic's model list.
+ANTHROPIC_VERSION = "anthropic-version"
+
+
 async def list_models(request: Request) -> Response:
     services = services_of(request)
     await authenticate(request, services)
     s = services.settings
+    if ANTHROPIC_VERSION in request.headers:
+        return json_response(messages.model_list(s))
     return json_response({"object": "list", "data": [_model_card(n, s) for n in s.models]})
 
 
@@ -97,6 +103,11 @@ async def get_model(request: Request) -> Response:
     services = services_of(request)
     await authenticate(request, services)
     name = request.path_params["model"]
+    if ANTHROPIC_VERSION in request.headers:
+        found = [m for m in messages.model_list(services.settings)["data"] if m["id"] == name]
+        if not found:
+            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+        return json_response(found[0])
     if name not in services.settings.models:
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
     return json_response(_model_card(name, services.settings))
@@ -274,6 +285,9 @@ def create_app(settings: Settings) -> observe.Observe:
         # A client whose base URL names the user (/v1/{user}) lists models there too.
         Route("/v1/{user}/models", list_models, methods=["GET"]),
         Route("/v1/{user}/models/{model:path}", get_model, methods=["GET"]),
+        # … and an Anthropic SDK's, which adds /v1 to its base URL.
+        Route("/v1/{user}/v1/models", list_models, methods=["GET"]),
+        Route("/v1/{user}/v1/models/{model:path}", get_model, methods=["GET"]),
         *user_api.routes,
         *balances.routes,
         *gateway.routes,

@@ -556,3 +556,19 @@ async def test_metadata_names_the_user_before_the_header_and_the_path(env: Env,
         assert entry["amount"] == -cost(usage["input_tokens"], usage["output_tokens"])
     rows = await pg.fetch("SELECT 1 FROM accounts WHERE user_id = $1", path_user)
     assert rows == []
+
+
+async def test_the_anthropic_sdk_lists_and_retrieves_the_models(env: Env) -> None:
+    async with env.client() as c:
+        listed = [m.id async for m in c.models.list()]
+        assert listed == list(MODELS)
+        assert (await c.models.retrieve(listed[0])).display_name == listed[0]
+        with pytest.raises(anthropic.NotFoundError):
+            await c.models.retrieve("nope")
+    # with the user in the base URL, where the SDK adds its /v1
+    async with env.client(base_url=f"{env.proxy.url}/v1/{new_user('models')}") as c:
+        assert [m.id async for m in c.models.list()] == listed
+    # an OpenAI client of the same proxy still reads OpenAI's shape
+    async with httpx.AsyncClient(base_url=env.proxy.url, timeout=30) as http:
+        r = await http.get("/v1/models", headers={"Authorization": f"Bearer {env.keys['msg']}"})
+    assert r.json()["object"] == "list" and r.json()["data"][0]["object"] == "model"
