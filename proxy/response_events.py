@@ -213,13 +213,19 @@ def usage_object(usage: Usage) -> dict[str, Any]:
 
 
 def blocked_reply(*, request_id: str, model: str, text: str, paywall: dict[str, Any],
-                  stream: bool, refusal: bool = False) -> tuple[bytes, str]:
+                  stream: bool, reply_format: str = "text") -> tuple[bytes, str]:
     """The answer to a request that is not forwarded, and its content type: a completed
-    ``response`` whose one message says ``text`` (as a ``refusal`` part when ``refusal``:
-    a structured-output parser then has no JSON to choke on), usage zeros, the app's
-    ``paywall`` object beside; or, for ``stream``, the events that build it."""
+    ``response`` whose one message says ``text``, usage zeros, the app's ``paywall``
+    object beside; or, for ``stream``, the events that build it. ``reply_format`` says
+    how ``text`` is carried, as :func:`proxy.replies.paywall_reply` does for chat:
+    "text" (an ``output_text`` part), "refusal" (a ``refusal`` part: a structured-output
+    parser then has no JSON to choke on) or "json_object" (an ``output_text`` part
+    holding a JSON object of ``message`` and ``paywall``: for JSON mode)."""
     rid = request_id.removeprefix("req_")
     created = int(time.time())
+    refusal = reply_format == "refusal"
+    if reply_format == "json_object":
+        text = orjson.dumps({"message": text, "paywall": paywall}).decode()
     field = "refusal" if refusal else "text"
     part: dict[str, Any] = ({"type": "refusal", "refusal": text} if refusal else
                             {"type": "output_text", "text": text, "annotations": []})

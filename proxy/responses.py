@@ -258,7 +258,7 @@ class ResponsesCall:
     model: str  # the public name
     upstream_model: str
     encoding: str
-    structured: bool  # text.format is a JSON schema: a blocked reply is a refusal
+    reply_format: str  # how a blocked request is told (_reply_format)
     meter: ResponseMeter | None = None
     answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
 
@@ -294,7 +294,7 @@ class ResponsesCall:
                       decision.action, state, self.scale, self.price.asset, version)
         body, media = blocked_reply(request_id=self.call.request_id, model=self.model,
                                     text=told.text, paywall=told.paywall,
-                                    stream=self.call.stream, refusal=self.structured)
+                                    stream=self.call.stream, reply_format=self.reply_format)
         return Response(body, media_type=media,
                         headers={"x-paywall-action": decision.action.value})
 
@@ -448,10 +448,6 @@ async def create_response(request: Request) -> Response | StreamRelay:
                                   "max_output_tokens")
     body["max_output_tokens"] = output_cap
     body["model"] = upstream_model
-    text = body.get("text")
-    fmt = text.get("format") if isinstance(text, dict) else None
-    structured = isinstance(fmt, dict) and fmt.get("type") == "json_schema"
-
     price = services.prices[name]
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale
@@ -474,4 +470,17 @@ async def create_response(request: Request) -> Response | StreamRelay:
     )
     return await lifecycle.run(request, services, rec, ResponsesCall(
         plan, services, services.providers[provider_id], call, price, scale, markup_bps,
-        prompt_tokens, name, upstream_model, model.encoding, structured))
+        prompt_tokens, name, upstream_model, model.encoding, _reply_format(body)))
+
+
+def _reply_format(body: dict[str, Any]) -> str:
+    """How a blocked request's message is carried so the client's parser takes it:
+    "refusal" for a ``json_schema`` ``text.format`` (``responses.parse()`` then returns a
+    refusal rather than failing on text that is not the schema), "json_object" for JSON
+    mode (the message inside a JSON object, which ``json.loads`` takes), else "text"."""
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
+        return "refusal"
+    return "json_object" if kind == "json_object" else "text"

