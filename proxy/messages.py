@@ -232,7 +232,7 @@ async def messages(request: Request) -> Response | StreamRelay:
     if s.providers[provider_id].kind != "anthropic":
         raise InvalidRequest(f"The model '{name}' is not served by an Anthropic provider; "
                              "call it at /v1/chat/completions instead.", param="model",
-                             code="wrong_endpoint")
+                             code="model_not_supported")
     upstream_model = model.upstream or name
     rec.model, rec.provider = name, provider_id
     prompt = wire.prompt_of(body, model.max_image_tokens)  # 400s before any I/O

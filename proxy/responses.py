@@ -433,7 +433,7 @@ async def create_response(request: Request) -> Response | StreamRelay:
     if s.providers[provider_id].kind != "openai":
         raise InvalidRequest(f"The model '{name}' is not served through the Responses API;"
                              " use /v1/chat/completions.", param="model",
-                             code="unsupported_model")
+                             code="model_not_supported")
     upstream_model = model.upstream or name
     rec.model, rec.provider = name, provider_id
     stream = _flag(body, "stream")

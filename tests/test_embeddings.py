@@ -507,6 +507,7 @@ async def test_a_model_of_the_anthropic_kind_serves_no_embeddings(env: Env) -> N
         with pytest.raises(openai.BadRequestError) as e:
             await c.embeddings.create(model="claude-embed", input="hello", user=user)
     assert "does not serve embeddings" in e.value.message and e.value.param == "model"
+    assert e.value.code == "model_not_supported"
     assert len([s for s in list(env.upstream.seen) if s.body.get("user") == user]) == 0
 
 

@@ -592,6 +592,12 @@ CASES = [
              "model": "nope", "max_tokens": 5, "messages": HELLO}),
          404, "rejected", route="/v1/messages", error="model_not_found",
          fields={"paywall": "app", "user": USER}),
+    # A model that exists but is not served at this endpoint: one code for every route.
+    Case("messages-openai-model",
+         lambda c: c.call("POST", f"/v1/{USER}/messages", json={
+             "model": "priced", "max_tokens": 5, "messages": HELLO}),
+         400, "rejected", route="/v1/messages", error="model_not_supported",
+         fields={"paywall": "app", "user": USER}),
     Case("models-anthropic-sdk-user-path",
          lambda c: c.call("GET", f"/v1/{USER}/v1/models",
                           headers={"anthropic-version": "2023-06-01"}),

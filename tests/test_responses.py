@@ -776,6 +776,8 @@ async def test_requests_that_cannot_be_priced_are_refused(served: Served, extra:
                             headers={"Authorization": f"Bearer {served.keys['resp']}"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+    if param == "model":  # it exists, but is not served here: as every endpoint says so
+        assert r.json()["error"]["code"] == "model_not_supported"
     assert served.forwarded(user) == []
 
 
