@@ -20,7 +20,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import guard, lifecycle, translate
+from proxy import anthropic_wire, guard, lifecycle, translate
 from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
@@ -116,13 +116,16 @@ class ChatCall:
     async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
         meter = self.meter
         assert meter is not None and framer is meter
+        if meter.failed:  # the provider ended the stream with an error event
+            outcome = Outcome.PARTIAL
+        if outcome is Outcome.PARTIAL and not meter.delivered:
+            return Charge(None, outcome.value)  # the provider failed before any output
         if meter.usage is not None:
-            return self.priced(meter.usage, "completed" if meter.done else outcome.value)
+            done = meter.done and not meter.failed
+            return self.priced(meter.usage, "completed" if done else outcome.value)
         if meter.delivered:
             counted = await self.counted("".join(meter.text))
             return self.priced(meter.with_counted(counted), outcome.value)
-        if outcome is Outcome.PARTIAL:  # the provider failed before any output
-            return Charge(None, outcome.value)
         # The provider answered and has the prompt; the client left before any output
         # (or there was none): the prompt is owed, as for a client gone before the answer.
         return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
@@ -255,15 +258,21 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
                                   "include_usage": True}
 
     translated = s.providers[model.provider].kind == "anthropic"
-    if translated:
-        translate.check(body)  # what Messages cannot do is refused before any hold
+    # What Messages cannot do is refused before any hold; what it can is bounded as the
+    # provider will bill it (its tool system prompt, a forced tool for JSON output).
+    messages_body = translate.to_messages(body) if translated else None
     price = services.prices[name]
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale
     markup_bps = int(paywall.markup_percent * 100)
     try:
-        prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
-            body, upstream_model, model.encoding, model.max_image_tokens)
+        if messages_body is not None:
+            prompt_tokens, estimate, predicted = await services.tokenizer.bound(
+                anthropic_wire.prompt_of(messages_body, model.max_image_tokens),
+                upstream_model, model.encoding)
+        else:
+            prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
+                body, upstream_model, model.encoding, model.max_image_tokens)
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None

@@ -39,8 +39,8 @@ _TEXT_KEYS = ("reasoning_content", "reasoning", "content", "refusal")
 
 
 class Meter:
-    __slots__ = ("_buf", "_parser", "_stale", "client_wants_usage", "done", "price",
-                 "rename", "reported", "text", "usage_is_ours")
+    __slots__ = ("_buf", "_parser", "_stale", "client_wants_usage", "done", "failed",
+                 "price", "rename", "reported", "text", "usage_is_ours")
 
     def __init__(self, client_wants_usage: bool,
                  price: Callable[[Usage], dict[str, Any]] | None = None,
@@ -56,6 +56,7 @@ class Meter:
         self.client_wants_usage = client_wants_usage
         self.price = price
         self.done = False
+        self.failed = False  # an error event came: the provider gave up mid-stream
         # The usage of the last chunk that carried one (None: there was none, or the
         # last one was refused), whether or not output came after it.
         self.reported: Usage | None = None
@@ -144,13 +145,19 @@ class Meter:
         for choice in choices if isinstance(choices, list) else ():
             if isinstance(choice, dict):
                 self._deliver(output(choice.get("delta")))
+        if choices is None and data.get("error") is not None:
+            self.failed = True
+            return None
         if data.get("usage") is None:
             return None
         usage = self.reported = Usage.from_openai(data["usage"])
         self._stale = False  # this chunk's usage covers its own deltas
         if choices:
-            if self.usage_is_ours and not self.client_wants_usage:
-                del data["usage"]  # what the proxy's translation put there, for billing
+            if self.usage_is_ours:  # the translation's, for billing: only the last is shown
+                if self.client_wants_usage:
+                    data["usage"] = None
+                else:
+                    del data["usage"]
                 return b"data: " + orjson.dumps(data) + b"\n\n"
             return None
         if not self.client_wants_usage:
@@ -239,13 +246,16 @@ def public_names(upstream: str, public: str) -> Callable[[bytes], bytes] | None:
     """What puts the ``public`` model name in place of the provider's (``upstream``) in an
     answer's JSON bytes, body or stream events alike; None when the two are the same.
 
-    Only a ``"model"`` member whose value is exactly the provider's name is rewritten,
+    Only a ``"model"`` member whose value is the provider's name is rewritten — as it
+    was sent, or with the dated snapshot suffix providers answer an alias with
+    (``gpt-4o`` → ``gpt-4o-2024-08-06``, ``claude-sonnet-4-5`` → ``…-20250929``) —
     wherever it stands (a Responses stream repeats it in each ``response`` object). A
     string inside a JSON string has its quotes escaped, so text that merely looks like
     one (``\\"model\\": ...`` in content) is never touched."""
     if upstream == public:
         return None
-    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(orjson.dumps(upstream)))
+    name = re.escape(orjson.dumps(upstream)[1:-1])
+    pattern = re.compile(rb'("model"\s*:\s*)"' + name + rb'(?:-\d{4}-\d{2}-\d{2}|-\d{8})?"')
     replacement = b"\\g<1>" + orjson.dumps(public).replace(b"\\", b"\\\\")
 
     def rename(data: bytes) -> bytes:

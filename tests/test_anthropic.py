@@ -17,6 +17,7 @@ import tiktoken
 from openai import AsyncOpenAI
 
 from proxy.anthropic import AnthropicProvider
+from proxy.anthropic_wire import TOOL_PROMPT_TOKENS
 from proxy.providers import Call, build_providers
 from proxy.settings import ProviderSettings, UpstreamSettings
 from proxy.tokens import prompt_text
@@ -125,7 +126,8 @@ MODELS = {"claude-test": "claude-echo", "claude-tools-test": "claude-tools",
           "claude-endless": "claude-stream-endless", "claude-break": "claude-break-after-3",
           "claude-error": "claude-error-after-2", "claude-crash": "claude-crash",
           "claude-overloaded": "claude-overloaded", "claude-reject": "claude-reject",
-          "claude-max": "claude-max", "claude-odd": "claude-odd-usage"}
+          "claude-max": "claude-max", "claude-odd": "claude-odd-usage",
+          "claude-error-first": "claude-error-after-0"}
 
 
 def charge_of(prompt: int, completion: int, cached: int = 0, written: int = 0) -> int:
@@ -541,8 +543,9 @@ async def test_client_abort_charges_prompt_and_delivered(claude: Claude,
 
 @pytest.mark.parametrize(("model", "words", "last", "outcome"), [
     ("claude-break", STORY_WORDS[:3], "upstream_unavailable", "partial"),
-    # An error event ends the stream as the provider closes it: the relay saw it complete.
-    ("claude-error", STORY_WORDS[:2], "overloaded_error", "completed"),
+    # An error event ends the stream as the provider closes it: still the provider's
+    # failure, so partial.
+    ("claude-error", STORY_WORDS[:2], "overloaded_error", "partial"),
 ])
 async def test_provider_failure_mid_stream_charges_prompt_and_delivered(
         claude: Claude, pg: asyncpg.Connection, model: str, words: list[str],
@@ -604,6 +607,60 @@ async def test_the_hold_prices_the_prompt_as_cache_writes(claude: Claude,
     request_id = raw.headers["x-request-id"]
     await entry_of(pg, request_id)
     hold = await pg.fetchval("SELECT amount FROM holds WHERE request_id = $1", request_id)
-    # The proxy's estimate: its count, 4 tokens a message, 5% and 8 tokens to spare.
-    estimate = -(-(proxy_prompt(messages) + 4 * len(messages)) * 105 // 100) + 8
+    # The proxy's estimate of the Messages request: its count (the system prompt, then
+    # each turn's role and content), 4 tokens a turn, 5% and 8 tokens to spare.
+    counted = len(ENC.encode_ordinary("Long shared rules.\nuser\nhello there"))
+    estimate = -(-(counted + 4 * 2) * 105 // 100) + 8
     assert hold == estimate * WRITTEN + 300 * OUTPUT
+
+
+
+async def test_an_error_event_before_any_output_voids_the_hold(claude: Claude,
+                                                                pg: asyncpg.Connection) -> None:
+    """Anthropic sent message_start (the prompt's usage), then an error: nothing was
+    delivered, so nothing is charged, as on /v1/messages."""
+    user = new_user("claude-error-first")
+    async with claude.http() as http:
+        await http.post("/v1/chat/completions", json={
+            "model": "claude-test", "user": user, "messages": [HELLO]})
+        before = await balance_of(pg, user)
+        r = await http.post("/v1/chat/completions", json={
+            "model": "claude-error-first", "user": user, "messages": [HELLO],
+            "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(r.content)
+    assert "error" in events[-1]
+    # the translation's early usage never reaches the client as a usage chunk
+    assert all(e.get("usage") is None for e in events)
+    request_id = r.headers["x-request-id"]
+
+    async def resolved() -> Any:
+        return await pg.fetchval("SELECT status FROM holds WHERE request_id = $1 AND"
+                                 " status <> 'pending'", request_id)
+
+    assert await eventually(resolved, "the hold resolved") == "voided"
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE request_id = $1",
+                             request_id) == 0
+    assert await balance_of(pg, user) == before
+
+
+async def test_a_tool_request_is_held_for_the_providers_tool_prompt(
+        claude: Claude, pg: asyncpg.Connection) -> None:
+    """Anthropic adds a system prompt of its own when tools are given: the hold of a
+    translated request covers it, as /v1/messages does."""
+    user = new_user("claude-tool-hold")
+    async with claude.sdk() as c:
+        plain = await c.chat.completions.with_raw_response.create(
+            model="claude-tools-test", user=user, messages=[HELLO],  # type: ignore[list-item]
+            max_tokens=10)
+        tools = await c.chat.completions.with_raw_response.create(
+            model="claude-tools-test", user=user, messages=[HELLO],  # type: ignore[list-item]
+            max_tokens=10, tools=WEATHER[1:])  # type: ignore[arg-type]
+
+    async def hold(raw: Any) -> int:
+        await entry_of(pg, raw.headers["x-request-id"])
+        amount: int = await pg.fetchval("SELECT amount FROM holds WHERE request_id = $1",
+                                        raw.headers["x-request-id"])
+        return amount
+
+    tool_text = len(ENC.encode_ordinary(orjson.dumps(WEATHER[1:]).decode()))
+    assert await hold(tools) - await hold(plain) >= (TOOL_PROMPT_TOKENS + tool_text) * WRITTEN

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.metering import Meter, completion_text, completion_usage, output
+from proxy.metering import Meter, completion_text, completion_usage, output, public_names
 from proxy.pricing import Usage
 
 
@@ -254,3 +254,38 @@ def test_completion_usage(data: Any, expected: Usage | None) -> None:
 ])
 def test_output(message: object, expected: list[str]) -> None:
     assert output(message) == expected
+
+
+@pytest.mark.parametrize(("upstream", "data", "expected"), [
+    ("gpt-4o", b'{"model":"gpt-4o"}', b'{"model":"mine"}'),
+    ("gpt-4o", b'{"model": "gpt-4o-2024-08-06"}', b'{"model": "mine"}'),
+    ("claude-sonnet-4-5", b'{"model":"claude-sonnet-4-5-20250929"}', b'{"model":"mine"}'),
+    ("gpt-4o", b'{"model":"gpt-4o-mini"}', b'{"model":"gpt-4o-mini"}'),  # another model
+    ("gpt-4o", b'{"model":"gpt-4o-2024"}', b'{"model":"gpt-4o-2024"}'),
+    ("gpt-4o", b'{"content":"\\"model\\":\\"gpt-4o\\""}',
+     b'{"content":"\\"model\\":\\"gpt-4o\\""}'),  # text that looks like it
+    ("a.b", b'{"model":"aXb"}', b'{"model":"aXb"}'),  # the name is not a pattern
+])
+def test_public_names(upstream: str, data: bytes, expected: bytes) -> None:
+    rename = public_names(upstream, "mine")
+    assert rename is not None and rename(data) == expected
+    assert public_names("same", "same") is None
+
+
+def test_an_error_event_marks_the_stream_failed() -> None:
+    meter = Meter(False)
+    meter.feed(delta("a") + event({"error": {"message": "overloaded", "type": "x"}}))
+    assert meter.failed and meter.text == ["a"]
+    ok = Meter(False)
+    ok.feed(delta("a") + b"data: [DONE]\n\n")
+    assert not ok.failed and ok.done
+
+
+@pytest.mark.parametrize(("wants", "shown"), [(True, None), (False, "absent")])
+def test_the_translations_early_usage_is_never_shown(wants: bool, shown: object) -> None:
+    first = event({"choices": [{"index": 0, "delta": {"role": "assistant"}}],
+                   "usage": {"prompt_tokens": 30, "completion_tokens": 0}})
+    meter = Meter(wants, usage_is_ours=True)
+    sent = orjson.loads(meter.feed(first).removeprefix(b"data: "))
+    assert sent.get("usage", "absent") == shown
+    assert meter.reported == Usage(30, 0)  # still read, for billing
