@@ -8,8 +8,9 @@ lifecycle (:mod:`proxy.lifecycle`), for apps that speak it with the Anthropic SD
 
 Only models served by an ``anthropic`` provider are answered here; the body goes
 upstream as it came but for the model name and ``max_tokens`` (within the paywall's
-limits). The end user is ``metadata.user_id``, else the ``X-Paywall-User`` header,
-else the path (``/v1/{user}/messages``; the SDK's base URL ``.../v1/{user}`` lands on
+limits; a thinking budget is lowered with it, :func:`thinking_within`). The end user
+is ``metadata.user_id``, else the ``X-Paywall-User`` header, else the path
+(``/v1/{user}/messages``; the SDK's base URL ``.../v1/{user}`` lands on
 ``/v1/{user}/v1/messages``).
 
 The provider's usage is authoritative (cache reads and writes priced apart); when it
@@ -210,6 +211,32 @@ def _checked(body: dict[str, Any]) -> tuple[str, bool, int]:
     return name, stream, max_tokens
 
 
+MIN_THINKING_BUDGET = 1024  # Anthropic's least thinking.budget_tokens
+INTERLEAVED = "interleaved-thinking"  # the anthropic-beta feature; see thinking_within
+
+
+def thinking_within(thinking: Any, max_tokens: int, limit: int, interleaved: bool) -> Any:
+    """``thinking`` as it is sent with ``max_tokens`` lowered to ``limit`` by the paywall's
+    clamp. Anthropic takes an enabled thinking's ``budget_tokens`` only below max_tokens:
+    one at or past ``limit`` is lowered to ``limit - 1`` (anything else is as sent, as
+    is a budget under interleaved thinking, which spans the requests of a turn and may
+    exceed max_tokens). 400, naming ``thinking.budget_tokens``, when that is below
+    Anthropic's least budget."""
+    if (limit >= max_tokens or interleaved or not isinstance(thinking, dict)
+            or thinking.get("type") != "enabled"):
+        return thinking
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < limit:
+        return thinking
+    if limit - 1 < MIN_THINKING_BUDGET:
+        raise InvalidRequest(
+            f"'thinking.budget_tokens' must be below max_tokens, which this app limits to "
+            f"{limit} tokens per request: less than the least budget, "
+            f"{MIN_THINKING_BUDGET} tokens. Send the request without 'thinking'.",
+            param="thinking.budget_tokens")
+    return {**thinking, "budget_tokens": limit - 1}
+
+
 async def messages(request: Request) -> Response | StreamRelay:
     services: Services = request.app.state.services
     s = services.settings
@@ -238,6 +265,10 @@ async def messages(request: Request) -> Response | StreamRelay:
     prompt = wire.prompt_of(body, model.max_image_tokens)  # 400s before any I/O
     limits = guard.effective(paywall.limits, await services.overrides.get(paywall_id, user))
     output_cap = guard.output_cap(max_tokens, paywall.max_output_tokens, limits, "max_tokens")
+    if "thinking" in body:
+        body["thinking"] = thinking_within(
+            body["thinking"], max_tokens, output_cap,
+            INTERLEAVED in request.headers.get("anthropic-beta", ""))
     body["model"] = upstream_model
     body["max_tokens"] = output_cap
 

@@ -26,7 +26,8 @@ from anthropic import AsyncAnthropic
 
 from proxy import settings as config_of
 from proxy.anthropic_wire import prompt_of
-from proxy.messages import model_list
+from proxy.errors import InvalidRequest
+from proxy.messages import model_list, thinking_within
 from tests.anthropic_upstream import (
     CACHE_READ,
     CACHE_WRITE,
@@ -98,6 +99,17 @@ require_connect = true
 [paywalls.msg-broke]
 name = "Broke app"
 starter_grant = "0"
+
+[paywalls.msg-clamp]
+name = "Clamped app"
+starter_grant = "1"
+markup_percent = "10"
+limits = {{ max_tokens_per_request = 2000, max_tokens_mode = "clamp" }}
+
+[paywalls.msg-clamp-small]
+name = "Small clamp app"
+starter_grant = "1"
+limits = {{ max_tokens_per_request = 1000, max_tokens_mode = "clamp" }}
 """
 
 
@@ -125,7 +137,8 @@ def env(anthropic_upstream: AnthropicUpstream, database_url: str,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with serving_proxy(config(anthropic_upstream), database_url,
                        tmp_path_factory.mktemp("messages")) as proxy:
-        keys = {p: mint_key(database_url, p) for p in ("msg", "msg-connect", "msg-broke")}
+        keys = {p: mint_key(database_url, p) for p in ("msg", "msg-connect", "msg-broke",
+                                                       "msg-clamp", "msg-clamp-small")}
         yield Env(proxy, keys, anthropic_upstream)
 
 
@@ -334,6 +347,82 @@ async def test_thinking_is_output(env: Env, pg: Any) -> None:
     assert msg.usage.output_tokens == len(THINKING.split()) + 3
     entry = await charge_of(pg, user, raw.headers["x-request-id"])
     assert entry["amount"] == -usage_cost(msg.usage)
+
+
+ON = {"type": "enabled", "budget_tokens": 4000}
+
+
+@pytest.mark.parametrize(("thinking", "max_tokens", "limit", "interleaved", "sent"), [
+    (ON, 8000, 2000, False, {"type": "enabled", "budget_tokens": 1999}),
+    ({**ON, "budget_tokens": 2000}, 8000, 2000, False,
+     {"type": "enabled", "budget_tokens": 1999}),
+    ({**ON, "budget_tokens": 1999}, 8000, 2000, False, {**ON, "budget_tokens": 1999}),
+    (ON, 4000, 4000, False, ON),  # not clamped: the provider judges it
+    (ON, 8000, 2000, True, ON),  # interleaved: a budget may exceed max_tokens
+    ({"type": "adaptive"}, 8000, 2000, False, {"type": "adaptive"}),
+    ({"type": "disabled"}, 8000, 2000, False, {"type": "disabled"}),
+    ({**ON, "budget_tokens": "4000"}, 8000, 2000, False, {**ON, "budget_tokens": "4000"}),
+    (None, 8000, 2000, False, None),
+    ({**ON, "budget_tokens": 1024}, 8000, 1025, False, {**ON, "budget_tokens": 1024}),
+])
+def test_thinking_within_a_clamp(thinking: Any, max_tokens: int, limit: int,
+                                 interleaved: bool, sent: Any) -> None:
+    assert thinking_within(thinking, max_tokens, limit, interleaved) == sent
+
+
+@pytest.mark.parametrize("limit", [1024, 1000, 1])
+def test_a_clamp_below_the_least_thinking_budget_is_refused(limit: int) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        thinking_within({**ON, "budget_tokens": 1024}, 8000, limit, False)
+    assert e.value.param == "thinking.budget_tokens"
+
+
+@pytest.mark.parametrize(("asked", "budget", "sent"), [
+    (8000, 4000, (2000, 1999)),  # lowered below the clamped max_tokens
+    (8000, 2000, (2000, 1999)),  # equal to it is no budget Anthropic takes either
+    (4000, 1024, (2000, 1024)),  # already below: as sent
+    (1500, 1499, (1500, 1499)),  # not clamped: as sent
+])
+async def test_the_clamp_lowers_the_thinking_budget_with_max_tokens(
+        env: Env, pg: Any, asked: int, budget: int, sent: tuple[int, int]) -> None:
+    """Anthropic takes a budget_tokens only below max_tokens: a clamped max_tokens takes
+    the budget down with it, and the request is charged what the provider reports."""
+    user = new_user("clamp")
+    async with env.client("msg-clamp") as c:
+        raw = await c.messages.with_raw_response.create(
+            model="claude-thinking", max_tokens=asked, metadata={"user_id": user},
+            thinking={"type": "enabled", "budget_tokens": budget}, messages=HELLO)
+    msg = await raw.parse()
+    assert msg.content[0].type == "thinking"
+    [seen] = [s for s in list(env.upstream.seen)
+              if (s.body.get("metadata") or {}).get("user_id") == user]
+    assert (seen.body["max_tokens"], seen.body["thinking"]["budget_tokens"]) == sent
+    assert seen.body["thinking"]["type"] == "enabled"
+    entry = await charge_of(pg, user, raw.headers["x-request-id"], "msg-clamp")
+    assert entry["amount"] == -usage_cost(msg.usage)
+
+
+async def test_a_clamp_leaving_no_thinking_budget_is_refused_before_any_hold(
+        env: Env, pg: Any) -> None:
+    """A max_tokens clamped to 1000 leaves no budget of at least 1024 below it."""
+    user = new_user("clamp-small")
+    async with env.client("msg-clamp-small") as c:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            await c.messages.create(model="claude-thinking", max_tokens=4000,
+                                    thinking={"type": "enabled", "budget_tokens": 2000},
+                                    metadata={"user_id": user}, messages=HELLO)
+        # Without thinking, the same clamp serves the request.
+        msg = await c.messages.create(model="claude-thinking", max_tokens=4000,
+                                      metadata={"user_id": user}, messages=HELLO)
+    body = e.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
+    assert "thinking.budget_tokens" in body["error"]["message"]
+    assert "1000" in body["error"]["message"] and "1024" in body["error"]["message"]
+    assert msg.content
+    assert env.forwarded(user) == 1
+    holds = await pg.fetch("SELECT h.* FROM holds h JOIN accounts a ON a.id = h.account_id"
+                           " WHERE a.user_id = $1", user)
+    assert len(holds) == 1  # the request without thinking's alone
 
 
 async def test_refused_usage_is_counted(env: Env, pg: Any) -> None:
