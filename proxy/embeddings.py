@@ -53,7 +53,7 @@ from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
 from proxy.services import Services, authenticate, read_json
 from proxy.settings import ProviderSettings
-from proxy.tokens import LARGE_TEXT, Tokenizer
+from proxy.tokens import LARGE_TEXT, Tokenizer, data_tokens
 from proxy.upstream import Reply, one
 
 MAX_INPUTS = 2048  # as OpenAI: inputs in one request
@@ -61,9 +61,12 @@ MAX_TOKEN_ID = 2**31 - 1  # token ids are 32-bit; the provider checks its own vo
 ENCODING_FORMATS = ("float", "base64")
 MOCK_DIMENSIONS = 16
 MOCK_MAX_DIMENSIONS = 4096
-# The hold covers what the provider may count beyond this tokenizer's count.
+# What the token limits are told before the provider counts: this tokenizer's count,
+# with a margin.
 _MARGIN_PERCENT = 5
 _MARGIN_TOKENS = 8
+# The special tokens a provider may add around each input (BOS/EOS, [CLS]/[SEP]).
+SPECIAL_TOKENS = 8
 _CODES = {Action.CONNECT: "connect_required", Action.TOP_UP: "insufficient_balance",
           Action.SPEND_CAP: "spend_cap"}
 
@@ -146,8 +149,19 @@ async def count_input(tokenizer: Tokenizer, inputs: Inputs, model: str, encoding
 
 
 def estimate(counted: int) -> int:
-    """The prompt tokens a hold is placed for: the count, with a margin."""
+    """The prompt tokens the token limits count at admission: the count, with a margin."""
     return math.ceil(counted * (100 + _MARGIN_PERCENT) / 100) + _MARGIN_TOKENS
+
+
+def most_tokens(inputs: Inputs) -> int:
+    """The most prompt tokens any provider can bill for ``inputs``, what the hold is
+    placed for: a token stands for at least one byte of text
+    (:func:`~proxy.tokens.data_tokens`), token ids for themselves, and each input may
+    gain :data:`SPECIAL_TOKENS`. A bound whatever the provider's tokenizer, where a
+    count with a margin is only a guess; embeddings are cheap, so holding it costs
+    little."""
+    return (sum(data_tokens(t) for t in inputs.texts) + inputs.token_ids
+            + SPECIAL_TOKENS * inputs.count)
 
 
 def embedding_usage(data: Any) -> Usage | None:
@@ -343,7 +357,7 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     markup_bps = int(paywall.markup_percent * 100)
     counted = await count_input(services.tokenizer, inputs, upstream_model, model.encoding)
     bound = estimate(counted)
-    hold = worst_case(bound, 0, price, markup_bps)
+    hold = worst_case(max(bound, most_tokens(inputs)), 0, price, markup_bps)
     if hold > MAX_UNITS:
         raise InvalidRequest("This request's input costs more than a balance can hold.",
                              param="input")

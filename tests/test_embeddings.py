@@ -31,11 +31,13 @@ from proxy.decide import Action
 from proxy.embeddings import (
     MAX_INPUTS,
     MAX_TOKEN_ID,
+    SPECIAL_TOKENS,
     Inputs,
     MockEmbeddings,
     count_input,
     embedding_usage,
     estimate,
+    most_tokens,
     parse_input,
     paywall_error,
 )
@@ -336,6 +338,24 @@ async def test_a_string_is_charged_at_the_providers_usage(env: Env, pg: Any) -> 
                      "cost": plain(price(prompt)), "cost_asset": "usd"}
 
 
+async def test_the_hold_covers_a_provider_that_frames_every_input(env: Env, pg: Any
+                                                                     ) -> None:
+    """2,048 one-word inputs, each billed with the provider's framing tokens: four times
+    what is counted here. The hold is a bound, not the count with a margin."""
+    user = new_user("framed")
+    texts = ["a"] * 2048
+    async with env.sdk() as c:
+        raw = await c.embeddings.with_raw_response.create(
+            model="embed-small", input=texts, user=user)
+    prompt = raw.parse().usage.prompt_tokens
+    assert prompt == sum(billed(t) for t in texts) and prompt >= 3 * counted(texts)
+    entry = await entry_of(pg, raw.headers["x-request-id"])
+    assert_charged(entry, prompt)
+    hold = await pg.fetchval("SELECT amount FROM holds WHERE request_id = $1",
+                             raw.headers["x-request-id"])
+    assert hold >= price(prompt)
+
+
 async def test_a_list_in_base64_round_trips(env: Env, pg: Any) -> None:
     user = new_user("list")
     texts = ["first", "second one", "third, and last"]
@@ -516,3 +536,13 @@ async def test_a_missing_user_is_400(env: Env) -> None:
         with pytest.raises(openai.BadRequestError) as e:
             await c.embeddings.create(model="embed-small", input="hello")
     assert e.value.code == "missing_user"
+
+
+@pytest.mark.parametrize(("value", "bound"), [
+    ("héllo", 6 + SPECIAL_TOKENS),  # bytes, not characters
+    (["a", "bb"], 3 + 2 * SPECIAL_TOKENS),
+    ([[1, 2, 3], [4]], 4 + 2 * SPECIAL_TOKENS),
+    ([5, 6], 2 + SPECIAL_TOKENS),
+])
+def test_most_tokens_is_a_bound_of_bytes_and_framing(value: Any, bound: int) -> None:
+    assert most_tokens(parse_input(value)) == bound
