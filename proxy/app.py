@@ -37,7 +37,10 @@ from proxy.endusers import TokenVerifier
 from proxy.errors import (
     AuthenticationFailed,
     DatabaseUnavailable,
+    InvalidRequest,
+    MethodNotAllowed,
     ModelNotFound,
+    NotFound,
     ProxyError,
     error_body,
 )
@@ -163,9 +166,11 @@ async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=exc.status, media_type=JSON, headers=exc.headers)
 
 
-# What a client that calls an unknown /v1 route is told this proxy serves.
+# What a client that calls an unknown /v1 route is told this proxy serves; one that
+# calls an unknown Messages route (count_tokens, batches), what it serves of that API.
 ENDPOINTS = ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings",
              "POST /v1/messages", "GET /v1/models", "GET /v1/models/{model}")
+ANTHROPIC_ENDPOINTS = ("POST /v1/messages", "GET /v1/models", "GET /v1/models/{model}")
 
 
 async def _render_http_error(request: Request, exc: Exception) -> Response:
@@ -174,6 +179,14 @@ async def _render_http_error(request: Request, exc: Exception) -> Response:
     path = request.url.path
     if path.startswith(cors.PREFIX):
         body = orjson.dumps({"error": str(exc.detail), "code": code})
+    elif messages.speaks_anthropic(path):
+        error = (NotFound(
+            f"Unknown route {request.method} {path}. Of Anthropic's API this proxy serves "
+            + ", ".join(ANTHROPIC_ENDPOINTS) + " (each also under /v1/{user}/ to name the"
+            " end user).") if exc.status_code == 404
+                 else MethodNotAllowed(str(exc.detail)) if exc.status_code == 405
+                 else InvalidRequest(str(exc.detail)))
+        body = error.anthropic_body()
     elif exc.status_code == 404 and (path == "/v1" or path.startswith("/v1/")):
         body = error_body(
             f"Unknown route {request.method} {path}. This proxy serves "
@@ -191,8 +204,10 @@ async def _render_crash(request: Request, exc: Exception) -> Response:
     if isinstance(exc, (asyncpg.PostgresError, OSError)) and (services := getattr(
             request.app.state, "services", None)):
         services.metrics.errors.labels("database").inc()
-    return Response(ProxyError("The proxy had an internal error.").body(), status_code=500,
-                    media_type=JSON)
+    error = ProxyError("The proxy had an internal error.")
+    body = (error.anthropic_body() if messages.speaks_anthropic(request.url.path)
+            else error.body())
+    return Response(body, status_code=500, media_type=JSON)
 
 
 def spool_dir(settings: Settings) -> Path:

@@ -245,7 +245,8 @@ async def messages(request: Request) -> Response | StreamRelay:
     paywall_id = rec.paywall = principal.paywall_id
     body = await read_json(request, s.server.max_body_bytes)
     user = resolve_user({"metadata.user_id": _user_id(body)}, request.headers.get(USER_HEADER),
-                        request.path_params.get("user"), fields=("metadata.user_id",))
+                        request.path_params.get("user"), fields=("metadata.user_id",),
+                        route="messages")
     rec.user = user
     request_id: str = request.state.request_id
 
@@ -308,9 +309,20 @@ def model_list(settings: Settings) -> dict[str, Any]:
             "last_id": data[-1]["id"] if data else None}
 
 
+# What follows /v1/{user}/ on the OpenAI routes: /v1/messages/<one of these> is such a
+# route for an end user named "messages".
+_OPENAI_ROUTES = frozenset({"chat", "responses", "embeddings", "models"})
+
+
 def speaks_anthropic(path: str) -> bool:
-    """Whether ``path`` is a Messages route, whose errors are rendered as Anthropic's."""
-    return path.startswith("/v1/") and path.endswith("/messages")
+    """Whether ``path`` is a Messages route or under one (``/v1/messages/...``, also after
+    ``/v1/{user}/`` and ``/v1/{user}/v1/``), whose errors are rendered as Anthropic's."""
+    parts = path.split("/")[1:]
+    if len(parts) < 2 or parts[0] != "v1":
+        return False
+    if parts[1] == "messages":
+        return len(parts) == 2 or parts[2] not in _OPENAI_ROUTES
+    return parts[2:3] == ["messages"] or parts[2:4] == ["v1", "messages"]
 
 
 routes = [

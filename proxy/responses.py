@@ -417,7 +417,8 @@ async def create_response(request: Request) -> Response | StreamRelay:
     principal = await authenticate(request, services)
     paywall_id = rec.paywall = principal.paywall_id
     body = await read_json(request, s.server.max_body_bytes)
-    user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
+    user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"),
+                        route="responses")
     rec.user = user
     request_id: str = request.state.request_id
 

@@ -52,3 +52,25 @@ def test_rejections(body: dict[str, Any], header: str | None, path: str | None,
 def test_owner_apis_read_only_user() -> None:
     with pytest.raises(InvalidRequest):
         resolve_user({"safety_identifier": "s"}, None, None, ("user",))
+
+
+@pytest.mark.parametrize(("fields", "route", "says", "not_said"), [
+    (("user", "safety_identifier"), "chat/completions",
+     ["'user' (or 'safety_identifier')", "/v1/{user}/chat/completions"], []),
+    (("user", "safety_identifier"), "responses",
+     ["'user' (or 'safety_identifier')", "/v1/{user}/responses"], ["chat/completions"]),
+    (("metadata.user_id",), "messages", ["'metadata.user_id'", "/v1/{user}/messages"],
+     ["'user'", "safety_identifier", "chat/completions"]),
+])
+def test_the_message_names_the_routes_own_fields_and_path(
+        fields: tuple[str, ...], route: str, says: list[str], not_said: list[str]) -> None:
+    for body, code in (({}, "missing_user"), ({fields[0]: "a b"}, "invalid_user")):
+        with pytest.raises(InvalidRequest) as e:
+            resolve_user(body, None, None, fields, route=route)
+        assert e.value.code == code
+        assert e.value.param == fields[0]
+        assert "X-Paywall-User" in e.value.message
+        for part in says:
+            assert part in e.value.message
+        for part in not_said:
+            assert part not in e.value.message

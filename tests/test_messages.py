@@ -26,8 +26,9 @@ from anthropic import AsyncAnthropic
 
 from proxy import settings as config_of
 from proxy.anthropic_wire import prompt_of
+from proxy.app import create_app
 from proxy.errors import InvalidRequest
-from proxy.messages import model_list, thinking_within
+from proxy.messages import model_list, speaks_anthropic, thinking_within
 from tests.anthropic_upstream import (
     CACHE_READ,
     CACHE_WRITE,
@@ -349,6 +350,31 @@ async def test_thinking_is_output(env: Env, pg: Any) -> None:
     assert entry["amount"] == -usage_cost(msg.usage)
 
 
+@pytest.mark.parametrize(("path", "anthropic_shaped"), [
+    ("/v1/messages", True),
+    ("/v1/messages/", True),
+    ("/v1/messages/count_tokens", True),
+    ("/v1/messages/batches/msgbatch_1/results", True),
+    ("/v1/someone/messages", True),
+    ("/v1/someone/messages/count_tokens", True),
+    ("/v1/someone/v1/messages", True),
+    ("/v1/someone/v1/messages/batches", True),
+    ("/v1/messages/v1/messages", True),  # an end user named "messages", the SDK's path
+    ("/v1/messages/chat/completions", False),  # ... and chat, responses, models: OpenAI's
+    ("/v1/messages/responses", False),
+    ("/v1/messages/models/gpt-x", False),
+    ("/v1/chat/completions", False),
+    ("/v1/someone/chat/completions", False),
+    ("/v1/responses", False),
+    ("/v1/models", False),
+    ("/v1", False),
+    ("/messages", False),
+    ("/api/v1/messages", False),
+])
+def test_which_paths_speak_anthropic(path: str, anthropic_shaped: bool) -> None:
+    assert speaks_anthropic(path) is anthropic_shaped
+
+
 ON = {"type": "enabled", "budget_tokens": 4000}
 
 
@@ -595,6 +621,61 @@ async def test_a_missing_key_and_a_bad_user_id_are_anthropic_shaped(env: Env) ->
     assert bad_user.status_code == 400
     assert bad_user.json()["type"] == "error"
     assert "metadata.user_id" in bad_user.json()["error"]["message"]
+
+
+async def test_a_missing_user_is_told_the_messages_ways_to_name_one(env: Env) -> None:
+    async with env.client() as c:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            await c.messages.create(model="claude-pub", max_tokens=5, messages=HELLO)
+    body = e.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
+    message = body["error"]["message"]
+    assert "'metadata.user_id'" in message and "/v1/{user}/messages" in message
+    assert "X-Paywall-User" in message
+    assert "'user'" not in message and "chat/completions" not in message
+
+
+@pytest.mark.parametrize("base", ["", "/v1/someone"])
+async def test_unserved_messages_routes_are_anthropic_shaped_and_say_what_is_served(
+        env: Env, base: str) -> None:
+    """The SDK's count_tokens() and batches are not served: its NotFoundError says what is,
+    with a base URL naming the user too."""
+    async with env.client(user="someone", base_url=env.proxy.url + base) as c:
+        with pytest.raises(anthropic.NotFoundError) as counted:
+            await c.messages.count_tokens(model="claude-pub", messages=HELLO)
+        with pytest.raises(anthropic.NotFoundError) as batched:
+            await c.messages.batches.create(requests=[{"custom_id": "a", "params": {
+                "model": "claude-pub", "max_tokens": 5, "messages": HELLO}}])
+    for e, path in ((counted, "/v1/messages/count_tokens"), (batched, "/v1/messages/batches")):
+        body = e.value.body
+        assert isinstance(body, dict) and body["type"] == "error"
+        assert body["error"]["type"] == "not_found_error"
+        assert set(body["error"]) == {"type", "message"}
+        message = body["error"]["message"]
+        assert f"POST {base}{path}" in message
+        assert "POST /v1/messages," in message and "GET /v1/models" in message
+    async with httpx.AsyncClient(base_url=env.proxy.url, timeout=30) as http:
+        wrong_method = await http.get(base + "/v1/messages",
+                                      headers={"x-api-key": env.keys["msg"]})
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["type"] == "error"
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_crash_on_a_messages_route_is_anthropic_shaped(env: Env, tmp_path: Any) -> None:
+    """An app run without its lifespan has no services, so every handler crashes; the
+    500 is rendered in the shape its route speaks."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(config(env.upstream))
+    app = create_app(config_of.load(path, env={"DATABASE_URL": "postgresql://unused"}))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as http:
+        messages = await http.post("/v1/someone/v1/messages", json={})
+        chat = await http.post("/v1/chat/completions", json={})
+    assert messages.status_code == chat.status_code == 500
+    assert messages.json() == {"type": "error", "error": {
+        "type": "api_error", "message": "The proxy had an internal error."}}
+    assert chat.json()["error"]["type"] == "server_error"
 
 
 async def test_the_hold_covers_the_prompt_as_cache_writes_and_all_of_max_tokens(

@@ -804,6 +804,15 @@ async def test_refusals_reach_the_sdk_as_bad_requests(served: Served) -> None:
             model="nope", input="hi", user="u"))
 
 
+async def test_a_missing_user_is_told_the_responses_path(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        await asyncio.to_thread(lambda: served.sdk().responses.create(model="gpt-r",
+                                                                     input="hi"))
+    assert e.value.code == "missing_user" and e.value.param == "user"
+    assert "/v1/{user}/responses" in e.value.message
+    assert "chat/completions" not in e.value.message
+
+
 async def test_the_user_in_the_path(served: Served, pg: Any) -> None:
     user = new_user("path")
     raw = await asyncio.to_thread(
