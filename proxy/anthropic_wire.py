@@ -40,7 +40,7 @@ import orjson
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.pricing import Usage
 from proxy.sse import Event, SSEParser
-from proxy.tokens import Prompt, data_tokens
+from proxy.tokens import Prompt, data_tokens, document_tokens
 
 # The system prompt Anthropic adds when a request has tools (at most 346 tokens for
 # current models, per its tool-use pricing), with room to spare.
@@ -80,7 +80,7 @@ def _source(block: dict[str, Any], where: str, image_tokens: int, text: list[str
         if how == "base64" and isinstance(source.get("data"), str):
             return max(image_tokens, data_tokens(source["data"]))
     elif how == "base64" and isinstance(source.get("data"), str):
-        return data_tokens(source["data"])
+        return document_tokens(source["data"], image_tokens)
     elif how == "text" and isinstance(source.get("data"), str):
         text.append(source["data"])
         return 0

@@ -51,7 +51,7 @@ from proxy.response_events import (
     usage_object,
 )
 from proxy.services import Services, authenticate, read_json
-from proxy.tokens import IMAGE_TOKENS, Prompt, data_tokens
+from proxy.tokens import IMAGE_TOKENS, Prompt, data_tokens, document_tokens
 from proxy.upstream import Reply
 
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -231,7 +231,7 @@ def _media(part: dict[str, Any], where: str, image_tokens: int, text: list[str])
                                  param=f"{where}.file_data")
         text.extend(v for k, v in part.items()
                     if k not in ("file_data", "type") and isinstance(v, str))
-        return data_tokens(data)
+        return document_tokens(data, image_tokens)
     url = part.get("image_url")
     text.extend(v for k, v in part.items() if k not in ("image_url", "type")
                 and isinstance(v, str))

@@ -13,7 +13,8 @@ What a chat-completions request is billed for (:func:`prompt_parts`, pure):
   ``tool_calls``, tool and function results; and ``tools``, ``functions``,
   ``response_format``;
 - inline data (an image's ``data:`` URL, ``input_audio`` data, a file's
-  ``file_data``) by its size: a token stands for at least one byte of what it
+  ``file_data``) by its size, and a PDF also by its pages, each billed as an image
+  (:func:`document_tokens`): a token stands for at least one byte of what it
   encodes (byte-level BPE, tiktoken's and SentencePiece's byte fallback alike), so
   ``n`` bytes are at most ``n`` tokens, read as text. Providers that decode audio
   bill it by duration, far fewer tokens than its bytes;
@@ -33,8 +34,11 @@ id), or a content part of a type this module does not know.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +58,9 @@ LARGE_TEXT = 32 * 1024
 _PER_MESSAGE = 4
 _MARGIN = 1.05
 IMAGE_TOKENS = 2_833 + 8 * 5_667  # models.*.max_image_tokens by default
+# A PDF's page objects: "/Type /Page", not "/Type /Pages" (the page tree).
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+UNCOUNTED_PAGES = 100  # the most pages the providers take in one PDF
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,29 @@ def data_tokens(data: str) -> int:
     return len(data) if data.isascii() else len(data.encode())
 
 
+def document_tokens(data: str, image_tokens: int) -> int:
+    """The most a document sent inline (base64, or a ``data:`` URL of it) can be billed:
+    its size (:func:`data_tokens`), and for a PDF an image of every page besides, at
+    ``image_tokens`` each — providers bill each page's text and its picture. Pages are
+    counted by their ``/Type /Page`` objects; a PDF whose pages cannot all be counted
+    (none are seen, or it has compressed object streams) is held for at least
+    :data:`UNCOUNTED_PAGES`."""
+    size = data_tokens(data)
+    head, _, payload = data.rpartition(",")
+    if head and head[:5].lower() != "data:":
+        payload = data  # not a data URL: a "," is not base64, decoding fails below
+    try:
+        raw = base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        return size
+    if b"%PDF-" not in raw[:1024]:  # where the header may stand
+        return size
+    pages = len(_PDF_PAGE.findall(raw))
+    if not pages or b"/ObjStm" in raw:  # pages hidden in compressed object streams
+        pages = max(pages, UNCOUNTED_PAGES)
+    return size + pages * image_tokens
+
+
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
@@ -190,7 +220,7 @@ def _part(part: Any, where: str, image_tokens: int, text: list[str]) -> int:
             raise InvalidRequest("A file part carries its content as 'file_data'.",
                                  param=f"{where}.file.file_data")
         text.extend(v for k, v in file.items() if k != "file_data" and isinstance(v, str))
-        return data_tokens(data)
+        return document_tokens(data, image_tokens)
     raise InvalidRequest(
         f"Content parts of type {kind!r} are not supported: what they cost cannot be"
         " bounded before the request is sent.", param=f"{where}.type")

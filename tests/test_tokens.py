@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -11,9 +12,11 @@ from proxy.settings import ModelSettings
 from proxy.tokens import (
     IMAGE_TOKENS,
     OFFLINE,
+    UNCOUNTED_PAGES,
     Prompt,
     Tokenizer,
     data_tokens,
+    document_tokens,
     prompt_parts,
     prompt_text,
 )
@@ -167,3 +170,54 @@ async def test_a_prediction_is_estimated_as_output() -> None:
     assert estimate < 100  # the prediction is no part of the prompt
     assert output >= len(OFFLINE_ENC.encode_ordinary(predicted))
     assert (await t.prompt_tokens({"messages": []}, "m"))[2] == 0
+
+
+def pdf(pages: int, compressed: bool = False) -> bytes:
+    """A minimal PDF of ``pages`` pages sharing one content stream (tiny per page)."""
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
+    objs = [b"1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj",
+            f"2 0 obj << /Type /Pages /Kids [{kids}] /Count {pages} >> endobj".encode()]
+    objs += [f"{3 + i} 0 obj << /Type /Page /Parent 2 0 R >> endobj".encode()
+             for i in range(pages)]
+    if compressed:
+        objs.append(b"99 0 obj << /Type /ObjStm /N 40 >> stream ... endstream endobj")
+    return b"%PDF-1.7\n" + b"\n".join(objs) + b"\n%%EOF"
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(("data", "pages"), [
+    (b64(pdf(1)), 1),
+    (b64(pdf(100)), 100),
+    ("data:application/pdf;base64," + b64(pdf(7)), 7),
+    (b64(pdf(3, compressed=True)), UNCOUNTED_PAGES),  # the rest may be compressed
+    (b64(b"%PDF-1.4\nno page objects to be seen"), UNCOUNTED_PAGES),
+    (b64(b"plain text, not a PDF"), 0),
+    ("not base64 at all!", 0),
+    ("data:text/plain;base64," + b64(b"/Type /Page"), 0),
+])
+def test_a_pdf_is_bounded_by_its_pages_too(data: str, pages: int) -> None:
+    assert document_tokens(data, 1000) == data_tokens(data) + pages * 1000
+
+
+def test_a_hundred_page_pdf_is_held_for_its_pages_in_chat() -> None:
+    data = "data:application/pdf;base64," + b64(pdf(100))
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": data}}]}]}
+    assert prompt_parts(body, image_tokens=1500).media == data_tokens(data) + 100 * 1500
+
+
+def test_every_wire_format_bounds_a_pdf_by_its_pages() -> None:
+    from proxy import anthropic_wire, responses
+
+    raw = b64(pdf(40))
+    responses_body = {"input": [{"role": "user", "content": [
+        {"type": "input_file", "filename": "a.pdf",
+         "file_data": "data:application/pdf;base64," + raw}]}]}
+    assert responses.prompt_parts(responses_body, 1500).media >= 40 * 1500
+    messages_body = {"messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                        "data": raw}}]}]}
+    assert anthropic_wire.prompt_of(messages_body, 1500).media >= 40 * 1500
