@@ -7,7 +7,9 @@
 An :class:`Adapter` says what differs per wire format — how much to hold, how to send,
 how to read usage and delivered output in the answer, what a blocked request is
 answered with; :func:`run` does the rest, the same for all. Chat completions
-(:mod:`proxy.chat`) and the API gateway (:mod:`proxy.gateway`) are adapters.
+(:mod:`proxy.chat`), the API gateway (:mod:`proxy.gateway`), the Responses API
+(:mod:`proxy.responses`), embeddings (:mod:`proxy.embeddings`) and Anthropic's Messages
+(:mod:`proxy.messages`) are adapters.
 
 What a request acquires — its admission (a concurrency lease), its hold — is acquired
 in tasks of its own and released by one :class:`Ticket`, whose :meth:`Ticket.close`

@@ -45,10 +45,10 @@ _PLUMBING = frozenset({"id", "type", "status", "call_id", "item_id", "role", "ph
 
 
 def item_output(item: Any) -> list[str]:
-    """The output strings of one Responses output item (non-empty ones): a message's
-    ``output_text`` text and refusals, a function call's name and arguments, a custom
-    tool call's name and input, a reasoning item's summary and text; for any other item,
-    every string it holds but its bookkeeping (ids, type, status)."""
+    """Every non-empty string of one Responses output item, in order, but those under
+    the bookkeeping keys of :data:`_PLUMBING` (ids, type, status, role, encrypted
+    reasoning, logprobs, annotations...), whatever the item's type: so a message's text
+    and refusals, a function call's name and arguments, a reasoning item's summary."""
     out: list[str] = []
     _strings(item, out)
     return out
