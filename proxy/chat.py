@@ -249,6 +249,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise InvalidRequest(f"'n' must be an integer from 1 to {MAX_CHOICES}.", param="n")
+    guard.priced_options(body, {})
     limits = guard.effective(paywall.limits, await services.overrides.get(paywall_id, user))
     output_cap = _output_cap(body, model, paywall, limits)
     options = body.get("stream_options")

@@ -25,6 +25,9 @@ INT_OVERRIDES = ("requests_per_minute", "tokens_per_minute", "concurrency",
                  "max_tokens_per_request")
 CAP_OVERRIDES = ("daily_spend_cap", "monthly_spend_cap")
 MAX_OUTPUT_TOKENS = 2**31 - 1  # what an output cap may be: the ledger's token counts are int4
+# OpenAI's service tiers billed at the model's standard prices or below; "priority"
+# (and "scale") cost more than a model's configured price.
+PRICED_TIERS = (None, "auto", "default", "flex")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,3 +185,18 @@ def parse_overrides(body: dict[str, Any], assets: dict[str, AssetSettings],
         raise InvalidRequest(f"Unknown limit(s): {', '.join(sorted(unknown))}.",
                              param=sorted(unknown)[0])
     return out
+
+
+def priced_options(body: dict[str, Any], unpriced: dict[str, str]) -> None:
+    """Refuse (400) what a request may ask of the provider that bills more than the
+    model's configured prices: a ``service_tier`` not in :data:`PRICED_TIERS`, and each
+    field of ``unpriced`` present in ``body`` (the value says why). Cheaper options
+    pass: the charge is the provider's usage at the configured prices, never more."""
+    tier = body.get("service_tier")
+    if tier not in PRICED_TIERS:
+        raise InvalidRequest(
+            f"service_tier {tier!r} is billed above this model's prices; use 'auto', "
+            "'default' or 'flex'.", param="service_tier")
+    for key, why in unpriced.items():
+        if body.get(key) is not None:
+            raise InvalidRequest(f"'{key}' is not supported: {why}.", param=key)

@@ -88,6 +88,8 @@ def check_request(body: dict[str, Any]) -> None:
         raise InvalidRequest("A stored 'prompt' is not supported: its content is kept at the"
                              " provider and cannot be priced before the request is sent;"
                              " send it as 'instructions' and 'input'.", param="prompt")
+    guard.priced_options(body, {"context_management": "compaction is a model pass of its"
+                                                      " own, which the usage does not show"})
     tools = body.get("tools")
     if tools is None:
         return

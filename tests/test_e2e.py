@@ -328,3 +328,15 @@ def test_stream_must_be_a_real_boolean(running: Running, stream: object) -> None
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == "stream"
     assert len(running.upstream.seen) == before  # the provider was never called
+
+
+def test_a_service_tier_billed_above_the_price_is_refused(running: Running) -> None:
+    seen = len(running.upstream.seen)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(running).chat.completions.create(model="gpt-test", messages=HELLO, user="tier",
+                                                service_tier="priority")
+    assert refused.value.param == "service_tier"  # type: ignore[attr-defined]
+    assert len(running.upstream.seen) == seen
+    flex = client(running).chat.completions.create(model="gpt-test", messages=HELLO,
+                                                   user="tier", service_tier="flex")
+    assert flex.choices and running.upstream.last().body["service_tier"] == "flex"

@@ -107,3 +107,21 @@ def test_parse_overrides() -> None:
 def test_parse_overrides_rejects(body: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
         guard.parse_overrides(body, DEFAULT_ASSETS, {})
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({}, None), ({"service_tier": "auto"}, None), ({"service_tier": "default"}, None),
+    ({"service_tier": "flex"}, None), ({"service_tier": None}, None),
+    ({"service_tier": "priority"}, "service_tier"), ({"service_tier": "scale"}, "service_tier"),
+    ({"service_tier": 1}, "service_tier"),
+    ({"speed": "fast"}, "speed"), ({"speed": None}, None),
+])
+def test_options_billed_above_the_models_prices_are_refused(body: dict[str, Any],
+                                                            param: str | None) -> None:
+    unpriced = {"speed": "fast mode is billed at a multiple of the model's prices"}
+    if param is None:
+        guard.priced_options(body, unpriced)
+        return
+    with pytest.raises(InvalidRequest) as refused:
+        guard.priced_options(body, unpriced)
+    assert refused.value.param == param

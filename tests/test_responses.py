@@ -384,7 +384,8 @@ PRICE = Tariff(400_000_000, 100_000_000, 1_600_000_000, 2_000_000_000)
 GRANT = 1_000_000_000  # starter_grant "1"
 MODELS = {"gpt-r": "r-echo", "gpt-r-tool": "r-tool", "gpt-r-no-usage": "r-no-usage",
           "gpt-r-silent": "r-silent-after-3", "gpt-r-break": "r-break-after-3",
-          "gpt-r-fail": "r-fail", "gpt-r-crash": "r-crash", "gpt-r-error": "r-error-after-2"}
+          "gpt-r-fail": "r-fail", "gpt-r-crash": "r-crash", "gpt-r-error": "r-error-after-2",
+          "gpt-r-done-break": "r-done-then-break", "gpt-r-at-end": "r-output-at-end"}
 
 
 def config(upstream: Upstream) -> str:
@@ -649,6 +650,27 @@ async def test_a_provider_broken_mid_stream_charges_delivered_and_says_so(
                                 completion, "partial", "gpt-r-break")
 
 
+@pytest.mark.parametrize(("model", "outcome"), [("gpt-r-done-break", "partial"),
+                                                ("gpt-r-at-end", "completed")])
+async def test_output_in_no_delta_is_charged(served: Served, pg: Any, model: str,
+                                             outcome: str) -> None:
+    """Text sent only in ``.done`` events (then a break), or only in the terminal response
+    (with no usage), reached the client: it is counted and charged."""
+    user = new_user("nodelta")
+    async with httpx.AsyncClient(timeout=30) as http, http.stream(
+            "POST", served.base_url + "/responses",
+            headers={"Authorization": f"Bearer {served.keys['resp']}"},
+            json={"model": model, "input": "Go on", "user": user, "stream": True}) as r:
+        assert r.status_code == 200
+        request_id = r.headers["x-request-id"]
+        raw = b"".join([chunk async for chunk in r.aiter_raw()])
+    assert raw.count("".join(WORDS).encode()) == (2 if outcome == "partial" else 1)
+    prompt, completion = tokens("Go on"), tokens("".join(WORDS))
+    _, entry = await settled(pg, request_id)
+    assert charge_of(entry) == ("charge", PRICE.cost(prompt, completion), prompt,
+                                completion, outcome, model)
+
+
 async def test_a_provider_error_event_after_output_charges_delivered(served: Served,
                                                                      pg: Any) -> None:
     user = new_user("error")
@@ -765,6 +787,9 @@ async def test_a_blocked_json_mode_request_is_told_in_a_json_object(served: Serv
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({"stream": 1}, "stream"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"service_tier": "priority"}, "service_tier"),
+    ({"context_management": [{"type": "compaction", "compact_threshold": 1000}]},
+     "context_management"),
     ({"model": "mock-r"}, "model"),
 ])
 async def test_requests_that_cannot_be_priced_are_refused(served: Served, extra: Any,
