@@ -5,12 +5,17 @@ with ``data: {"type": ..., "sequence_number": ..., ...}``). :class:`ResponseMete
 frames it like the chat :class:`~proxy.metering.Meter` does (each complete event passed
 on as it came, the public model name put in) and keeps what billing needs:
 
-- delivered output: the ``delta`` string of every ``*.delta`` event (output text,
-  refusals, function-call arguments, reasoning text and summaries, custom tool input,
-  audio...), the strings of each output item as ``response.output_item.added`` shows it
-  (a function call's name is in no delta), of an item whose ``.done`` event came with no
-  deltas before it, and of the terminal response's items that no event showed; and the
-  raw data of any event that is not a JSON object;
+- delivered output, each text once however many events show it: the ``delta`` of every
+  ``*.delta`` event (output text, refusals, function-call arguments, reasoning text and
+  summaries, custom tool input, audio...; the strings of a delta that is an object), and
+  what the events that show a text whole add to what was shown before at the same place
+  (output index, part index, member): a text's ``.done`` event, a part's ``.added`` and
+  ``.done`` events, an output item's (a function call's name is in no delta), and the
+  terminal response's ``output``. Each place keeps the text shown there; a whole text
+  adds what it has past their common start (nothing when it is the same text or a
+  shorter view of it). Text an event shows with no place it can be told by (no
+  ``output_index``) is counted whole, as is the raw data of any event that is not a
+  JSON object;
 - the provider's usage, from the terminal event (``response.completed``,
   ``response.incomplete``, ``response.failed``; :meth:`Usage.from_responses
   <proxy.pricing.Usage.from_responses>` refuses odd counts), trusted on the chat Meter's
@@ -44,27 +49,65 @@ _PLUMBING = frozenset({"id", "type", "status", "call_id", "item_id", "role", "ph
                        "encrypted_content", "logprobs", "annotations"})
 
 
+# Where a text event's text lies in its output item: the event's member that indexes a
+# list of the item, that list's key, and the text's key (also the member of the `.done`
+# event that holds the whole text). A delta of another kind has no known place: it is
+# counted as it comes, beside whatever the item's events show.
+_TEXTS: dict[str, tuple[str | None, str | None, str]] = {
+    "response.output_text": ("content_index", "content", "text"),
+    "response.refusal": ("content_index", "content", "refusal"),
+    "response.reasoning_text": ("content_index", "content", "text"),
+    "response.reasoning_summary_text": ("summary_index", "summary", "text"),
+    "response.function_call_arguments": (None, None, "arguments"),
+    "response.custom_tool_call_input": (None, None, "input"),
+    "response.mcp_call_arguments": (None, None, "arguments"),
+    "response.code_interpreter_call_code": (None, None, "code"),
+}
+# Events that show one part of an item whole: the member that indexes it, and its list.
+_PARTS = {
+    "response.content_part.added": ("content_index", "content"),
+    "response.content_part.done": ("content_index", "content"),
+    "response.reasoning_summary_part.added": ("summary_index", "summary"),
+    "response.reasoning_summary_part.done": ("summary_index", "summary"),
+}
+# How deep in an item places are told apart; the strings below are one place's text.
+# (Known places are three deep; a bound keeps a provider's deep nesting cheap.)
+_DEPTH = 6
+Place = tuple[Any, ...]  # (output_index, key or list index, ...)
+
+
+def _leaves(value: Any, at: Place = (), depth: int = _DEPTH) -> list[tuple[Place, str]]:
+    """The non-empty strings of ``value`` but its bookkeeping (:data:`_PLUMBING`), in
+    order, each with its place: ``at`` and the keys and list indexes that lead to it,
+    no more than ``depth`` of them. Iterative: a provider's JSON may nest deeper than
+    Python's stack."""
+    out: list[tuple[Place, str]] = []
+    stack: list[tuple[Place, Any]] = [(at, value)]
+    limit = len(at) + depth
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if v:
+                out.append((where, v))
+            continue
+        if isinstance(v, dict):
+            members: list[tuple[Any, Any]] = [(k, x) for k, x in v.items()
+                                              if k not in _PLUMBING]
+        elif isinstance(v, list):
+            members = list(enumerate(v))
+        else:
+            continue
+        deeper = len(where) < limit
+        stack.extend(((*where, k) if deeper else where, x) for k, x in reversed(members))
+    return out
+
+
 def item_output(item: Any) -> list[str]:
     """Every non-empty string of one Responses output item, in order, but those under
     the bookkeeping keys of :data:`_PLUMBING` (ids, type, status, role, encrypted
     reasoning, logprobs, annotations...), whatever the item's type: so a message's text
     and refusals, a function call's name and arguments, a reasoning item's summary."""
-    out: list[str] = []
-    _strings(item, out)
-    return out
-
-
-def _strings(value: Any, out: list[str]) -> None:
-    if isinstance(value, str):
-        if value:
-            out.append(value)
-    elif isinstance(value, dict):
-        for key, v in value.items():
-            if key not in _PLUMBING:
-                _strings(v, out)
-    elif isinstance(value, list):
-        for v in value:
-            _strings(v, out)
+    return [s for _, s in _leaves(item, depth=0)]
 
 
 def response_text(data: Any, raw: bytes) -> str:
@@ -89,8 +132,8 @@ def response_usage(data: Any) -> Usage | None:
     return usage
 
 
-def _index(data: dict[str, Any]) -> int | None:
-    index = data.get("output_index")
+def _index(data: dict[str, Any], member: str = "output_index") -> int | None:
+    index = data.get(member)
     return index if isinstance(index, int) and not isinstance(index, bool) else None
 
 
@@ -100,16 +143,16 @@ class ResponseMeter(Meter):
     every event passed on; ``price`` gives the ``cost`` fields added to the terminal
     event's usage."""
 
-    __slots__ = ("_added", "_deltas", "_seen", "failed", "sequence")
+    __slots__ = ("_shown", "failed", "sequence")
 
     def __init__(self, rename: Callable[[bytes], bytes] | None = None,
                  price: Callable[[Usage], dict[str, Any]] | None = None):
         super().__init__(True, price, rename)
         self.failed = False
         self.sequence = -1  # the last sequence_number the provider sent
-        self._deltas: set[int] = set()  # output indexes some delta was delivered for
-        self._added: dict[int, list[str]] = {}  # what each output_item.added delivered
-        self._seen: set[int] = set()  # output indexes some item event showed
+        # The text the client has been shown at each place of the output: the deltas
+        # delivered there, or the longest whole text an event showed for it.
+        self._shown: dict[Place, list[str]] = {}
 
     def _read(self, event: Event) -> bytes | None:
         try:
@@ -125,43 +168,58 @@ class ResponseMeter(Meter):
         kind = data.get("type")
         if not isinstance(kind, str):
             kind = event.event
-        if kind.endswith(".delta"):
-            delta = data.get("delta")
-            if isinstance(delta, str) and delta:
-                self._deliver([delta])
-                index = _index(data)
-                if index is not None:
-                    self._deltas.add(index)
-            return None
-        if kind == "response.output_item.added":
-            self._item_added(data)
-        elif kind == "response.output_item.done":
-            self._item_done(data)
+        name, _, stage = kind.rpartition(".")
+        if stage == "delta":
+            self._delta(name, data)
+        elif stage == "done" and name in _TEXTS:
+            self._show(_text_place(name, data), data.get(_TEXTS[name][2]))
+        elif kind in _PARTS:
+            member, key = _PARTS[kind]
+            index, j = _index(data), _index(data, member)
+            self._show(None if index is None or j is None else (index, key, j),
+                       data.get("part"))
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            index = _index(data)
+            self._show(None if index is None else (index,), data.get("item"))
         elif kind in TERMINAL:
             return self._terminal(kind, data, event)
         elif kind == "error":
             self.failed = True
         return None
 
-    def _item_added(self, data: dict[str, Any]) -> None:
-        strings = item_output(data.get("item"))
-        index = _index(data)
-        if index is not None:
-            self._seen.add(index)
-            self._added[index] = strings
-        self._deliver(strings)
+    def _delta(self, name: str, data: dict[str, Any]) -> None:
+        delta = data.get("delta")
+        if not isinstance(delta, str):  # an object of strings reached the client too
+            self._deliver(item_output(delta))
+            return
+        if not delta:
+            return
+        self._deliver([delta])
+        place = _text_place(name, data) if name in _TEXTS else None
+        if place is not None:
+            self._shown.setdefault(place, []).append(delta)
 
-    def _item_done(self, data: dict[str, Any]) -> None:
-        index = _index(data)
-        if index is not None and index in self._deltas:
-            return  # its output came in deltas
-        strings = item_output(data.get("item"))
-        if index is not None:
-            self._seen.add(index)
-            for s in self._added.pop(index, ()):  # shown once already, when it was added
-                if s in strings:
-                    strings.remove(s)
-        self._deliver(strings)
+    def _show(self, at: Place | None, value: Any) -> None:
+        """Count what ``value``, shown whole at ``at``, adds to what each of its places
+        has shown: its text past their common start (a text shown again, or a shorter
+        view of it, adds nothing). Unplaced (``at`` None), all of it is counted."""
+        leaves = _leaves(value, at or ())
+        if at is None:
+            self._deliver([text for _, text in leaves])
+            return
+        texts: dict[Place, list[str]] = {}
+        for place, text in leaves:  # the strings past _DEPTH share their place
+            texts.setdefault(place, []).append(text)
+        for place, parts in texts.items():
+            text = parts[0] if len(parts) == 1 else "".join(parts)
+            pieces = self._shown.get(place)
+            known = pieces[0] if pieces and len(pieces) == 1 else "".join(pieces or ())
+            if known.startswith(text):
+                self._shown[place] = [known]
+                continue
+            common = _common(known, text)
+            self._shown[place] = [text]
+            self._deliver([text[common:]])
 
     def _terminal(self, kind: str, data: dict[str, Any], event: Event) -> bytes | None:
         self.done = True
@@ -172,8 +230,7 @@ class ResponseMeter(Meter):
             return None
         items = response.get("output")
         for i, item in enumerate(items if isinstance(items, list) else ()):
-            if i not in self._seen and i not in self._deltas:
-                self._deliver(item_output(item))
+            self._show((i,), item)
         if response.get("usage") is None:
             return None
         usage = self.reported = Usage.from_responses(response["usage"])
@@ -182,6 +239,33 @@ class ResponseMeter(Meter):
             return None
         response["usage"].update(self.price(usage))
         return sse(event.event if event.event != "message" else kind, data)
+
+
+def _common(a: str, b: str) -> int:
+    """The length of the longest start ``a`` and ``b`` share."""
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # halving: each comparison runs at C speed on long texts
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _text_place(name: str, data: dict[str, Any]) -> Place | None:
+    """Where the text of a text event (``name`` in :data:`_TEXTS`) lies; None when the
+    event does not say."""
+    member, key, text = _TEXTS[name]
+    index = _index(data)
+    if index is None:
+        return None
+    if member is None:
+        return (index, text)
+    j = _index(data, member)
+    return None if j is None else (index, key, j, text)
 
 
 def error_event(code: str | None, message: str, param: str | None, sequence: int) -> bytes:

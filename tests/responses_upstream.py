@@ -18,6 +18,10 @@ it is asked for (the upstream name):
   (no usage, no output).
 - ``r-error-after-K``: a stream of the first K words, then the provider's own ``error``
   event, and the end of the stream.
+- ``r-done-then-break``: a stream whose text is only in ``response.output_text.done``
+  and ``response.content_part.done`` (no deltas), then a break as ``r-break-after-K``.
+- ``r-output-at-end``: a stream that adds an empty message, then ends in
+  ``response.completed`` with the whole message in its ``output`` and no usage.
 - ``r-crash``: 500.
 """
 
@@ -120,6 +124,23 @@ def tool_stream(body: dict[str, Any]) -> list[bytes]:
                   response=_response(body, "completed", [_tool_call()], USAGE))]
 
 
+def done_then_break(body: dict[str, Any]) -> list[bytes]:
+    """``r-done-then-break``'s events before the break: the text in no delta."""
+    text = "".join(WORDS)
+    at = {"item_id": "msg_up", "output_index": 0, "content_index": 0}
+    return [*opening(body),
+            frame("response.output_text.done", 4, **at, text=text, logprobs=[]),
+            frame("response.content_part.done", 5, **at,
+                  part={"type": "output_text", "text": text, "annotations": []})]
+
+
+def output_at_end(body: dict[str, Any]) -> list[bytes]:
+    """``r-output-at-end``'s events: the message only in the terminal response."""
+    return [*opening(body)[:3],
+            frame("response.completed", 3,
+                  response=_response(body, "completed", [_message(WORDS)], None))]
+
+
 async def _send_json(send: Any, status: int, data: Any) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json")]})
@@ -160,6 +181,13 @@ async def handle(body: dict[str, Any], receive: Any, send: Any) -> None:
                            *text_deltas(WORDS[:int(model.removeprefix("r-silent-after-"))])])
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(gone.wait(), 30)
+                return
+            if model == "r-done-then-break":
+                await out(done_then_break(body))
+                await asyncio.sleep(BREAK_PAUSE)
+                raise ResponsesBroke(model)
+            if model == "r-output-at-end":
+                await out(output_at_end(body), more=False)
                 return
             if model.startswith("r-break-after-"):
                 await out([*opening(body),
