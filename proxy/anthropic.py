@@ -9,9 +9,11 @@ unchanged. What cannot be translated is refused before anything is sent
 (:func:`proxy.translate.check` says so earlier still).
 
 Every request carries ``x-api-key`` (the call's key), ``anthropic-version`` (the
-client's own when it sent one, else the provider's setting), the client's
-``anthropic-beta`` when it sent one, and the provider's configured headers and query
-parameters. The credentials among them are scrubbed from whatever comes back.
+client's own when it sent one, else the provider's setting), those of the client's
+``anthropic-beta`` features the provider allows (``anthropic_betas``: a beta may bill
+above the model's prices, so none passes unless the operator says so), and the
+provider's configured headers and query parameters. The credentials among them are
+scrubbed from whatever comes back.
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ class AnthropicProvider:
         self.conf = conf
         self.transport = transport
         self.secrets = encoded(secret_values(conf.headers, conf.query))
+        self.betas = frozenset(conf.anthropic_betas)
 
     def _headers(self, call: Call) -> dict[str, str]:
         headers = ANTHROPIC_HEADERS.request(call.headers)
+        asked = headers.pop("anthropic-beta", "").split(",")
+        allowed = [beta for beta in (b.strip() for b in asked) if beta in self.betas]
+        if allowed:
+            headers["anthropic-beta"] = ",".join(allowed)
         headers.setdefault("anthropic-version", self.conf.anthropic_version)
         headers["content-type"] = "application/json"
         headers.update(self.conf.headers)

@@ -147,6 +147,9 @@ class ProviderSettings:
     )
     anthropic_version: str = setting(
         "2023-06-01", "Anthropic kind: the anthropic-version header sent upstream.")
+    anthropic_betas: list[str] = setting(
+        [], "Anthropic kind: the anthropic-beta features clients may turn on; others are "
+            "dropped (a beta may bill above the model's prices: 1M context, fast mode).")
     headers: dict[str, str] = setting({}, "Extra headers sent with every upstream request.")
     query: dict[str, str] = setting({}, "Query parameters added upstream (e.g. api-version).")
     latency_ms: int = setting(0, "Mock: delay before the first byte.")

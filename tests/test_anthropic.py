@@ -64,7 +64,8 @@ BODY = {"model": "claude-echo", "max_tokens": 64,
 
 async def test_native_call_is_posted_as_it_is(anthropic_upstream: AnthropicUpstream,
                                               transport: Transport) -> None:
-    p = provider(anthropic_upstream, transport, headers={"x-extra": "1"})
+    p = provider(anthropic_upstream, transport, headers={"x-extra": "1"},
+                 anthropic_betas=["b-1"])
     reply = await p.send(native(BODY, {"authorization": "Bearer client", "cookie": "c=1",
                                        "anthropic-beta": "b-1", "user-agent": "ua"}))
     body = orjson.loads(await reply.read())
@@ -83,6 +84,20 @@ async def test_native_call_is_posted_as_it_is(anthropic_upstream: AnthropicUpstr
     assert headers["request-id"] == "req_up_anthropic"
     assert headers["anthropic-ratelimit-requests-remaining"] == "99"
     assert "set-cookie" not in headers
+
+
+@pytest.mark.parametrize(("asked", "allowed", "sent"), [
+    ("context-1m-2025-08-07", [], None),  # billed above the model's prices: dropped
+    ("b-1, context-1m-2025-08-07,b-2", ["b-1", "b-2"], "b-1,b-2"),
+    ("b-1", ["b-1"], "b-1"),
+    (None, ["b-1"], None),
+])
+async def test_only_the_betas_the_provider_allows_go_upstream(
+        anthropic_upstream: AnthropicUpstream, transport: Transport, asked: str | None,
+        allowed: list[str], sent: str | None) -> None:
+    p = provider(anthropic_upstream, transport, anthropic_betas=allowed)
+    await (await p.send(native(BODY, {"anthropic-beta": asked} if asked else {}))).read()
+    assert anthropic_upstream.last().headers.get("anthropic-beta") == sent
 
 
 async def test_native_call_keeps_the_clients_version(anthropic_upstream: AnthropicUpstream,
