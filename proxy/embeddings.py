@@ -328,7 +328,8 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     principal = await authenticate(request, services)
     paywall_id = rec.paywall = principal.paywall_id
     body = await read_json(request, s.server.max_body_bytes)
-    user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"))
+    user = resolve_user(body, request.headers.get(USER_HEADER), request.path_params.get("user"),
+                        route="embeddings")
     rec.user = user
 
     name = body.get("model")

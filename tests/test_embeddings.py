@@ -536,6 +536,7 @@ async def test_a_missing_user_is_400(env: Env) -> None:
         with pytest.raises(openai.BadRequestError) as e:
             await c.embeddings.create(model="embed-small", input="hello")
     assert e.value.code == "missing_user"
+    assert "/v1/{user}/embeddings" in e.value.message
 
 
 @pytest.mark.parametrize(("value", "bound"), [
