@@ -24,9 +24,10 @@ content), ``mcp_servers``, and any block or tool type this module does not know.
 The :class:`StreamMeter` watches an Anthropic SSE stream (``event: X`` / ``data:
 {...}``) the way :class:`proxy.metering.Meter` watches a chat stream: events pass on
 unchanged (but for the public model name), and it keeps the usage — ``message_start``'s
-``message.usage``, each ``message_delta``'s ``usage`` laid over it (its counts are
-cumulative) — and the output delivered: text, tool inputs (``partial_json``),
-thinking, tool names, and the raw data of any event that is not a JSON object.
+``message.usage``, each ``message_delta``'s ``usage`` laid over it (:func:`laid_over`:
+its counts are cumulative, so none goes down) — and the output delivered: text, tool
+inputs (``partial_json``), thinking, tool names, and the raw data of any event that is
+not a JSON object.
 """
 
 from __future__ import annotations
@@ -371,11 +372,27 @@ class StreamMeter:
             if fresh:
                 self._usage, self.reported = {}, None
             return
-        if fresh:
-            self._usage = {}
-        self._usage.update((k, v) for k, v in usage.items() if v is not None)
+        self._usage = laid_over({} if fresh else self._usage, usage)
         self.reported = Usage.from_anthropic(self._usage)
         self._stale = False
+
+
+def laid_over(before: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """A stream's usage so far, ``before``, with a later event's ``usage`` laid over it:
+    the counts are cumulative, so each is the larger of the two (a ``message_delta``
+    saying ``"input_tokens": 0`` after ``message_start`` said 10 leaves 10); a null
+    leaves the count as it was, anything but a count replaces it (to be refused)."""
+    out = dict(before)
+    for key, value in usage.items():
+        if value is None:
+            continue
+        old = out.get(key)
+        out[key] = max(old, value) if _is_count(old) and _is_count(value) else value
+    return out
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def message_id(request_id: str) -> str:

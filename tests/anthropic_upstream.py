@@ -42,6 +42,8 @@ It behaves according to the model asked for:
   ``x-api-key`` it was sent, as some providers do.
 - ``claude-odd-usage``: like ``claude-echo``, but ``output_tokens`` is a string (usage a
   reader must refuse).
+- ``claude-zero-input``: like ``claude-echo``, but a stream's ``message_delta`` usage
+  also says ``input_tokens`` and both cache counts are 0 (below message_start's).
 
 Every answer carries ``request-id``, an ``anthropic-ratelimit-requests-remaining``
 and a ``set-cookie`` header (which must not reach a client).
@@ -243,7 +245,10 @@ def stream_events(body: dict[str, Any], answer: Plan, msg_id: str = "msg_up1") -
     out.append(event("message_delta", {
         "type": "message_delta",
         "delta": {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence},
-        "usage": {"output_tokens": output_tokens(answer)}}))
+        "usage": {"output_tokens": output_tokens(answer),
+                  **({"input_tokens": 0, "cache_read_input_tokens": 0,
+                      "cache_creation_input_tokens": 0}
+                     if body.get("model") == "claude-zero-input" else {})}}))
     out.append(event("message_stop", {"type": "message_stop"}))
     return out
 

@@ -56,6 +56,7 @@ MODELS = {  # public name: upstream behaviour
     "claude-thinking": "claude-thinking", "claude-endless": "claude-stream-endless",
     "claude-break": "claude-break-after-3", "claude-error": "claude-error-after-3",
     "claude-crash": "claude-crash", "claude-odd": "claude-odd-usage",
+    "claude-zero-in": "claude-zero-input",
 }
 
 
@@ -284,6 +285,23 @@ async def test_stream_text_and_final_message(env: Env, pg: Any) -> None:
     entry = await charge_of(pg, user, request_id)
     assert (entry["amount"], entry["completion_tokens"], entry["outcome"]) == (
         -usage_cost(final.usage), 4, "completed")
+
+
+async def test_a_stream_lowering_its_input_count_is_charged_the_larger(env: Env,
+                                                                      pg: Any) -> None:
+    """A message_delta's usage is cumulative: one saying 0 input and cache tokens after
+    message_start said more does not take the prompt's charge down."""
+    user = new_user("zero-in")
+    system = [{"type": "text", "text": "Be brief please.", "cache_control": {"type": "ephemeral"}}]
+    async with env.client(user=user) as c, c.messages.stream(
+            model="claude-zero-in", max_tokens=50, system=system, messages=HELLO) as s:
+        text = "".join([t async for t in s.text_stream])
+        request_id = s.response.headers["x-request-id"]
+    assert text == "echo: Hello there"
+    # message_start: 5 input words, the cache read and write; 3 output words.
+    entry = await charge_of(pg, user, request_id)
+    assert (entry["amount"], entry["prompt_tokens"], entry["completion_tokens"]) == (
+        -cost(5, 3, CACHE_READ, CACHE_WRITE), 5 + CACHE_READ + CACHE_WRITE, 3)
 
 
 async def test_a_stream_reaches_the_client_with_events_unchanged_but_the_model(
@@ -699,7 +717,7 @@ def test_the_anthropic_model_list(env: Env, tmp_path: Any) -> None:
     listed = model_list(config_of.load(path, env={}))
     assert [m["id"] for m in listed["data"]] == list(MODELS)
     assert (listed["has_more"], listed["first_id"], listed["last_id"]) == (
-        False, "claude-pub", "claude-odd")
+        False, "claude-pub", list(MODELS)[-1])
     for m in listed["data"]:
         info = anthropic.types.ModelInfo.model_validate(m)
         assert (info.type, info.display_name) == ("model", m["id"])
