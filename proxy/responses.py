@@ -108,7 +108,16 @@ def prompt_parts(body: dict[str, Any], image_tokens: int = IMAGE_TOKENS) -> Prom
     """What a Responses request ``body`` is billed for as prompt: every string of its
     ``instructions`` and ``input`` items (media bounded as :mod:`proxy.tokens` does for
     chat), and its ``tools``, ``text`` (the output format's schema) and ``tool_choice``.
-    Raises InvalidRequest, with the ``param`` at fault, for a part that cannot be bounded."""
+    Raises InvalidRequest, with the ``param`` at fault, for a part that cannot be bounded,
+    and for a body nested deeper than it can be walked or written back (orjson nests at
+    most 254 levels deep)."""
+    try:
+        return _prompt_parts(body, image_tokens)
+    except (RecursionError, orjson.JSONEncodeError):
+        raise InvalidRequest("The request body is nested too deeply.") from None
+
+
+def _prompt_parts(body: dict[str, Any], image_tokens: int) -> Prompt:
     text: list[str] = []
     media = 0
     items = 0

@@ -300,6 +300,35 @@ def test_parts_that_cannot_be_bounded_are_refused(body: dict[str, Any], param: s
     assert refused.value.param == param
 
 
+def nested(depth: int, leaf: Any = "x") -> Any:
+    """``leaf`` inside ``depth`` levels of lists and objects, alternately."""
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+DEEP_BODIES: list[tuple[str, dict[str, Any]]] = [
+    ("a member of an input item",
+     {"input": [{"type": "message", "role": "user", "content": "x", "extra": nested(600)}]}),
+    ("an object inside an input_text part",
+     {"input": [{"role": "user", "content": [{"type": "input_text", "text": "x",
+                                              "extra": nested(600)}]}]}),
+    ("an assistant turn's citations",
+     {"input": [{"type": "message", "role": "assistant", "content": [
+         {"type": "output_text", "text": "t", "annotations": [nested(1200)]}]}]}),
+    ("a tool's parameters", {"input": "x", "tools": [
+        {"type": "function", "name": "f", "parameters": nested(300)}]}),
+]
+
+
+@pytest.mark.parametrize("body", [c[1] for c in DEEP_BODIES], ids=[c[0] for c in DEEP_BODIES])
+def test_a_body_too_deep_to_walk_is_refused(body: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        prompt_parts(body)
+    assert refused.value.message == "The request body is nested too deeply."
+
+
 def test_function_and_custom_tools_pass() -> None:
     check_request({"tools": [{"type": "function", "name": "f"}, {"type": "custom",
                                                                  "name": "g"}],
@@ -803,6 +832,25 @@ async def test_requests_that_cannot_be_priced_are_refused(served: Served, extra:
     assert r.json()["error"]["param"] == param
     if param == "model":  # it exists, but is not served here: as every endpoint says so
         assert r.json()["error"]["code"] == "model_not_supported"
+    assert served.forwarded(user) == []
+
+
+# Sent as JSON by the test client, whose encoder recurses: the citations' depth is past it.
+DEEP_SENT = [c for c in DEEP_BODIES if c[0] != "an assistant turn's citations"]
+
+
+@pytest.mark.parametrize("extra", [c[1] for c in DEEP_SENT], ids=[c[0] for c in DEEP_SENT])
+async def test_a_body_too_deep_to_walk_is_a_400_before_any_hold(served: Served, pg: Any,
+                                                                extra: Any) -> None:
+    user = new_user("deep")
+    body = {"model": "gpt-r", "input": "hi", "user": user, **extra}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(served.base_url + "/responses", json=body,
+                            headers={"Authorization": f"Bearer {served.keys['resp']}"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "The request body is nested too deeply."
+    assert await pg.fetchval("SELECT count(*) FROM holds WHERE request_id = $1",
+                             r.headers["x-request-id"]) == 0
     assert served.forwarded(user) == []
 
 
