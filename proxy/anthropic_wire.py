@@ -181,7 +181,16 @@ def _tools(tools: Any, text: list[str]) -> int:
 
 def prompt_of(body: dict[str, Any], image_tokens: int) -> Prompt:
     """What a Messages request ``body`` is billed for (see the module doc); raises
-    InvalidRequest, with the ``param`` at fault, for a part that cannot be bounded."""
+    InvalidRequest, with the ``param`` at fault, for a part that cannot be bounded, and
+    for a body nested deeper than it can be read (tool results inside tool results) or
+    written back (orjson nests at most 254 levels deep: a tool's input, a schema)."""
+    try:
+        return _prompt_of(body, image_tokens)
+    except (RecursionError, orjson.JSONEncodeError):
+        raise InvalidRequest("The request body is nested too deeply.") from None
+
+
+def _prompt_of(body: dict[str, Any], image_tokens: int) -> Prompt:
     text: list[str] = []
     media = 0
     system = body.get("system")

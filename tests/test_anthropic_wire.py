@@ -147,6 +147,40 @@ def test_prompt_of_refuses_what_cannot_be_bounded(case: str, request_body: dict[
     assert e.value.status == 400
 
 
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def results(depth: int) -> Any:
+    """A tool_result whose content holds a tool_result ... ``depth`` deep."""
+    block: Any = {"type": "text", "text": "x"}
+    for _ in range(depth):
+        block = {"type": "tool_result", "tool_use_id": "t", "content": [block]}
+    return block
+
+
+DEEP: list[tuple[str, dict[str, Any]]] = [
+    ("a tool_use input", body([{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": nested(300)}]}])),
+    ("a tool's input_schema", body([user("x")], tools=[{**TOOL,
+                                                         "input_schema": nested(300)}])),
+    ("tool_choice", body([user("x")], tool_choice={"type": "auto", "x": nested(300)})),
+    ("a tool_result's content object", body([user({"type": "tool_result", "tool_use_id": "t",
+                                                    "content": {"k": nested(300)}})])),
+    ("tool results inside tool results", body([user(results(400))])),
+]
+
+
+@pytest.mark.parametrize("request_body", [c[1] for c in DEEP], ids=[c[0] for c in DEEP])
+def test_prompt_of_refuses_a_body_too_deep_to_read(request_body: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        wire.prompt_of(request_body, IMG)
+    assert (e.value.status, e.value.message) == (400, "The request body is nested too deeply.")
+
+
 # --- the stream meter --------------------------------------------------------------
 
 

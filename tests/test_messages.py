@@ -610,6 +610,41 @@ async def test_bad_requests_are_anthropic_shaped(env: Env, case: str, kw: dict[s
     assert env.forwarded(user) == 0
 
 
+def _deep_input(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"k": [value]}
+    return value
+
+
+def _deep_results(depth: int) -> Any:
+    block: Any = {"type": "text", "text": "x"}
+    for _ in range(depth):
+        block = {"type": "tool_result", "tool_use_id": "t", "content": [block]}
+    return block
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f",
+                                        "input": _deep_input(150)}]}],  # 300 levels
+    [{"role": "user", "content": [_deep_results(400)]}],
+], ids=["a tool_use input", "tool results inside tool results"])
+async def test_a_body_too_deep_to_read_is_a_400_before_any_hold(env: Env, pg: Any,
+                                                                messages: Any) -> None:
+    user = new_user("deep")
+    async with httpx.AsyncClient(base_url=env.proxy.url, timeout=30) as http:
+        r = await http.post("/v1/messages", headers={"x-api-key": env.keys["msg"],
+                                                    "X-Paywall-User": user},
+                            json={"model": "claude-pub", "max_tokens": 10,
+                                  "messages": messages})
+    assert r.status_code == 400, r.text
+    assert r.json() == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "The request body is nested too deeply."}}
+    assert await pg.fetchval("SELECT count(*) FROM holds WHERE request_id = $1",
+                             r.headers["x-request-id"]) == 0
+    assert env.forwarded(user) == 0
+
+
 async def test_a_wrong_key_is_an_authentication_error(env: Env) -> None:
     async with env.client(api_key="pk-wrong", user="someone") as c:
         with pytest.raises(anthropic.AuthenticationError) as e:
