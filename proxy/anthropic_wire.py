@@ -445,3 +445,41 @@ def paywall_message(*, request_id: str, model: str, text: str, paywall: dict[str
         sse("message_stop", {"type": "message_stop"}),
     ]
     return b"".join(events), "text/event-stream"
+
+
+# Options of a Messages request billed above a model's configured prices, with the
+# values that are not (None: the field absent or null).
+_PRICED_VALUES: dict[str, tuple[Any, ...]] = {
+    "speed": (None, "standard"),  # fast mode bills a multiple of the prices
+    "inference_geo": (None, "global"),  # pinning a region bills a premium
+    "context_management": (None,),  # compaction is a model pass whose usage is apart
+    "service_tier": (None, "auto", "standard_only"),
+}
+_CACHE_TTLS = (None, "5m")  # longer cache writes bill more than cache_write_per_million
+
+
+def check_priced(body: dict[str, Any]) -> None:
+    """Refuse (400) a Messages request that asks for what Anthropic bills above the
+    model's configured prices: fast mode, a pinned region, compaction, a priority
+    tier, or a cache write kept longer than five minutes (billed at twice the input
+    price, where ``cache_write_per_million`` prices the five-minute one)."""
+    for key, priced in _PRICED_VALUES.items():
+        value = body.get(key)
+        if not any(value == p for p in priced):
+            raise InvalidRequest(f"'{key}' {value!r} is billed above this model's prices,"
+                                 " so it cannot be paid for here.", param=key)
+    # Every cache_control, wherever it stands (system, messages, tools, nested
+    # results), walked without recursion: the body may be deep.
+    stack: list[tuple[Any, str]] = [(body.get(k), k) for k in ("system", "messages", "tools")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            cache = value.get("cache_control")
+            if isinstance(cache, dict) and cache.get("ttl") not in _CACHE_TTLS:
+                raise InvalidRequest(
+                    f"A cache_control ttl of {cache.get('ttl')!r} is billed above this"
+                    " model's cache-write price; use the default five minutes.",
+                    param=f"{where}.cache_control.ttl")
+            stack.extend((v, f"{where}.{k}") for k, v in value.items() if k != "cache_control")
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))

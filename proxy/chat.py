@@ -262,6 +262,8 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     # What Messages cannot do is refused before any hold; what it can is bounded as the
     # provider will bill it (its tool system prompt, a forced tool for JSON output).
     messages_body = translate.to_messages(body) if translated else None
+    if messages_body is not None:
+        anthropic_wire.check_priced(messages_body)
     price = services.prices[name]
     scale = s.assets[price.asset].scale
     rec.asset, rec.scale = price.asset, scale

@@ -208,6 +208,7 @@ def _checked(body: dict[str, Any]) -> tuple[str, bool, int]:
             raise InvalidRequest(
                 f"'{field}' is not supported: remote tools and containers cost what cannot"
                 " be bounded before the request is sent.", param=field)
+    wire.check_priced(body)
     return name, stream, max_tokens
 
 

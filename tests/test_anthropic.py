@@ -500,6 +500,9 @@ async def test_upstream_error_is_openai_shaped_and_voids_the_hold(
 
 @pytest.mark.parametrize(("extra", "param"), [
     ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "system", "content": [
+        {"type": "text", "text": "rules", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]},
+        HELLO]}, "system[0].cache_control.ttl"),
     ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "array"}}}}, "response_format.json_schema.schema"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{

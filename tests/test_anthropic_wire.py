@@ -439,3 +439,44 @@ ERRORS: list[tuple[errors.ProxyError, str]] = [
 def test_errors_in_anthropics_shape(error: errors.ProxyError, kind: str) -> None:
     assert orjson.loads(error.anthropic_body()) == {
         "type": "error", "error": {"type": kind, "message": "x"}}
+
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({}, None),
+    ({"speed": "standard", "inference_geo": "global", "service_tier": "auto"}, None),
+    ({"speed": "fast"}, "speed"),
+    ({"inference_geo": "us"}, "inference_geo"),
+    ({"context_management": {"edits": [{"type": "compact_20260112"}]}},
+     "context_management"),
+    ({"service_tier": "priority"}, "service_tier"),
+    ({"system": [{"type": "text", "text": "s", "cache_control": EPHEMERAL}]}, None),
+    ({"system": [{"type": "text", "text": "s", "cache_control": {**EPHEMERAL, "ttl": "5m"}}]},
+     None),
+    ({"system": [{"type": "text", "text": "s", "cache_control": {**EPHEMERAL, "ttl": "1h"}}]},
+     "system[0].cache_control.ttl"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                 "content": [{"type": "text", "text": "r",
+                                                              "cache_control": {
+                                                                  **EPHEMERAL, "ttl": "1h"}}]}]}]},
+     "messages[0].content[0].content[0].cache_control.ttl"),
+    ({"tools": [{"name": "t", "input_schema": {}, "cache_control": {**EPHEMERAL, "ttl": "1h"}}]},
+     "tools[0].cache_control.ttl"),
+])
+def test_options_billed_above_the_prices_are_refused(body: dict[str, Any],
+                                                     param: str | None) -> None:
+    if param is None:
+        wire.check_priced(body)
+        return
+    with pytest.raises(InvalidRequest) as refused:
+        wire.check_priced(body)
+    assert refused.value.param == param
+
+
+def test_a_deep_body_is_checked_without_recursion() -> None:
+    deep: Any = {"type": "text", "text": "x"}
+    for _ in range(5000):
+        deep = {"content": [deep]}
+    wire.check_priced({"messages": [deep]})

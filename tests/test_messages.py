@@ -594,6 +594,14 @@ async def test_an_upstream_500_is_voided(env: Env, pg: Any, stream: bool) -> Non
         {"type": "document", "source": {"type": "file", "file_id": "file_1"}}]}]},
      "file_id"),
     ("an openai-kind model", {"model": "gpt-x"}, "/v1/chat/completions"),
+    ("fast mode", {"extra_body": {"speed": "fast"}}, "'speed'"),
+    ("a pinned region", {"extra_body": {"inference_geo": "us"}}, "'inference_geo'"),
+    ("compaction", {"extra_body": {"context_management": {
+        "edits": [{"type": "compact_20260112"}]}}}, "'context_management'"),
+    ("an hour-long cache write", {"system": [{"type": "text", "text": "rules",
+                                              "cache_control": {"type": "ephemeral",
+                                                                "ttl": "1h"}}]},
+     "cache_control ttl"),
 ])
 async def test_bad_requests_are_anthropic_shaped(env: Env, case: str, kw: dict[str, Any],
                                                  says: str) -> None:
