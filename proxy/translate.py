@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from proxy.anthropic_wire import laid_over
 from proxy.errors import InvalidRequest
 from proxy.pricing import Usage
 from proxy.sse import SSEParser
@@ -463,7 +464,7 @@ class ChunkTranslator:
             msg = _obj(data.get("message"))
             self.id = str(msg.get("id") or "")
             self.model = str(msg.get("model") or self.model)
-            self._usage.update(_obj(msg.get("usage")))
+            self._usage = laid_over(self._usage, _obj(msg.get("usage")))
             start = {**self._usage, "output_tokens": 0}
             return self._chunk({"role": "assistant", "content": ""},
                                usage=openai_usage(start))
@@ -472,7 +473,7 @@ class ChunkTranslator:
         if kind == "content_block_delta":
             return self._delta(data)
         if kind == "message_delta":
-            self._usage.update(_obj(data.get("usage")))  # cumulative counts
+            self._usage = laid_over(self._usage, _obj(data.get("usage")))  # cumulative
             delta = _obj(data.get("delta"))
             reason = delta.get("stop_reason")
             if reason is None:

@@ -413,3 +413,22 @@ def test_stream_ignores_garbage_and_unknown_events() -> None:
     assert t.feed(b'data: {"type": "content_block_delta", "index": 3, '
                   b'"delta": {"type": "input_json_delta", "partial_json": "x"}}\n\n') == b""
     assert t.feed(b'data: {"type": "some_future_event"}\n\n') == b""
+
+
+def test_stream_usage_never_goes_down() -> None:
+    """A message_delta's counts are cumulative: one saying 0 input and cache tokens after
+    message_start said more does not take the prompt down."""
+    start = {"type": "message_start", "message": {
+        "id": "msg_up1", "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [], "usage": {"input_tokens": 4, "output_tokens": 1,
+                                 "cache_read_input_tokens": 50,
+                                 "cache_creation_input_tokens": 20}}}
+    raw = b"".join([
+        event("message_start", start),
+        event("message_delta", {"type": "message_delta",
+                                "delta": {"stop_reason": "end_turn"},
+                                "usage": {"output_tokens": 9, "input_tokens": 0,
+                                          "cache_read_input_tokens": 0,
+                                          "cache_creation_input_tokens": None}}),
+        event("message_stop", {"type": "message_stop"})])
+    assert translated(raw, True, 1000)[-2] == chunk(None, usage=chat_usage(74, 9, 50, 20))
