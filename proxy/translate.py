@@ -339,15 +339,21 @@ def openai_usage(usage: Any) -> dict[str, Any] | None:
 
 
 def to_completion(msg: Any, created: int, answer: str | None = None) -> dict[str, Any] | None:
-    """The chat.completion for a whole Messages answer; None when ``msg`` is not one. A
-    call of the ``answer`` tool (:func:`answer_tool`) is the content, as JSON text."""
-    if not isinstance(msg, dict) or not isinstance(msg.get("content"), list):
+    """The chat.completion for a whole Messages answer; None when ``msg`` is not one (an
+    object with ``content`` or ``usage``). A call of the ``answer`` tool
+    (:func:`answer_tool`) is the content, as JSON text. Odd content still carries the
+    answer's usage across — a string is its text, anything else no content — so what
+    the provider billed is what is charged."""
+    if not isinstance(msg, dict) or ("content" not in msg and "usage" not in msg):
         return None
+    content = msg.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
     texts: list[str] = []
     thinking: list[str] = []
     calls: list[dict[str, Any]] = []
     reason = FINISH.get(str(msg.get("stop_reason")), "stop")
-    for block in msg["content"]:
+    for block in content if isinstance(content, list) else ():
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])

@@ -274,9 +274,21 @@ def test_response_through_the_answer_tool() -> None:
     assert to_completion(answer, 42, "other")["choices"][0]["finish_reason"] == "tool_calls"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("answer", [None, [], {"type": "error"}, {"content": "x"}])
+@pytest.mark.parametrize("answer", [None, [], {"type": "error"}, {"id": "msg_1"}])
 def test_response_not_a_message(answer: Any) -> None:
     assert to_completion(answer, 42) is None
+
+
+def test_odd_content_still_carries_the_usage() -> None:
+    """What the provider billed is charged: an answer whose content is a string is its
+    text, one whose content is missing or odd has none, and the usage comes across."""
+    as_text = {**msg([]), "content": "plain text"}
+    assert to_completion(as_text, 42) == completion({"content": "plain text"}, "stop",
+                                                    chat_usage(10, 3))
+    for odd in ({k: v for k, v in msg([]).items() if k != "content"},
+                {**msg([]), "content": {"text": "x"}}):
+        assert to_completion(odd, 42) == completion({"content": None}, "stop",
+                                                    chat_usage(10, 3))
 
 
 @pytest.mark.parametrize(("status", "body", "expected"), [
