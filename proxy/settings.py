@@ -192,6 +192,10 @@ class ModelSettings:
         "it; an inline image for its size when larger). Default: gpt-4o-mini's high-detail "
         "maximum, the most of any OpenAI model."
     )
+    prompt_margin: float = setting(
+        0.0, "What the prompt's tiktoken count is multiplied by for the hold; 0 = 1.05 "
+             "for openai-kind providers, 1.35 for others (Claude's tokenizer counts more)."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +356,24 @@ def load(path: str | os.PathLike[str] | None = None,
         data_dir=env.get("PAYWALL_DATA_DIR") or ".paywall",
     )
     _check_references(settings)
-    return settings
+    return _with_margins(settings)
+
+
+# The prompt margins by provider kind (models.*.prompt_margin = 0): tiktoken is the
+# tokenizer of OpenAI's models; other providers' count more for the same text.
+PROMPT_MARGINS = {"openai": 1.05, "mock": 1.05}
+OTHER_PROMPT_MARGIN = 1.35
+
+
+def _with_margins(s: Settings) -> Settings:
+    for name, m in s.models.items():
+        if m.prompt_margin and not 1 <= m.prompt_margin <= 10:
+            raise ConfigError(f"{s.source}: models.{name}.prompt_margin: must be 0 (by the "
+                              f"provider's kind) or from 1 to 10, got {m.prompt_margin}")
+    models = {name: m if m.prompt_margin else dataclasses.replace(
+        m, prompt_margin=PROMPT_MARGINS.get(s.providers[m.provider].kind, OTHER_PROMPT_MARGIN))
+        for name, m in s.models.items()}
+    return dataclasses.replace(s, models=models)
 
 
 def declared(cls: type[Any] = Settings, prefix: str = "") -> list[str]:

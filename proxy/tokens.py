@@ -109,21 +109,25 @@ class Tokenizer:
         return self.count(text, model, name)
 
     async def prompt_tokens(self, payload: Mapping[str, Any], model: str, name: str = "",
-                            image_tokens: int = IMAGE_TOKENS) -> tuple[int, int, int]:
+                            image_tokens: int = IMAGE_TOKENS, margin: float = _MARGIN
+                            ) -> tuple[int, int, int]:
         """The prompt's text tokens as counted here (what is billed when the provider
         reports nothing), an upper estimate of the prompt tokens it will be billed (the
         hold), and an upper estimate of the completion tokens its ``prediction`` may
         add to the output cap. Raises InvalidRequest for a part that cannot be bounded."""
-        return await self.bound(prompt_parts(payload, image_tokens), model, name)
+        return await self.bound(prompt_parts(payload, image_tokens), model, name, margin)
 
-    async def bound(self, prompt: Prompt, model: str, name: str = "") -> tuple[int, int, int]:
+    async def bound(self, prompt: Prompt, model: str, name: str = "",
+                    margin: float = _MARGIN) -> tuple[int, int, int]:
         """:meth:`prompt_tokens` for a prompt already taken apart — by
-        :func:`prompt_parts` for chat, or by another wire format's own walker."""
+        :func:`prompt_parts` for chat, or by another wire format's own walker. The
+        estimates are the counts raised by ``margin`` (``models.*.prompt_margin``: more
+        for a provider whose tokenizer is not tiktoken's) and a few tokens."""
         counted = await self.count_async(prompt.text, model, name)
         estimate = math.ceil((counted + prompt.messages * _PER_MESSAGE + prompt.media)
-                             * _MARGIN) + 8
+                             * margin) + 8
         predicted = await self.count_async(prompt.predicted, model, name)
-        return counted, estimate, math.ceil(predicted * _MARGIN) + (8 if predicted else 0)
+        return counted, estimate, math.ceil(predicted * margin) + (8 if predicted else 0)
 
     async def estimate_prompt(self, payload: Mapping[str, Any], model: str,
                               name: str = "") -> int:

@@ -136,3 +136,28 @@ def test_credit_types_are_whole_credits_assets(tmp_path: Path) -> None:
     path.write_text('[paywalls.a.credits]\ntypes = ["standard"]\ntrial = { advanced = 1 }\n')
     with pytest.raises(ConfigError, match=r"credits\.trial\.advanced: not one of"):
         settings.load(path, {})
+
+
+def test_prompt_margins_follow_the_providers_kind(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[providers.o]
+kind = "openai"
+base_url = "http://o"
+[providers.a]
+kind = "anthropic"
+base_url = "http://a"
+[models.gpt]
+provider = "o"
+[models.claude]
+provider = "a"
+[models.mine]
+provider = "a"
+prompt_margin = 1.2
+""")
+    models = settings.load(path, {}).models
+    assert (models["gpt"].prompt_margin, models["claude"].prompt_margin,
+            models["mine"].prompt_margin) == (1.05, 1.35, 1.2)
+    bad = write(tmp_path, '[providers.o]\nbase_url = "http://o"\n'
+                          '[models.m]\nprovider = "o"\nprompt_margin = 0.5\n')
+    with pytest.raises(ConfigError, match=r"models\.m\.prompt_margin"):
+        settings.load(bad, {})
