@@ -25,7 +25,7 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint
 from proxy.limits import Verdict
 from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
@@ -169,32 +169,6 @@ def _with_cost(content: bytes, data: Any, reported: bool, charge: Charge,
     data["usage"]["cost"] = format_amount(posted.charged, call.scale)
     data["usage"]["cost_asset"] = call.price.asset
     return orjson.dumps(data)
-
-
-class StreamCheckpoint:
-    """What a live stream has delivered so far, counted incrementally for the reaper."""
-
-    def __init__(self, call: ChatCall):
-        self.call = call
-        self.seen = 0
-        self.tokens = 0
-
-    def __call__(self) -> dict[str, Any] | None:
-        c = self.call
-        meter = c.meter
-        if meter is None:
-            return None
-        if meter.usage is not None:
-            usage = meter.usage
-        else:
-            new = "".join(meter.text[self.seen:])
-            self.seen = len(meter.text)
-            self.tokens += c.services.tokenizer.count(new, c.upstream_model, c.encoding)
-            if not self.tokens:
-                return None
-            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
-        return {"prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens, "cost": c.cost(usage)}
 
 
 def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings,

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -123,6 +123,67 @@ class Adapter(Protocol):
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
         """The client's response to a whole 2xx answer, once it is settled."""
+
+
+class Counting(Protocol):
+    """What a stream's meter keeps (:class:`proxy.metering.Meter`): the provider's usage
+    when it covers the output, the output delivered so far, and the charge for it counted."""
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def text(self) -> list[str]: ...
+
+    def with_counted(self, counted: Usage) -> Usage: ...
+
+
+class Streaming(Protocol):
+    """What an adapter that relays streams tells its :class:`StreamCheckpoint`."""
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def meter(self) -> Counting | None:
+        """The live stream's meter; None until the relay starts."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def upstream_model(self) -> str: ...
+
+    @property
+    def encoding(self) -> str: ...
+
+    def cost(self, usage: Usage) -> int: ...
+
+
+class StreamCheckpoint:
+    """What a live stream has delivered so far, for the reaper: the provider's usage
+    when it covers the output, else the output counted as it grows (each text once)."""
+
+    def __init__(self, call: Streaming):
+        self.call = call
+        self.seen = 0  # of meter.text, counted so far
+        self.tokens = 0
+
+    def __call__(self) -> dict[str, Any] | None:
+        c = self.call
+        meter = c.meter
+        if meter is None:
+            return None
+        usage = meter.usage
+        if usage is None:
+            new = "".join(meter.text[self.seen:])
+            self.seen = len(meter.text)
+            self.tokens += c.services.tokenizer.count(new, c.upstream_model, c.encoding)
+            if not self.tokens:
+                return None
+            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
+        return {"prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens, "cost": c.cost(usage)}
 
 
 def resolution(state: UserState | None, action: Action | None, charge: Charge | None

@@ -36,7 +36,7 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
@@ -69,8 +69,11 @@ class MessagesCall:
     meter: wire.StreamMeter | None = None
     error_tail = staticmethod(wire.error_event)
 
+    def cost(self, usage: Usage) -> int:
+        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
+
     def priced(self, usage: Usage, outcome: str) -> Charge:
-        return Charge(cost(usage, self.price, self.markup_bps), outcome, usage)
+        return Charge(self.cost(usage), outcome, usage)
 
     async def counted(self, text: str) -> Usage:
         tokenizer = self.services.tokenizer
@@ -151,32 +154,6 @@ class MessagesCall:
                 (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
                 (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
         return response
-
-
-class StreamCheckpoint:
-    """What a live stream has delivered so far, counted incrementally for the reaper."""
-
-    def __init__(self, call: MessagesCall):
-        self.call = call
-        self.seen = 0
-        self.tokens = 0
-
-    def __call__(self) -> dict[str, Any] | None:
-        c = self.call
-        meter = c.meter
-        if meter is None:
-            return None
-        usage = meter.usage
-        if usage is None:
-            new = "".join(meter.text[self.seen:])
-            self.seen = len(meter.text)
-            self.tokens += c.services.tokenizer.count(new, c.upstream_model, c.encoding)
-            if not self.tokens:
-                return None
-            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
-        return {"prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cost": cost(usage, c.price, c.markup_bps)}
 
 
 def _user_id(body: dict[str, Any]) -> Any:

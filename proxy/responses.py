@@ -34,7 +34,7 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
@@ -329,8 +329,8 @@ class ResponsesCall:
                                    self.cost_fields)
         return self.meter
 
-    def checkpoint(self) -> Checkpoint | None:
-        return Checkpoint(self) if self.call.stream else None
+    def checkpoint(self) -> StreamCheckpoint | None:
+        return StreamCheckpoint(self) if self.call.stream else None
 
     def gone(self) -> Charge:
         return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
@@ -383,30 +383,6 @@ class ResponsesCall:
                 (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
                 (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
         return response
-
-
-class Checkpoint:
-    """What a live stream has delivered so far, for the reaper: counted as it grows."""
-
-    def __init__(self, call: ResponsesCall):
-        self.call = call
-        self.counted = 0  # of meter.text
-        self.tokens = 0
-
-    def __call__(self) -> dict[str, Any] | None:
-        c, meter = self.call, self.call.meter
-        if meter is None:
-            return None
-        usage = meter.usage
-        if usage is None:
-            fresh = "".join(meter.text[self.counted:])
-            self.counted = len(meter.text)
-            self.tokens += c.services.tokenizer.count(fresh, c.upstream_model, c.encoding)
-            if not self.tokens:
-                return None
-            usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
-        return {"prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens, "cost": c.cost(usage)}
 
 
 # --- the route ------------------------------------------------------------------------
