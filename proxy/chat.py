@@ -25,7 +25,7 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
 from proxy.limits import Verdict
 from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
@@ -38,7 +38,6 @@ from proxy.settings import ModelSettings, PaywallSettings
 from proxy.upstream import Reply
 
 MAX_CHOICES = 128  # as OpenAI
-_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 @dataclass(slots=True)
@@ -63,6 +62,7 @@ class ChatCall:
     meter: Meter | None = None
     answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
     error_tail = staticmethod(error_event)
+    headers = staticmethod(answer_headers)
 
     def cost(self, usage: Usage) -> int:
         return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
@@ -91,13 +91,6 @@ class ChatCall:
 
     async def send(self) -> Reply:
         return await self.provider.send(self.call)
-
-    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
-                ) -> list[tuple[bytes, bytes]]:
-        out = reply.raw_headers()
-        if verdict is not None and (relayed or reply.ok):
-            out += verdict.raw_headers()
-        return out + _STREAM_HEADERS if relayed else out
 
     def relays(self, reply: Reply) -> bool:
         return self.call.stream and reply.stream
@@ -148,10 +141,7 @@ class ChatCall:
         response = Response(self.rename(body) if self.rename is not None else body,
                             status_code=200)
         response.raw_headers += self.headers(reply, verdict, relayed=False)
-        if posted is not None:
-            response.raw_headers += [
-                (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
-                (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
+        response.raw_headers += cost_headers(posted, self.scale)
         return response
 
 

@@ -43,7 +43,7 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound, PaymentRequired
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan
+from proxy.lifecycle import Charge, Plan, answer_headers, cost_headers
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
@@ -199,6 +199,7 @@ class EmbeddingsCall:
     rename: Callable[[bytes], bytes] | None  # the public model name into the answer
     answered: tuple[Any, bool] = (None, False)  # the answer, parsed; usage reported?
     error_tail = None  # never relayed
+    headers = staticmethod(answer_headers)
 
     def priced(self, usage: Usage, outcome: str) -> Charge:
         return Charge(cost(usage, self.price, self.markup_bps), outcome, usage)
@@ -216,11 +217,6 @@ class EmbeddingsCall:
 
     async def send(self) -> Reply:
         return await self.provider.send(self.call)
-
-    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
-                ) -> list[tuple[bytes, bytes]]:
-        out = reply.raw_headers()
-        return out + verdict.raw_headers() if verdict is not None and reply.ok else out
 
     def relays(self, reply: Reply) -> bool:
         return False  # one JSON object, read whole: its usage is at the end
@@ -262,10 +258,7 @@ class EmbeddingsCall:
             body = self.rename(body)
         response = Response(body, status_code=200)
         response.raw_headers += self.headers(reply, verdict, relayed=False)
-        if posted is not None:
-            response.raw_headers += [
-                (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
-                (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
+        response.raw_headers += cost_headers(posted, self.scale)
         return response
 
 

@@ -36,7 +36,7 @@ from proxy.errors import InvalidRequest, ProxyError
 from proxy.ledger import Posted
 from proxy.limits import Verdict
 from proxy.observe import Record
-from proxy.pricing import MAX_UNITS, Usage
+from proxy.pricing import MAX_UNITS, Usage, format_amount
 from proxy.reaper import Checkpoint
 from proxy.relay import CLIENT_GONE, Framer, Outcome, StreamRelay, unless_client_leaves
 from proxy.requestid import new_request_id
@@ -184,6 +184,31 @@ class StreamCheckpoint:
             usage = meter.with_counted(Usage(c.prompt_tokens, self.tokens))
         return {"prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens, "cost": c.cost(usage)}
+
+
+# Keep proxies between here and the client from buffering a relayed stream.
+STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def answer_headers(reply: Reply, verdict: Verdict | None, relayed: bool
+                   ) -> list[tuple[bytes, bytes]]:
+    """A model answer's headers (:meth:`Adapter.headers`): the provider's, as the
+    transport let them through; the limits' ``verdict`` on a relayed or 2xx answer; and
+    :data:`STREAM_HEADERS` when it is relayed."""
+    out = reply.raw_headers()
+    if verdict is not None and (relayed or reply.ok):
+        out += verdict.raw_headers()
+    return out + STREAM_HEADERS if relayed else out
+
+
+def cost_headers(posted: Posted | None, scale: int) -> list[tuple[bytes, bytes]]:
+    """What a whole answer was charged and the balance after (``x-paywall-cost``,
+    ``x-paywall-balance``, in the asset's units of ``scale``); none when nothing was
+    posted."""
+    if posted is None:
+        return []
+    return [(b"x-paywall-cost", format_amount(posted.charged, scale).encode()),
+            (b"x-paywall-balance", format_amount(posted.balance_after, scale).encode())]
 
 
 def resolution(state: UserState | None, action: Action | None, charge: Charge | None

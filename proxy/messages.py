@@ -36,19 +36,17 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount, worst_case
+from proxy.pricing import Price, Usage, cost, worst_case
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
 from proxy.services import Services, authenticate, read_json
 from proxy.settings import Settings
 from proxy.upstream import Reply
-
-_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 @dataclass(slots=True)
@@ -68,6 +66,7 @@ class MessagesCall:
     encoding: str
     meter: wire.StreamMeter | None = None
     error_tail = staticmethod(wire.error_event)
+    headers = staticmethod(answer_headers)
 
     def cost(self, usage: Usage) -> int:
         return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
@@ -95,13 +94,6 @@ class MessagesCall:
 
     async def send(self) -> Reply:
         return await self.provider.send(self.call)
-
-    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
-                ) -> list[tuple[bytes, bytes]]:
-        out = reply.raw_headers()
-        if verdict is not None and (relayed or reply.ok):
-            out += verdict.raw_headers()
-        return out + _STREAM_HEADERS if relayed else out
 
     def relays(self, reply: Reply) -> bool:
         return self.call.stream and reply.stream
@@ -149,10 +141,7 @@ class MessagesCall:
         rename = public_names(self.upstream_model, self.model)
         response = Response(rename(content) if rename else content, status_code=200)
         response.raw_headers += self.headers(reply, verdict, relayed=False)
-        if posted is not None:
-            response.raw_headers += [
-                (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
-                (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
+        response.raw_headers += cost_headers(posted, self.scale)
         return response
 
 

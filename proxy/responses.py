@@ -34,7 +34,7 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
@@ -54,7 +54,6 @@ from proxy.services import Services, authenticate, read_json
 from proxy.tokens import IMAGE_TOKENS, Prompt, data_tokens, document_tokens
 from proxy.upstream import Reply
 
-_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 TOOLS = frozenset({"function", "custom"})  # priced by their tokens alone
 # Input items whose every string is prompt. (item_reference is refused: what it names is
 # stored at the provider.)
@@ -272,6 +271,7 @@ class ResponsesCall:
     reply_format: str  # how a blocked request is told (_reply_format)
     meter: ResponseMeter | None = None
     answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
+    headers = staticmethod(answer_headers)
 
     @property
     def error_tail(self) -> Callable[[ProxyError], bytes]:
@@ -311,15 +311,6 @@ class ResponsesCall:
 
     async def send(self) -> Reply:
         return await self.provider.send(self.call)
-
-    def headers(self, reply: Reply, verdict: Verdict | None, relayed: bool
-                ) -> list[tuple[bytes, bytes]]:
-        out = reply.raw_headers()
-        if verdict is not None and (relayed or reply.ok):
-            out += verdict.raw_headers()
-        if relayed:
-            out += _STREAM_HEADERS
-        return out
 
     def relays(self, reply: Reply) -> bool:
         return self.call.stream and reply.stream
@@ -378,10 +369,7 @@ class ResponsesCall:
         rename = public_names(self.upstream_model, self.model)
         response = Response(rename(body) if rename else body, status_code=200)
         response.raw_headers += self.headers(reply, verdict, relayed=False)
-        if posted is not None:
-            response.raw_headers += [
-                (b"x-paywall-cost", format_amount(posted.charged, self.scale).encode()),
-                (b"x-paywall-balance", format_amount(posted.balance_after, self.scale).encode())]
+        response.raw_headers += cost_headers(posted, self.scale)
         return response
 
 
