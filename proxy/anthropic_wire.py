@@ -32,15 +32,15 @@ not a JSON object.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from proxy.errors import InvalidRequest, ProxyError
+from proxy.metering import Meter
 from proxy.pricing import Usage
-from proxy.sse import Event, SSEParser
+from proxy.sse import Event
 from proxy.tokens import Prompt, data_tokens, document_tokens
 
 # The system prompt Anthropic adds when a request has tools (at most 346 tokens for
@@ -51,7 +51,6 @@ TOOL_PROMPT_TOKENS = 600
 DEFINED_TOOL_TOKENS = 1_000
 DEFINED_TOOLS = ("bash_", "text_editor_", "computer_", "memory_")
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _DELTA_KEYS = {"text_delta": "text", "input_json_delta": "partial_json",
                "thinking_delta": "thinking"}
 
@@ -261,90 +260,26 @@ def message_usage(data: Any) -> Usage | None:
     return usage
 
 
-def with_counted(reported: Usage | None, counted: Usage) -> Usage:
-    """What to charge when the output is counted here: ``counted``, each total raised to
-    the provider's ``reported`` one, whose cache counts keep their own prices."""
-    if reported is None:
-        return counted
-    return Usage(max(reported.prompt_tokens, counted.prompt_tokens),
-                 max(reported.completion_tokens, counted.completion_tokens),
-                 reported.cached_tokens, reported.reasoning_tokens,
-                 reported.cache_write_tokens)
+class StreamMeter(Meter):
+    """An Anthropic stream on its way to the client, metered (see the module doc): the
+    chat Meter's framing and usage rules over Anthropic's events. Bytes are passed on
+    per complete event, with ``rename`` (the public model name) applied to each."""
 
-
-class StreamMeter:
-    """An Anthropic stream on its way to the client, metered (see the module doc).
-
-    Bytes are passed on per complete event, with ``rename`` (the public model name)
-    applied to each."""
-
-    __slots__ = ("_buf", "_parser", "_stale", "_usage", "done", "failed", "rename",
-                 "reported", "text")
+    __slots__ = ("_usage",)
 
     def __init__(self, rename: Callable[[bytes], bytes] | None = None):
-        self._buf = b""
-        self._parser = SSEParser()
-        self._stale = False  # output arrived after the last usage-bearing event
-        self._usage: dict[str, Any] = {}
-        self.rename = rename
-        self.done = False  # message_stop arrived
-        self.failed = False  # the provider sent an error event
-        self.reported: Usage | None = None  # the usage so far (None: none, or refused)
-        self.text: list[str] = []
+        super().__init__(True, None, rename)
+        self._usage: dict[str, Any] = {}  # the counts reported so far, laid over each other
 
-    @property
-    def usage(self) -> Usage | None:
-        """The provider's usage when it covers all the output delivered, else None (the
-        output is then counted, see :meth:`with_counted`)."""
-        r = self.reported
-        if self._stale or (r is not None and not r.completion_tokens and self.text):
-            return None
-        return r
-
-    @property
-    def delivered(self) -> bool:
-        return bool(self.text)
-
-    def with_counted(self, counted: Usage) -> Usage:
-        return with_counted(self.reported, counted)
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Take provider bytes; return the bytes to send to the client now."""
-        buf = self._buf + chunk if self._buf else chunk
-        out: list[bytes] = []
-        start = 0
-        for m in _EVENT_END.finditer(buf):
-            out.append(self._block(buf[start:m.end()]))
-            start = m.end()
-        self._buf = buf[start:]
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        """An unterminated last event, metered and passed on as it came."""
-        rest, self._buf = self._buf, b""
-        if rest.strip():
-            for event in self._parser.feed(rest + b"\n\n"):  # metered; sent as it came
-                self._read(event)
-        return self.rename(rest) if self.rename and rest else rest
-
-    def _block(self, block: bytes) -> bytes:
-        for event in self._parser.feed(block):
-            self._read(event)
-        return self.rename(block) if self.rename is not None else block
-
-    def _deliver(self, texts: list[str]) -> None:
-        if texts:
-            self.text.extend(texts)
-            self._stale = True
-
-    def _read(self, event: Event) -> None:
+    def _read(self, event: Event) -> bytes | None:
+        """Meter one event; it is passed on as it came (None)."""
         try:
             data = orjson.loads(event.data)
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict):  # garbage reaches the client too
             self._deliver([event.data] if event.data else [])
-            return
+            return None
         kind = data.get("type")
         out: list[str] = []
         if kind == "content_block_delta":
@@ -373,6 +308,7 @@ class StreamMeter:
             self.done = True
         elif kind == "error":
             self.failed = True
+        return None
 
     def _report(self, usage: Any, fresh: bool) -> None:
         """Lay ``usage`` over what was reported before (message_delta's counts are

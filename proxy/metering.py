@@ -84,12 +84,7 @@ class Meter:
 
         A provider that reported early and then went on, or reported the total up front,
         is charged neither less than it delivered nor twice for it."""
-        r = self.reported
-        if r is None:
-            return counted
-        return Usage(max(r.prompt_tokens, counted.prompt_tokens),
-                     max(r.completion_tokens, counted.completion_tokens),
-                     r.cached_tokens, r.reasoning_tokens, r.cache_write_tokens)
+        return with_counted(self.reported, counted)
 
     def feed(self, chunk: bytes) -> bytes:
         """Take provider bytes; return the bytes to send to the client now."""
@@ -166,6 +161,18 @@ class Meter:
             return None
         data["usage"].update(self.price(usage))
         return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def with_counted(reported: Usage | None, counted: Usage) -> Usage:
+    """What to charge when the output is counted here: ``counted``, each total raised to
+    the provider's ``reported`` one, whose cache and reasoning counts keep their own
+    prices."""
+    if reported is None:
+        return counted
+    return Usage(max(reported.prompt_tokens, counted.prompt_tokens),
+                 max(reported.completion_tokens, counted.completion_tokens),
+                 reported.cached_tokens, reported.reasoning_tokens,
+                 reported.cache_write_tokens)
 
 
 def output(message: Any) -> list[str]:

@@ -143,12 +143,11 @@ class ResponseMeter(Meter):
     every event passed on; ``price`` gives the ``cost`` fields added to the terminal
     event's usage."""
 
-    __slots__ = ("_shown", "failed", "sequence")
+    __slots__ = ("_shown", "sequence")
 
     def __init__(self, rename: Callable[[bytes], bytes] | None = None,
                  price: Callable[[Usage], dict[str, Any]] | None = None):
         super().__init__(True, price, rename)
-        self.failed = False
         self.sequence = -1  # the last sequence_number the provider sent
         # The text the client has been shown at each place of the output: the deltas
         # delivered there, or the longest whole text an event showed for it.

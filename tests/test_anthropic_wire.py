@@ -11,7 +11,7 @@ import pytest
 from proxy import anthropic_wire as wire
 from proxy import errors
 from proxy.errors import InvalidRequest, UpstreamUnavailable
-from proxy.metering import public_names
+from proxy.metering import public_names, with_counted
 from proxy.pricing import Usage
 from proxy.sse import SSEParser
 from proxy.tokens import Prompt
@@ -330,10 +330,10 @@ def test_stream_meter_puts_the_public_model_name_in_the_events() -> None:
 
 def test_with_counted_raises_each_total_and_keeps_cache_counts() -> None:
     reported = Usage(74, 1, cached_tokens=40, cache_write_tokens=24)
-    assert wire.with_counted(reported, Usage(12, 9)) == Usage(
+    assert with_counted(reported, Usage(12, 9)) == Usage(
         74, 9, cached_tokens=40, cache_write_tokens=24)
-    assert wire.with_counted(None, Usage(12, 9)) == Usage(12, 9)
-    assert wire.with_counted(Usage(5, 30), Usage(12, 9)) == Usage(12, 30)
+    assert with_counted(None, Usage(12, 9)) == Usage(12, 9)
+    assert with_counted(Usage(5, 30), Usage(12, 9)) == Usage(12, 30)
 
 
 # --- whole answers -------------------------------------------------------------------
