@@ -40,7 +40,7 @@ import orjson
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.metering import Meter
 from proxy.pricing import Usage
-from proxy.sse import Event
+from proxy.sse import Event, encode
 from proxy.tokens import Prompt, data_tokens, document_tokens
 
 # The system prompt Anthropic adds when a request has tools (at most 346 tokens for
@@ -344,10 +344,6 @@ def message_id(request_id: str) -> str:
     return "msg_" + request_id.removeprefix("req_")
 
 
-def sse(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
 def error_event(error: ProxyError) -> bytes:
     """What ends a stream the provider broke off: an ``error`` event, which the Anthropic
     SDKs raise."""
@@ -369,16 +365,16 @@ def paywall_message(*, request_id: str, model: str, text: str, paywall: dict[str
         return orjson.dumps(message), "application/json"
     start = {**message, "content": [], "stop_reason": None}
     events = [
-        sse("message_start", {"type": "message_start", "message": start}),
-        sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                    "content_block": {"type": "text", "text": ""}}),
-        sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                    "delta": {"type": "text_delta", "text": text}}),
-        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        sse("message_delta", {"type": "message_delta",
-                              "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                              "usage": {"output_tokens": 0}}),
-        sse("message_stop", {"type": "message_stop"}),
+        encode("message_start", {"type": "message_start", "message": start}),
+        encode("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+        encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": text}}),
+        encode("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        encode("message_delta", {"type": "message_delta",
+                                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                 "usage": {"output_tokens": 0}}),
+        encode("message_stop", {"type": "message_stop"}),
     ]
     return b"".join(events), "text/event-stream"
 

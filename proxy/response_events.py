@@ -39,7 +39,7 @@ import orjson
 
 from proxy.metering import Meter
 from proxy.pricing import Usage
-from proxy.sse import Event
+from proxy.sse import Event, encode
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Members of an output item that are bookkeeping, not output a client is shown.
@@ -237,7 +237,7 @@ class ResponseMeter(Meter):
         if usage is None or self.price is None or not isinstance(response["usage"], dict):
             return None
         response["usage"].update(self.price(usage))
-        return sse(event.event if event.event != "message" else kind, data)
+        return encode(event.event if event.event != "message" else kind, data)
 
 
 def _common(a: str, b: str) -> int:
@@ -270,13 +270,8 @@ def _text_place(name: str, data: dict[str, Any]) -> Place | None:
 def error_event(code: str | None, message: str, param: str | None, sequence: int) -> bytes:
     """The Responses API's ``error`` event, numbered ``sequence`` (the one after the
     provider's last: :attr:`ResponseMeter.sequence` + 1)."""
-    return sse("error", {"type": "error", "code": code, "message": message, "param": param,
-                         "sequence_number": sequence})
-
-
-def sse(kind: str, data: Any) -> bytes:
-    """One Responses SSE event."""
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    return encode("error", {"type": "error", "code": code, "message": message,
+                            "param": param, "sequence_number": sequence})
 
 
 def _usage(prompt: int = 0, completion: int = 0) -> dict[str, Any]:
@@ -341,6 +336,6 @@ def blocked_reply(*, request_id: str, model: str, text: str, paywall: dict[str, 
         ("response.output_item.done", {"output_index": 0, "item": item}),
         ("response.completed", {"response": response("completed", [item], _usage())}),
     ]
-    body = b"".join(sse(kind, {"type": kind, "sequence_number": n, **data})
+    body = b"".join(encode(kind, {"type": kind, "sequence_number": n, **data})
                     for n, (kind, data) in enumerate(events))
     return body, "text/event-stream"

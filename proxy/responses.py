@@ -21,7 +21,7 @@ otherwise the delivered output is counted here, as for chat.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ from proxy.response_events import (
     usage_object,
 )
 from proxy.services import Services, authenticate, read_json
-from proxy.tokens import IMAGE_TOKENS, Prompt, data_tokens, document_tokens
+from proxy.tokens import IMAGE_TOKENS, Prompt, data_tokens, document_tokens, strings
 from proxy.upstream import Reply
 
 TOOLS = frozenset({"function", "custom"})  # priced by their tokens alone
@@ -203,22 +203,11 @@ def _walk(value: Any, where: str, image_tokens: int, text: list[str]) -> int:
 def _field(key: str, value: Any, where: str, image_tokens: int, text: list[str]) -> int:
     """One member of an object, as :func:`_walk` reads it."""
     if key == "annotations":  # citations: their file ids name nothing to read
-        text.extend(_strings(value))
+        text.extend(strings(value))
         return 0
     if key == "encrypted_content" and isinstance(value, str):
         return data_tokens(value)  # what it decrypts to is no longer than it is
     return _walk(value, f"{where}.{key}", image_tokens, text)
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
 
 
 _BY_ID = ("Content sent by 'file_id' is stored at the provider and cannot be priced before it"

@@ -11,8 +11,17 @@ between the CR and LF of one line ending or inside that byte order mark.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 _BOM = "\ufeff".encode()
+
+
+def encode(kind: str, data: Any) -> bytes:
+    """One event as it is written: ``event: kind`` and ``data`` as JSON, which is one
+    line (JSON escapes the line breaks in its strings)."""
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)

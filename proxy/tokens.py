@@ -169,15 +169,16 @@ def document_tokens(data: str, image_tokens: int) -> int:
     return size + pages * image_tokens
 
 
-def _strings(value: Any) -> Iterator[str]:
+def strings(value: Any) -> Iterator[str]:
+    """Every string in ``value`` (a JSON value), in order."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _strings(v)
+            yield from strings(v)
     elif isinstance(value, list):
         for v in value:
-            yield from _strings(v)
+            yield from strings(v)
 
 
 def _json(value: Any) -> str:
@@ -193,7 +194,7 @@ def _part(part: Any, where: str, image_tokens: int, text: list[str]) -> int:
         raise InvalidRequest("A content part must be an object.", param=where)
     kind = part.get("type")
     if kind in ("text", "refusal"):
-        text.extend(_strings(part.get(kind)))
+        text.extend(strings(part.get(kind)))
         return 0
     if kind == "image_url":
         image = part.get("image_url")
@@ -262,6 +263,6 @@ def prompt_parts(payload: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -
         if payload.get(key):
             text.append(_json(payload[key]))
     prediction = payload.get("prediction")
-    predicted = "\n".join(_strings(prediction.get("content"))) if isinstance(
+    predicted = "\n".join(strings(prediction.get("content"))) if isinstance(
         prediction, dict) else ""
     return Prompt("\n".join(text), len(messages), media, predicted)

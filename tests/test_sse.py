@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sse import Event, SSEParser
+from proxy.sse import Event, SSEParser, encode
 
 CASES = [
     ("one event", [b"data: a\n\n"], [Event("a")]),
@@ -59,3 +59,9 @@ def test_any_split_gives_the_same_events(size: int) -> None:
     parser = SSEParser()
     events = [e for i in range(0, len(stream), size) for e in parser.feed(stream[i:i + size])]
     assert events == [Event("a\nb"), Event("y", "x"), Event("z")]
+
+
+def test_encode_writes_one_event_the_parser_reads_back() -> None:
+    raw = encode("response.created", {"text": "two\nlines"})
+    assert raw == b'event: response.created\ndata: {"text":"two\\nlines"}\n\n'
+    assert SSEParser().feed(raw) == [Event('{"text":"two\\nlines"}', "response.created")]
