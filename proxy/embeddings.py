@@ -47,7 +47,7 @@ from proxy.lifecycle import Charge, Plan, answer_headers, cost_headers
 from proxy.limits import Verdict
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import MAX_UNITS, Price, Usage, cost, format_amount, worst_case
+from proxy.pricing import Price, Usage, cost, format_amount, worst_case
 from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
@@ -352,11 +352,8 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     counted = await count_input(services.tokenizer, inputs, upstream_model, model.encoding)
     bound = estimate(counted)
     hold = worst_case(max(bound, most_tokens(inputs)), 0, price, markup_bps)
-    if hold > MAX_UNITS:
-        raise InvalidRequest("This request's input costs more than a balance can hold.",
-                             param="input")
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
-                frozenset({paywall.asset, price.asset}), tokens=bound)
+                frozenset({paywall.asset, price.asset}), tokens=bound, cap_param="input")
     try:
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
