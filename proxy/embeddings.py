@@ -26,10 +26,7 @@ assistant message to carry it, and a vector store must not take a notice for a v
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,15 +49,12 @@ from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.replies import notice
 from proxy.services import Services, authenticate, read_json
-from proxy.settings import ProviderSettings
 from proxy.tokens import LARGE_TEXT, Tokenizer, data_tokens
-from proxy.upstream import Reply, one
+from proxy.upstream import Reply
 
 MAX_INPUTS = 2048  # as OpenAI: inputs in one request
 MAX_TOKEN_ID = 2**31 - 1  # token ids are 32-bit; the provider checks its own vocabulary
 ENCODING_FORMATS = ("float", "base64")
-MOCK_DIMENSIONS = 16
-MOCK_MAX_DIMENSIONS = 4096
 # What the token limits are told before the provider counts: this tokenizer's count,
 # with a margin.
 _MARGIN_PERCENT = 5
@@ -190,7 +184,7 @@ class EmbeddingsCall:
 
     plan: Plan
     services: Services
-    provider: Provider  # the mock kind: MockEmbeddings
+    provider: Provider
     call: Call
     price: Price
     scale: int
@@ -262,46 +256,6 @@ class EmbeddingsCall:
         return response
 
 
-class MockEmbeddings:
-    """The ``mock`` provider kind's embeddings: deterministic vectors (``dimensions``
-    long, else :data:`MOCK_DIMENSIONS`) derived from each input, one token per word of a
-    string and per id of a token array, as the mock's chat counts words."""
-
-    def __init__(self, conf: ProviderSettings):
-        self.conf = conf
-
-    @staticmethod
-    def vector(item: str | list[int], dimensions: int) -> list[float]:
-        seed = orjson.dumps(item)
-        out: list[float] = []
-        block = 0
-        while len(out) < dimensions:
-            digest = hashlib.sha256(seed + block.to_bytes(4, "big")).digest()
-            out.extend((b - 128) / 128 for b in digest)
-            block += 1
-        return out[:dimensions]
-
-    async def send(self, call: Call) -> Reply:
-        if self.conf.latency_ms:
-            await asyncio.sleep(self.conf.latency_ms / 1000)
-        p = call.payload
-        raw = p["input"]
-        items: list[Any] = ([raw] if isinstance(raw, str) or isinstance(raw[0], int)
-                            else list(raw))
-        dims = min(p.get("dimensions") or MOCK_DIMENSIONS, MOCK_MAX_DIMENSIONS)
-        as_base64 = p.get("encoding_format") == "base64"
-        data = []
-        for i, item in enumerate(items):
-            vector: list[float] | str = self.vector(item, dims)
-            if as_base64:
-                vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in items)
-        body = orjson.dumps({"object": "list", "data": data, "model": p.get("model"),
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-        return Reply(200, [("content-type", "application/json")], one(body), stream=False)
-
-
 def _options(body: dict[str, Any]) -> None:
     """Refuse an ``encoding_format`` or ``dimensions`` the provider would misread."""
     fmt = body.get("encoding_format")
@@ -364,7 +318,6 @@ async def embeddings(request: Request) -> Response | StreamRelay:
         api_key=paywall.provider_keys.get(provider_id) or conf.api_key,
         payload=body, path="/embeddings",
     )
-    provider = MockEmbeddings(conf) if conf.kind == "mock" else services.providers[provider_id]
     return await lifecycle.run(request, services, rec, EmbeddingsCall(
-        plan, services, provider, call, price, scale, markup_bps, counted,
+        plan, services, services.providers[provider_id], call, price, scale, markup_bps, counted,
         public_names(upstream_model, name)))

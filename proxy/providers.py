@@ -4,13 +4,16 @@ A provider turns a :class:`Call` into a :class:`~proxy.upstream.Reply`. ``openai
 covers every OpenAI-compatible HTTP API (its URL, its auth header, extra headers and
 query parameters) and sends through the one :class:`~proxy.upstream.Transport`;
 ``anthropic`` (:mod:`proxy.anthropic`) speaks Anthropic's Messages API through it, and
-answers chat completions translated; ``mock`` answers itself, for the quick start,
-demos and benchmarks.
+answers chat completions translated; ``mock`` answers itself (chat completions and
+embeddings), for the quick start, demos and benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -71,12 +74,20 @@ class OpenAIProvider:
             OPENAI_HEADERS, secrets, self.conf.query or None))
 
 
+MOCK_DIMENSIONS = 16  # a mock embedding's length, unless the request says
+MOCK_MAX_DIMENSIONS = 4096
+
+
 class MockProvider:
     """Answers like an OpenAI-compatible API would, deterministically, with no network.
 
-    The answer is ``completion_tokens`` words; usage counts one token per word of the
-    prompt and of the answer. Streams send one word per chunk, ``chunk_delay_ms`` apart,
-    and a usage chunk when ``stream_options.include_usage`` asks for it.
+    A chat completion is ``completion_tokens`` words; usage counts one token per word of
+    the prompt and of the answer. Streams send one word per chunk, ``chunk_delay_ms``
+    apart, and a usage chunk when ``stream_options.include_usage`` asks for it.
+
+    Embeddings (``call.path`` ``/embeddings``) are vectors derived from each input
+    (:meth:`vector`, ``dimensions`` long, else :data:`MOCK_DIMENSIONS`), one token per
+    word of a string and per id of a token array.
     """
 
     WORDS = ("This", "is", "a", "mock", "answer", "from", "the", "paywall", "proxy.")
@@ -101,9 +112,23 @@ class MockProvider:
                              for p in content if isinstance(p, dict))
         return count
 
+    @staticmethod
+    def vector(item: str | list[int], dimensions: int) -> list[float]:
+        """A deterministic embedding of one input, values in [-1, 1)."""
+        seed = orjson.dumps(item)
+        out: list[float] = []
+        block = 0
+        while len(out) < dimensions:
+            digest = hashlib.sha256(seed + block.to_bytes(4, "big")).digest()
+            out.extend((b - 128) / 128 for b in digest)
+            block += 1
+        return out[:dimensions]
+
     async def send(self, call: Call) -> Reply:
         if self.conf.latency_ms:
             await asyncio.sleep(self.conf.latency_ms / 1000)
+        if call.path == "/embeddings":
+            return self._embeddings(call.payload)
         p = call.payload
         model = str(p.get("model", "mock"))
         words = self._words()
@@ -131,6 +156,23 @@ class MockProvider:
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
         return Reply(200, [("content-type", "text/event-stream"), *headers],
                      self._stream(cid, created, model, words, usage, include_usage), stream=True)
+
+    def _embeddings(self, p: Mapping[str, Any]) -> Reply:
+        raw = p["input"]
+        items: list[Any] = ([raw] if isinstance(raw, str) or isinstance(raw[0], int)
+                            else list(raw))
+        dims = min(p.get("dimensions") or MOCK_DIMENSIONS, MOCK_MAX_DIMENSIONS)
+        as_base64 = p.get("encoding_format") == "base64"
+        data = []
+        for i, item in enumerate(items):
+            vector: list[float] | str = self.vector(item, dims)
+            if as_base64:
+                vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in items)
+        body = orjson.dumps({"object": "list", "data": data, "model": p.get("model"),
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return Reply(200, [("content-type", "application/json")], one(body), stream=False)
 
     async def _stream(self, cid: str, created: int, model: str, words: list[str],
                       usage: dict[str, int], include_usage: bool) -> AsyncIterator[bytes]:

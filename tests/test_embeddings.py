@@ -33,7 +33,6 @@ from proxy.embeddings import (
     MAX_TOKEN_ID,
     SPECIAL_TOKENS,
     Inputs,
-    MockEmbeddings,
     count_input,
     embedding_usage,
     estimate,
@@ -43,6 +42,7 @@ from proxy.embeddings import (
 )
 from proxy.errors import InvalidRequest
 from proxy.pricing import Usage
+from proxy.providers import MockProvider
 from proxy.tokens import Tokenizer
 from tests.conftest import Proxy, eventually, mint_key, serving_proxy
 from tests.embeddings_upstream import DIMENSIONS, SLOW, billed, vector
@@ -178,11 +178,11 @@ def test_paywall_error_is_openai_shaped(action: Action, code: str) -> None:
 
 
 def test_mock_vectors_are_deterministic() -> None:
-    a = MockEmbeddings.vector("hello", 5)
-    assert a == MockEmbeddings.vector("hello", 5) and len(a) == 5
-    assert a != MockEmbeddings.vector("hellO", 5)
-    assert MockEmbeddings.vector([1, 2], 40)[:5] == MockEmbeddings.vector([1, 2], 5)
-    assert all(-1 <= x < 1 for x in MockEmbeddings.vector("x", 64))
+    a = MockProvider.vector("hello", 5)
+    assert a == MockProvider.vector("hello", 5) and len(a) == 5
+    assert a != MockProvider.vector("hellO", 5)
+    assert MockProvider.vector([1, 2], 40)[:5] == MockProvider.vector([1, 2], 5)
+    assert all(-1 <= x < 1 for x in MockProvider.vector("x", 64))
 
 
 # ---- end to end ------------------------------------------------------------------------
@@ -490,7 +490,7 @@ async def test_the_mock_provider_embeds_locally(env: Env, pg: Any) -> None:
     assert [d.embedding for d in got.data] == [d.embedding for d in again.data]
     # float32 in base64, decoded by the SDK: the float values, to float32 precision.
     assert [d.embedding for d in got.data] == [
-        list(struct.unpack("<4f", struct.pack("<4f", *MockEmbeddings.vector(t, 4))))
+        list(struct.unpack("<4f", struct.pack("<4f", *MockProvider.vector(t, 4))))
         for t in texts]
     assert got.model == "mock-embed"
     assert_charged(await entry_of(pg, raw.headers["x-request-id"]), 4)  # a token a word
