@@ -273,12 +273,8 @@ class StreamMeter(Meter):
 
     def _read(self, event: Event) -> bytes | None:
         """Meter one event; it is passed on as it came (None)."""
-        try:
-            data = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):  # garbage reaches the client too
-            self._deliver([event.data] if event.data else [])
+        data = self._object(event)
+        if data is None:
             return None
         kind = data.get("type")
         out: list[str] = []

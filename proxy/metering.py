@@ -114,6 +114,18 @@ class Meter:
             self.text.extend(texts)
             self._stale = True
 
+    def _object(self, event: Event) -> dict[str, Any] | None:
+        """``event``'s data as a JSON object; None for anything else, whose raw data is
+        counted as output delivered (garbage reaches the client too)."""
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            return data
+        self._deliver([event.data] if event.data else [])
+        return None
+
     def _event(self, block: bytes) -> bytes:
         """Meter every event ``block`` completes; return what to send for it. A block
         almost always holds one event; when odd line endings make it hold several, all
@@ -129,12 +141,8 @@ class Meter:
         if event.data == "[DONE]":
             self.done = True
             return None
-        try:
-            data = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):  # garbage reaches the client too
-            self._deliver([event.data] if event.data else [])
+        data = self._object(event)
+        if data is None:
             return None
         choices = data.get("choices")
         for choice in choices if isinstance(choices, list) else ():

@@ -154,12 +154,8 @@ class ResponseMeter(Meter):
         self._shown: dict[Place, list[str]] = {}
 
     def _read(self, event: Event) -> bytes | None:
-        try:
-            data = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):  # garbage reaches the client too
-            self._deliver([event.data] if event.data else [])
+        data = self._object(event)
+        if data is None:
             return None
         seq = data.get("sequence_number")
         if isinstance(seq, int) and not isinstance(seq, bool) and seq > self.sequence:
