@@ -236,10 +236,11 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
         if messages_body is not None:
             prompt_tokens, estimate, predicted = await services.tokenizer.bound(
                 anthropic_wire.prompt_of(messages_body, model.max_image_tokens),
-                upstream_model, model.encoding)
+                upstream_model, model.encoding, model.prompt_margin)
         else:
             prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
-                body, upstream_model, model.encoding, model.max_image_tokens)
+                body, upstream_model, model.encoding, model.max_image_tokens,
+                model.prompt_margin)
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None

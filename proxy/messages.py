@@ -248,8 +248,8 @@ async def messages(request: Request) -> Response | StreamRelay:
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
-    prompt_tokens, estimate, _ = await services.tokenizer.bound(prompt, upstream_model,
-                                                                model.encoding)
+    prompt_tokens, estimate, _ = await services.tokenizer.bound(
+        prompt, upstream_model, model.encoding, model.prompt_margin)
     # The worst case: the whole prompt at its dearest price (the provider may write all
     # of it to its cache), all of max_tokens (extended thinking's budget is within it).
     hold = worst_case(estimate, output_cap, price, markup_bps)

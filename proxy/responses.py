@@ -419,7 +419,8 @@ async def create_response(request: Request) -> Response | StreamRelay:
     markup_bps = int(paywall.markup_percent * 100)
     try:
         prompt_tokens, estimate, _ = await services.tokenizer.bound(
-            prompt_parts(body, model.max_image_tokens), upstream_model, model.encoding)
+            prompt_parts(body, model.max_image_tokens), upstream_model, model.encoding,
+            model.prompt_margin)
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None

@@ -626,9 +626,10 @@ async def test_the_hold_prices_the_prompt_as_cache_writes(claude: Claude,
     await entry_of(pg, request_id)
     hold = await pg.fetchval("SELECT amount FROM holds WHERE request_id = $1", request_id)
     # The proxy's estimate of the Messages request: its count (the system prompt, then
-    # each turn's role and content), 4 tokens a turn, 5% and 8 tokens to spare.
+    # each turn's role and content), 4 tokens a turn, raised 35% (an anthropic-kind
+    # model's default margin: Claude's tokenizer counts more) and 8 tokens to spare.
     counted = len(ENC.encode_ordinary("Long shared rules.\nuser\nhello there"))
-    estimate = -(-(counted + 4 * 2) * 105 // 100) + 8
+    estimate = -(-(counted + 4 * 2) * 135 // 100) + 8
     assert hold == estimate * WRITTEN + 300 * OUTPUT
 
 
