@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import logging
 import math
 import re
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pypdf
 import tiktoken
 
 from proxy.errors import InvalidRequest
@@ -61,6 +63,7 @@ IMAGE_TOKENS = 2_833 + 8 * 5_667  # models.*.max_image_tokens by default
 # A PDF's page objects: "/Type /Page", not "/Type /Pages" (the page tree).
 _PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 UNCOUNTED_PAGES = 100  # the most pages the providers take in one PDF
+DEFLATE_RATIO = 1032  # the most a deflate stream expands: a PDF unread holds its bytes x it
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +151,9 @@ def data_tokens(data: str) -> int:
 
 def document_tokens(data: str, image_tokens: int) -> int:
     """The most a document sent inline (base64, or a ``data:`` URL of it) can be billed:
-    its size (:func:`data_tokens`), and for a PDF an image of every page besides, at
-    ``image_tokens`` each — providers bill each page's text and its picture. Pages are
-    counted by their ``/Type /Page`` objects; a PDF whose pages cannot all be counted
-    (none are seen, or it has compressed object streams) is held for at least
-    :data:`UNCOUNTED_PAGES`."""
+    its size (:func:`data_tokens`) or its content streams' decompressed size, the more,
+    and for a PDF an image of every page besides, at ``image_tokens`` each — providers
+    bill each page's text and its picture (:func:`_pdf_bound`)."""
     size = data_tokens(data)
     head, _, payload = data.rpartition(",")
     if head and head[:5].lower() != "data:":
@@ -161,24 +162,47 @@ def document_tokens(data: str, image_tokens: int) -> int:
         raw = base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError):
         return size
-    if b"%PDF-" not in raw[:1024]:  # where the header may stand
+    if b"%PDF-" not in raw:  # lenient readers find the header anywhere
         return size
-    pages = len(_PDF_PAGE.findall(raw))
-    if not pages or b"/ObjStm" in raw:  # pages hidden in compressed object streams
-        pages = max(pages, UNCOUNTED_PAGES)
-    return size + pages * image_tokens
+    pages, content = _pdf_bound(raw)
+    return max(size, content) + pages * image_tokens
+
+
+def _pdf_bound(raw: bytes) -> tuple[int, int]:
+    """A PDF's pages, as a reader counts them (pypdf: object streams, escaped names and
+    pages without ``/Type`` included), and the size of its content streams once
+    decompressed (the text a provider extracts is in them, and compressed text is
+    larger than the file). A PDF pypdf cannot read (or that passes its limits on what
+    it decompresses) counts :data:`UNCOUNTED_PAGES` and :data:`DEFLATE_RATIO` times its
+    size."""
+    seen = len(_PDF_PAGE.findall(raw))  # a floor, whatever the reader makes of it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reader = pypdf.PdfReader(io.BytesIO(raw), strict=False)
+            pages = reader.pages
+            content = 0
+            for page in pages:
+                stream = page.get_contents()
+                if stream is not None:
+                    content += len(stream.get_data())
+            return max(seen, len(pages)), content
+    except Exception:  # unreadable here (or past pypdf's limits): the most it could be
+        return max(seen, UNCOUNTED_PAGES), len(raw) * DEFLATE_RATIO
 
 
 def strings(value: Any) -> Iterator[str]:
-    """Every string in ``value`` (a JSON value), in order."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from strings(v)
+    """Every string in ``value`` (a JSON value), in order; walked without recursion,
+    since a client's body may nest as deep as the JSON parser allows."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(reversed(v.values()))
+        elif isinstance(v, list):
+            stack.extend(reversed(v))
 
 
 def _json(value: Any) -> str:

@@ -340,3 +340,18 @@ def test_a_service_tier_billed_above_the_price_is_refused(running: Running) -> N
     flex = client(running).chat.completions.create(model="gpt-test", messages=HELLO,
                                                    user="tier", service_tier="flex")
     assert flex.choices and running.upstream.last().body["service_tier"] == "flex"
+
+
+def test_a_chat_body_nested_past_the_stack_is_a_400(running: Running) -> None:
+    """1,015 levels: orjson reads them (its limit is 1,024), Python's stack would not."""
+    deep = b"[" * 1015 + b'"x"' + b"]" * 1015
+    url = running.proxy.base_url + "/chat/completions"
+    head = b'{"model": "gpt-test", "user": "deep", '
+    for body in (b'"messages": [{"role": "user", "content": [{"type": "text", "text": '
+                 + deep + b"}]}]}",
+                 b'"messages": [{"role": "user", "content": "hi"}], '
+                 b'"prediction": {"type": "content", "content": ' + deep + b"}}"):
+        r = httpx.post(url, headers={"Authorization": f"Bearer {running.key}",
+                                     "content-type": "application/json"}, content=head + body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == "The request body is nested too deeply."

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import zlib
 from typing import Any
 
 import orjson
@@ -10,6 +11,7 @@ import tiktoken
 from proxy.errors import InvalidRequest
 from proxy.settings import ModelSettings
 from proxy.tokens import (
+    DEFLATE_RATIO,
     IMAGE_TOKENS,
     OFFLINE,
     UNCOUNTED_PAGES,
@@ -172,34 +174,61 @@ async def test_a_prediction_is_estimated_as_output() -> None:
     assert (await t.prompt_tokens({"messages": []}, "m"))[2] == 0
 
 
-def pdf(pages: int, compressed: bool = False) -> bytes:
-    """A minimal PDF of ``pages`` pages sharing one content stream (tiny per page)."""
-    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
-    objs = [b"1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj",
-            f"2 0 obj << /Type /Pages /Kids [{kids}] /Count {pages} >> endobj".encode()]
-    objs += [f"{3 + i} 0 obj << /Type /Page /Parent 2 0 R >> endobj".encode()
+CONTENT = b"BT /F1 12 Tf 72 720 Td (Hello) Tj ET"
+
+
+def pdf(pages: int, page_type: bytes = b"/Type /Page", content: bytes = CONTENT,
+        compressed: bool = False) -> bytes:
+    """A PDF of ``pages`` pages sharing one content stream (a few bytes a page): the
+    first page's type as usual, the others' as ``page_type`` (all valid to readers)."""
+    stream = zlib.compress(content, 9) if compressed else content
+    flate = b" /Filter /FlateDecode" if compressed else b""
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (4 + i) for i in range(pages))
+            + b"] /Count %d >>" % pages,
+            b"<< /Length %d%s >>\nstream\n" % (len(stream), flate) + stream + b"\nendstream"]
+    objs += [b"<< " + (b"/Type /Page" if i == 0 else page_type)
+             + b" /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 3 0 R >>"
              for i in range(pages)]
-    if compressed:
-        objs.append(b"99 0 obj << /Type /ObjStm /N 40 >> stream ... endstream endobj")
-    return b"%PDF-1.7\n" + b"\n".join(objs) + b"\n%%EOF"
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, obj in enumerate(objs):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % (i + 1) + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objs) + 1, xref)
+    return bytes(out)
 
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-@pytest.mark.parametrize(("data", "pages"), [
-    (b64(pdf(1)), 1),
-    (b64(pdf(100)), 100),
-    ("data:application/pdf;base64," + b64(pdf(7)), 7),
-    (b64(pdf(3, compressed=True)), UNCOUNTED_PAGES),  # the rest may be compressed
-    (b64(b"%PDF-1.4\nno page objects to be seen"), UNCOUNTED_PAGES),
-    (b64(b"plain text, not a PDF"), 0),
-    ("not base64 at all!", 0),
-    ("data:text/plain;base64," + b64(b"/Type /Page"), 0),
+BOMB = b"(AAAAAAAA) Tj " * 50_000  # 700 kB of text in a few kB of file
+
+
+@pytest.mark.parametrize(("data", "pages", "content"), [
+    (b64(pdf(1)), 1, len(CONTENT)),
+    (b64(pdf(100)), 100, 100 * len(CONTENT)),
+    ("data:application/pdf;base64," + b64(pdf(7)), 7, 7 * len(CONTENT)),
+    # pages a regular expression would miss, which readers count
+    (b64(pdf(100, b"/Type /P#61ge")), 100, 100 * len(CONTENT)),
+    (b64(pdf(100, b"")), 100, 100 * len(CONTENT)),
+    (b64(pdf(100, b"/Type %c\n/Page")), 100, 100 * len(CONTENT)),
+    (b64(b"junk before the header " + pdf(3)), 3, 3 * len(CONTENT)),
+    # compressed text: bounded by what it decompresses to
+    (b64(pdf(1, content=BOMB, compressed=True)), 1, len(BOMB)),
+    (b64(b"%PDF-1.4\nnothing a reader can read"), UNCOUNTED_PAGES,
+     len(b"%PDF-1.4\nnothing a reader can read") * DEFLATE_RATIO),
+    (b64(b"plain text, not a PDF"), 0, 0),
+    ("not base64 at all!", 0, 0),
 ])
-def test_a_pdf_is_bounded_by_its_pages_too(data: str, pages: int) -> None:
-    assert document_tokens(data, 1000) == data_tokens(data) + pages * 1000
+def test_a_pdf_is_bounded_by_its_pages_and_its_text(data: str, pages: int, content: int
+                                                    ) -> None:
+    assert document_tokens(data, 1000) == max(data_tokens(data), content) + pages * 1000
 
 
 def test_a_hundred_page_pdf_is_held_for_its_pages_in_chat() -> None:
