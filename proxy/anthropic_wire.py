@@ -396,9 +396,10 @@ def check_priced(body: dict[str, Any]) -> None:
         if not any(value == p for p in priced):
             raise InvalidRequest(f"'{key}' {value!r} is billed above this model's prices,"
                                  " so it cannot be paid for here.", param=key)
-    # Every cache_control, wherever it stands (system, messages, tools, nested
-    # results), walked without recursion: the body may be deep.
-    stack: list[tuple[Any, str]] = [(body.get(k), k) for k in ("system", "messages", "tools")]
+    # Every cache_control, wherever it stands (the request's own for automatic caching,
+    # system, messages, tools, nested results), walked without recursion: the body may
+    # be deep.
+    stack: list[tuple[Any, str]] = [(body, "")]
     while stack:
         value, where = stack.pop()
         if isinstance(value, dict):
@@ -407,7 +408,8 @@ def check_priced(body: dict[str, Any]) -> None:
                 raise InvalidRequest(
                     f"A cache_control ttl of {cache.get('ttl')!r} is billed above this"
                     " model's cache-write price; use the default five minutes.",
-                    param=f"{where}.cache_control.ttl")
-            stack.extend((v, f"{where}.{k}") for k, v in value.items() if k != "cache_control")
+                    param=f"{where}.cache_control.ttl".lstrip("."))
+            stack.extend((v, f"{where}.{k}".lstrip(".")) for k, v in value.items()
+                         if k != "cache_control")
         elif isinstance(value, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))

@@ -464,6 +464,9 @@ EPHEMERAL = {"type": "ephemeral"}
      "messages[0].content[0].content[0].cache_control.ttl"),
     ({"tools": [{"name": "t", "input_schema": {}, "cache_control": {**EPHEMERAL, "ttl": "1h"}}]},
      "tools[0].cache_control.ttl"),
+    # the request's own, for automatic caching
+    ({"cache_control": {**EPHEMERAL, "ttl": "1h"}}, "cache_control.ttl"),
+    ({"cache_control": EPHEMERAL}, None),
 ])
 def test_options_billed_above_the_prices_are_refused(body: dict[str, Any],
                                                      param: str | None) -> None:

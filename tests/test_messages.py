@@ -602,6 +602,8 @@ async def test_an_upstream_500_is_voided(env: Env, pg: Any, stream: bool) -> Non
                                               "cache_control": {"type": "ephemeral",
                                                                 "ttl": "1h"}}]},
      "cache_control ttl"),
+    ("an hour of automatic caching", {"extra_body": {"cache_control": {
+        "type": "ephemeral", "ttl": "1h"}}}, "cache_control ttl"),
 ])
 async def test_bad_requests_are_anthropic_shaped(env: Env, case: str, kw: dict[str, Any],
                                                  says: str) -> None:
