@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from openai import OpenAI
 
 from tests.conftest import PROVIDER_KEY, ROOT, Running, start_proxy, stop_proxy
@@ -42,8 +43,8 @@ def test_bad_config_fails_naming_file_and_key(tmp_path: Path) -> None:
         assert f"{path}: upstream.read_timeout: expected a non-negative number" in result.stderr
 
 
-def test_keys_lifecycle_and_revocation_within_five_seconds(running: Running,
-                                                            database_url: str) -> None:
+def test_keys_lifecycle_and_revocation_within_five_seconds(
+        running: Running, database_url: str, request: pytest.FixtureRequest) -> None:
     config = Path(running.proxy.log).parent / "proxy.toml"
     created = cli("keys", "create", "--paywall", "app", "--name", "ops", "--config", str(config),
                   database_url=database_url)
@@ -59,6 +60,7 @@ def test_keys_lifecycle_and_revocation_within_five_seconds(running: Running,
     assert key not in listed.stdout  # only the prefix is ever shown again
 
     c = OpenAI(api_key=key, base_url=running.proxy.base_url, max_retries=0)
+    request.addfinalizer(c.close)
     c.chat.completions.create(model="echo", user="u", messages=[{"role": "user", "content": "x"}])
     revoked = cli("keys", "revoke", "--paywall", "app", key_id, "--config", str(config),
                   database_url=database_url)
@@ -87,9 +89,9 @@ def test_quick_start_on_the_embedded_database(tmp_path: Path) -> None:
         out = proxy.output()
         key = re.search(r"A new paywall key for this demo: (\S+)", out).group(1)  # type: ignore[union-attr]
         assert f"-H \"Authorization: Bearer {key}\"" in out
-        c = OpenAI(api_key=key, base_url=proxy.base_url, max_retries=0)
-        answer = c.chat.completions.create(model="mock-1", user="user_123",
-                                           messages=[{"role": "user", "content": "Hello!"}])
+        with OpenAI(api_key=key, base_url=proxy.base_url, max_retries=0) as c:
+            answer = c.chat.completions.create(model="mock-1", user="user_123",
+                                               messages=[{"role": "user", "content": "Hello!"}])
         assert answer.choices[0].message.content
         pgdata = tmp_path / ".paywall" / "pg"
         assert (pgdata / "PG_VERSION").exists()

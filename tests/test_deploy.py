@@ -260,9 +260,10 @@ def expressions() -> list[tuple[str, str]]:
 
 def exposition(running: Running) -> tuple[set[str], set[str]]:
     """Sample names and label names the proxy's /metrics shows after a priced request."""
-    client = openai.OpenAI(base_url=running.proxy.base_url, api_key=running.key, max_retries=0)
-    reply = client.chat.completions.create(
-        model="gpt-test", user="deploy-check", messages=[{"role": "user", "content": "hi"}])
+    with openai.OpenAI(base_url=running.proxy.base_url, api_key=running.key,
+                       max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model="gpt-test", user="deploy-check", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content
     text = httpx.get(running.proxy.url + "/metrics", timeout=10).text
     names, labels = set(), set()
@@ -346,13 +347,16 @@ def balancer(proxy_port: int) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_the_balancer_streams_unbuffered_and_hides_metrics(running: Running) -> None:
+def test_the_balancer_streams_unbuffered_and_hides_metrics(running: Running,
+                                                         request: pytest.FixtureRequest
+                                                         ) -> None:
     with balancer(running.proxy.port) as url:
         assert httpx.get(url + "/metrics", timeout=5).status_code == 404
         ready = httpx.get(url + "/readyz", headers={"X-Request-Id": "lb-check-1"}, timeout=5)
         assert ready.status_code == 200
         assert ready.headers["x-request-id"] == "lb-check-1"
         client = openai.OpenAI(base_url=url + "/v1", api_key=running.key, max_retries=0)
+        request.addfinalizer(client.close)
         started = time.monotonic()
         arrivals = []
         for chunk in client.chat.completions.create(

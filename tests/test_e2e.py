@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import statistics
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -19,9 +20,23 @@ from tests.upstream import CHUNK_DELAY, CHUNKS, WORDS, _chunk
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
+_CLIENTS: list[OpenAI] = []
+
+
 def client(r: Running, **kw: object) -> OpenAI:
+    """An SDK client of the proxy, closed after the test (an unclosed one's sockets are
+    reported whenever the garbage collector finds them: in some later test)."""
     kw.setdefault("base_url", r.proxy.base_url)
-    return OpenAI(api_key=r.key, max_retries=0, **kw)  # type: ignore[arg-type]
+    made = OpenAI(api_key=r.key, max_retries=0, **kw)  # type: ignore[arg-type]
+    _CLIENTS.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def test_non_streaming_with_body_user(running: Running) -> None:
@@ -297,7 +312,7 @@ def test_models_list_and_retrieve(running: Running) -> None:
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("nope")
     # A base URL that names the user (/v1/{user}) serves the models too.
-    by_path = OpenAI(base_url=f"{running.proxy.base_url}/someone", api_key=running.key)
+    by_path = client(running, base_url=f"{running.proxy.base_url}/someone")
     assert {m.id for m in by_path.models.list()} == models.keys()
     assert by_path.models.retrieve("gpt-test").owned_by == "up"
     with pytest.raises(openai.NotFoundError):

@@ -4,6 +4,7 @@ content, refusal, or a JSON object — pure, then through the official SDK."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -54,11 +55,12 @@ class Weather(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def broke(running: Running, database_url: str) -> OpenAI:
+def broke(running: Running, database_url: str) -> Iterator[OpenAI]:
     """A client of the paywall whose users start with nothing: every priced call is
     blocked (gpt-test is priced)."""
-    return OpenAI(base_url=running.proxy.base_url, api_key=mint_key(database_url, "other"),
-                  max_retries=0)
+    with OpenAI(base_url=running.proxy.base_url, api_key=mint_key(database_url, "other"),
+                max_retries=0) as made:
+        yield made
 
 
 def test_parse_with_a_schema_returns_a_refusal(broke: OpenAI) -> None:
@@ -95,8 +97,10 @@ def test_a_forced_tool_still_gets_text(broke: OpenAI) -> None:
     assert message.tool_calls is None and "/topup?token=" in (message.content or "")
 
 
-def test_answers_carry_the_public_model_name(running: Running) -> None:
+def test_answers_carry_the_public_model_name(running: Running,
+                                             request: pytest.FixtureRequest) -> None:
     c = OpenAI(base_url=running.proxy.base_url, api_key=running.key, max_retries=0)
+    request.addfinalizer(c.close)
     done = c.chat.completions.create(model="gpt-test", messages=HELLO,  # type: ignore[arg-type]
                                      user=new_user("names"))
     assert running.upstream.last().body["model"] == "echo"  # the provider's name upstream
@@ -108,9 +112,11 @@ def test_answers_carry_the_public_model_name(running: Running) -> None:
     assert chunks[-1].usage is not None
 
 
-def test_safety_identifier_names_the_user(running: Running, database_url: str) -> None:
+def test_safety_identifier_names_the_user(running: Running, database_url: str,
+                                          request: pytest.FixtureRequest) -> None:
     user = new_user("safety")
     c = OpenAI(base_url=running.proxy.base_url, api_key=running.key, max_retries=0)
+    request.addfinalizer(c.close)
     raw = c.chat.completions.with_raw_response.create(
         model="gpt-test", messages=HELLO,  # type: ignore[arg-type]
         extra_body={"safety_identifier": user})
