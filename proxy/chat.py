@@ -21,18 +21,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import anthropic_wire, guard, lifecycle, translate
-from proxy.decide import Action, Decision, UserState
+from proxy.decide import Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
+from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
+from proxy.metered import Streamed
 from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount, worst_case
-from proxy.providers import Call, Provider
-from proxy.relay import Framer, Outcome, StreamRelay, error_event
-from proxy.replies import notice, paywall_reply
+from proxy.pricing import Usage, format_amount, worst_case
+from proxy.providers import Call
+from proxy.relay import Framer, StreamRelay, error_event
+from proxy.replies import paywall_reply
 from proxy.services import Services, authenticate, read_json
 from proxy.settings import ModelSettings, PaywallSettings
 from proxy.upstream import Reply
@@ -41,98 +42,35 @@ MAX_CHOICES = 128  # as OpenAI
 
 
 @dataclass(slots=True)
-class ChatCall:
+class ChatCall(Streamed):
     """One chat completion: its plan, and how its answer is read and priced."""
 
-    plan: Plan
-    services: Services
-    provider: Provider
-    call: Call
-    price: Price
-    scale: int
-    markup_bps: int
-    prompt_tokens: int  # counted here, for when the provider reports nothing
-    model: str  # the public name
-    upstream_model: str
-    encoding: str
     client_wants_usage: bool
     rename: Callable[[bytes], bytes] | None = None  # the public model name, in answers
     reply_format: str = "text"  # what a blocked request is answered with (_reply_format)
     translated: bool = False  # the provider speaks another wire format (anthropic)
-    meter: Meter | None = None
-    answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
     error_tail = staticmethod(error_event)
-    headers = staticmethod(answer_headers)
-
-    def cost(self, usage: Usage) -> int:
-        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
-
-    def cost_fields(self, usage: Usage) -> dict[str, Any]:
-        return {"cost": format_amount(self.cost(usage), self.scale),
-                "cost_asset": self.price.asset}
-
-    async def counted(self, text: str) -> Usage:
-        tokenizer = self.services.tokenizer
-        completion = await tokenizer.count_async(text, self.upstream_model, self.encoding)
-        return Usage(self.prompt_tokens, completion)
-
-    def priced(self, usage: Usage, outcome: str) -> Charge:
-        return Charge(cost(usage, self.price, self.markup_bps), outcome, usage)
 
     async def blocked(self, decision: Decision, state: UserState) -> Response:
-        p = self.plan
-        # A connect link is issued against the user's connection version.
-        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
-                   if decision.action is Action.CONNECT else 0)
-        return _paywall_reply(self.services, p, self.model, self.call.request_id,
-                              decision.action, state, self.scale, self.price.asset,
-                              self.call.stream, self.client_wants_usage, version,
-                              self.reply_format)
-
-    async def send(self) -> Reply:
-        return await self.provider.send(self.call)
-
-    def relays(self, reply: Reply) -> bool:
-        return self.call.stream and reply.stream
+        told = await self.told(decision, state)
+        body, media = paywall_reply(request_id=self.call.request_id, model=self.model,
+                                    text=told.text, paywall=told.paywall,
+                                    stream=self.call.stream,
+                                    include_usage=self.client_wants_usage,
+                                    reply_format=self.reply_format)
+        return Response(body, media_type=media,
+                        headers={"x-paywall-action": decision.action.value})
 
     def framer(self) -> Framer:
         self.meter = Meter(self.client_wants_usage, self.cost_fields, self.rename,
                            usage_is_ours=self.translated)
         return self.meter
 
-    def checkpoint(self) -> StreamCheckpoint | None:
-        return StreamCheckpoint(self) if self.call.stream else None
+    def usage_in(self, data: Any) -> Usage | None:
+        return completion_usage(data)
 
-    def gone(self) -> Charge:
-        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
-
-    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
-        meter = self.meter
-        assert meter is not None and framer is meter
-        if meter.failed:  # the provider ended the stream with an error event
-            outcome = Outcome.PARTIAL
-        if outcome is Outcome.PARTIAL and not meter.delivered:
-            return Charge(None, outcome.value)  # the provider failed before any output
-        if meter.usage is not None:
-            done = meter.done and not meter.failed
-            return self.priced(meter.usage, "completed" if done else outcome.value)
-        if meter.delivered:
-            counted = await self.counted("".join(meter.text))
-            return self.priced(meter.with_counted(counted), outcome.value)
-        # The provider answered and has the prompt; the client left before any output
-        # (or there was none): the prompt is owed, as for a client gone before the answer.
-        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
-
-    async def settle_whole(self, content: bytes) -> Charge:
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            data = None
-        usage = completion_usage(data)
-        self.answered = data, usage is not None
-        if usage is None:  # none, or refused: the output is counted
-            usage = await self.counted(completion_text(data, content))
-        return self.priced(usage, "completed")
+    def output_in(self, data: Any, raw: bytes) -> str:
+        return completion_text(data, raw)
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
@@ -274,14 +212,3 @@ def _reply_format(body: dict[str, Any]) -> str:
     if kind == "json_schema":
         return "refusal"
     return "json_object" if kind == "json_object" else "text"
-
-
-def _paywall_reply(services: Services, plan: Plan, model: str, request_id: str,
-                   action: Action, state: UserState, scale: int, asset: str, stream: bool,
-                   include_usage: bool, version: int, reply_format: str) -> Response:
-    told = notice(services.signer, plan.paywall_id, plan.paywall, plan.user, action, state,
-                  scale, asset, version)
-    body, media = paywall_reply(request_id=request_id, model=model, text=told.text,
-                                paywall=told.paywall, stream=stream,
-                                include_usage=include_usage, reply_format=reply_format)
-    return Response(body, media_type=media, headers={"x-paywall-action": action.value})

@@ -40,14 +40,14 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound, PaymentRequired
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, answer_headers, cost_headers
+from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
+from proxy.metered import Metered
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount, worst_case
-from proxy.providers import Call, Provider
+from proxy.pricing import Usage, format_amount, worst_case
+from proxy.providers import Call
 from proxy.relay import Framer, Outcome, StreamRelay
-from proxy.replies import notice
 from proxy.services import Services, authenticate, read_json
 from proxy.tokens import LARGE_TEXT, Tokenizer, data_tokens
 from proxy.upstream import Reply
@@ -179,38 +179,18 @@ def paywall_error(text: str, action: Action, info: dict[str, Any]) -> bytes:
 
 
 @dataclass(slots=True)
-class EmbeddingsCall:
+class EmbeddingsCall(Metered):
     """One embeddings request: its plan, and how its answer is read and priced."""
 
-    plan: Plan
-    services: Services
-    provider: Provider
-    call: Call
-    price: Price
-    scale: int
-    markup_bps: int
-    prompt_tokens: int  # counted here, for when the provider reports nothing
     rename: Callable[[bytes], bytes] | None  # the public model name into the answer
     answered: tuple[Any, bool] = (None, False)  # the answer, parsed; usage reported?
     error_tail = None  # never relayed
-    headers = staticmethod(answer_headers)
-
-    def priced(self, usage: Usage, outcome: str) -> Charge:
-        return Charge(cost(usage, self.price, self.markup_bps), outcome, usage)
 
     async def blocked(self, decision: Decision, state: UserState) -> Response:
-        p = self.plan
-        action = decision.action
-        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
-                   if action is Action.CONNECT else 0)
-        told = notice(self.services.signer, p.paywall_id, p.paywall, p.user, action, state,
-                      self.scale, self.price.asset, version)
-        return Response(paywall_error(told.text, action, told.paywall),
+        told = await self.told(decision, state)
+        return Response(paywall_error(told.text, decision.action, told.paywall),
                         status_code=PaymentRequired.status, media_type="application/json",
-                        headers={"x-paywall-action": action.value})
-
-    async def send(self) -> Reply:
-        return await self.provider.send(self.call)
+                        headers={"x-paywall-action": decision.action.value})
 
     def relays(self, reply: Reply) -> bool:
         return False  # one JSON object, read whole: its usage is at the end
@@ -220,9 +200,6 @@ class EmbeddingsCall:
 
     def checkpoint(self) -> None:
         return None
-
-    def gone(self) -> Charge:
-        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
 
     async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
         raise AssertionError("an embeddings answer is never relayed")

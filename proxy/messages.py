@@ -32,109 +32,46 @@ from starlette.routing import Route
 
 from proxy import anthropic_wire as wire
 from proxy import guard, lifecycle
-from proxy.decide import Action, Decision, UserState
+from proxy.decide import Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
+from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
+from proxy.metered import Streamed
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, worst_case
-from proxy.providers import Call, Provider
-from proxy.relay import Framer, Outcome, StreamRelay
-from proxy.replies import notice
+from proxy.pricing import Usage, worst_case
+from proxy.providers import Call
+from proxy.relay import Framer, StreamRelay
 from proxy.services import Services, authenticate, read_json
 from proxy.settings import Settings
 from proxy.upstream import Reply
 
 
 @dataclass(slots=True)
-class MessagesCall:
+class MessagesCall(Streamed):
     """One Messages request: its plan, and how its answer is read and priced."""
 
-    plan: Plan
-    services: Services
-    provider: Provider
-    call: Call
-    price: Price
-    scale: int
-    markup_bps: int
-    prompt_tokens: int  # counted here, for when the provider reports nothing
-    model: str  # the public name
-    upstream_model: str
-    encoding: str
-    meter: wire.StreamMeter | None = None
     error_tail = staticmethod(wire.error_event)
-    headers = staticmethod(answer_headers)
-
-    def cost(self, usage: Usage) -> int:
-        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
-
-    def priced(self, usage: Usage, outcome: str) -> Charge:
-        return Charge(self.cost(usage), outcome, usage)
-
-    async def counted(self, text: str) -> Usage:
-        tokenizer = self.services.tokenizer
-        completion = await tokenizer.count_async(text, self.upstream_model, self.encoding)
-        return Usage(self.prompt_tokens, completion)
 
     async def blocked(self, decision: Decision, state: UserState) -> Response:
-        p = self.plan
-        # A connect link is issued against the user's connection version.
-        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
-                   if decision.action is Action.CONNECT else 0)
-        told = notice(self.services.signer, p.paywall_id, p.paywall, p.user, decision.action,
-                      state, self.scale, self.price.asset, version)
+        told = await self.told(decision, state)
         body, media = wire.paywall_message(request_id=self.call.request_id, model=self.model,
                                            text=told.text, paywall=told.paywall,
                                            stream=self.call.stream)
         return Response(body, media_type=media,
                         headers={"x-paywall-action": decision.action.value})
 
-    async def send(self) -> Reply:
-        return await self.provider.send(self.call)
-
-    def relays(self, reply: Reply) -> bool:
-        return self.call.stream and reply.stream
-
     def framer(self) -> Framer:
         self.meter = wire.StreamMeter(public_names(self.upstream_model, self.model))
         return self.meter
 
-    def checkpoint(self) -> StreamCheckpoint | None:
-        return StreamCheckpoint(self) if self.call.stream else None
+    def usage_in(self, data: Any) -> Usage | None:
+        return wire.message_usage(data)
 
-    def gone(self) -> Charge:
-        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
-
-    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
-        meter = self.meter
-        assert meter is not None and framer is meter
-        # A provider that failed (broke off, or said so in an error event) before any
-        # output is owed nothing; after output, what it delivered.
-        if meter.failed:
-            outcome = Outcome.PARTIAL
-        if outcome is Outcome.PARTIAL and not meter.delivered:
-            return Charge(None, outcome.value)
-        if meter.usage is not None:
-            return self.priced(meter.usage, "completed" if meter.done else outcome.value)
-        if meter.delivered:
-            counted = await self.counted("".join(meter.text))
-            return self.priced(meter.with_counted(counted), outcome.value)
-        # The provider has the prompt; the client left before any output (or there was
-        # none): the prompt is owed, as for a client gone before the answer.
-        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
-
-    async def settle_whole(self, content: bytes) -> Charge:
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            data = None
-        usage = wire.message_usage(data)
-        if usage is None:  # none, or refused: the output is counted
-            usage = await self.counted(wire.message_output(data, content))
-        return self.priced(usage, "completed")
+    def output_in(self, data: Any, raw: bytes) -> str:
+        return wire.message_output(data, raw)
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:

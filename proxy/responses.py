@@ -30,18 +30,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import guard, lifecycle
-from proxy.decide import Action, Decision, UserState
+from proxy.decide import Decision, UserState
 from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
+from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
+from proxy.metered import Streamed
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Price, Usage, cost, format_amount, worst_case
-from proxy.providers import Call, Provider
-from proxy.relay import Framer, Outcome, StreamRelay
-from proxy.replies import notice
+from proxy.pricing import Usage, format_amount, worst_case
+from proxy.providers import Call
+from proxy.relay import Framer, StreamRelay
 from proxy.response_events import (
     ResponseMeter,
     blocked_reply,
@@ -243,107 +243,38 @@ def _media(part: dict[str, Any], where: str, image_tokens: int, text: list[str])
 
 
 @dataclass(slots=True)
-class ResponsesCall:
+class ResponsesCall(Streamed):
     """One Responses request: its plan, and how its answer is read and priced."""
 
-    plan: Plan
-    services: Services
-    provider: Provider
-    call: Call
-    price: Price
-    scale: int
-    markup_bps: int
-    prompt_tokens: int  # counted here, for when the provider reports nothing
-    model: str  # the public name
-    upstream_model: str
-    encoding: str
     reply_format: str  # how a blocked request is told (_reply_format)
-    meter: ResponseMeter | None = None
-    answered: tuple[Any, bool] = (None, False)  # a whole answer, parsed; usage reported?
-    headers = staticmethod(answer_headers)
 
     @property
     def error_tail(self) -> Callable[[ProxyError], bytes]:
         """The Responses API's ``error`` event, numbered after the provider's last."""
         def tail(error: ProxyError) -> bytes:
-            seq = self.meter.sequence + 1 if self.meter is not None else 0
+            meter = self.meter
+            seq = meter.sequence + 1 if isinstance(meter, ResponseMeter) else 0
             return error_event(error.code or error.type, error.message, error.param, seq)
         return tail
 
-    def cost(self, usage: Usage) -> int:
-        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
-
-    def priced(self, usage: Usage, outcome: str) -> Charge:
-        return Charge(self.cost(usage), outcome, usage)
-
-    def cost_fields(self, usage: Usage) -> dict[str, Any]:
-        return {"cost": format_amount(self.cost(usage), self.scale),
-                "cost_asset": self.price.asset}
-
-    async def counted(self, text: str) -> Usage:
-        completion = await self.services.tokenizer.count_async(text, self.upstream_model,
-                                                               self.encoding)
-        return Usage(self.prompt_tokens, completion)
-
     async def blocked(self, decision: Decision, state: UserState) -> Response:
-        p = self.plan
-        # A connect link is issued against the user's connection version.
-        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
-                   if decision.action is Action.CONNECT else 0)
-        told = notice(self.services.signer, p.paywall_id, p.paywall, p.user,
-                      decision.action, state, self.scale, self.price.asset, version)
+        told = await self.told(decision, state)
         body, media = blocked_reply(request_id=self.call.request_id, model=self.model,
                                     text=told.text, paywall=told.paywall,
                                     stream=self.call.stream, reply_format=self.reply_format)
         return Response(body, media_type=media,
                         headers={"x-paywall-action": decision.action.value})
 
-    async def send(self) -> Reply:
-        return await self.provider.send(self.call)
-
-    def relays(self, reply: Reply) -> bool:
-        return self.call.stream and reply.stream
-
     def framer(self) -> Framer:
         self.meter = ResponseMeter(public_names(self.upstream_model, self.model),
                                    self.cost_fields)
         return self.meter
 
-    def checkpoint(self) -> StreamCheckpoint | None:
-        return StreamCheckpoint(self) if self.call.stream else None
+    def usage_in(self, data: Any) -> Usage | None:
+        return response_usage(data)
 
-    def gone(self) -> Charge:
-        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
-
-    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
-        meter = self.meter
-        assert meter is not None and framer is meter
-        # A stream the provider ended with an error (an error event, response.failed) is
-        # partial, however well its bytes arrived.
-        ended = (Outcome.PARTIAL if meter.failed and outcome is Outcome.COMPLETED
-                 else outcome).value
-        if meter.usage is not None:
-            return self.priced(meter.usage, "completed" if meter.done and not meter.failed
-                               else ended)
-        if meter.delivered:
-            counted = await self.counted("".join(meter.text))
-            return self.priced(meter.with_counted(counted), ended)
-        if outcome is Outcome.PARTIAL or meter.failed:  # it failed before any output
-            return Charge(None, ended)
-        # The provider has the prompt; the client left before any output (or there was
-        # none): the prompt is owed.
-        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
-
-    async def settle_whole(self, content: bytes) -> Charge:
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            data = None
-        usage = response_usage(data)
-        self.answered = data, usage is not None
-        if usage is None:  # none, or refused: the output is counted
-            usage = await self.counted(response_text(data, content))
-        return self.priced(usage, "completed")
+    def output_in(self, data: Any, raw: bytes) -> str:
+        return response_text(data, raw)
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:

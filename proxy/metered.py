@@ -1,0 +1,129 @@
+"""What the adapters that meter tokens share: chat, Responses, Messages, embeddings.
+
+:class:`Metered` prices a call's usage, tells a blocked request why (the notice, with
+the connect version fetched), sends through the model's provider and charges a client
+gone before the answer its prompt. :class:`Streamed` adds what the three that relay
+streams share: the reaper's checkpoint, counting output when the provider reports
+none, and the one rule a relayed stream settles by (:meth:`Streamed.settle_relayed`)
+and a whole answer too (:meth:`Streamed.settle_whole`). Each adapter adds its wire
+format: its meter, where its usage and output stand, its blocked reply and its answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.decide import Action, Decision, UserState
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers
+from proxy.metering import Meter
+from proxy.pricing import Price, Usage, cost, format_amount
+from proxy.providers import Call, Provider
+from proxy.relay import Framer, Outcome
+from proxy.replies import Notice, notice
+from proxy.services import Services
+from proxy.upstream import Reply
+
+
+@dataclass(slots=True)
+class Metered:
+    """A call priced by its tokens at ``price`` (and the paywall's ``markup_bps``)."""
+
+    plan: Plan
+    services: Services
+    provider: Provider
+    call: Call
+    price: Price
+    scale: int
+    markup_bps: int
+    prompt_tokens: int  # counted here, for when the provider reports nothing
+    headers = staticmethod(answer_headers)
+
+    def cost(self, usage: Usage) -> int:
+        return cost(usage, self.price, self.markup_bps)  # the ledger bounds the charge
+
+    def cost_fields(self, usage: Usage) -> dict[str, Any]:
+        return {"cost": format_amount(self.cost(usage), self.scale),
+                "cost_asset": self.price.asset}
+
+    def priced(self, usage: Usage, outcome: str) -> Charge:
+        return Charge(self.cost(usage), outcome, usage)
+
+    async def told(self, decision: Decision, state: UserState) -> Notice:
+        """What the blocked request is told; a connect link is issued against the
+        user's connection version."""
+        p = self.plan
+        version = (await self.services.ledger.connect_version(p.paywall_id, p.user)
+                   if decision.action is Action.CONNECT else 0)
+        return notice(self.services.signer, p.paywall_id, p.paywall, p.user,
+                      decision.action, state, self.scale, self.price.asset, version)
+
+    async def send(self) -> Reply:
+        return await self.provider.send(self.call)
+
+    def relays(self, reply: Reply) -> bool:
+        return self.call.stream and reply.stream
+
+    def gone(self) -> Charge:
+        return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
+
+
+@dataclass(slots=True)
+class Streamed(Metered):
+    """A call whose answer may be relayed as a stream, metered by :attr:`meter`."""
+
+    model: str  # the public name
+    upstream_model: str
+    encoding: str
+    meter: Meter | None = field(default=None, kw_only=True)
+    # A whole answer, parsed, and whether its usage was the provider's.
+    answered: tuple[Any, bool] = field(default=(None, False), kw_only=True)
+
+    def usage_in(self, data: Any) -> Usage | None:
+        """The provider's usage in a whole answer (``data``, parsed), when it is charged
+        as it is; None: the output is counted."""
+        raise NotImplementedError
+
+    def output_in(self, data: Any, raw: bytes) -> str:
+        """The output of a whole answer, to count when its usage is None."""
+        raise NotImplementedError
+
+    async def counted(self, text: str) -> Usage:
+        completion = await self.services.tokenizer.count_async(text, self.upstream_model,
+                                                               self.encoding)
+        return Usage(self.prompt_tokens, completion)
+
+    def checkpoint(self) -> StreamCheckpoint | None:
+        return StreamCheckpoint(self) if self.call.stream else None
+
+    async def settle_relayed(self, framer: Framer, outcome: Outcome, sent: int) -> Charge:
+        """A provider that failed (broke off, or said so in an error event) before any
+        output is owed nothing, and after output what it delivered (``partial``). The
+        provider's usage is charged when it covers what was delivered, else the output
+        delivered is counted; a client gone before any output owes the prompt."""
+        meter = self.meter
+        assert meter is not None and framer is meter
+        if meter.failed:
+            outcome = Outcome.PARTIAL
+        if outcome is Outcome.PARTIAL and not meter.delivered:
+            return Charge(None, outcome.value)
+        if meter.usage is not None:
+            done = meter.done and not meter.failed
+            return self.priced(meter.usage, "completed" if done else outcome.value)
+        if meter.delivered:
+            counted = await self.counted("".join(meter.text))
+            return self.priced(meter.with_counted(counted), outcome.value)
+        return self.priced(Usage(self.prompt_tokens, 0), outcome.value)
+
+    async def settle_whole(self, content: bytes) -> Charge:
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            data = None
+        usage = self.usage_in(data)
+        self.answered = data, usage is not None
+        if usage is None:  # none, or refused: the output is counted
+            usage = await self.counted(self.output_in(data, content))
+        return self.priced(usage, "completed")
