@@ -34,7 +34,11 @@ import orjson
 from proxy.pricing import Usage
 from proxy.sse import Event, SSEParser
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An event ends where a line's end is followed by an empty line, each ended by CRLF,
+# LF or CR (the SSE grammar), mixed or not: "\n\r\n" ends one too. A CR is a line end
+# of its own only when no LF follows it.
+_LINE_END = rb"(?:\r\n|\n|\r(?!\n))"
+_EVENT_END = re.compile(_LINE_END + _LINE_END)
 _TEXT_KEYS = ("reasoning_content", "reasoning", "content", "refusal")
 
 

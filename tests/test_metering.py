@@ -289,3 +289,24 @@ def test_the_translations_early_usage_is_never_shown(wants: bool, shown: object)
     sent = orjson.loads(meter.feed(first).removeprefix(b"data: "))
     assert sent.get("usage", "absent") == shown
     assert meter.reported == Usage(30, 0)  # still read, for billing
+
+
+@pytest.mark.parametrize("ending", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n",
+                                    b"\n\r"])
+def test_every_blank_line_ends_an_event_at_once(ending: bytes) -> None:
+    """Each event is passed on as soon as it is complete, whatever mix of line ends the
+    provider uses: "\\n\\r\\n" held the whole stream back until it ended."""
+    meter = Meter(False)
+    first = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}]})
+    second = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "b"}}]})
+    assert meter.feed(first + ending) == first + ending
+    assert meter.feed(second + ending) == second + ending
+    assert meter.text == ["a", "b"]
+
+
+def test_a_crlf_split_across_reads_is_one_line_end() -> None:
+    meter = Meter(False)
+    event = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}]})
+    sent = meter.feed(event + b"\r") + meter.feed(b"\n\r") + meter.feed(b"\n") + meter.flush()
+    assert sent.replace(b"\r", b"").replace(b"\n", b"") == event
+    assert meter.text == ["a"]
