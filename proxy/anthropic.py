@@ -2,11 +2,10 @@
 
 A call to ``/messages`` carries a native Messages body and is posted as it is; its
 answer comes back as Anthropic sent it (headers through :data:`ANTHROPIC_HEADERS`).
-A call to ``/chat/completions`` is translated (:mod:`proxy.translate`): its payload
-becomes a Messages request, and the answer — whole, streamed, or an error — comes
-back as OpenAI's chat completions would have sent it, so chat's metering reads it
-unchanged. What cannot be translated is refused before anything is sent
-(:func:`proxy.translate.check` says so earlier still).
+A call to ``/chat/completions`` carries the Messages request the chat adapter
+translated its payload into (:func:`proxy.translate.to_messages`, once: it bounds the
+hold on it too), and the answer — whole, streamed, or an error — comes back as OpenAI's
+chat completions would have sent it, so chat's metering reads it unchanged.
 
 Every request carries ``x-api-key`` (the call's key), ``anthropic-version`` (the
 client's own when it sent one, else the provider's setting), those of the client's
@@ -30,7 +29,6 @@ from proxy.translate import (
     ChunkTranslator,
     answer_tool,
     to_completion,
-    to_messages,
     to_openai_error,
 )
 from proxy.upstream import ANTHROPIC_HEADERS, Outbound, Reply, Transport, encoded, secret_values
@@ -83,16 +81,15 @@ class AnthropicProvider:
 
     async def _chat(self, call: Call) -> Reply:
         """A chat completion, sent as Messages, answered as a chat completion."""
-        body = to_messages(call.payload)
-        reply = await self._post(call, orjson.dumps(body), call.stream)
+        reply = await self._post(call, call.body, call.stream)
         created = int(time.time())
         headers = [(k, v) for k, v in reply.headers if k != "content-type"]
         answer = answer_tool(call.payload)
         if reply.ok and call.stream and reply.stream:
             options = call.payload.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            stream = ChunkTranslator(include_usage, created, str(body.get("model") or ""),
-                                     answer)
+            stream = ChunkTranslator(include_usage, created,
+                                     str(call.payload.get("model") or ""), answer)
             return Reply(reply.status, [("content-type", "text/event-stream"), *headers],
                          _translated(reply, stream.feed), stream=True, _closer=reply.close)
 

@@ -179,7 +179,8 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
             prompt_tokens, estimate, predicted = await services.tokenizer.prompt_tokens(
                 body, upstream_model, model.encoding, model.max_image_tokens,
                 model.prompt_margin)
-        upstream_body = orjson.dumps(body)
+        # A translating provider is sent the request in its own format.
+        upstream_body = orjson.dumps(body if messages_body is None else messages_body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
     # The worst case: all output tokens (a prediction's unused ones are billed as output

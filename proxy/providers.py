@@ -28,8 +28,9 @@ from proxy.upstream import OPENAI_HEADERS, Outbound, Reply, Transport, encoded, 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One call to send: the body is final (model already mapped). ``path`` is the
-    endpoint under the provider's base URL."""
+    """One call to send: the body is final (model already mapped, and in the
+    provider's own format when it is not the client's), ``payload`` the client's
+    request as parsed. ``path`` is the endpoint under the provider's base URL."""
 
     body: bytes
     stream: bool
