@@ -25,6 +25,7 @@ held until its blank line arrives): a partial event is of no use to a client.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -261,6 +262,7 @@ def completion_usage(data: Any) -> Usage | None:
     return usage
 
 
+@functools.lru_cache(maxsize=1024)  # one per configured model: built once, not per request
 def public_names(upstream: str, public: str) -> Callable[[bytes], bytes] | None:
     """What puts the ``public`` model name in place of the provider's (``upstream``) in an
     answer's JSON bytes, body or stream events alike; None when the two are the same.
