@@ -22,12 +22,12 @@ from starlette.responses import Response
 
 from proxy import anthropic_wire, guard, lifecycle, translate
 from proxy.decide import Decision, UserState
-from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.errors import InvalidRequest
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
-from proxy.metered import Streamed
+from proxy.metered import Streamed, model_of
 from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
 from proxy.pricing import Usage, format_amount, worst_case
@@ -133,11 +133,7 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     if not isinstance(name, str) or not name:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     paywall = s.paywalls[paywall_id]
-    model = s.models.get(name)
-    if model is None:  # decide()'s first rule, answered before anything is estimated
-        raise ModelNotFound(
-            f"The model '{name}' does not exist or you do not have access to it.", param="model"
-        )
+    model = model_of(s, name)  # decide()'s first rule, answered before anything is estimated
     upstream_model = model.upstream or name
     rec.model, rec.provider = name, model.provider
     body["model"] = upstream_model

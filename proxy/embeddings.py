@@ -37,12 +37,12 @@ from starlette.responses import Response
 
 from proxy import guard, lifecycle
 from proxy.decide import Action, Decision, UserState
-from proxy.errors import InvalidRequest, ModelNotFound, PaymentRequired
+from proxy.errors import InvalidRequest, PaymentRequired
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
-from proxy.metered import Metered
+from proxy.metered import Metered, model_of
 from proxy.metering import public_names
 from proxy.observe import record_of
 from proxy.pricing import Usage, format_amount, worst_case
@@ -259,11 +259,7 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("You must provide a model parameter.", param="model")
-    model = s.models.get(name)
-    if model is None:
-        raise ModelNotFound(
-            f"The model '{name}' does not exist or you do not have access to it.", param="model"
-        )
+    model = model_of(s, name)
     provider_id = model.provider
     conf = s.providers[provider_id]
     if conf.kind not in ("openai", "mock"):

@@ -33,12 +33,12 @@ from starlette.routing import Route
 from proxy import anthropic_wire as wire
 from proxy import guard, lifecycle
 from proxy.decide import Decision, UserState
-from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.errors import InvalidRequest
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
-from proxy.metered import Streamed
+from proxy.metered import Streamed, model_of
 from proxy.metering import public_names
 from proxy.observe import record_of
 from proxy.pricing import Usage, worst_case
@@ -156,10 +156,7 @@ async def messages(request: Request) -> Response | StreamRelay:
 
     name, stream, max_tokens = _checked(body)
     paywall = s.paywalls[paywall_id]
-    model = s.models.get(name)
-    if model is None:
-        raise ModelNotFound(f"The model '{name}' does not exist or you do not have access "
-                            "to it.", param="model")
+    model = model_of(s, name)
     provider_id = model.provider
     if s.providers[provider_id].kind != "anthropic":
         raise InvalidRequest(f"The model '{name}' is not served by an Anthropic provider; "

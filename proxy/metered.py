@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from proxy.decide import Action, Decision, UserState
+from proxy.errors import ModelNotFound
 from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers
 from proxy.metering import Meter
 from proxy.pricing import Price, Usage, cost, format_amount
@@ -24,7 +25,17 @@ from proxy.providers import Call, Provider
 from proxy.relay import Framer, Outcome
 from proxy.replies import Notice, notice
 from proxy.services import Services
+from proxy.settings import ModelSettings, Settings
 from proxy.upstream import Reply
+
+
+def model_of(settings: Settings, name: str) -> ModelSettings:
+    """The model a request names; 404 ``model_not_found`` when there is none."""
+    model = settings.models.get(name)
+    if model is None:
+        raise ModelNotFound(
+            f"The model '{name}' does not exist or you do not have access to it.", param="model")
+    return model
 
 
 @dataclass(slots=True)

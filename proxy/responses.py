@@ -31,12 +31,12 @@ from starlette.responses import Response
 
 from proxy import guard, lifecycle
 from proxy.decide import Decision, UserState
-from proxy.errors import InvalidRequest, ModelNotFound, ProxyError
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
 from proxy.lifecycle import Charge, Plan, cost_headers
 from proxy.limits import Verdict
-from proxy.metered import Streamed
+from proxy.metered import Streamed, model_of
 from proxy.metering import public_names
 from proxy.observe import record_of
 from proxy.pricing import Usage, format_amount, worst_case
@@ -321,10 +321,7 @@ async def create_response(request: Request) -> Response | StreamRelay:
     if not isinstance(name, str) or not name:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     paywall = s.paywalls[paywall_id]
-    model = s.models.get(name)
-    if model is None:
-        raise ModelNotFound(
-            f"The model '{name}' does not exist or you do not have access to it.", param="model")
+    model = model_of(s, name)
     provider_id = model.provider
     if s.providers[provider_id].kind != "openai":
         raise InvalidRequest(f"The model '{name}' is not served through the Responses API;"
