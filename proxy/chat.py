@@ -25,12 +25,12 @@ from proxy.decide import Decision, UserState
 from proxy.errors import InvalidRequest
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, cost_headers
+from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metered import Streamed, model_of
 from proxy.metering import Meter, completion_text, completion_usage, public_names
 from proxy.observe import record_of
-from proxy.pricing import Usage, format_amount, worst_case
+from proxy.pricing import Usage, worst_case
 from proxy.providers import Call
 from proxy.relay import Framer, StreamRelay, error_event
 from proxy.replies import paywall_reply
@@ -74,29 +74,10 @@ class ChatCall(Streamed):
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
-        data, reported = self.answered
-        body = _with_cost(content, data, reported, charge, posted, self)
-        response = Response(self.rename(body) if self.rename is not None else body,
-                            status_code=200)
-        response.raw_headers += self.headers(reply, verdict, relayed=False)
-        response.raw_headers += cost_headers(posted, self.scale)
-        return response
-
-
-def _with_cost(content: bytes, data: Any, reported: bool, charge: Charge,
-               posted: Posted | None, call: ChatCall) -> bytes:
-    """The provider's body (``content``, parsed: ``data``) with ``usage.cost`` added,
-    and the usage charged when the provider ``reported`` none that could be used."""
-    if posted is None or charge.usage is None or not isinstance(data, dict):
-        return content
-    usage = charge.usage
-    if not reported:
-        data["usage"] = {"prompt_tokens": usage.prompt_tokens,
-                         "completion_tokens": usage.completion_tokens,
-                         "total_tokens": usage.prompt_tokens + usage.completion_tokens}
-    data["usage"]["cost"] = format_amount(posted.charged, call.scale)
-    data["usage"]["cost_asset"] = call.price.asset
-    return orjson.dumps(data)
+        body = self.costed(content, charge, posted, lambda u: {
+            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens})
+        return self.respond(reply, body, posted, verdict, self.rename)
 
 
 def _output_cap(body: dict[str, Any], model: ModelSettings, paywall: PaywallSettings,

@@ -40,12 +40,12 @@ from proxy.decide import Action, Decision, UserState
 from proxy.errors import InvalidRequest, PaymentRequired
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, cost_headers
+from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metered import Metered, model_of
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Usage, format_amount, worst_case
+from proxy.pricing import Usage, worst_case
 from proxy.providers import Call
 from proxy.relay import Framer, Outcome, StreamRelay
 from proxy.services import Services, authenticate, read_json
@@ -183,7 +183,6 @@ class EmbeddingsCall(Metered):
     """One embeddings request: its plan, and how its answer is read and priced."""
 
     rename: Callable[[bytes], bytes] | None  # the public model name into the answer
-    answered: tuple[Any, bool] = (None, False)  # the answer, parsed; usage reported?
     error_tail = None  # never relayed
 
     async def blocked(self, decision: Decision, state: UserState) -> Response:
@@ -215,22 +214,9 @@ class EmbeddingsCall(Metered):
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
-        data, reported = self.answered
-        body = content
-        if posted is not None and charge.usage is not None and isinstance(data, dict):
-            prompt = charge.usage.prompt_tokens
-            usage = data["usage"] if reported else {"prompt_tokens": prompt,
-                                                    "total_tokens": prompt}
-            usage["cost"] = format_amount(posted.charged, self.scale)
-            usage["cost_asset"] = self.price.asset
-            data["usage"] = usage
-            body = orjson.dumps(data)  # base64 strings pass as they are
-        if self.rename is not None:
-            body = self.rename(body)
-        response = Response(body, status_code=200)
-        response.raw_headers += self.headers(reply, verdict, relayed=False)
-        response.raw_headers += cost_headers(posted, self.scale)
-        return response
+        body = self.costed(content, charge, posted, lambda u: {  # base64 passes as it is
+            "prompt_tokens": u.prompt_tokens, "total_tokens": u.prompt_tokens})
+        return self.respond(reply, body, posted, verdict, self.rename)
 
 
 def _options(body: dict[str, Any]) -> None:

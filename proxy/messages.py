@@ -36,7 +36,7 @@ from proxy.decide import Decision, UserState
 from proxy.errors import InvalidRequest
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, cost_headers
+from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metered import Streamed, model_of
 from proxy.metering import public_names
@@ -75,11 +75,8 @@ class MessagesCall(Streamed):
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
-        rename = public_names(self.upstream_model, self.model)
-        response = Response(rename(content) if rename else content, status_code=200)
-        response.raw_headers += self.headers(reply, verdict, relayed=False)
-        response.raw_headers += cost_headers(posted, self.scale)
-        return response
+        return self.respond(reply, content, posted, verdict,
+                            public_names(self.upstream_model, self.model))
 
 
 def _user_id(body: dict[str, Any]) -> Any:

@@ -11,14 +11,18 @@ format: its meter, where its usage and output stand, its blocked reply and its a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 from proxy.decide import Action, Decision, UserState
 from proxy.errors import ModelNotFound
-from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers
+from proxy.ledger import Posted
+from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost_headers
+from proxy.limits import Verdict
 from proxy.metering import Meter
 from proxy.pricing import Price, Usage, cost, format_amount
 from proxy.providers import Call, Provider
@@ -50,6 +54,8 @@ class Metered:
     scale: int
     markup_bps: int
     prompt_tokens: int  # counted here, for when the provider reports nothing
+    # A whole answer, parsed, and whether its usage was the provider's.
+    answered: tuple[Any, bool] = field(default=(None, False), kw_only=True)
     headers = staticmethod(answer_headers)
 
     def cost(self, usage: Usage) -> int:
@@ -80,6 +86,30 @@ class Metered:
     def gone(self) -> Charge:
         return self.priced(Usage(self.prompt_tokens, 0), Outcome.ABORTED.value)
 
+    def costed(self, content: bytes, charge: Charge, posted: Posted | None,
+               usage_object: Callable[[Usage], dict[str, Any]]) -> bytes:
+        """A whole answer (``content``, as :attr:`answered` parsed it) with ``usage.cost``
+        and ``usage.cost_asset`` added, its usage written as ``usage_object`` shapes the
+        charged one when the provider reported none that could be used."""
+        data, reported = self.answered
+        if posted is None or charge.usage is None or not isinstance(data, dict):
+            return content
+        if not reported:
+            data["usage"] = usage_object(charge.usage)
+        data["usage"]["cost"] = format_amount(posted.charged, self.scale)
+        data["usage"]["cost_asset"] = self.price.asset
+        return orjson.dumps(data)
+
+    def respond(self, reply: Reply, body: bytes, posted: Posted | None,
+                verdict: Verdict | None, rename: Callable[[bytes], bytes] | None
+                ) -> Response:
+        """The client's response to a whole answer: ``body`` in the public model name, the
+        provider's headers as let through, the limits' and the cost's."""
+        response = Response(rename(body) if rename is not None else body, status_code=200)
+        response.raw_headers += self.headers(reply, verdict, relayed=False)
+        response.raw_headers += cost_headers(posted, self.scale)
+        return response
+
 
 @dataclass(slots=True)
 class Streamed(Metered):
@@ -89,8 +119,6 @@ class Streamed(Metered):
     upstream_model: str
     encoding: str
     meter: Meter | None = field(default=None, kw_only=True)
-    # A whole answer, parsed, and whether its usage was the provider's.
-    answered: tuple[Any, bool] = field(default=(None, False), kw_only=True)
 
     def usage_in(self, data: Any) -> Usage | None:
         """The provider's usage in a whole answer (``data``, parsed), when it is charged

@@ -34,12 +34,12 @@ from proxy.decide import Decision, UserState
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.identity import USER_HEADER, resolve_user
 from proxy.ledger import Posted
-from proxy.lifecycle import Charge, Plan, cost_headers
+from proxy.lifecycle import Charge, Plan
 from proxy.limits import Verdict
 from proxy.metered import Streamed, model_of
 from proxy.metering import public_names
 from proxy.observe import record_of
-from proxy.pricing import Usage, format_amount, worst_case
+from proxy.pricing import Usage, worst_case
 from proxy.providers import Call
 from proxy.relay import Framer, StreamRelay
 from proxy.response_events import (
@@ -278,19 +278,9 @@ class ResponsesCall(Streamed):
 
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
-        data, reported = self.answered
-        body = content
-        if posted is not None and charge.usage is not None and isinstance(data, dict):
-            if not reported:
-                data["usage"] = usage_object(charge.usage)
-            data["usage"]["cost"] = format_amount(posted.charged, self.scale)
-            data["usage"]["cost_asset"] = self.price.asset
-            body = orjson.dumps(data)
-        rename = public_names(self.upstream_model, self.model)
-        response = Response(rename(body) if rename else body, status_code=200)
-        response.raw_headers += self.headers(reply, verdict, relayed=False)
-        response.raw_headers += cost_headers(posted, self.scale)
-        return response
+        body = self.costed(content, charge, posted, usage_object)
+        return self.respond(reply, body, posted, verdict,
+                            public_names(self.upstream_model, self.model))
 
 
 # --- the route ------------------------------------------------------------------------
