@@ -29,7 +29,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import balances, cors, db, gateway, gauges, messages, observe, pages, reaper, user_api
+from proxy import (
+    balances,
+    cors,
+    db,
+    gateway,
+    gauges,
+    messages,
+    observe,
+    pages,
+    payments,
+    reaper,
+    user_api,
+)
 from proxy import settings as config
 from proxy.chat import chat_completions
 from proxy.embeddings import embeddings
@@ -48,6 +60,7 @@ from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
 from proxy.links import LinkSigner
+from proxy.payments import Payments
 from proxy.pricing import price_from, units
 from proxy.providers import build_providers
 from proxy.responses import create_response
@@ -239,6 +252,8 @@ def create_app(settings: Settings) -> observe.Observe:
         ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
         settlements = Settlements(ledger, spool_dir(settings))
         gate = Gate(build_limiter(settings.redis_url))
+        grants = {pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()}
+        metrics = observe.Metrics()
         services = Services(
             settings=settings,
             keys=KeyStore(pool, settings.server.key_cache_seconds),
@@ -246,7 +261,7 @@ def create_app(settings: Settings) -> observe.Observe:
             transport=transport,
             prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
                     for name, m in settings.models.items()},
-            grants={pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()},
+            grants=grants,
             ledger=ledger,
             gate=gate,
             overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),
@@ -257,9 +272,10 @@ def create_app(settings: Settings) -> observe.Observe:
                               settings.server.public_url),
             tasks=TaskSet(),
             pool=pool,
-            metrics=observe.Metrics(),
+            metrics=metrics,
             verifiers={pid: TokenVerifier(p.auth, session)
                        for pid, p in settings.paywalls.items()},
+            payments=Payments(settings, ledger, metrics, grants),
         )
         app.state.services = services
         # Everything built so far lives as long as the process: keep it out of the
@@ -275,7 +291,9 @@ def create_app(settings: Settings) -> observe.Observe:
                                       min([settings.billing.reaper_interval_seconds,
                                            *(ttl / 3 for ttl in leases)]),
                                       services.metrics), \
-                    gauges.sampling(services, SAMPLE_SECONDS):
+                    gauges.sampling(services, SAMPLE_SECONDS), \
+                    payments.recharging(services.payments,
+                                        settings.billing.reaper_interval_seconds):
                 yield
                 await services.tasks.drain()
         finally:
@@ -283,6 +301,7 @@ def create_app(settings: Settings) -> observe.Observe:
                 await settlements.shutdown(settings.billing.shutdown_settle_seconds)
             finally:
                 services.metrics.close()
+                await services.payments.close()
                 await gate.limiter.close()
                 await session.close()
                 await pool.close()
@@ -307,6 +326,7 @@ def create_app(settings: Settings) -> observe.Observe:
         *balances.routes,
         *gateway.routes,
         *pages.routes,
+        *payments.routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

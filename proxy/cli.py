@@ -1,4 +1,4 @@
-"""The ``paywall-proxy`` command: serve, migrate, keys, check-config."""
+"""The ``paywall-proxy`` command: serve, migrate, keys, payments, check-config."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 import asyncpg
+import stripe
 
 from proxy import db, observe, server
 from proxy import settings as config
 from proxy.errors import ConfigError
 from proxy.keys import KeyStore
+from proxy.ledger import Ledger
+from proxy.payments import Payments
 from proxy.settings import Settings
 
 
@@ -53,7 +57,24 @@ def _parser() -> argparse.ArgumentParser:
     revoke = with_config(ksub.add_parser("revoke", help="revoke a key by its id"))
     revoke.add_argument("--paywall", required=True)
     revoke.add_argument("key_id", type=int)
+
+    payments = sub.add_parser("payments", help="Stripe payments")
+    psub = payments.add_subparsers(dest="action", required=True)
+    rec = with_config(psub.add_parser(
+        "reconcile", help="deposit paid Checkout Sessions whose webhook never arrived, and "
+                          "report what Stripe and the ledger disagree on"))
+    rec.add_argument("--paywall", required=True)
+    rec.add_argument("--since", type=_date, help="only sessions created since (YYYY-MM-DD "
+                                                 "or an ISO time; UTC unless it says)")
     return p
+
+
+def _date(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,10 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{settings.source}: ok ({len(settings.providers)} providers, "
               f"{len(settings.models)} models, {len(settings.paywalls)} paywalls)")
         return 0
-    if args.command == "keys" and args.paywall not in settings.paywalls:
+    if args.command in ("keys", "payments") and args.paywall not in settings.paywalls:
         known = ", ".join(settings.paywalls) or "none"
         print(f"paywall-proxy: unknown paywall {args.paywall!r} in {settings.source} "
               f"(known: {known})", file=sys.stderr)
+        return 2
+    if args.command == "payments" and not settings.paywalls[args.paywall].payments \
+            .stripe_secret_key:
+        print(f"paywall-proxy: paywall {args.paywall!r} has no payments.stripe_secret_key",
+              file=sys.stderr)
         return 2
     try:
         with db.database_url(settings.database_url, settings.data_dir) as url:
@@ -82,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if args.command == "keys":
                 return asyncio.run(_keys(args, url))
+            if args.command == "payments":
+                return asyncio.run(_reconcile(args, settings, url))
             return _serve(args, settings, url)
     except (OSError, asyncpg.PostgresError) as e:
         print(f"paywall-proxy: database unavailable: {e}", file=sys.stderr)
@@ -110,6 +138,30 @@ async def _keys(args: argparse.Namespace, url: str) -> int:
         return 0
     finally:
         await conn.close()
+
+
+async def _reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    from proxy.app import starter_grants  # the app's module, only for this command
+
+    pool = await db.create_pool(url, 1, 2, True)
+    grants = {pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()}
+    payments = Payments(settings, Ledger(pool, settings.billing.hold_ttl_seconds),
+                        observe.Metrics(), grants)
+    try:
+        found = await payments.reconcile(args.paywall, args.since)
+    except stripe.StripeError as e:
+        print(f"paywall-proxy: Stripe: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await payments.close()
+        await pool.close()
+    for session in found.deposited:
+        print(f"deposited\t{session}")
+    for line in found.mismatches:
+        print(f"mismatch\t{line}")
+    print(f"# {len(found.deposited)} deposited now, {len(found.already)} already deposited, "
+          f"{len(found.skipped)} skipped, {len(found.mismatches)} mismatches", file=sys.stderr)
+    return 1 if found.mismatches else 0
 
 
 def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:

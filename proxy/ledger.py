@@ -69,9 +69,11 @@ class Balance:
     balance: int
     held: int
 
+    owed: int = 0  # taken back by a refund or dispute beyond what was available
+
     @property
     def available(self) -> int:
-        return self.balance - self.held
+        return max(self.balance - self.held - self.owed, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,34 @@ class Refused:
 
 
 Answer = Callable[[Moved | Refused], Stored]
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A paid payment to deposit: ``id`` is its key (a Checkout Session's id, or an
+    automatic recharge's PaymentIntent id), ``amount`` what it deposits in ``asset``'s
+    smallest unit, ``paid`` what it cost in ``currency``'s minor unit. ``trigger``: the
+    automatic recharge it ends, if it is one."""
+
+    id: str
+    user_id: str
+    asset: str
+    amount: int
+    paid: int
+    currency: str
+    payment_intent: str | None
+    customer: str | None
+    item: str
+    trigger: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reversal:
+    """A reversal written: ``moved`` is what the balance changed by (negative when taken
+    back), ``owed`` what the owed amount changed by."""
+
+    moved: int
+    owed: int
 
 
 _ACCOUNT = """
@@ -291,10 +321,10 @@ class Ledger:
 
     async def balances(self, paywall_id: str, user_id: str, conn: Any = None) -> list[Balance]:
         rows = await (conn or self.pool).fetch(
-            "SELECT asset, balance, held FROM accounts WHERE paywall_id = $1 AND user_id = $2"
-            " ORDER BY asset", paywall_id, user_id,
+            "SELECT asset, balance, held, owed FROM accounts"
+            " WHERE paywall_id = $1 AND user_id = $2 ORDER BY asset", paywall_id, user_id,
         )
-        return [Balance(r["asset"], r["balance"], r["held"]) for r in rows]
+        return [Balance(r["asset"], r["balance"], r["held"], r["owed"]) for r in rows]
 
     async def paid(self, paywall_id: str, user_id: str) -> bool:
         """Whether the user was ever granted a plan."""
@@ -400,11 +430,13 @@ class Ledger:
         if abs(amount) > MAX_UNITS:
             raise BalanceOverflow(amount)
         await conn.execute(_ACCOUNT, paywall_id, user_id, asset)
+        # What is owed is not spendable: a charge leaves it; a reversal takes from it.
+        spendable = "balance - held - owed" if kind == "charge" else "balance - held"
         try:
             row = await conn.fetchrow(
                 "WITH a AS (UPDATE accounts SET balance = balance + $4"
                 "  WHERE paywall_id = $1 AND user_id = $2 AND asset = $3"
-                "    AND balance - held + $4 >= 0 RETURNING id, balance)"
+                f"    AND {spendable} + $4 >= 0 RETURNING id, balance)"
                 " INSERT INTO entries (account_id, kind, amount, balance_after, request_id,"
                 "   idempotency_key, metadata)"
                 " SELECT id, $5, $4, balance, $6, $7, $8 FROM a RETURNING balance_after",
@@ -415,11 +447,25 @@ class Ledger:
             raise BalanceOverflow(amount) from None
         if row is None:
             available = await conn.fetchval(
-                "SELECT balance - held FROM accounts"
+                f"SELECT greatest({spendable}, 0) FROM accounts"
                 " WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
                 paywall_id, user_id, asset,
             )
             raise InsufficientFunds(available or 0)
+        if kind == "deposit":  # what a refund or dispute left owed is settled first
+            settled = await conn.fetchval(
+                "WITH p AS (SELECT id, least(owed, balance - held) AS n FROM accounts"
+                "  WHERE paywall_id = $1 AND user_id = $2 AND asset = $3 AND owed > 0),"
+                " a AS (UPDATE accounts SET balance = balance - p.n, owed = owed - p.n"
+                "  FROM p WHERE accounts.id = p.id AND p.n > 0"
+                "  RETURNING accounts.id, accounts.balance, p.n)"
+                " INSERT INTO entries (account_id, kind, amount, balance_after, request_id,"
+                "   metadata)"
+                " SELECT id, 'adjustment', -n, balance, $4,"
+                "   jsonb_build_object('reason', 'owed', 'settled', n) FROM a"
+                " RETURNING balance_after", paywall_id, user_id, asset, request_id)
+            if settled is not None:
+                return int(settled)
         return int(row["balance_after"])
 
     # ---- money operations: one transaction each, answered once per key ----------------
@@ -504,3 +550,166 @@ class Ledger:
             paywall_id, user_id, since, until,
         )
         return [dict(r) for r in rows]
+
+    # ---- payments: deposited once per payment, reversed by Stripe's totals ------------
+
+    async def pay(self, paywall_id: str, payment: Payment, *, opening: Opening,
+                  request_id: str) -> bool:
+        """Deposit ``payment`` unless it was deposited before: True when this call did.
+
+        The payment's row, its deposit and (for an automatic recharge) the end of the
+        pending recharge commit in one durable transaction; a concurrent delivery of the
+        same payment waits on the row's key and then finds it taken."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.durable(conn)
+            await self.open_user(paywall_id, payment.user_id, assets=set(opening.assets),
+                                 grants=opening.grants, conn=conn)
+            fresh = await conn.fetchval(
+                "INSERT INTO payments (paywall_id, id, user_id, asset, amount, paid, currency,"
+                "  payment_intent, customer, item) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+                "  $9, $10) ON CONFLICT DO NOTHING RETURNING true",
+                paywall_id, payment.id, payment.user_id, payment.asset, payment.amount,
+                payment.paid, payment.currency, payment.payment_intent, payment.customer,
+                payment.item)
+            if not fresh:
+                return False
+            await self.move(conn, paywall_id, payment.user_id, payment.asset, payment.amount,
+                            "deposit", request_id=request_id,
+                            idempotency_key=f"payment:{payment.id}",
+                            metadata={"payment": payment.id, "item": payment.item,
+                                      "paid": payment.paid, "currency": payment.currency})
+            # The account's row is locked since the deposit: its last deposit is this one.
+            await conn.execute(
+                "UPDATE payments SET entry_id = (SELECT e.id FROM entries e"
+                "  JOIN accounts a ON a.id = e.account_id WHERE a.paywall_id = $1"
+                "  AND a.user_id = $3 AND a.asset = $4 AND e.kind = 'deposit'"
+                "  ORDER BY e.id DESC LIMIT 1)"
+                " WHERE paywall_id = $1 AND id = $2",
+                paywall_id, payment.id, payment.user_id, payment.asset)
+            if payment.trigger is not None:
+                await conn.execute(
+                    "UPDATE recharges SET pending_since = NULL, failures = 0, last_error = NULL,"
+                    " updated_at = now() WHERE paywall_id = $1 AND user_id = $2"
+                    " AND triggers = $3", paywall_id, payment.user_id, payment.trigger)
+            return True
+
+    async def reverse(self, paywall_id: str, payment_intent: str, *, request_id: str,
+                      refunded: int | None = None, dispute: tuple[str, int] | None = None,
+                      source: str = "") -> Reversal | None:
+        """Bring what a payment's deposit gave back in line with Stripe's totals for it:
+        ``refunded`` (minor units refunded in all; it only grows) and a dispute's amount
+        (``(id, amount)``; 0 once the dispute is won). None for a payment not deposited
+        here.
+
+        What the payment takes back is its deposit * (refunded + disputed) / paid, never
+        more than it deposited; the change since the last reversal is one adjustment
+        entry linked to the deposit. A take-back beyond the available balance leaves the
+        rest owed (the balance never goes below 0); a give-back (a won dispute) settles
+        what is owed first. Replays, duplicates and events out of order change nothing
+        twice: each reversal writes the difference to the totals."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.durable(conn)
+            row = await conn.fetchrow(
+                "SELECT * FROM payments WHERE paywall_id = $1 AND payment_intent = $2"
+                " FOR UPDATE", paywall_id, payment_intent)
+            if row is None:
+                return None
+            total_refunded = row["refunded"] if refunded is None else max(
+                row["refunded"], min(refunded, row["paid"]))
+            disputes: dict[str, int] = orjson.loads(row["disputes"])
+            if dispute is not None:
+                disputes[dispute[0]] = max(0, dispute[1])
+            taken = min(row["paid"], total_refunded + sum(disputes.values()))
+            target = row["amount"] * taken // row["paid"]
+            delta = target - row["reversed"]
+            await conn.execute(
+                "UPDATE payments SET refunded = $3, disputes = $4::jsonb, reversed = $5"
+                " WHERE paywall_id = $1 AND id = $2", paywall_id, row["id"], total_refunded,
+                orjson.dumps(disputes).decode(), target)
+            if delta == 0:
+                return Reversal(0, 0)
+            account = await conn.fetchrow(
+                "SELECT balance - held AS available, owed FROM accounts"
+                " WHERE paywall_id = $1 AND user_id = $2 AND asset = $3 FOR UPDATE",
+                paywall_id, row["user_id"], row["asset"])
+            if delta > 0:
+                moved = -min(delta, account["available"])
+                owed = delta + moved
+            else:
+                owed = -min(-delta, account["owed"])
+                moved = -delta + owed
+            await conn.execute(
+                "UPDATE accounts SET owed = owed + $4"
+                " WHERE paywall_id = $1 AND user_id = $2 AND asset = $3",
+                paywall_id, row["user_id"], row["asset"], owed)
+            await self.move(conn, paywall_id, row["user_id"], row["asset"], moved, "adjustment",
+                            request_id=request_id, idempotency_key=None,
+                            metadata={"reverses": row["entry_id"], "payment": row["id"],
+                                      "source": source, "reversed": delta, "owed": owed})
+            return Reversal(moved, owed)
+
+    async def set_recharge(self, paywall_id: str, user_id: str, *, asset: str, threshold: int,
+                           amount: int, currency: str, customer: str,
+                           payment_method: str) -> None:
+        """Turn automatic recharge on (or change it) for a user, failures forgotten."""
+        await self.pool.execute(
+            "INSERT INTO recharges (paywall_id, user_id, asset, threshold, amount, currency,"
+            "  customer, payment_method) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET asset = $3, threshold = $4,"
+            "  amount = $5, currency = $6, customer = $7, payment_method = $8, enabled = true,"
+            "  failures = 0, last_error = NULL, updated_at = now()",
+            paywall_id, user_id, asset, threshold, amount, currency, customer, payment_method)
+
+    async def stop_recharge(self, paywall_id: str, user_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE recharges SET enabled = false, updated_at = now()"
+            " WHERE paywall_id = $1 AND user_id = $2", paywall_id, user_id)
+
+    async def recharge_of(self, paywall_id: str, user_id: str) -> Any:
+        return await self.pool.fetchrow(
+            "SELECT * FROM recharges WHERE paywall_id = $1 AND user_id = $2",
+            paywall_id, user_id)
+
+    async def claim_recharges(self, paywall_id: str, users: Sequence[str] | None, *,
+                              max_failures: int, retry_seconds: float,
+                              stale_seconds: float) -> list[Any]:
+        """Start a recharge for each user of the paywall (of ``users``, or all when None)
+        whose available
+        balance is under their threshold and who has none pending: one trigger each,
+        however many callers race (the row's update is the claim). Also returned, with
+        their trigger unchanged: recharges pending longer than ``stale_seconds`` (their
+        process died before the outcome was written; the charge's idempotency key makes
+        sending it again safe). After a failure the next try waits ``retry_seconds`` *
+        2^(failures - 1); after ``max_failures`` none is tried."""
+        started = await self.pool.fetch(
+            "UPDATE recharges r SET triggers = r.triggers + 1, pending_since = now(),"
+            "  updated_at = now()"
+            " FROM accounts a WHERE a.paywall_id = r.paywall_id AND a.user_id = r.user_id"
+            "  AND a.asset = r.asset AND r.enabled AND r.pending_since IS NULL"
+            "  AND r.failures < $2 AND a.balance - a.held < r.threshold"
+            "  AND r.paywall_id = $4 AND ($1::text[] IS NULL OR r.user_id = ANY($1))"
+            "  AND (r.failures = 0 OR r.updated_at < now() - make_interval("
+            "       secs => $3 * 2 ^ (r.failures - 1)))"
+            " RETURNING r.*",
+            None if users is None else list(users), max_failures, retry_seconds, paywall_id)
+        stale = await self.pool.fetch(
+            "UPDATE recharges SET updated_at = now() WHERE paywall_id = $2"
+            "  AND pending_since IS NOT NULL"
+            "  AND updated_at < now() - make_interval(secs => $1) RETURNING *",
+            stale_seconds, paywall_id)
+        return [*started, *stale]
+
+    async def recharge_failed(self, paywall_id: str, user_id: str, trigger: int,
+                              error: str) -> bool:
+        """Record that the recharge ``trigger`` failed (once, however often it is told)."""
+        return bool(await self.pool.fetchval(
+            "UPDATE recharges SET pending_since = NULL, failures = failures + 1,"
+            " last_error = $4, updated_at = now() WHERE paywall_id = $1 AND user_id = $2"
+            " AND triggers = $3 AND pending_since IS NOT NULL RETURNING true",
+            paywall_id, user_id, trigger, error[:500]))
+
+    async def payments_of(self, paywall_id: str, since: datetime | None = None) -> list[Any]:
+        return list(await self.pool.fetch(
+            "SELECT * FROM payments WHERE paywall_id = $1"
+            " AND ($2::timestamptz IS NULL OR created_at >= $2) ORDER BY created_at",
+            paywall_id, since))

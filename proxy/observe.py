@@ -143,6 +143,10 @@ class Metrics:
         self.settlements = Counter(
             "paywall_settlements", "Holds resolved at the end of a forwarded request.",
             ["paywall", "outcome"], registry=r)
+        self.payments = Counter(
+            "paywall_payments", "Stripe payment events handled, by event and outcome "
+            "(deposited, duplicate, skipped, reversed, failed, refused...).",
+            ["paywall", "event", "outcome"], registry=r)
         self.holds_expired = Counter(
             "paywall_holds_expired", "Expired holds the reaper resolved.", registry=r)
         self.errors = Counter(

@@ -240,3 +240,37 @@ def worst_case(prompt_tokens: int, output_tokens: int, price: Price, markup_bps:
         + output_tokens * max(price.output, price.reasoning)
     ) * (_BPS + markup_bps)
     return -(-exact // (MILLION * _BPS))
+
+
+# Stripe's zero- and three-decimal currencies; every other one has two decimals.
+# https://docs.stripe.com/currencies#zero-decimal
+_ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf",
+                           "ugx", "vnd", "vuv", "xaf", "xof", "xpf"})
+_THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+
+def currency_exponent(currency: str) -> int:
+    """Decimal places of ``currency``'s minor unit, as Stripe counts them."""
+    c = currency.lower()
+    return 0 if c in _ZERO_DECIMAL else 3 if c in _THREE_DECIMAL else 2
+
+
+def units_per_minor(asset_per_unit: Decimal, currency: str, scale: int) -> int:
+    """Smallest units of the asset one minor unit of ``currency`` buys; ValueError when
+    that is not a whole number of at least 1 (the conversion must be exact)."""
+    n = asset_per_unit * Decimal(10) ** (scale - currency_exponent(currency))
+    if n < 1 or n != n.to_integral_value():
+        raise ValueError(f"one minor unit of {currency} must buy a whole number (at least 1) "
+                         f"of the asset's smallest units, not {n}")
+    return int(n)
+
+
+def to_minor(amount: Decimal, currency: str) -> int:
+    return int(amount * Decimal(10) ** currency_exponent(currency))
+
+
+def format_minor(minor: int, currency: str) -> str:
+    """``1050, "usd"`` → ``"10.50 USD"``."""
+    e = currency_exponent(currency)
+    text = f"{Decimal(minor).scaleb(-e):.{e}f}"
+    return f"{text} {currency.upper()}"

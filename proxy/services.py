@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -32,6 +32,9 @@ from proxy.tasks import TaskSet
 from proxy.tokens import Tokenizer
 from proxy.upstream import Transport
 
+if TYPE_CHECKING:
+    from proxy.payments import Payments
+
 JSON = "application/json"
 log = logging.getLogger("proxy.ledger")
 
@@ -55,6 +58,7 @@ class Services:
     pool: Any
     metrics: Metrics
     verifiers: dict[str, TokenVerifier]  # each paywall's end-user token verifier
+    payments: Payments  # Stripe top-ups, refunds, automatic recharge
 
 
 async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: int | None,
@@ -81,6 +85,7 @@ async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: in
                           rec.request_id)
             else:
                 rec.cost, rec.uncharged = posted.charged, posted.uncharged
+                services.payments.nudge(rec.paywall, rec.user)
         live.discard(hold_id)
         return posted
     except Exception as e:

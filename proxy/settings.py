@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.errors import ConfigError
-from proxy.pricing import price_from, units
+from proxy.pricing import currency_exponent, price_from, units, units_per_minor
 
 CONFIG_ENV = "PAYWALL_CONFIG"
 LINK_SECRET_ENV = "PAYWALL_LINK_SECRET"
@@ -272,6 +272,52 @@ class ApiProviderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PackSettings:
+    name: str = setting("", "Shown to end users, e.g. \"100 queries\".")
+    asset: str = setting("", "The credit type the pack adds (one of credits.types).")
+    credits: int = setting(0, "How many credits of `asset` one pack adds.")
+    price: Decimal = setting(Decimal(0), "What it costs, in `payments.currency` (or "
+                             "stripe_price).")
+    stripe_price: str = setting("", "A Stripe Price id (price_...) to charge instead of `price`.")
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentSettings:
+    stripe_secret_key: str = setting(
+        "", "Stripe secret key (sk_... or a restricted rk_...), e.g. \"${STRIPE_SECRET_KEY}\"; "
+            "empty = no Stripe: the top-up page links to checkout_url.")
+    stripe_webhook_secret: str = setting(
+        "", "Signing secret (whsec_...) of the webhook endpoint /webhooks/stripe/{paywall}.")
+    stripe_api_base: str = setting(
+        "https://api.stripe.com", "Stripe's API address (a Stripe-compatible test server "
+                                  "may stand in for it).")
+    webhook_tolerance_seconds: int = setting(
+        300, "Oldest a webhook's signature timestamp may be; older ones are refused (400).")
+    currency: str = setting("usd", "Currency end users pay in (ISO code, lower case).")
+    asset_per_unit: Decimal = setting(
+        Decimal(1), "How much of the paywall's `asset` one unit of `currency` buys.")
+    amounts: list[Decimal] = setting(
+        [Decimal(5), Decimal(10), Decimal(20)],
+        "Fixed top-up amounts offered, in `currency`.")
+    custom_min: Decimal = setting(Decimal(0), "Smallest custom amount; 0 = no custom amount.")
+    custom_max: Decimal = setting(Decimal(500), "Largest custom amount.")
+    packs: dict[str, PackSettings] = setting({}, "Credit packs by id, for credit paywalls.")
+    success_url: str = setting(
+        "", "Where Checkout returns after paying ({CHECKOUT_SESSION_ID} is filled in by "
+            "Stripe); empty = the proxy's own receipt page.")
+    cancel_url: str = setting("", "Where Checkout returns when abandoned; empty = the top-up "
+                                  "page.")
+    auto_recharge: bool = setting(
+        False, "Offer automatic recharge: end users may save their card on the top-up page "
+               "and be charged their chosen amount when under their threshold.")
+    recharge_max_failures: int = setting(
+        3, "Failed automatic recharges in a row after which none is tried until the user "
+           "saves a card again.")
+    recharge_retry_seconds: float = setting(
+        60.0, "Wait before retrying a failed automatic recharge, doubled after each failure.")
+
+
+@dataclass(frozen=True, slots=True)
 class PaywallSettings:
     name: str = setting("", "The app's name, shown to end users.")
     provider_keys: dict[str, str] = setting(
@@ -286,7 +332,8 @@ class PaywallSettings:
     max_output_tokens: int = setting(
         4096, "Output cap sent upstream when a request sets none; it bounds each hold."
     )
-    checkout_url: str = setting("", "Where the top-up page sends end users to pay.")
+    checkout_url: str = setting(
+        "", "Where the top-up page sends end users to pay when payments has no Stripe key.")
     link_ttl_seconds: int = setting(3600, "How long a connect or top-up link stays valid.")
     connect_message: str = setting(
         "To continue, please authorize {name} to charge your account: {url}",
@@ -305,6 +352,8 @@ class PaywallSettings:
     credits: CreditSettings = setting(CreditSettings(), "Query-type credits and plans.")
     allowed_origins: list[str] = setting(
         [], "Browser origins (scheme://host[:port]) allowed to call /api/v1 (CORS).")
+    payments: PaymentSettings = setting(
+        PaymentSettings(), "Top-ups through Stripe Checkout, confirmed by signed webhooks.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +598,7 @@ def _check_references(s: Settings) -> None:
                 raise fail(f"paywalls.{wid}.{template}",
                            f"only {allowed} may be filled in") from None
         _check_credits(s, wid, w, fail)
+        _check_payments(s, wid, w, fail)
         if w.auth.jwks_url and w.auth.hs256_secret:
             raise fail(f"paywalls.{wid}.auth", "set jwks_url or hs256_secret, not both")
         if w.auth.jwks_url and not w.auth.jwks_url.startswith(("http://", "https://")):
@@ -598,6 +648,51 @@ def _check_credits(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> None
                 raise fail(f"{key}.{t}", f"not one of the paywall's credit types {c.types}")
 
 
+def _check_payments(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> None:
+    p = w.payments
+    key = f"paywalls.{wid}.payments"
+    if not p.stripe_secret_key:
+        return
+    if not p.stripe_webhook_secret:
+        raise fail(f"{key}.stripe_webhook_secret", "required with stripe_secret_key")
+    if not re.fullmatch(r"[a-z]{3}", p.currency):
+        raise fail(f"{key}.currency", f"a three-letter ISO code in lower case, got {p.currency!r}")
+    if not p.stripe_api_base.startswith(("http://", "https://")):
+        raise fail(f"{key}.stripe_api_base", "an http:// or https:// URL is required")
+    if p.webhook_tolerance_seconds <= 0:
+        raise fail(f"{key}.webhook_tolerance_seconds", "must be more than 0")
+    if s.assets[w.asset].kind != "currency" and (p.amounts or p.custom_min):
+        raise fail(f"{key}.amounts", f"the paywall's asset {w.asset!r} is credits: "
+                                     "offer packs, not amounts")
+    if s.assets[w.asset].kind == "currency":
+        try:
+            units_per_minor(p.asset_per_unit, p.currency, s.assets[w.asset].scale)
+        except ValueError as e:
+            raise fail(f"{key}.asset_per_unit", str(e)) from None
+    exponent = currency_exponent(p.currency)
+    prices = [(f"{key}.amounts[{i}]", a) for i, a in enumerate(p.amounts)]
+    prices += [(f"{key}.custom_min", p.custom_min)] if p.custom_min else []
+    prices += [(f"{key}.custom_max", p.custom_max)] if p.custom_min else []
+    prices += [(f"{key}.packs.{k}.price", k_.price) for k, k_ in p.packs.items()
+               if not k_.stripe_price]
+    for where, amount in prices:
+        if amount <= 0 or amount.as_tuple().exponent < -exponent:  # type: ignore[operator]
+            raise fail(where, f"a positive amount of {p.currency} with at most {exponent} "
+                              "decimals")
+    if p.custom_min and p.custom_max < p.custom_min:
+        raise fail(f"{key}.custom_max", "must be at least custom_min")
+    for k, pack in p.packs.items():
+        if pack.asset not in w.credits.types:
+            raise fail(f"{key}.packs.{k}.asset",
+                       f"not one of the paywall's credit types {w.credits.types}")
+        if pack.credits <= 0:
+            raise fail(f"{key}.packs.{k}.credits", "must be more than 0")
+    if not (p.amounts or p.custom_min or p.packs):
+        raise fail(key, "offers nothing: set amounts, custom_min or packs")
+    if p.recharge_max_failures < 1 or p.recharge_retry_seconds <= 0:
+        raise fail(f"{key}.recharge_max_failures", "at least 1 (and a positive retry wait)")
+
+
 def _check_api_providers(s: Settings, fail: Any) -> None:
     for aid, a in s.api_providers.items():
         if not a.url.startswith(("http://", "https://")):
@@ -615,7 +710,8 @@ def secrets_of(settings: Settings) -> list[str]:
     for p in settings.providers.values():
         out += [p.api_key, *p.headers.values(), *p.query.values()]
     for w in settings.paywalls.values():
-        out += [*w.provider_keys.values(), w.auth.hs256_secret]
+        out += [*w.provider_keys.values(), w.auth.hs256_secret,
+                w.payments.stripe_secret_key, w.payments.stripe_webhook_secret]
     for a in settings.api_providers.values():
         out += a.headers.values()
     for url in (settings.database_url, settings.redis_url):

@@ -90,6 +90,7 @@ async def balance(request: Request) -> Response:
         "balances": [{"asset": b.asset, "balance": _money(services, b.asset, b.balance),
                       "held": _money(services, b.asset, b.held),
                       "available": _money(services, b.asset, b.available),
+                      "owed": _money(services, b.asset, b.owed),
                       "units": b.balance} for b in balances],
     })
 

@@ -212,9 +212,11 @@ class Proxy:
 
 
 def start_proxy(config: Path, database_url: str | None, workdir: Path,
-                extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Proxy:
-    """Run ``paywall-proxy serve`` as its own process and wait until it answers."""
-    port = free_port()
+                extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                port: int = 0) -> Proxy:
+    """Run ``paywall-proxy serve`` as its own process (on ``port``, else a free one) and
+    wait until it answers."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "REDIS_URL", "PAYWALL_CONFIG")}
     if database_url:
@@ -255,12 +257,12 @@ def stop_proxy(proxy: Proxy) -> None:
 @contextlib.contextmanager
 def serving_proxy(settings: str, database_url: str | None, workdir: Path,
                   extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                  name: str = "proxy.toml") -> Iterator[Proxy]:
+                  name: str = "proxy.toml", port: int = 0) -> Iterator[Proxy]:
     """``settings`` written to ``workdir/name`` and served by :func:`start_proxy` until
     the block ends."""
     config = workdir / name
     config.write_text(settings)
-    proxy = start_proxy(config, database_url, workdir, extra_env, args)
+    proxy = start_proxy(config, database_url, workdir, extra_env, args, port)
     try:
         yield proxy
     finally:

@@ -27,6 +27,7 @@ from proxy.ledger import (
     Moved,
     Once,
     Opening,
+    Payment,
     Posted,
     Refused,
     Stored,
@@ -684,3 +685,166 @@ def test_storable_depth() -> None:
         value = [value]
     assert storable(value)
     assert not storable([value])
+
+
+# ---- payments: deposited once, reversed by Stripe's totals, owed never lost -------------
+
+def payment(user: str, amount: int = 10_000, paid: int = 1000, pid: str = "",
+            trigger: int | None = None) -> Payment:
+    pid = pid or f"cs_test_{uuid.uuid4().hex}"
+    return Payment(pid, user, ASSET, amount, paid, "usd", f"pi_{pid}", None, "amount", trigger)
+
+
+async def paid_in(ledger: Ledger, paywall: str, user: str, p: Payment) -> bool:
+    return await ledger.pay(paywall, p, opening=Opening(frozenset({ASSET}), {}),
+                            request_id=f"req-{uuid.uuid4()}")
+
+
+async def state_of(ledger: Ledger, paywall: str, user: str) -> tuple[int, int, int]:
+    row = await ledger.pool.fetchrow(
+        "SELECT balance, held, owed FROM accounts WHERE paywall_id = $1 AND user_id = $2"
+        " AND asset = $3", paywall, user, ASSET)
+    return row["balance"], row["held"], row["owed"]
+
+
+async def test_a_payment_delivered_25_times_at_once_is_deposited_once(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user)
+    results = await asyncio.gather(*(paid_in(ledger, paywall, user, p) for _ in range(25)))
+    assert sorted(results) == [False] * 24 + [True]
+    deposits = await ledger.pool.fetch(
+        "SELECT e.* FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.paywall_id = $1 AND a.user_id = $2 AND e.kind = 'deposit'", paywall, user)
+    assert [d["amount"] for d in deposits] == [10_000]
+    assert orjson.loads(deposits[0]["metadata"])["payment"] == p.id
+    row = await ledger.pool.fetchrow("SELECT * FROM payments WHERE paywall_id = $1", paywall)
+    assert row["entry_id"] == deposits[0]["id"] and row["amount"] == 10_000
+    assert await state_of(ledger, paywall, user) == (10_000, 0, 0)
+
+
+async def test_refunds_take_back_their_share_once_and_never_more_than_deposited(
+        ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    assert p.payment_intent is not None
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="r1", refunded=300)
+    assert r is not None and (r.moved, r.owed) == (-3000, 0)
+    for _ in range(3):  # the same total again, or an older one arriving late: nothing
+        again = await ledger.reverse(paywall, p.payment_intent, request_id="r1", refunded=300)
+        late = await ledger.reverse(paywall, p.payment_intent, request_id="r0", refunded=100)
+        assert again is not None and late is not None
+        assert (again.moved, late.moved) == (0, 0)
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="r2", refunded=5000)
+    assert r is not None and r.moved == -7000  # clamped to what was paid
+    assert await state_of(ledger, paywall, user) == (0, 0, 0)
+    adjustments = await ledger.pool.fetch(
+        "SELECT e.* FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.paywall_id = $1 AND e.kind = 'adjustment' ORDER BY e.id", paywall)
+    deposit_id = await ledger.pool.fetchval(
+        "SELECT entry_id FROM payments WHERE paywall_id = $1", paywall)
+    assert [(a["amount"], orjson.loads(a["metadata"])["reverses"]) for a in adjustments] == [
+        (-3000, deposit_id), (-7000, deposit_id)]
+    assert await ledger.reverse(paywall, "pi_unknown", request_id="x", refunded=1) is None
+
+
+async def test_a_refund_of_what_was_spent_is_owed_and_the_next_deposit_settles_it(
+        ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    hold_id = await hold(ledger, paywall, user, 8000)
+    assert hold_id is not None
+    await ledger.post(hold_id, 8000, Usage(1, 1), "completed")
+    assert p.payment_intent is not None
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="r", refunded=1000)
+    assert r is not None and (r.moved, r.owed) == (-2000, 8000)
+    assert await state_of(ledger, paywall, user) == (0, 0, 8000)  # never below 0: owed
+    second = payment(user, amount=5000, paid=500)
+    await paid_in(ledger, paywall, user, second)
+    assert await state_of(ledger, paywall, user) == (0, 0, 3000)
+    await paid_in(ledger, paywall, user, payment(user, amount=5000, paid=500))
+    assert await state_of(ledger, paywall, user) == (2000, 0, 0)
+    kinds = [(e["kind"], e["amount"]) for e in await ledger.pool.fetch(
+        "SELECT e.* FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.paywall_id = $1 ORDER BY e.id", paywall)]
+    assert kinds == [("deposit", 10_000), ("charge", -8000), ("adjustment", -2000),
+                     ("deposit", 5000), ("adjustment", -5000),
+                     ("deposit", 5000), ("adjustment", -3000)]
+
+
+async def test_a_dispute_takes_back_while_open_and_gives_back_once_won(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    assert p.payment_intent is not None
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="d", dispute=("dp_1", 1000))
+    assert r is not None and r.moved == -10_000
+    # A refund on top of a full dispute takes nothing more: never more than deposited.
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="d", refunded=400)
+    assert r is not None and r.moved == 0
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="w", dispute=("dp_1", 0))
+    assert r is not None and r.moved == 6000  # what the refund still takes stays taken
+    assert await state_of(ledger, paywall, user) == (6000, 0, 0)
+
+
+async def test_a_won_dispute_settles_what_it_left_owed_first(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    hold_id = await hold(ledger, paywall, user, 6000)
+    assert hold_id is not None
+    await ledger.post(hold_id, 6000, Usage(1, 1), "completed")
+    assert p.payment_intent is not None
+    await ledger.reverse(paywall, p.payment_intent, request_id="d", dispute=("dp_1", 1000))
+    assert await state_of(ledger, paywall, user) == (0, 0, 6000)
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="w", dispute=("dp_1", 0))
+    assert r is not None and (r.moved, r.owed) == (4000, -6000)
+    assert await state_of(ledger, paywall, user) == (4000, 0, 0)
+
+
+async def test_fifty_racing_claims_start_one_recharge(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    await ledger.open_user(paywall, user, assets={ASSET}, grants={ASSET: 100})
+    await ledger.set_recharge(paywall, user, asset=ASSET, threshold=500, amount=1000,
+                              currency="usd", customer="cus_1", payment_method="pm_1")
+
+    async def claim() -> list[Any]:
+        return await ledger.claim_recharges(paywall, [user], max_failures=3,
+                                            retry_seconds=60, stale_seconds=600)
+
+    claims = [c for batch in await asyncio.gather(*(claim() for _ in range(50)))
+              for c in batch]
+    assert [(c["user_id"], c["triggers"]) for c in claims] == [(user, 1)]
+    # Its failure is recorded once however often it is told; then it waits to retry.
+    assert await ledger.recharge_failed(paywall, user, 1, "card_declined")
+    assert not await ledger.recharge_failed(paywall, user, 1, "card_declined")
+    assert await claim() == []
+    await ledger.pool.execute("UPDATE recharges SET updated_at = now() - interval '2 min'"
+                              " WHERE paywall_id = $1", paywall)
+    retried = await claim()
+    assert [c["triggers"] for c in retried] == [2]
+    # The recharge's deposit ends it: a payment naming the trigger.
+    await paid_in(ledger, paywall, user, payment(user, amount=1000, paid=100, trigger=2))
+    row = await ledger.recharge_of(paywall, user)
+    assert row["pending_since"] is None and row["failures"] == 0
+    assert await claim() == []  # 1100 available: above the threshold
+
+
+async def test_what_holds_in_flight_release_after_a_reversal_stays_owed(
+        ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    hold_id = await hold(ledger, paywall, user, 8000)
+    assert hold_id is not None and p.payment_intent is not None
+    r = await ledger.reverse(paywall, p.payment_intent, request_id="r", refunded=1000)
+    assert r is not None and (r.moved, r.owed) == (-2000, 8000)
+    await ledger.post(hold_id, 3000, Usage(1, 1), "completed")  # 5000 of the hold released
+    assert await state_of(ledger, paywall, user) == (5000, 0, 8000)
+    assert await hold(ledger, paywall, user, 1) is None  # owed is not spendable
+    (b,) = await ledger.balances(paywall, user)
+    assert (b.balance, b.owed, b.available) == (5000, 8000, 0)
+    await paid_in(ledger, paywall, user, payment(user, amount=4000, paid=400))
+    assert await state_of(ledger, paywall, user) == (1000, 0, 0)
+    assert await hold(ledger, paywall, user, 1000) is not None

@@ -438,7 +438,8 @@ def token_of(link: str) -> str:
 def page(method: str, which: str, *, good: bool, go: bool = False) -> Callable[[Ctx], Sent]:
     def send(c: Ctx) -> Sent:
         link = c.links["connect" if which == "/connect" else "app:topup_link"]
-        assert link.startswith(PUBLIC_URL + which + "?token=")
+        assert link.startswith(PUBLIC_URL + ("/connect" if which == "/connect" else "/topup")
+                               + "?token=")
         token = token_of(link) if good else BAD_TOKEN
         if method == "POST":
             return Sent.of(c.http.post(which, data={"token": token}))
@@ -677,6 +678,16 @@ CASES = [
          route="/topup"),
     Case("topup-page-bad-token", page("GET", "/topup", good=False), 400, "rejected",
          route="/topup"),
+    # Payment routes, on paywalls without Stripe: refused, and logged like the pages.
+    Case("topup-checkout-no-stripe", page("POST", "/topup/checkout", good=True), 400,
+         "rejected", route="/topup/checkout"),
+    Case("topup-recharge-bad-token", page("POST", "/topup/recharge", good=False), 400,
+         "rejected", route="/topup/recharge"),
+    Case("topup-done-bad-token", page("GET", "/topup/done", good=False), 400, "rejected",
+         route="/topup/done"),
+    Case("stripe-webhook-no-stripe",
+         lambda c: c.call("POST", "/webhooks/stripe/app", None, content=b"{}"), 404,
+         "rejected", route="/webhooks/stripe/{paywall}", error="not_found"),
     # /api/v1: end users with the app's sign-in token, the owner with the paywall key
     Case("api-user", api("GET", "/api/v1/paywall/app/user"), 200, "ok", route=USER_ROUTE,
          fields={"paywall": "app", "user": USER}),

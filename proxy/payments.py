@@ -1,0 +1,424 @@
+"""Payments through Stripe: Checkout top-ups, the signed webhook that deposits them once,
+refunds and disputes, automatic recharge, and reconciliation.
+
+Stripe is called with the official ``stripe`` library (one client per paywall, over
+aiohttp). Money moves only through the ledger's payment operations
+(:meth:`proxy.ledger.Ledger.pay`, :meth:`~proxy.ledger.Ledger.reverse`), each one
+durable transaction keyed by the payment, so the webhook, the receipt page, an
+automatic recharge's own answer and a reconciliation may all report the same payment:
+it is deposited once.
+
+What each webhook event does (``POST /webhooks/stripe/{paywall}``):
+
+- ``checkout.session.completed`` (paid) and ``checkout.session.async_payment_succeeded``:
+  deposit the session's top-up; a completed session still unpaid (a bank debit) waits
+  for the second.
+- ``checkout.session.async_payment_failed``: nothing moves; counted and logged.
+- ``payment_intent.succeeded`` of an automatic recharge: deposit it;
+  ``payment_intent.payment_failed``: record the recharge's failure.
+- ``charge.refunded``: take back the refunded share of the deposit.
+- ``charge.dispute.created`` / ``.updated`` / ``.closed``: take back the disputed share
+  while the dispute is open or lost, give it back once it is won.
+- anything else: acknowledged, nothing done.
+
+An event whose signature does not verify (missing, tampered, another secret, a
+timestamp outside the tolerance) is refused with 400 before it is read. An event for
+another paywall or naming no valid user is acknowledged (200) and logged, so Stripe does
+not retry it for days. Should the database be down, the answer is 503: Stripe retries,
+and the retry deposits once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+import stripe
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy.errors import DatabaseUnavailable, InvalidRequest, NotFound, ProxyError
+from proxy.ledger import Ledger, Opening, Payment
+from proxy.observe import Metrics
+from proxy.requestid import new_request_id
+from proxy.services import json_response, read_body, services_of
+from proxy.settings import PaywallSettings, Settings
+from proxy.topups import Choice, Skip, payment_of, recharge_payment, session_params
+
+log = logging.getLogger("proxy.payments")
+
+RECHARGE_STALE_SECONDS = 600.0  # a recharge pending this long is sent again (same key)
+_INQUIRY = frozenset({"warning_needs_response", "warning_under_review", "warning_closed"})
+
+
+class CheckoutFailed(ProxyError):
+    """Stripe refused to open a Checkout Session; the message is Stripe's, for the page."""
+
+    status = 502
+    type = "api_error"
+    code = "checkout_failed"
+
+
+@dataclass
+class Reconciled:
+    """What a reconciliation found: sessions deposited now, already deposited, skipped
+    (another paywall's, unpaid), and mismatches between Stripe and the ledger."""
+
+    deposited: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+
+
+class Payments:
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics,
+                 grants: Mapping[str, Mapping[str, int]]):
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.grants = grants
+        self._clients: dict[str, stripe.StripeClient] = {}
+        self._nudged: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+
+    def configured(self, paywall_id: str) -> bool:
+        paywall = self.settings.paywalls.get(paywall_id)
+        return paywall is not None and bool(paywall.payments.stripe_secret_key)
+
+    def client(self, paywall_id: str) -> stripe.StripeClient:
+        if paywall_id not in self._clients:
+            p = self.settings.paywalls[paywall_id].payments
+            self._clients[paywall_id] = stripe.StripeClient(
+                p.stripe_secret_key, base_addresses={"api": p.stripe_api_base},
+                http_client=stripe.AIOHTTPClient(timeout=20), max_network_retries=2)
+        return self._clients[paywall_id]
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c._requestor._client.close_async()  # type: ignore[union-attr]
+        self._clients.clear()
+
+    def _opening(self, paywall_id: str, asset: str) -> Opening:
+        types = self.settings.paywalls[paywall_id].credits.types
+        return Opening(frozenset({asset, *types}), self.grants[paywall_id])
+
+    def _count(self, paywall_id: str, event: str, outcome: str) -> None:
+        self.metrics.payments.labels(paywall_id, event, outcome).inc()
+
+    # ---- checkout ------------------------------------------------------------------------
+
+    async def checkout(self, paywall_id: str, user_id: str, choice: Choice, *,
+                       success_url: str, cancel_url: str,
+                       recharge: Mapping[str, str] | None = None) -> str:
+        """Open a Checkout Session selling ``choice``; its URL, to redirect to."""
+        p = self.settings.paywalls[paywall_id].payments
+        params = session_params(paywall_id, user_id, choice, p.currency,
+                                success_url=success_url, cancel_url=cancel_url,
+                                save_card=recharge is not None, recharge=recharge)
+        try:
+            session = await self.client(paywall_id).v1.checkout.sessions.create_async(
+                params)  # type: ignore[arg-type]
+        except stripe.StripeError as e:
+            log.warning("paywall %s: Stripe refused a Checkout Session: %s", paywall_id, e)
+            raise CheckoutFailed(e.user_message or "The payment page could not be opened; "
+                                 "please try again.") from None
+        self._count(paywall_id, "checkout.session.created", "opened")
+        return str(session.url)
+
+    async def session(self, paywall_id: str, session_id: str) -> dict[str, Any] | None:
+        try:
+            s = await self.client(paywall_id).v1.checkout.sessions.retrieve_async(session_id)
+        except stripe.InvalidRequestError:
+            return None
+        return s.to_dict()
+
+    # ---- deposits ------------------------------------------------------------------------
+
+    async def fulfill(self, paywall_id: str, session: Mapping[str, Any], request_id: str,
+                      event: str = "checkout.session.completed") -> str:
+        """Deposit a paid Checkout Session once; what happened ("deposited", "duplicate"
+        or why it was skipped)."""
+        payment = payment_of(self.settings, paywall_id, session)
+        if isinstance(payment, Skip):
+            log.info("paywall %s: session %s deposits nothing: %s", paywall_id,
+                     session.get("id"), payment.reason)
+            self._count(paywall_id, event, "skipped")
+            return payment.reason
+        fresh = await self.ledger.pay(paywall_id, payment,
+                                      opening=self._opening(paywall_id, payment.asset),
+                                      request_id=request_id)
+        meta = session.get("metadata") or {}
+        if meta.get("recharge_threshold") and payment.customer and (
+                fresh or await self.ledger.recharge_of(paywall_id, payment.user_id) is None):
+            await self._save_card(paywall_id, payment, meta)
+        outcome = "deposited" if fresh else "duplicate"
+        self._count(paywall_id, event, outcome)
+        if fresh:
+            log.info("paywall %s: deposited payment %s for %s: %s %s", paywall_id, payment.id,
+                     payment.user_id, payment.amount, payment.asset)
+        return outcome
+
+    async def _save_card(self, paywall_id: str, payment: Payment,
+                         meta: Mapping[str, Any]) -> None:
+        threshold, amount = str(meta.get("recharge_threshold")), str(meta.get("recharge_amount"))
+        if not (threshold.isdigit() and amount.isdigit() and payment.payment_intent
+                and payment.customer) or not int(threshold) or not int(amount):
+            return
+        intent = await self.client(paywall_id).v1.payment_intents.retrieve_async(
+            payment.payment_intent)
+        method = intent.payment_method
+        method_id = method if isinstance(method, str) else getattr(method, "id", None)
+        if not method_id:
+            log.warning("paywall %s: payment %s saved no card to recharge with", paywall_id,
+                        payment.id)
+            return
+        await self.ledger.set_recharge(
+            paywall_id, payment.user_id, asset=self.settings.paywalls[paywall_id].asset,
+            threshold=int(threshold), amount=int(amount), currency=payment.currency,
+            customer=payment.customer, payment_method=method_id)
+
+    async def handle(self, paywall_id: str, event: Mapping[str, Any]) -> str:
+        """Carry out one verified webhook event; what happened, for the answer and log."""
+        kind = str(event.get("type"))
+        obj = (event.get("data") or {}).get("object") or {}
+        request_id = f"stripe:{event.get('id')}"
+        if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+            return await self.fulfill(paywall_id, obj, request_id, kind)
+        if kind == "checkout.session.async_payment_failed":
+            if (obj.get("metadata") or {}).get("paywall") == paywall_id:
+                log.warning("paywall %s: the payment of session %s failed", paywall_id,
+                            obj.get("id"))
+                self._count(paywall_id, kind, "failed")
+            return "failed"
+        if kind == "payment_intent.succeeded":
+            payment = recharge_payment(self.settings, paywall_id, obj)
+            if isinstance(payment, Skip):
+                return payment.reason
+            fresh = await self.ledger.pay(paywall_id, payment,
+                                          opening=self._opening(paywall_id, payment.asset),
+                                          request_id=request_id)
+            self._count(paywall_id, kind, "deposited" if fresh else "duplicate")
+            return "deposited" if fresh else "duplicate"
+        if kind == "payment_intent.payment_failed":
+            return await self._recharge_failed_event(paywall_id, obj)
+        if kind == "charge.refunded":
+            return await self._reverse(paywall_id, kind, obj, request_id,
+                                       refunded=int(obj.get("amount_refunded") or 0))
+        if kind in ("charge.dispute.created", "charge.dispute.updated",
+                    "charge.dispute.closed"):
+            status = str(obj.get("status"))
+            held = 0 if status == "won" or status in _INQUIRY else int(obj.get("amount") or 0)
+            return await self._reverse(paywall_id, kind, obj, request_id,
+                                       dispute=(str(obj.get("id")), held))
+        return "ignored"
+
+    async def _reverse(self, paywall_id: str, kind: str, obj: Mapping[str, Any],
+                       request_id: str, refunded: int | None = None,
+                       dispute: tuple[str, int] | None = None) -> str:
+        intent = obj.get("payment_intent")
+        intent_id = intent.get("id") if isinstance(intent, Mapping) else intent
+        if not isinstance(intent_id, str):
+            return "no payment intent"
+        done = await self.ledger.reverse(paywall_id, intent_id, request_id=request_id,
+                                         refunded=refunded, dispute=dispute,
+                                         source=str(obj.get("id")))
+        if done is None:
+            log.info("paywall %s: %s of %s: no deposit of this paywall", paywall_id, kind,
+                     intent_id)
+            self._count(paywall_id, kind, "skipped")
+            return "not a payment of this paywall"
+        self._count(paywall_id, kind, "reversed" if done.moved or done.owed else "duplicate")
+        return "reversed" if done.moved or done.owed else "duplicate"
+
+    async def _recharge_failed_event(self, paywall_id: str, intent: Mapping[str, Any]) -> str:
+        meta = intent.get("metadata") or {}
+        trigger = str(meta.get("trigger") or "")
+        if meta.get("paywall") != paywall_id or meta.get("item") != "recharge" \
+                or not trigger.isdigit():
+            return "ignored"
+        error = (intent.get("last_payment_error") or {}).get("message") or "the charge failed"
+        if await self.ledger.recharge_failed(paywall_id, str(meta.get("user")), int(trigger),
+                                             str(error)):
+            self._count(paywall_id, "payment_intent.payment_failed", "recharge_failed")
+        return "recharge failed"
+
+    # ---- automatic recharge --------------------------------------------------------------
+
+    def nudge(self, paywall_id: str, user_id: str) -> None:
+        """A settlement of this user's was written: check whether to recharge them."""
+        if self.configured(paywall_id) and \
+                self.settings.paywalls[paywall_id].payments.auto_recharge:
+            self._nudged.add((paywall_id, user_id))
+            self._wake.set()
+
+    def _recharging(self) -> dict[str, PaywallSettings]:
+        return {pid: w for pid, w in self.settings.paywalls.items()
+                if w.payments.stripe_secret_key and w.payments.auto_recharge}
+
+    async def recharge_round(self, sweep: bool) -> int:
+        """Start the recharges due (for the users nudged, or all on a ``sweep``) and send
+        them; how many were sent."""
+        nudged, self._nudged = self._nudged, set()
+        sent = 0
+        for pid, w in self._recharging().items():
+            users = None if sweep else [u for p, u in nudged if p == pid]
+            if users == []:
+                continue
+            claims = await self.ledger.claim_recharges(
+                pid, users, max_failures=w.payments.recharge_max_failures,
+                retry_seconds=w.payments.recharge_retry_seconds,
+                stale_seconds=RECHARGE_STALE_SECONDS)
+            for claim in claims:
+                await self._recharge(pid, claim)
+                sent += 1
+        return sent
+
+    async def run_recharges(self, interval: float) -> None:
+        """The recharge loop of a worker: on every nudge, and a sweep each ``interval``."""
+        if not self._recharging():
+            return
+        while True:
+            sweep = False
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                sweep = True
+            self._wake.clear()
+            try:
+                await self.recharge_round(sweep)
+            except DatabaseUnavailable:
+                log.warning("automatic recharge: the database is unavailable; retrying")
+            except Exception:
+                log.exception("automatic recharge round failed")
+
+    async def _recharge(self, paywall_id: str, claim: Any) -> None:
+        user, trigger = claim["user_id"], int(claim["triggers"])
+        params = {
+            "amount": int(claim["amount"]), "currency": claim["currency"],
+            "customer": claim["customer"], "payment_method": claim["payment_method"],
+            "off_session": True, "confirm": True,
+            "description": f"Automatic recharge of {self.settings.paywalls[paywall_id].name}",
+            "metadata": {"paywall": paywall_id, "user": user, "item": "recharge",
+                         "trigger": str(trigger)},
+        }
+        key = f"recharge:{paywall_id}:{user}:{trigger}"
+        try:
+            intent = await self.client(paywall_id).v1.payment_intents.create_async(
+                params, {"idempotency_key": key})  # type: ignore[arg-type]
+        except stripe.CardError as e:
+            await self.ledger.recharge_failed(paywall_id, user, trigger,
+                                              e.user_message or str(e))
+            self._count(paywall_id, "payment_intent.create", "recharge_failed")
+            log.warning("paywall %s: automatic recharge %s of %s failed: %s", paywall_id,
+                        trigger, user, e.user_message)
+            return
+        except stripe.StripeError as e:  # not answered: the same key is sent again later
+            log.warning("paywall %s: automatic recharge %s of %s not sent: %s", paywall_id,
+                        trigger, user, e)
+            return
+        data = intent.to_dict()
+        if data.get("status") == "succeeded":
+            payment = recharge_payment(self.settings, paywall_id, data)
+            if isinstance(payment, Payment):
+                fresh = await self.ledger.pay(paywall_id, payment,
+                                              opening=self._opening(paywall_id, payment.asset),
+                                              request_id=new_request_id())
+                self._count(paywall_id, "payment_intent.create",
+                            "deposited" if fresh else "duplicate")
+        elif data.get("status") in ("requires_payment_method", "requires_action", "canceled"):
+            await self.ledger.recharge_failed(paywall_id, user, trigger,
+                                              f"the charge needs the card holder "
+                                              f"({data.get('status')})")
+
+    # ---- reconciliation ------------------------------------------------------------------
+
+    async def reconcile(self, paywall_id: str, since: datetime | None) -> Reconciled:
+        """Deposit every paid Checkout Session of this paywall at Stripe (created since
+        ``since``) whose deposit is missing, through the same path as the webhook, and
+        report what does not match."""
+        out = Reconciled()
+        params: dict[str, Any] = {"limit": 100, "status": "complete"}
+        if since is not None:
+            params["created"] = {"gte": int(since.timestamp())}
+        page = await self.client(paywall_id).v1.checkout.sessions.list_async(
+            params)  # type: ignore[arg-type]
+        seen: dict[str, dict[str, Any]] = {}
+        async for s in page.auto_paging_iter():
+            session = s.to_dict()
+            if (session.get("metadata") or {}).get("paywall") != paywall_id:
+                continue
+            seen[str(session["id"])] = session
+            outcome = await self.fulfill(paywall_id, session, f"reconcile:{session['id']}",
+                                         "reconcile")
+            {"deposited": out.deposited, "duplicate": out.already}.get(
+                outcome, out.skipped).append(str(session["id"]))
+        for row in await self.ledger.payments_of(paywall_id, since):
+            if row["item"] == "recharge":
+                continue
+            found = seen.get(row["id"])
+            if found is None:
+                out.mismatches.append(f"{row['id']}: deposited here, not a paid session "
+                                      "of this paywall at Stripe")
+            elif found.get("amount_total") != row["paid"]:
+                out.mismatches.append(f"{row['id']}: paid {found.get('amount_total')} at "
+                                      f"Stripe, {row['paid']} here")
+        return out
+
+
+@contextlib.asynccontextmanager
+async def recharging(payments: Payments, interval: float) -> AsyncIterator[None]:
+    """Run the automatic-recharge loop (where a paywall offers it) until exit."""
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(payments.run_recharges(interval))
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+# ---- the webhook route ---------------------------------------------------------------------
+
+async def stripe_webhook(request: Request) -> Response:
+    services = services_of(request)
+    paywall_id = request.path_params["paywall"]
+    payments: Payments = services.payments
+    if not payments.configured(paywall_id):
+        raise NotFound(f"No paywall {paywall_id!r} takes payments here.")
+    p = services.settings.paywalls[paywall_id].payments
+    payload = await read_body(request, services.settings.server.max_body_bytes)
+    header = request.headers.get("stripe-signature")
+    try:
+        text = payload.decode("utf-8")
+        stripe.WebhookSignature.verify_header(text, header, p.stripe_webhook_secret,
+                                              p.webhook_tolerance_seconds)
+        if _signed_at(header or "") > time.time() + p.webhook_tolerance_seconds:
+            raise ValueError("signed in the future")  # the library checks the past only
+        event = orjson.loads(payload)
+    except (stripe.SignatureVerificationError, ValueError):
+        payments.metrics.payments.labels(paywall_id, "webhook", "refused").inc()
+        raise InvalidRequest("The webhook's Stripe-Signature does not verify.",
+                             code="invalid_signature") from None
+    if not isinstance(event, dict) or not isinstance(event.get("data"), dict):
+        raise InvalidRequest("The webhook's body is not a Stripe event.")
+    outcome = await payments.handle(paywall_id, event)
+    return json_response({"received": True, "outcome": outcome})
+
+
+def _signed_at(header: str) -> int:
+    """The ``t=`` timestamp of a ``Stripe-Signature`` header (already verified)."""
+    for item in header.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() == "t" and value.strip().isdigit():
+            return int(value)
+    raise ValueError("no timestamp")
+
+
+routes = [Route("/webhooks/stripe/{paywall}", stripe_webhook, methods=["POST"])]
