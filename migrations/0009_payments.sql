@@ -29,7 +29,7 @@ BEGIN
     SELECT u.connected_at IS NOT NULL INTO connected
     FROM users u WHERE u.paywall_id = p_paywall AND u.user_id = p_user;
     IF connected IS NULL OR (p_require_connect AND NOT connected) THEN
-        SELECT a.balance - a.held - a.owed INTO available FROM accounts a
+        SELECT greatest(a.balance - a.held - a.owed, 0) INTO available FROM accounts a
         WHERE a.paywall_id = p_paywall AND a.user_id = p_user AND a.asset = p_asset;
         RETURN NEXT;
         RETURN;
@@ -52,7 +52,7 @@ BEGIN
             cap_resets := ((v_starts + CASE WHEN c->>'period' = 'day' THEN interval '1 day'
                                             ELSE interval '1 month' END)::timestamp
                            AT TIME ZONE p_tz);
-            SELECT a.balance - a.held - a.owed INTO available FROM accounts a
+            SELECT greatest(a.balance - a.held - a.owed, 0) INTO available FROM accounts a
             WHERE a.paywall_id = p_paywall AND a.user_id = p_user AND a.asset = p_asset;
             RETURN NEXT;
             RETURN;
@@ -66,7 +66,7 @@ BEGIN
       AND a.balance - a.held - a.owed >= p_amount
     RETURNING a.id, a.balance - a.held - a.owed + p_amount INTO v_account, available;
     IF v_account IS NULL THEN
-        SELECT a.balance - a.held - a.owed INTO available FROM accounts a
+        SELECT greatest(a.balance - a.held - a.owed, 0) INTO available FROM accounts a
         WHERE a.paywall_id = p_paywall AND a.user_id = p_user AND a.asset = p_asset;
         RETURN NEXT;
         RETURN;

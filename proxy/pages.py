@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from proxy.links import LinkClaims
 from proxy.payments import CheckoutFailed
-from proxy.pricing import currency_exponent, format_amount, format_minor
+from proxy.pricing import currency_exponent, format_minor, shown_amount
 from proxy.services import Services, services_of
 from proxy.topups import BadChoice, Choice, Offer, choose, offer_of
 
@@ -87,11 +87,13 @@ async def _balances_html(services: Services, paywall_id: str, user_id: str) -> s
     rows = []
     for b in await services.ledger.balances(paywall_id, user_id):
         scale = services.settings.assets[b.asset].scale
-        owed = (f' <span class="owed">(owed: {html.escape(format_amount(b.owed, scale))}, '
+        owed = (f' <span class="owed">(owed: {html.escape(shown_amount(b.owed, scale))}, '
                 "paid first from your next top-up)</span>" if b.owed else "")
-        rows.append(f"<li>{html.escape(format_amount(b.available, scale))} "
+        rows.append(f"<li>{html.escape(shown_amount(b.available, scale))} "
                     f"{html.escape(b.asset)}{owed}</li>")
-    return f'<ul id="balances">{"".join(rows) or "<li>0</li>"}</ul>'
+    asset = services.settings.paywalls[paywall_id].asset
+    empty = f"<li>0 {html.escape(asset)}</li>"
+    return f'<ul id="balances">{"".join(rows) or empty}</ul>'
 
 
 def _claims_of(services: Services, token: str, action: str = "topup",
@@ -156,7 +158,7 @@ async def _offer_html(services: Services, claims: LinkClaims, token: str, error:
                      f'name="custom" type="number" min="{low}" max="{high}" step="{step}">'
                      f'</label> <button type="submit" name="amount" value="custom">Pay'
                      "</button></p>")
-    recharge = await services.ledger.recharge_of(claims.paywall_id, claims.user_id)
+    recharge = await services.payments.recharges.of(claims.paywall_id, claims.user_id)
     if paywall.payments.auto_recharge and offer.fixed:
         parts.append('<p><label><input type="checkbox" name="recharge" value="on"> Save my '
                      "card and recharge this amount automatically when my balance falls under"
@@ -172,7 +174,7 @@ async def _offer_html(services: Services, claims: LinkClaims, token: str, error:
         parts.append(
             f'<p id="recharge">Automatic recharge is {state}: '
             f"{html.escape(format_minor(recharge['amount'], recharge['currency']))} when under "
-            f"{html.escape(format_amount(recharge['threshold'], scale))} "
+            f"{html.escape(shown_amount(recharge['threshold'], scale))} "
             f"{html.escape(recharge['asset'])}.</p><form method=\"post\" "
             f'action="topup/recharge"><input type="hidden" name="token" value="{t}">'
             '<button type="submit" name="recharge" value="off">Turn off automatic recharge'
@@ -249,7 +251,7 @@ async def recharge_submit(request: Request) -> Response:
     claims = _claims_of(services, token if isinstance(token, str) else "")
     if claims is None or not isinstance(token, str):
         return _invalid()
-    await services.ledger.stop_recharge(claims.paywall_id, claims.user_id)
+    await services.payments.recharges.stop(claims.paywall_id, claims.user_id)
     return await _topup(services, claims, token)
 
 

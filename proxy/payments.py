@@ -48,6 +48,7 @@ from starlette.routing import Route
 from proxy.errors import DatabaseUnavailable, InvalidRequest, NotFound, ProxyError
 from proxy.ledger import Ledger, Opening, Payment
 from proxy.observe import Metrics
+from proxy.recharges import Recharges
 from proxy.requestid import new_request_id
 from proxy.services import json_response, read_body, services_of
 from proxy.settings import PaywallSettings, Settings
@@ -83,9 +84,11 @@ class Payments:
                  grants: Mapping[str, Mapping[str, int]]):
         self.settings = settings
         self.ledger = ledger
+        self.recharges = Recharges(ledger.pool)
         self.metrics = metrics
         self.grants = grants
         self._clients: dict[str, stripe.StripeClient] = {}
+        self._http: list[stripe.AIOHTTPClient] = []
         self._nudged: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
 
@@ -96,19 +99,21 @@ class Payments:
     def client(self, paywall_id: str) -> stripe.StripeClient:
         if paywall_id not in self._clients:
             p = self.settings.paywalls[paywall_id].payments
+            http = stripe.AIOHTTPClient(timeout=20)
+            self._http.append(http)
             self._clients[paywall_id] = stripe.StripeClient(
                 p.stripe_secret_key, base_addresses={"api": p.stripe_api_base},
-                http_client=stripe.AIOHTTPClient(timeout=20), max_network_retries=2)
+                http_client=http, max_network_retries=2)
         return self._clients[paywall_id]
 
     async def close(self) -> None:
-        for c in self._clients.values():
-            await c._requestor._client.close_async()  # type: ignore[union-attr]
+        for http in self._http:
+            await http.close_async()  # type: ignore[no-untyped-call]
+        self._http.clear()
         self._clients.clear()
 
     def _opening(self, paywall_id: str, asset: str) -> Opening:
-        types = self.settings.paywalls[paywall_id].credits.types
-        return Opening(frozenset({asset, *types}), self.grants[paywall_id])
+        return Opening(frozenset({asset}), self.grants[paywall_id])
 
     def _count(self, paywall_id: str, event: str, outcome: str) -> None:
         self.metrics.payments.labels(paywall_id, event, outcome).inc()
@@ -157,7 +162,7 @@ class Payments:
                                       request_id=request_id)
         meta = session.get("metadata") or {}
         if meta.get("recharge_threshold") and payment.customer and (
-                fresh or await self.ledger.recharge_of(paywall_id, payment.user_id) is None):
+                fresh or await self.recharges.of(paywall_id, payment.user_id) is None):
             await self._save_card(paywall_id, payment, meta)
         outcome = "deposited" if fresh else "duplicate"
         self._count(paywall_id, event, outcome)
@@ -180,7 +185,7 @@ class Payments:
             log.warning("paywall %s: payment %s saved no card to recharge with", paywall_id,
                         payment.id)
             return
-        await self.ledger.set_recharge(
+        await self.recharges.set(
             paywall_id, payment.user_id, asset=self.settings.paywalls[paywall_id].asset,
             threshold=int(threshold), amount=int(amount), currency=payment.currency,
             customer=payment.customer, payment_method=method_id)
@@ -230,6 +235,11 @@ class Payments:
         done = await self.ledger.reverse(paywall_id, intent_id, request_id=request_id,
                                          refunded=refunded, dispute=dispute,
                                          source=str(obj.get("id")))
+        if done is None and await self._deposit_first(paywall_id, intent_id, request_id):
+            # The refund or dispute overtook the deposit's own event: deposit, then reverse.
+            done = await self.ledger.reverse(paywall_id, intent_id, request_id=request_id,
+                                             refunded=refunded, dispute=dispute,
+                                             source=str(obj.get("id")))
         if done is None:
             log.info("paywall %s: %s of %s: no deposit of this paywall", paywall_id, kind,
                      intent_id)
@@ -238,6 +248,31 @@ class Payments:
         self._count(paywall_id, kind, "reversed" if done.moved or done.owed else "duplicate")
         return "reversed" if done.moved or done.owed else "duplicate"
 
+    async def _deposit_first(self, paywall_id: str, intent_id: str, request_id: str) -> bool:
+        """Deposit the payment behind ``intent_id``, read back from Stripe, if it is one of
+        this paywall's not deposited yet; whether there now is a deposit to reverse."""
+        client = self.client(paywall_id)
+        try:
+            intent = (await client.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+        except stripe.InvalidRequestError:
+            return False
+        if (intent.get("metadata") or {}).get("paywall") != paywall_id:
+            return False
+        if (intent.get("metadata") or {}).get("item") == "recharge":
+            payment = recharge_payment(self.settings, paywall_id, intent)
+            if isinstance(payment, Skip):
+                return False
+            await self.ledger.pay(paywall_id, payment,
+                                  opening=self._opening(paywall_id, payment.asset),
+                                  request_id=request_id)
+            return True
+        page = await client.v1.checkout.sessions.list_async(
+            {"payment_intent": intent_id, "limit": 1})
+        for session in page.data:
+            return await self.fulfill(paywall_id, session.to_dict(), request_id,
+                                      "reversal") in ("deposited", "duplicate")
+        return False
+
     async def _recharge_failed_event(self, paywall_id: str, intent: Mapping[str, Any]) -> str:
         meta = intent.get("metadata") or {}
         trigger = str(meta.get("trigger") or "")
@@ -245,7 +280,7 @@ class Payments:
                 or not trigger.isdigit():
             return "ignored"
         error = (intent.get("last_payment_error") or {}).get("message") or "the charge failed"
-        if await self.ledger.recharge_failed(paywall_id, str(meta.get("user")), int(trigger),
+        if await self.recharges.failed(paywall_id, str(meta.get("user")), int(trigger),
                                              str(error)):
             self._count(paywall_id, "payment_intent.payment_failed", "recharge_failed")
         return "recharge failed"
@@ -272,7 +307,7 @@ class Payments:
             users = None if sweep else [u for p, u in nudged if p == pid]
             if users == []:
                 continue
-            claims = await self.ledger.claim_recharges(
+            claims = await self.recharges.claim(
                 pid, users, max_failures=w.payments.recharge_max_failures,
                 retry_seconds=w.payments.recharge_retry_seconds,
                 stale_seconds=RECHARGE_STALE_SECONDS)
@@ -314,7 +349,7 @@ class Payments:
             intent = await self.client(paywall_id).v1.payment_intents.create_async(
                 params, {"idempotency_key": key})  # type: ignore[arg-type]
         except stripe.CardError as e:
-            await self.ledger.recharge_failed(paywall_id, user, trigger,
+            await self.recharges.failed(paywall_id, user, trigger,
                                               e.user_message or str(e))
             self._count(paywall_id, "payment_intent.create", "recharge_failed")
             log.warning("paywall %s: automatic recharge %s of %s failed: %s", paywall_id,
@@ -334,7 +369,7 @@ class Payments:
                 self._count(paywall_id, "payment_intent.create",
                             "deposited" if fresh else "duplicate")
         elif data.get("status") in ("requires_payment_method", "requires_action", "canceled"):
-            await self.ledger.recharge_failed(paywall_id, user, trigger,
+            await self.recharges.failed(paywall_id, user, trigger,
                                               f"the charge needs the card holder "
                                               f"({data.get('status')})")
 

@@ -200,6 +200,17 @@ def format_amount(amount: int, scale: int) -> str:
     return format(to_decimal(amount, scale), "f")
 
 
+def shown_amount(amount: int, scale: int) -> str:
+    """``amount`` for people: as :func:`format_amount`, without the trailing zeros past
+    two decimals (10.000000000 is "10.00", 0.000000079 stays "0.000000079")."""
+    text = format_amount(amount, scale)
+    if "." not in text:
+        return text
+    whole, frac = text.split(".")
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
 def price_from(conf: PriceTerms, scale: int) -> Price:
     return Price(
         asset=conf.asset,

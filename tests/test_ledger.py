@@ -34,6 +34,7 @@ from proxy.ledger import (
     storable,
 )
 from proxy.pricing import Usage
+from proxy.recharges import Recharges
 from proxy.settings import PaywallSettings
 from tests.conftest import fresh_database
 
@@ -806,19 +807,19 @@ async def test_a_won_dispute_settles_what_it_left_owed_first(ledger: Ledger) -> 
 async def test_fifty_racing_claims_start_one_recharge(ledger: Ledger) -> None:
     paywall, user = new_ids()
     await ledger.open_user(paywall, user, assets={ASSET}, grants={ASSET: 100})
-    await ledger.set_recharge(paywall, user, asset=ASSET, threshold=500, amount=1000,
+    await Recharges(ledger.pool).set(paywall, user, asset=ASSET, threshold=500, amount=1000,
                               currency="usd", customer="cus_1", payment_method="pm_1")
 
     async def claim() -> list[Any]:
-        return await ledger.claim_recharges(paywall, [user], max_failures=3,
+        return await Recharges(ledger.pool).claim(paywall, [user], max_failures=3,
                                             retry_seconds=60, stale_seconds=600)
 
     claims = [c for batch in await asyncio.gather(*(claim() for _ in range(50)))
               for c in batch]
     assert [(c["user_id"], c["triggers"]) for c in claims] == [(user, 1)]
     # Its failure is recorded once however often it is told; then it waits to retry.
-    assert await ledger.recharge_failed(paywall, user, 1, "card_declined")
-    assert not await ledger.recharge_failed(paywall, user, 1, "card_declined")
+    assert await Recharges(ledger.pool).failed(paywall, user, 1, "card_declined")
+    assert not await Recharges(ledger.pool).failed(paywall, user, 1, "card_declined")
     assert await claim() == []
     await ledger.pool.execute("UPDATE recharges SET updated_at = now() - interval '2 min'"
                               " WHERE paywall_id = $1", paywall)
@@ -826,7 +827,7 @@ async def test_fifty_racing_claims_start_one_recharge(ledger: Ledger) -> None:
     assert [c["triggers"] for c in retried] == [2]
     # The recharge's deposit ends it: a payment naming the trigger.
     await paid_in(ledger, paywall, user, payment(user, amount=1000, paid=100, trigger=2))
-    row = await ledger.recharge_of(paywall, user)
+    row = await Recharges(ledger.pool).of(paywall, user)
     assert row["pending_since"] is None and row["failures"] == 0
     assert await claim() == []  # 1100 available: above the threshold
 

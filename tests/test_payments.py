@@ -548,3 +548,20 @@ async def test_a_webhook_during_a_database_outage_is_deposited_once_on_retry(
         assert await entries(conn, user) == [("deposit", 5 * SCALE)]
     finally:
         await conn.close()
+
+
+async def test_a_refund_that_overtakes_its_deposit_event_deposits_then_takes_back(
+        shop: Shop, pg: Any) -> None:
+    user = new_user("overtaken")
+    shop.stripe.hold_webhooks = True
+    session_id = await open_checkout(shop, user, amount="1000")
+    await asyncio.to_thread(shop.stripe.complete, session_id)
+    intent = shop.stripe.sessions[session_id]["payment_intent"]
+    client = stripe.StripeClient("sk_test_local", base_addresses={"api": shop.stripe.url})
+    await asyncio.to_thread(client.v1.refunds.create, {"payment_intent": intent, "amount": 400})
+    held = list(shop.stripe.held)
+    assert [e["type"] for e in held] == ["checkout.session.completed", "charge.refunded"]
+    assert await asyncio.to_thread(shop.stripe.send, held[1]) == [200]  # the refund first
+    assert await entries(pg, user) == [("deposit", 10 * SCALE), ("adjustment", -4 * SCALE)]
+    assert await asyncio.to_thread(shop.stripe.send, held[0]) == [200]  # then its deposit
+    assert await entries(pg, user) == [("deposit", 10 * SCALE), ("adjustment", -4 * SCALE)]
