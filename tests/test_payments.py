@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,7 +32,16 @@ import orjson
 import pytest
 import stripe
 
-from tests.conftest import ROOT, Proxy, eventually, mint_keys, new_user, serving_proxy
+from tests.conftest import (
+    ROOT,
+    Proxy,
+    by,
+    eventually,
+    mint_keys,
+    new_user,
+    parse_metrics,
+    serving_proxy,
+)
 from tests.forwarder import forwarding
 from tests.stripe_server import LocalStripe, serve_local_stripe, sign
 from tests.upstream import Upstream, free_port
@@ -256,6 +266,13 @@ async def test_a_bad_choice_is_shown_on_the_page_and_opens_no_session(
     assert len(shop.stripe.sessions) == before
 
 
+async def payment_counts(shop: Shop) -> dict[tuple[str, ...], float]:
+    async with shop.browser() as b:
+        text = (await b.get(f"{shop.proxy.url}/metrics")).text
+    return by(parse_metrics(text), "paywall_payments_total", ("event", "outcome"),
+              paywall=PAYWALL)
+
+
 async def test_twenty_concurrent_deliveries_and_five_replays_deposit_once(
         shop: Shop, pg: Any) -> None:
     user = new_user("storm")
@@ -263,11 +280,16 @@ async def test_twenty_concurrent_deliveries_and_five_replays_deposit_once(
     session_id = await open_checkout(shop, user, amount="500")
     await asyncio.to_thread(shop.stripe.complete, session_id)
     event = completed_event(shop, session_id)
+    before = await payment_counts(shop)
     statuses = await asyncio.to_thread(shop.stripe.send, event, times=20, concurrently=True)
     for _ in range(5):
         statuses += await asyncio.to_thread(shop.stripe.redeliver, event["id"])
     assert statuses == [200] * 25
     assert await entries(pg, user) == [("deposit", 5 * SCALE)]
+    after = await payment_counts(shop)
+    kind = "checkout.session.completed"
+    assert after.get((kind, "deposited"), 0) - before.get((kind, "deposited"), 0) == 1
+    assert after.get((kind, "duplicate"), 0) - before.get((kind, "duplicate"), 0) == 24
 
 
 async def post_event(shop: Shop, body: bytes, signature: str | None) -> httpx.Response:
@@ -341,6 +363,25 @@ async def test_events_of_another_paywall_are_acknowledged_and_move_nothing(
     assert r.status_code == 404
 
 
+async def test_the_connect_page_authorizes_and_opens_a_first_top_up(shop: Shop,
+                                                                    pg: Any) -> None:
+    user = new_user("connect")
+    async with shop.api() as api:
+        link = (await api.get("/v1/user/connect", params={"user": user})).json()["connect_link"]
+    token = parse_qs(urlsplit(link).query)["token"][0]
+    async with shop.browser() as b:
+        page = await b.get(f"{shop.proxy.url}/connect", params={"token": token})
+        assert "Authorize and add 5.00 USD" in page.text
+        r = await b.post(f"{shop.proxy.url}/connect", data={"token": token, "amount": "500"})
+    assert r.status_code == 303 and r.headers["location"].startswith(shop.stripe.url + "/pay/")
+    assert await pg.fetchval("SELECT connected_at IS NOT NULL FROM users WHERE user_id = $1",
+                             user)
+    session_id = r.headers["location"].rsplit("/", 1)[1]
+    assert shop.stripe.sessions[session_id]["metadata"]["user"] == user
+    await asyncio.to_thread(shop.stripe.complete, session_id)
+    assert await entries(pg, user) == [("deposit", 5 * SCALE)]
+
+
 # ---- refunds and disputes ---------------------------------------------------------------
 
 async def test_refunds_and_disputes_take_back_and_a_won_dispute_gives_back(
@@ -383,6 +424,15 @@ async def test_a_refund_of_a_spent_balance_is_owed_and_blocks_until_paid(
                                             base_addresses={"api": shop.stripe.url})
         await asyncio.to_thread(stripe_client.v1.refunds.create, {"payment_intent": intent})
         assert (await balances(pg, user))["usd"] == (0, 3 * SCALE)
+        async with shop.api() as api:
+            (usd,) = (await api.get("/v1/user/balance", params={"user": user})).json()[
+                "balances"]
+        assert (Decimal(usd["balance"]), Decimal(usd["owed"]), Decimal(usd["available"])) \
+            == (0, 3, 0)
+        token = await topup_token(shop, user)
+        async with shop.browser() as b:
+            page = await b.get(f"{shop.proxy.url}/topup", params={"token": token})
+        assert "<li>0.00 usd <span" in page.text and "owed: 3.00" in page.text
         blocked = await client.chat.completions.with_raw_response.create(
             model="echo", user=user, messages=[{"role": "user", "content": "hi"}])
         assert blocked.headers["x-paywall-action"] == "top_up"
