@@ -266,7 +266,12 @@ async def topup_done(request: Request) -> Response:
     if claims is None or not services.payments.configured(claims.paywall_id) or \
             not session_id.startswith("cs_"):
         return _invalid()
-    session = await services.payments.session(claims.paywall_id, session_id)
+    try:
+        session = await services.payments.session(claims.paywall_id, session_id)
+    except CheckoutFailed:
+        return _page("Payment being confirmed", "<h1>Thank you</h1><p>Your payment could not "
+                     "be confirmed just now. Your balance is updated as soon as Stripe "
+                     "confirms it; you can go back to the app.</p>", 503)
     meta = (session or {}).get("metadata") or {}
     if session is None or meta.get("paywall") != claims.paywall_id or \
             meta.get("user") != claims.user_id:

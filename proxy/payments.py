@@ -125,9 +125,11 @@ class Payments:
                        recharge: Mapping[str, str] | None = None) -> str:
         """Open a Checkout Session selling ``choice``; its URL, to redirect to."""
         p = self.settings.paywalls[paywall_id].payments
+        saved = None if recharge is None else await self.recharges.of(paywall_id, user_id)
         params = session_params(paywall_id, user_id, choice, p.currency,
                                 success_url=success_url, cancel_url=cancel_url,
-                                save_card=recharge is not None, recharge=recharge)
+                                save_card=recharge is not None, recharge=recharge,
+                                customer=saved["customer"] if saved else None)
         try:
             session = await self.client(paywall_id).v1.checkout.sessions.create_async(
                 params)  # type: ignore[arg-type]
@@ -139,10 +141,16 @@ class Payments:
         return str(session.url)
 
     async def session(self, paywall_id: str, session_id: str) -> dict[str, Any] | None:
+        """The Checkout Session as Stripe has it now; None if it has none of that id,
+        CheckoutFailed when Stripe cannot be asked."""
         try:
             s = await self.client(paywall_id).v1.checkout.sessions.retrieve_async(session_id)
         except stripe.InvalidRequestError:
             return None
+        except stripe.StripeError as e:
+            log.warning("paywall %s: could not read session %s back: %s", paywall_id,
+                        session_id, e)
+            raise CheckoutFailed("Stripe could not be asked about this payment.") from None
         return s.to_dict()
 
     # ---- deposits ------------------------------------------------------------------------

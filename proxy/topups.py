@@ -106,13 +106,15 @@ def choose(offer: Offer, form: Mapping[str, str]) -> Choice:
 
 def session_params(paywall_id: str, user_id: str, choice: Choice, currency: str, *,
                    success_url: str, cancel_url: str, save_card: bool,
-                   recharge: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   recharge: Mapping[str, str] | None = None,
+                   customer: str | None = None) -> dict[str, Any]:
     """Parameters of the Checkout Session (mode ``payment``) that sells ``choice``.
 
     The metadata names paywall, user and item (and, for a pack, its asset and credits;
     for a card saved for automatic recharge, the threshold and amount chosen), on the
     session and on its PaymentIntent, so refunds and disputes find the deposit and a
-    reconciliation can redo it."""
+    reconciliation can redo it. A card saved for automatic recharge goes to ``customer``
+    (the user's Stripe Customer from an earlier one), else to a new Customer."""
     meta = {"paywall": paywall_id, "user": user_id, "item": choice.item}
     if choice.item.startswith("pack:"):
         meta |= {"asset": choice.asset, "credits": str(choice.units)}
@@ -130,7 +132,10 @@ def session_params(paywall_id: str, user_id: str, choice: Choice, currency: str,
     }
     if save_card:
         intent["setup_future_usage"] = "off_session"
-        params["customer_creation"] = "always"
+        if customer:
+            params["customer"] = customer
+        else:
+            params["customer_creation"] = "always"
     return params
 
 

@@ -849,3 +849,18 @@ async def test_what_holds_in_flight_release_after_a_reversal_stays_owed(
     await paid_in(ledger, paywall, user, payment(user, amount=4000, paid=400))
     assert await state_of(ledger, paywall, user) == (1000, 0, 0)
     assert await hold(ledger, paywall, user, 1000) is not None
+
+
+async def test_a_charge_beyond_its_hold_takes_nothing_that_is_owed(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    first = await hold(ledger, paywall, user, 4000)
+    second = await hold(ledger, paywall, user, 4000)
+    assert first is not None and second is not None and p.payment_intent is not None
+    await ledger.reverse(paywall, p.payment_intent, request_id="r", refunded=1000)
+    assert await state_of(ledger, paywall, user) == (8000, 8000, 8000)
+    await ledger.post(first, 1000, Usage(1, 1), "completed")
+    posted = await ledger.post(second, 6000, Usage(1, 1), "completed")  # 2000 beyond it
+    assert posted is not None and (posted.charged, posted.uncharged) == (4000, 2000)
+    assert await state_of(ledger, paywall, user) == (3000, 0, 8000)

@@ -537,6 +537,13 @@ async def test_automatic_recharge_can_be_turned_off(shop: Shop, pg: Any) -> None
     await spend(shop, user, 40)
     await asyncio.sleep(1.5)
     assert recharges_of(shop.stripe, user) == []
+    # Turned on again: the card is saved to the same Stripe Customer.
+    first = await pg.fetchrow("SELECT * FROM recharges WHERE user_id = $1", user)
+    again = await save_card(shop, user, threshold="2")
+    assert shop.stripe.sessions[again]["customer"] == first["customer"]
+    row = await pg.fetchrow("SELECT * FROM recharges WHERE user_id = $1", user)
+    assert (row["enabled"], row["threshold"], row["customer"]) == (True, 2 * SCALE,
+                                                                   first["customer"])
 
 
 # ---- reconciliation ---------------------------------------------------------------------

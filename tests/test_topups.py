@@ -124,6 +124,9 @@ def test_a_session_names_paywall_user_and_item_on_itself_and_its_payment(
     assert saved["payment_intent_data"]["setup_future_usage"] == "off_session"
     assert saved["customer_creation"] == "always"
     assert saved["metadata"]["recharge_threshold"] == "1"
+    again = session_params("shop", "u1", c, "usd", success_url="s", cancel_url="c",
+                           save_card=True, customer="cus_1")
+    assert again["customer"] == "cus_1" and "customer_creation" not in again
 
 
 def session(**over: Any) -> dict[str, Any]:
