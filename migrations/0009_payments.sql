@@ -195,6 +195,8 @@ CREATE TABLE recharges (
     enabled         boolean     NOT NULL DEFAULT true,
     triggers        bigint      NOT NULL DEFAULT 0,
     pending_since   timestamptz,
+    -- The pending recharge's PaymentIntent, once created: looked up, not created again.
+    payment_intent  text,
     failures        integer     NOT NULL DEFAULT 0 CHECK (failures >= 0),
     last_error      text,
     updated_at      timestamptz NOT NULL DEFAULT now(),

@@ -33,6 +33,7 @@ from proxy import (
     balances,
     cors,
     db,
+    events,
     gateway,
     gauges,
     messages,
@@ -41,6 +42,7 @@ from proxy import (
     payments,
     reaper,
     user_api,
+    webhooks_api,
 )
 from proxy import settings as config
 from proxy.chat import chat_completions
@@ -56,6 +58,7 @@ from proxy.errors import (
     ProxyError,
     error_body,
 )
+from proxy.events import Events
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
@@ -254,6 +257,7 @@ def create_app(settings: Settings) -> observe.Observe:
         gate = Gate(build_limiter(settings.redis_url))
         grants = {pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()}
         metrics = observe.Metrics()
+        outbox = Events(settings, pool, metrics)
         services = Services(
             settings=settings,
             keys=KeyStore(pool, settings.server.key_cache_seconds),
@@ -275,7 +279,8 @@ def create_app(settings: Settings) -> observe.Observe:
             metrics=metrics,
             verifiers={pid: TokenVerifier(p.auth, session)
                        for pid, p in settings.paywalls.items()},
-            payments=Payments(settings, ledger, metrics, grants),
+            payments=Payments(settings, ledger, metrics, grants, outbox),
+            events=outbox,
         )
         app.state.services = services
         # Everything built so far lives as long as the process: keep it out of the
@@ -285,6 +290,7 @@ def create_app(settings: Settings) -> observe.Observe:
         try:
             # What earlier processes spooled is posted before this reaper could expire it.
             await settlements.replay()
+            await services.events.sync()
             leases = [p.limits.lease_seconds for p in settings.paywalls.values()]
             async with reaper.running(ledger, services.live, settlements, gate,
                                       settings.billing.reaper_interval_seconds,
@@ -293,7 +299,8 @@ def create_app(settings: Settings) -> observe.Observe:
                                       services.metrics), \
                     gauges.sampling(services, SAMPLE_SECONDS), \
                     payments.recharging(services.payments,
-                                        settings.billing.reaper_interval_seconds):
+                                        settings.billing.reaper_interval_seconds), \
+                    events.delivering(services.events):
                 yield
                 await services.tasks.drain()
         finally:
@@ -302,6 +309,7 @@ def create_app(settings: Settings) -> observe.Observe:
             finally:
                 services.metrics.close()
                 await services.payments.close()
+                await services.events.close()
                 await gate.limiter.close()
                 await session.close()
                 await pool.close()
@@ -322,6 +330,7 @@ def create_app(settings: Settings) -> observe.Observe:
         # … and an Anthropic SDK's, which adds /v1 to its base URL.
         Route("/v1/{user}/v1/models", list_models, methods=["GET"]),
         Route("/v1/{user}/v1/models/{model:path}", get_model, methods=["GET"]),
+        *webhooks_api.routes,
         *user_api.routes,
         *balances.routes,
         *gateway.routes,

@@ -1,4 +1,4 @@
-"""The ``paywall-proxy`` command: serve, migrate, keys, payments, check-config."""
+"""The ``paywall-proxy`` command: serve, migrate, keys, payments, events, check-config."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 import stripe
 
 from proxy import db, observe, server
@@ -66,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--paywall", required=True)
     rec.add_argument("--since", type=_date, help="only sessions created since (YYYY-MM-DD "
                                                  "or an ISO time; UTC unless it says)")
+
+    events = sub.add_parser("events", help="the events outbox")
+    esub = events.add_subparsers(dest="action", required=True)
+    tail = with_config(esub.add_parser("tail", help="print a paywall's events as JSON lines"))
+    tail.add_argument("--paywall", required=True)
+    tail.add_argument("--type", help="only this event type")
+    tail.add_argument("--last", type=int, default=20, help="how many past events first")
+    tail.add_argument("--follow", action="store_true", help="keep printing new events")
     return p
 
 
@@ -90,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{settings.source}: ok ({len(settings.providers)} providers, "
               f"{len(settings.models)} models, {len(settings.paywalls)} paywalls)")
         return 0
-    if args.command in ("keys", "payments") and args.paywall not in settings.paywalls:
+    if args.command in ("keys", "payments", "events") and \
+            args.paywall not in settings.paywalls:
         known = ", ".join(settings.paywalls) or "none"
         print(f"paywall-proxy: unknown paywall {args.paywall!r} in {settings.source} "
               f"(known: {known})", file=sys.stderr)
@@ -110,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_keys(args, url))
             if args.command == "payments":
                 return asyncio.run(_reconcile(args, settings, url))
+            if args.command == "events":
+                return asyncio.run(_tail(args, url))
             return _serve(args, settings, url)
     except (OSError, asyncpg.PostgresError) as e:
         print(f"paywall-proxy: database unavailable: {e}", file=sys.stderr)
@@ -140,6 +152,33 @@ async def _keys(args: argparse.Namespace, url: str) -> int:
         await conn.close()
 
 
+async def _tail(args: argparse.Namespace, url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT * FROM (SELECT * FROM events WHERE paywall_id = $1"
+            " AND ($2::text IS NULL OR type = $2) ORDER BY seq DESC LIMIT $3) e ORDER BY seq",
+            args.paywall, args.type, max(args.last, 0))
+        last = 0
+        while True:
+            for r in rows:
+                last = max(last, r["seq"])
+                print(orjson.dumps({
+                    "id": r["id"], "type": r["type"], "version": r["version"],
+                    "created_at": r["created_at"].isoformat(), "paywall": r["paywall_id"],
+                    "user": r["user_id"], "request_id": r["request_id"],
+                    "data": orjson.loads(r["data"])}).decode(), flush=True)
+            if not args.follow:
+                return 0
+            await asyncio.sleep(1.0)
+            rows = await conn.fetch(
+                "SELECT * FROM events WHERE paywall_id = $1 AND seq > $2"
+                " AND ($3::text IS NULL OR type = $3) ORDER BY seq LIMIT 1000",
+                args.paywall, last, args.type)
+    finally:
+        await conn.close()
+
+
 async def _reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int:
     from proxy.app import starter_grants  # the app's module, only for this command
 
@@ -157,10 +196,13 @@ async def _reconcile(args: argparse.Namespace, settings: Settings, url: str) -> 
         await pool.close()
     for session in found.deposited:
         print(f"deposited\t{session}")
+    for session in found.reversed:
+        print(f"refunded\t{session}")
     for line in found.mismatches:
         print(f"mismatch\t{line}")
     print(f"# {len(found.deposited)} deposited now, {len(found.already)} already deposited, "
-          f"{len(found.skipped)} skipped, {len(found.mismatches)} mismatches", file=sys.stderr)
+          f"{len(found.reversed)} refunds applied, {len(found.skipped)} skipped, "
+          f"{len(found.mismatches)} mismatches", file=sys.stderr)
     return 1 if found.mismatches else 0
 
 

@@ -139,9 +139,10 @@ class RateLimited(ProxyError):
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, kind: str, headers: dict[str, str]):
+    def __init__(self, message: str, kind: str, headers: dict[str, str], limit: str = ""):
         super().__init__(message, headers=headers)
         self.kind = kind
+        self.limit = limit  # which: user_requests, app_concurrency, ...
 
     def body(self) -> bytes:
         return error_body(self.message, self.kind, None, self.code)

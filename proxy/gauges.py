@@ -27,11 +27,12 @@ async def sample(services: Services) -> None:
     m.count_since("tokenizer", services.tokenizer.fallbacks)
     try:
         m.holds_pending.set(await services.ledger.pending_holds())
+        m.events_oldest.set(await services.events.oldest_pending_seconds())
     except DatabaseUnavailable:  # the reaper's log says so, once per outage
         m.errors.labels("database").inc()
     except Exception:
         m.errors.labels("database").inc()
-        log.warning("could not count pending holds", exc_info=True)
+        log.warning("could not count pending holds and events", exc_info=True)
 
 
 @contextlib.asynccontextmanager

@@ -32,7 +32,7 @@ from starlette.responses import Response
 
 from proxy import guard
 from proxy.decide import Action, Decision, UserState, decide
-from proxy.errors import InvalidRequest, ProxyError
+from proxy.errors import InvalidRequest, ProxyError, RateLimited
 from proxy.ledger import Posted
 from proxy.limits import Verdict
 from proxy.observe import Record
@@ -333,13 +333,18 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
     ticket = Ticket(services, rec, call)
     relay: StreamRelay | None = None
     try:
-        verdict = await ticket.admit()
+        try:
+            verdict = await ticket.admit()
+        except RateLimited as e:
+            _tell(services, rec, "limit.reached", e.limit, {"message": e.message})
+            raise
         if plan.hold is not None:
             state = await ticket.hold()
             decision = decide(plan.paywall, True, state, plan.hold)
             ticket.action = decision.action
             rec.outcome = decision.action.value
             if decision.action is not Action.FORWARD:
+                _told_blocked(services, rec, decision, state)
                 return await call.blocked(decision, state)
             assert state.hold_id is not None
             rec.hold_id = state.hold_id
@@ -374,6 +379,27 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
     finally:
         if relay is None:
             await ticket.close()
+
+
+def _tell(services: Services, rec: Record, event_type: str, reason: str,
+          data: dict[str, Any]) -> None:
+    """A sampled event about this request, written off its answer's path."""
+    services.tasks.spawn(services.events.sampled(
+        rec.paywall, rec.user or None, event_type, reason,
+        {"model": rec.model or None, **data}, rec.request_id))
+
+
+def _told_blocked(services: Services, rec: Record, decision: Decision,
+                  state: UserState) -> None:
+    reason = decision.action.value
+    _tell(services, rec, "request.blocked", reason, {"available": state.available})
+    if decision.action is Action.SPEND_CAP and state.cap is not None:
+        _tell(services, rec, "limit.reached", state.cap.name,
+              {"cap": state.cap.cap, "used": state.cap.used,
+               "resets_at": state.cap.resets_at})
+    elif decision.action is Action.TOP_UP:
+        services.tasks.spawn(services.events.depleted(
+            rec.paywall, rec.user, {"available": state.available}, rec.request_id))
 
 
 async def _answer(call: Adapter) -> tuple[Reply, bytes | None]:

@@ -405,7 +405,8 @@ def _refusal(verdict: Verdict) -> RateLimited:
     headers = verdict.headers()
     headers["retry-after"] = str(max(math.ceil(c.reset), 1))
     kind = "tokens" if c.rule.kind == "tokens" else "requests"
-    return RateLimited(message, kind, headers)
+    limit = ("app_" if ":app:" in c.rule.key else "user_") + c.rule.kind
+    return RateLimited(message, kind, headers, limit)
 
 
 class OverrideCache:

@@ -147,6 +147,18 @@ class Metrics:
             "paywall_payments", "Stripe payment events handled, by event and outcome "
             "(deposited, duplicate, skipped, reversed, failed, refused...).",
             ["paywall", "event", "outcome"], registry=r)
+        self.events_written = Counter(
+            "paywall_events_written", "Events fanned out to webhook subscriptions.",
+            registry=r)
+        self.events_delivered = Counter(
+            "paywall_events_delivered", "Webhook deliveries answered 2xx.", registry=r)
+        self.events_failed = Counter(
+            "paywall_events_failed", "Webhook delivery attempts that failed (attempt), and "
+            "deliveries given up after the retry window (given_up).", ["stage"], registry=r)
+        self.events_oldest = Gauge(
+            "paywall_events_oldest_undelivered_seconds",
+            "Age of the oldest event not yet delivered to every subscription that wants it.",
+            registry=r, multiprocess_mode="livemax")
         self.holds_expired = Counter(
             "paywall_holds_expired", "Expired holds the reaper resolved.", registry=r)
         self.errors = Counter(

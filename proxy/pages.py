@@ -3,20 +3,22 @@ Checkout when the paywall takes payments) and the receipt Checkout returns to.""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from proxy.errors import ServiceUnavailable
 from proxy.links import LinkClaims
 from proxy.payments import CheckoutFailed
 from proxy.pricing import currency_exponent, format_minor, shown_amount
 from proxy.services import Services, services_of
-from proxy.topups import BadChoice, Choice, Offer, choose, offer_of
+from proxy.topups import BadChoice, Choice, choose, offer_of, recharge_of
 
 RECEIPT_GRACE_SECONDS = 86400.0  # a top-up link past its expiry still shows its receipt
 
@@ -214,7 +216,7 @@ async def _checkout(services: Services, claims: LinkClaims, token: str,
     offer = offer_of(services.settings, paywall)
     try:
         choice = choose(offer, form)
-        recharge = _recharge_of(form, offer, choice) if paywall.payments.auto_recharge else None
+        recharge = recharge_of(form, offer, choice) if paywall.payments.auto_recharge else None
     except BadChoice as e:
         return await _topup(services, claims, token, str(e), 400)
     success, cancel = _return_urls(services, claims.paywall_id, token)
@@ -225,23 +227,6 @@ async def _checkout(services: Services, claims: LinkClaims, token: str,
     except CheckoutFailed as e:
         return await _topup(services, claims, token, e.message, 502)
     return RedirectResponse(url, status_code=303)
-
-
-def _recharge_of(form: dict[str, str], offer: Offer, choice: Choice) -> dict[str, str] | None:
-    """The automatic recharge the form asks for: this amount when under the threshold."""
-    if form.get("recharge") != "on":
-        return None
-    if choice.item != "amount" or choice.paid is None:
-        raise BadChoice("Automatic recharge takes an amount, not a pack.")
-    try:
-        threshold = Decimal(form.get("threshold", "").strip())
-    except InvalidOperation:
-        raise BadChoice("The recharge threshold is not a number.") from None
-    units = threshold * Decimal(10) ** currency_exponent(offer.currency) * offer.rate
-    if not threshold.is_finite() or units < 1 or units > choice.units * 100:
-        raise BadChoice("Choose a recharge threshold above 0 and at most 100 times the "
-                        "amount.")
-    return {"recharge_threshold": str(int(units)), "recharge_amount": str(choice.paid)}
 
 
 async def recharge_submit(request: Request) -> Response:
@@ -281,8 +266,10 @@ async def topup_done(request: Request) -> Response:
         note = ("<p>Your payment is being processed. Your balance is updated as soon as it "
                 "clears.</p>")
     else:
-        await services.payments.fulfill(claims.paywall_id, session,
-                                        f"receipt:{session_id}", "receipt")
+        # Deposited even when saving the card failed (ServiceUnavailable): the webhook will.
+        with contextlib.suppress(ServiceUnavailable):
+            await services.payments.fulfill(claims.paywall_id, session,
+                                            f"receipt:{session_id}", "receipt")
         paid = format_minor(int(session.get("amount_total") or 0),
                             str(session.get("currency") or ""))
         note = f'<p id="paid">Payment received: {html.escape(paid)}. Thank you!</p>'

@@ -34,10 +34,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import stripe
@@ -45,7 +45,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.errors import DatabaseUnavailable, InvalidRequest, NotFound, ProxyError
+from proxy.errors import (
+    DatabaseUnavailable,
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    ServiceUnavailable,
+)
+from proxy.events import Events
 from proxy.ledger import Ledger, Opening, Payment
 from proxy.observe import Metrics
 from proxy.recharges import Recharges
@@ -55,6 +62,7 @@ from proxy.settings import PaywallSettings, Settings
 from proxy.topups import Choice, Skip, payment_of, recharge_payment, session_params
 
 log = logging.getLogger("proxy.payments")
+T = TypeVar("T")
 
 RECHARGE_STALE_SECONDS = 600.0  # a recharge pending this long is sent again (same key)
 _INQUIRY = frozenset({"warning_needs_response", "warning_under_review", "warning_closed"})
@@ -70,19 +78,22 @@ class CheckoutFailed(ProxyError):
 
 @dataclass
 class Reconciled:
-    """What a reconciliation found: sessions deposited now, already deposited, skipped
-    (another paywall's, unpaid), and mismatches between Stripe and the ledger."""
+    """What a reconciliation found: sessions deposited now, already deposited, whose
+    refunds were applied now, skipped (unpaid), and mismatches between Stripe and the
+    ledger."""
 
     deposited: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
+    reversed: list[str] = field(default_factory=list)  # refunds applied now
     skipped: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
 
 
 class Payments:
     def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics,
-                 grants: Mapping[str, Mapping[str, int]]):
+                 grants: Mapping[str, Mapping[str, int]], events: Events | None = None):
         self.settings = settings
+        self.events = events
         self.ledger = ledger
         self.recharges = Recharges(ledger.pool)
         self.metrics = metrics
@@ -111,6 +122,23 @@ class Payments:
             await http.close_async()  # type: ignore[no-untyped-call]
         self._http.clear()
         self._clients.clear()
+
+    async def tell_failed(self, paywall_id: str, user_id: Any, data: Mapping[str, Any],
+                          request_id: str) -> None:
+        """``topup.failed`` for a payment that did not go through (nothing moved)."""
+        if self.events is not None and isinstance(user_id, str):
+            await self.events.emit(paywall_id, user_id, "topup.failed", data, request_id)
+
+    @staticmethod
+    async def _stripe(call: Awaitable[T]) -> T:
+        """Stripe's answer to ``call``; Stripe out of reach (or failing) is a 503, so a
+        webhook that needed to ask it is retried."""
+        try:
+            return await call
+        except stripe.StripeError as e:
+            log.warning("Stripe could not be asked: %s", e)
+            raise ServiceUnavailable("Stripe could not be asked; try again.",
+                                     code="stripe_unavailable") from None
 
     def _opening(self, paywall_id: str, asset: str) -> Opening:
         return Opening(frozenset({asset}), self.grants[paywall_id])
@@ -185,8 +213,8 @@ class Payments:
         if not (threshold.isdigit() and amount.isdigit() and payment.payment_intent
                 and payment.customer) or not int(threshold) or not int(amount):
             return
-        intent = await self.client(paywall_id).v1.payment_intents.retrieve_async(
-            payment.payment_intent)
+        intent = await self._stripe(self.client(paywall_id).v1.payment_intents.retrieve_async(
+            payment.payment_intent))
         method = intent.payment_method
         method_id = method if isinstance(method, str) else getattr(method, "id", None)
         if not method_id:
@@ -206,10 +234,15 @@ class Payments:
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             return await self.fulfill(paywall_id, obj, request_id, kind)
         if kind == "checkout.session.async_payment_failed":
-            if (obj.get("metadata") or {}).get("paywall") == paywall_id:
+            meta = obj.get("metadata") or {}
+            if meta.get("paywall") == paywall_id:
                 log.warning("paywall %s: the payment of session %s failed", paywall_id,
                             obj.get("id"))
                 self._count(paywall_id, kind, "failed")
+                await self.tell_failed(paywall_id, meta.get("user"), {
+                    "session": obj.get("id"), "item": meta.get("item"),
+                    "paid": obj.get("amount_total"), "currency": obj.get("currency"),
+                    "reason": "the delayed payment failed"}, request_id)
             return "failed"
         if kind == "payment_intent.succeeded":
             payment = recharge_payment(self.settings, paywall_id, obj)
@@ -227,10 +260,15 @@ class Payments:
                                        refunded=int(obj.get("amount_refunded") or 0))
         if kind in ("charge.dispute.created", "charge.dispute.updated",
                     "charge.dispute.closed"):
-            status = str(obj.get("status"))
-            held = 0 if status == "won" or status in _INQUIRY else int(obj.get("amount") or 0)
-            return await self._reverse(paywall_id, kind, obj, request_id,
-                                       dispute=(str(obj.get("id")), held))
+            # Events of one dispute may come in any order (a failed delivery is retried
+            # for days): act on the dispute as Stripe has it now, not as the event did.
+            dispute = (await self._stripe(
+                self.client(paywall_id).v1.disputes.retrieve_async(str(obj.get("id"))))
+            ).to_dict()
+            status = str(dispute.get("status"))
+            held = 0 if status == "won" or status in _INQUIRY else int(dispute.get("amount") or 0)
+            return await self._reverse(paywall_id, kind, dispute, request_id,
+                                       dispute=(str(dispute.get("id")), held))
         return "ignored"
 
     async def _reverse(self, paywall_id: str, kind: str, obj: Mapping[str, Any],
@@ -263,7 +301,11 @@ class Payments:
         try:
             intent = (await client.v1.payment_intents.retrieve_async(intent_id)).to_dict()
         except stripe.InvalidRequestError:
-            return False
+            return False  # not a payment of this Stripe account
+        except stripe.StripeError as e:
+            log.warning("Stripe could not be asked about %s: %s", intent_id, e)
+            raise ServiceUnavailable("Stripe could not be asked; try again.",
+                                     code="stripe_unavailable") from None
         if (intent.get("metadata") or {}).get("paywall") != paywall_id:
             return False
         if (intent.get("metadata") or {}).get("item") == "recharge":
@@ -274,8 +316,8 @@ class Payments:
                                   opening=self._opening(paywall_id, payment.asset),
                                   request_id=request_id)
             return True
-        page = await client.v1.checkout.sessions.list_async(
-            {"payment_intent": intent_id, "limit": 1})
+        page = await self._stripe(client.v1.checkout.sessions.list_async(
+            {"payment_intent": intent_id, "limit": 1}))
         for session in page.data:
             return await self.fulfill(paywall_id, session.to_dict(), request_id,
                                       "reversal") in ("deposited", "duplicate")
@@ -343,32 +385,47 @@ class Payments:
                 log.exception("automatic recharge round failed")
 
     async def _recharge(self, paywall_id: str, claim: Any) -> None:
+        """Charge one recharge off-session, or look up the one already created for its
+        trigger; deposit it, or record its failure."""
         user, trigger = claim["user_id"], int(claim["triggers"])
-        params = {
-            "amount": int(claim["amount"]), "currency": claim["currency"],
-            "customer": claim["customer"], "payment_method": claim["payment_method"],
-            "off_session": True, "confirm": True,
-            "description": f"Automatic recharge of {self.settings.paywalls[paywall_id].name}",
-            "metadata": {"paywall": paywall_id, "user": user, "item": "recharge",
-                         "trigger": str(trigger)},
-        }
-        key = f"recharge:{paywall_id}:{user}:{trigger}"
+        client = self.client(paywall_id)
         try:
-            intent = await self.client(paywall_id).v1.payment_intents.create_async(
-                params, {"idempotency_key": key})  # type: ignore[arg-type]
-        except stripe.CardError as e:
-            await self.recharges.failed(paywall_id, user, trigger,
-                                              e.user_message or str(e))
-            self._count(paywall_id, "payment_intent.create", "recharge_failed")
-            log.warning("paywall %s: automatic recharge %s of %s failed: %s", paywall_id,
-                        trigger, user, e.user_message)
-            return
-        except stripe.StripeError as e:  # not answered: the same key is sent again later
+            if claim["payment_intent"]:
+                intent = await client.v1.payment_intents.retrieve_async(claim["payment_intent"])
+            else:
+                intent = await client.v1.payment_intents.create_async({
+                    "amount": int(claim["amount"]), "currency": claim["currency"],
+                    "customer": claim["customer"], "payment_method": claim["payment_method"],
+                    "off_session": True, "confirm": True,
+                    # Off-session: nothing may need the card holder to be redirected.
+                    "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+                    "description": "Automatic recharge of "
+                                   f"{self.settings.paywalls[paywall_id].name or paywall_id}",
+                    "metadata": {"paywall": paywall_id, "user": user, "item": "recharge",
+                                 "trigger": str(trigger)},
+                }, {"idempotency_key": f"recharge:{paywall_id}:{user}:{trigger}"})
+        except (stripe.APIConnectionError, stripe.RateLimitError) as e:
+            # Not answered, or not now: the same trigger is looked at again later.
             log.warning("paywall %s: automatic recharge %s of %s not sent: %s", paywall_id,
                         trigger, user, e)
             return
+        except stripe.StripeError as e:
+            if isinstance(e, stripe.APIError) and not isinstance(e, stripe.CardError) \
+                    and (e.http_status or 500) >= 500:
+                log.warning("paywall %s: Stripe failed recharge %s of %s: %s", paywall_id,
+                            trigger, user, e)
+                return
+            # Refused for good (a declined card, a customer gone, bad parameters): a
+            # failure, counted toward recharge_max_failures.
+            await self.recharges.failed(paywall_id, user, trigger, e.user_message or str(e))
+            self._count(paywall_id, "payment_intent.create", "recharge_failed")
+            log.warning("paywall %s: automatic recharge %s of %s failed: %s", paywall_id,
+                        trigger, user, e.user_message or e)
+            return
         data = intent.to_dict()
-        if data.get("status") == "succeeded":
+        await self.recharges.sent(paywall_id, user, trigger, str(data["id"]))
+        status = data.get("status")
+        if status == "succeeded":
             payment = recharge_payment(self.settings, paywall_id, data)
             if isinstance(payment, Payment):
                 fresh = await self.ledger.pay(paywall_id, payment,
@@ -376,12 +433,25 @@ class Payments:
                                               request_id=new_request_id())
                 self._count(paywall_id, "payment_intent.create",
                             "deposited" if fresh else "duplicate")
-        elif data.get("status") in ("requires_payment_method", "requires_action", "canceled"):
+        elif status in ("requires_payment_method", "requires_action", "canceled"):
             await self.recharges.failed(paywall_id, user, trigger,
-                                              f"the charge needs the card holder "
-                                              f"({data.get('status')})")
+                                        f"the charge needs the card holder ({status})")
+        # processing: its webhook (or the next look, RECHARGE_STALE_SECONDS on) says.
 
     # ---- reconciliation ------------------------------------------------------------------
+
+    async def _refunds_of(self, paywall_id: str, intent_id: str, request_id: str) -> bool:
+        """Bring a deposit in line with what Stripe says was refunded of its charge (the
+        refund's webhook may have been lost too); whether that changed anything."""
+        intent = (await self.client(paywall_id).v1.payment_intents.retrieve_async(
+            intent_id, {"expand": ["latest_charge"]})).to_dict()
+        charge = intent.get("latest_charge")
+        if not isinstance(charge, dict) or not charge.get("amount_refunded"):
+            return False
+        done = await self.ledger.reverse(paywall_id, intent_id, request_id=request_id,
+                                         refunded=int(charge["amount_refunded"]),
+                                         source=str(charge.get("id")))
+        return done is not None and bool(done.moved or done.owed)
 
     async def reconcile(self, paywall_id: str, since: datetime | None) -> Reconciled:
         """Deposit every paid Checkout Session of this paywall at Stripe (created since
@@ -403,6 +473,10 @@ class Payments:
                                          "reconcile")
             {"deposited": out.deposited, "duplicate": out.already}.get(
                 outcome, out.skipped).append(str(session["id"]))
+            intent = session.get("payment_intent")
+            if outcome in ("deposited", "duplicate") and isinstance(intent, str) \
+                    and await self._refunds_of(paywall_id, intent, f"reconcile:{session['id']}"):
+                out.reversed.append(str(session["id"]))
         for row in await self.ledger.payments_of(paywall_id, since):
             if row["item"] == "recharge":
                 continue

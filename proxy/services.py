@@ -33,6 +33,7 @@ from proxy.tokens import Tokenizer
 from proxy.upstream import Transport
 
 if TYPE_CHECKING:
+    from proxy.events import Events
     from proxy.payments import Payments
 
 JSON = "application/json"
@@ -59,6 +60,7 @@ class Services:
     metrics: Metrics
     verifiers: dict[str, TokenVerifier]  # each paywall's end-user token verifier
     payments: Payments  # Stripe top-ups, refunds, automatic recharge
+    events: Events  # the outbox's standalone events and webhook delivery
 
 
 async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: int | None,

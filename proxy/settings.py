@@ -13,6 +13,7 @@ secrets stay out of the file. ``DATABASE_URL``, ``REDIS_URL`` and
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import re
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.errors import ConfigError
+from proxy.event_types import valid_pattern
 from proxy.pricing import currency_exponent, price_from, units, units_per_minor
 
 CONFIG_ENV = "PAYWALL_CONFIG"
@@ -272,6 +274,37 @@ class ApiProviderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EventSettings:
+    deliver: bool = setting(True, "Deliver webhooks from this process (every worker shares "
+                                  "the work); false = only write events.")
+    poll_seconds: float = setting(
+        1.0, "Longest a worker waits for new events or due retries when it has none.")
+    timeout_seconds: float = setting(10.0, "Longest one delivery may take, connect to answer.")
+    retry_hours: float = setting(
+        72.0, "How long a delivery is retried after its event; then it is given up, and a "
+              "subscription with no success for as long is disabled.")
+    first_retry_seconds: float = setting(5.0, "Wait before the first retry, doubled each time.")
+    max_retry_seconds: float = setting(3600.0, "Longest wait between two retries.")
+    batch: int = setting(50, "Deliveries a worker sends at once.")
+    sample_seconds: float = setting(
+        60.0, "request.blocked and limit.reached: at most one per user, reason and window "
+              "of this many seconds (each counts the occurrences it stands for).")
+    retention_days: int = setting(
+        30, "Events older than this with nothing left to deliver are deleted.")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    url: str = setting("", "Where events are POSTed (http:// or https://).")
+    events: list[str] = setting(["*"], "Event types sent: names, \"prefix.*\" or \"*\".")
+    secret: str = setting("", "Signing secret (whsec_ + base64), e.g. \"${APP_WEBHOOK_SECRET}\".")
+    headers: dict[str, str] = setting({}, "Extra headers sent with every delivery.")
+    enabled: bool = setting(True, "Deliver to it; false keeps it without sending.")
+    allow_private: bool = setting(
+        False, "Allow a loopback or private address (refused otherwise: no SSRF).")
+
+
+@dataclass(frozen=True, slots=True)
 class PackSettings:
     name: str = setting("", "Shown to end users, e.g. \"100 queries\".")
     asset: str = setting("", "The credit type the pack adds (one of credits.types).")
@@ -354,6 +387,10 @@ class PaywallSettings:
         [], "Browser origins (scheme://host[:port]) allowed to call /api/v1 (CORS).")
     payments: PaymentSettings = setting(
         PaymentSettings(), "Top-ups through Stripe Checkout, confirmed by signed webhooks.")
+    webhooks: dict[str, WebhookSettings] = setting(
+        {}, "Webhook subscriptions by name: the paywall's events, signed (Standard Webhooks).")
+    low_balance: dict[str, Decimal] = setting(
+        {}, "balance.low is sent when a user's balance falls under this, by asset.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +407,7 @@ class Settings:
     paywalls: dict[str, PaywallSettings] = setting({}, "Paywalls (apps) by id.")
     api_providers: dict[str, ApiProviderSettings] = setting(
         {}, "HTTP APIs the gateway calls for apps without a backend, by id.")
+    events: EventSettings = setting(EventSettings(), "Events and their webhook delivery.")
     # From the environment, never from the file.
     source: str = field(default="<defaults>", metadata={"env": True})
     database_url: str | None = field(default=None, metadata={"env": True})
@@ -599,6 +637,7 @@ def _check_references(s: Settings) -> None:
                            f"only {allowed} may be filled in") from None
         _check_credits(s, wid, w, fail)
         _check_payments(s, wid, w, fail)
+        _check_webhooks(s, wid, w, fail)
         if w.auth.jwks_url and w.auth.hs256_secret:
             raise fail(f"paywalls.{wid}.auth", "set jwks_url or hs256_secret, not both")
         if w.auth.jwks_url and not w.auth.jwks_url.startswith(("http://", "https://")):
@@ -693,6 +732,35 @@ def _check_payments(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> Non
         raise fail(f"{key}.recharge_max_failures", "at least 1 (and a positive retry wait)")
 
 
+def _check_webhooks(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> None:
+    for name, hook in w.webhooks.items():
+        key = f"paywalls.{wid}.webhooks.{name}"
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", hook.url):
+            raise fail(f"{key}.url", "an http:// or https:// URL is required")
+        if not hook.events:
+            raise fail(f"{key}.events", "name at least one event type (or \"*\")")
+        for i, pattern in enumerate(hook.events):
+            if not valid_pattern(pattern):
+                raise fail(f"{key}.events[{i}]", f"no event type matches {pattern!r}")
+        try:
+            if not base64.b64decode(hook.secret.removeprefix("whsec_") + "==", validate=True):
+                raise ValueError
+        except ValueError:
+            raise fail(f"{key}.secret", "a whsec_ secret in base64 is required") from None
+    for asset, amount in w.low_balance.items():
+        if asset not in s.assets:
+            raise fail(f"paywalls.{wid}.low_balance.{asset}", f"unknown asset {asset!r}")
+        try:
+            if units(amount, s.assets[asset].scale) <= 0:
+                raise ValueError("must be more than 0")
+        except ValueError as e:
+            raise fail(f"paywalls.{wid}.low_balance.{asset}", str(e)) from None
+    ev = s.events
+    if min(ev.poll_seconds, ev.timeout_seconds, ev.retry_hours, ev.first_retry_seconds,
+           ev.max_retry_seconds, ev.sample_seconds) <= 0 or ev.batch < 1:
+        raise fail("events", "times, the batch and the window must be more than 0")
+
+
 def _check_api_providers(s: Settings, fail: Any) -> None:
     for aid, a in s.api_providers.items():
         if not a.url.startswith(("http://", "https://")):
@@ -712,6 +780,8 @@ def secrets_of(settings: Settings) -> list[str]:
     for w in settings.paywalls.values():
         out += [*w.provider_keys.values(), w.auth.hs256_secret,
                 w.payments.stripe_secret_key, w.payments.stripe_webhook_secret]
+        for hook in w.webhooks.values():
+            out += [hook.secret, *hook.headers.values()]
     for a in settings.api_providers.values():
         out += a.headers.values()
     for url in (settings.database_url, settings.redis_url):

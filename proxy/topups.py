@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from proxy.ledger import Payment
@@ -83,14 +83,7 @@ def choose(offer: Offer, form: Mapping[str, str]) -> Choice:
     if form.get("amount") == "custom":
         if offer.custom is None:
             raise BadChoice("A custom amount is not offered.")
-        try:
-            amount = Decimal(form.get("custom", "").strip())
-        except InvalidOperation:
-            raise BadChoice("The amount is not a number.") from None
-        e = currency_exponent(offer.currency)
-        if not amount.is_finite() or amount.as_tuple().exponent < -e:  # type: ignore[operator]
-            raise BadChoice(f"The amount has more than {e} decimals.")
-        paid = to_minor(amount, offer.currency)
+        paid = to_minor(money(form.get("custom", ""), offer.currency), offer.currency)
         low, high = offer.custom
         if not low <= paid <= high:
             raise BadChoice(f"Choose an amount from {format_minor(low, offer.currency)} to "
@@ -102,6 +95,41 @@ def choose(offer: Offer, form: Mapping[str, str]) -> Choice:
         if str(c.paid) == raw:
             return c
     raise BadChoice("Choose one of the amounts offered.")
+
+
+_MONEY = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,12})?")
+
+
+def money(text: str, currency: str) -> Decimal:
+    """An amount of ``currency`` typed into a form: plain ASCII digits with at most the
+    currency's decimals (trailing zeros aside), below a trillion; BadChoice otherwise."""
+    text = text.strip()
+    if not _MONEY.fullmatch(text):
+        raise BadChoice("The amount is not a number such as 12.50.")
+    amount = Decimal(text)
+    e = currency_exponent(currency)
+    if amount != amount.quantize(Decimal(1).scaleb(-e)):
+        raise BadChoice(f"The amount has more than {e} decimals.")
+    return amount
+
+
+def recharge_of(form: Mapping[str, str], offer: Offer, choice: Choice
+                ) -> dict[str, str] | None:
+    """The automatic recharge a top-up form asks for (``recharge=on``, ``threshold``):
+    the chosen amount whenever the balance falls under the threshold. The threshold is
+    above 0 and at most the amount, so one recharge always lifts the balance back over
+    it: one crossing, one charge. The metadata to put on the session; None if not
+    asked."""
+    if form.get("recharge") != "on":
+        return None
+    if choice.item != "amount" or choice.paid is None:
+        raise BadChoice("Automatic recharge takes an amount, not a pack.")
+    threshold = to_minor(money(form.get("threshold", ""), offer.currency), offer.currency)
+    if not 0 < threshold <= choice.paid:
+        raise BadChoice(f"Choose a recharge threshold above 0 and at most the amount "
+                        f"({choice.label}).")
+    return {"recharge_threshold": str(threshold * offer.rate),
+            "recharge_amount": str(choice.paid)}
 
 
 def session_params(paywall_id: str, user_id: str, choice: Choice, currency: str, *,

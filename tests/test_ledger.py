@@ -864,3 +864,20 @@ async def test_a_charge_beyond_its_hold_takes_nothing_that_is_owed(ledger: Ledge
     posted = await ledger.post(second, 6000, Usage(1, 1), "completed")  # 2000 beyond it
     assert posted is not None and (posted.charged, posted.uncharged) == (4000, 2000)
     assert await state_of(ledger, paywall, user) == (3000, 0, 8000)
+
+
+
+async def test_what_is_owed_counts_against_the_recharge_threshold(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    p = payment(user, amount=10_000, paid=1000)
+    await paid_in(ledger, paywall, user, p)
+    first = await hold(ledger, paywall, user, 8000)
+    assert first is not None and p.payment_intent is not None
+    await Recharges(ledger.pool).set(paywall, user, asset=ASSET, threshold=1000, amount=500,
+                                     currency="usd", customer="cus_1", payment_method="pm_1")
+    await ledger.reverse(paywall, p.payment_intent, request_id="r", refunded=1000)
+    await ledger.post(first, 1000, Usage(1, 1), "completed")
+    assert await state_of(ledger, paywall, user) == (7000, 0, 8000)  # 7000 but none spendable
+    claims = await Recharges(ledger.pool).claim(paywall, [user], max_failures=3,
+                                                retry_seconds=60, stale_seconds=600)
+    assert [c["triggers"] for c in claims] == [1]

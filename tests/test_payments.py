@@ -254,7 +254,11 @@ async def test_a_custom_amount_and_a_pack_deposit_what_they_sell(shop: Shop, pg:
     ({"amount": "777"}, "Choose one of the amounts offered."),
     ({"amount": "custom", "custom": "100.01"}, "Choose an amount from 1.00 USD to 100.00 USD."),
     ({"pack": "nope"}, "That pack is not offered."),
-    ({"amount": "1000", "recharge": "on", "threshold": "-1"}, "recharge threshold above 0"),
+    ({"amount": "1000", "recharge": "on", "threshold": "20"}, "at most the amount"),
+    # Hostile numbers are a 400 with a reason, never a 500.
+    ({"amount": "custom", "custom": "1e999999"}, "not a number"),
+    ({"amount": "1000", "recharge": "on", "threshold": "sNaN"}, "not a number"),
+    ({"amount": "1000", "recharge": "on", "threshold": "1e999999"}, "not a number"),
 ])
 async def test_a_bad_choice_is_shown_on_the_page_and_opens_no_session(
         shop: Shop, form: dict[str, str], message: str) -> None:
@@ -411,6 +415,21 @@ async def test_refunds_and_disputes_take_back_and_a_won_dispute_gives_back(
     assert (await balances(pg, user))["usd"] == (7 * SCALE, 0)
 
 
+async def test_a_dispute_event_arriving_after_the_win_takes_nothing_back(
+        shop: Shop, pg: Any) -> None:
+    user = new_user("late-dispute")
+    session_id = await paid(shop, user, "1000")
+    intent = shop.stripe.sessions[session_id]["payment_intent"]
+    dispute = await asyncio.to_thread(shop.stripe.dispute, intent)
+    await asyncio.to_thread(shop.stripe.close_dispute, dispute["id"], True)
+    assert (await balances(pg, user))["usd"] == (10 * SCALE, 0)
+    created = next(e for e in shop.stripe.events_of("charge.dispute.created")
+                   if e["data"]["object"]["id"] == dispute["id"])
+    # Stripe retries a delivery that failed for days: the older event comes last.
+    assert await asyncio.to_thread(shop.stripe.redeliver, created["id"]) == [200]
+    assert (await balances(pg, user))["usd"] == (10 * SCALE, 0)
+
+
 async def test_a_refund_of_a_spent_balance_is_owed_and_blocks_until_paid(
         shop: Shop, pg: Any) -> None:
     user = new_user("spent")
@@ -526,6 +545,22 @@ async def test_a_declined_recharge_is_retried_at_most_n_times_then_the_link_is_s
     assert outcomes.count("forward") == 165 and outcomes.count("top_up") == 1
 
 
+async def test_a_recharge_stripe_refuses_for_good_counts_as_a_failure(
+        shop: Shop, pg: Any) -> None:
+    user = new_user("gone-customer")
+    await save_card(shop, user, threshold="9")
+    await pg.execute("UPDATE recharges SET customer = 'cus_deleted' WHERE user_id = $1", user)
+    await spend(shop, user, 40)  # 10.00 - 1.20: under 9.00
+
+    async def failed_twice() -> Any:
+        row = await pg.fetchrow("SELECT * FROM recharges WHERE user_id = $1", user)
+        return row if row["failures"] == 2 else None
+
+    row = await eventually(failed_twice, "two failures recorded", within=15)
+    assert row["pending_since"] is None and "cus_deleted" in row["last_error"]
+    assert recharges_of(shop.stripe, user) == []
+
+
 async def test_automatic_recharge_can_be_turned_off(shop: Shop, pg: Any) -> None:
     user = new_user("off")
     await save_card(shop, user, threshold="9")
@@ -574,6 +609,26 @@ async def test_reconcile_deposits_a_session_whose_webhook_was_dropped_once(
     assert second.returncode == 0, second.stdout + second.stderr
     assert "deposited\t" not in second.stdout and "# 0 deposited now" in second.stderr
     assert await entries(pg, user) == [("deposit", 5 * SCALE)]
+
+
+async def test_reconcile_applies_a_refund_whose_webhooks_were_dropped(
+        shop: Shop, pg: Any) -> None:
+    user = new_user("dropped-refund")
+    shop.stripe.hold_webhooks = True
+    session_id = await open_checkout(shop, user, amount="1000")
+    await asyncio.to_thread(shop.stripe.complete, session_id)
+    intent = shop.stripe.sessions[session_id]["payment_intent"]
+    client = stripe.StripeClient("sk_test_local", base_addresses={"api": shop.stripe.url})
+    await asyncio.to_thread(client.v1.refunds.create, {"payment_intent": intent, "amount": 250})
+    shop.stripe.held.clear()  # neither the deposit's nor the refund's event arrives
+    first = await asyncio.to_thread(reconcile, shop)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"deposited\t{session_id}" in first.stdout.splitlines()
+    assert f"refunded\t{session_id}" in first.stdout.splitlines()
+    assert await entries(pg, user) == [("deposit", 10 * SCALE), ("adjustment", -25 * SCALE // 10)]
+    second = await asyncio.to_thread(reconcile, shop)
+    assert second.returncode == 0 and f"\t{session_id}" not in second.stdout
+    assert await entries(pg, user) == [("deposit", 10 * SCALE), ("adjustment", -25 * SCALE // 10)]
 
 
 # ---- a webhook while PostgreSQL is out of reach -----------------------------------------

@@ -10,7 +10,15 @@ import pytest
 from proxy import settings as config
 from proxy.ledger import Payment
 from proxy.pricing import currency_exponent, format_minor, units_per_minor
-from proxy.topups import BadChoice, Skip, choose, offer_of, payment_of, session_params
+from proxy.topups import (
+    BadChoice,
+    Skip,
+    choose,
+    offer_of,
+    payment_of,
+    recharge_of,
+    session_params,
+)
 
 SETTINGS = """
 [paywalls.shop]
@@ -78,6 +86,7 @@ def test_amounts_are_shown_in_major_units(minor: int, currency: str, text: str) 
     ({"amount": "1050"}, "amount", 1050, 1050 * 10_000_000),
     ({"amount": "custom", "custom": "12.34"}, "amount", 1234, 1234 * 10_000_000),
     ({"amount": "custom", "custom": " 1 "}, "amount", 100, 100 * 10_000_000),
+    ({"amount": "custom", "custom": "1.000"}, "amount", 100, 100 * 10_000_000),
     ({"pack": "small", "amount": "500"}, "pack:small", 499, 100),
     ({"pack": "priced"}, "pack:priced", None, 1000),
     # A custom amount typed, then a fixed amount's button: the button decides.
@@ -96,8 +105,13 @@ def test_choices(settings: config.Settings, form: dict[str, str], item: str,
     ({"amount": "custom", "custom": "200.01"}, "from 1.00 USD"),
     ({"amount": "custom", "custom": "1.001"}, "more than 2 decimals"),
     ({"amount": "custom", "custom": "ten"}, "not a number"),
-    ({"amount": "custom", "custom": "NaN"}, "decimals"),
-    ({"amount": "custom", "custom": "Infinity"}, "decimals"),
+    ({"amount": "custom", "custom": "NaN"}, "not a number"),
+    ({"amount": "custom", "custom": "sNaN"}, "not a number"),
+    ({"amount": "custom", "custom": "Infinity"}, "not a number"),
+    ({"amount": "custom", "custom": "1e999999"}, "not a number"),
+    ({"amount": "custom", "custom": "-5"}, "not a number"),
+    ({"amount": "custom", "custom": "\uff15"}, "not a number"),  # a fullwidth 5
+    ({"amount": "custom", "custom": "9" * 13}, "not a number"),
     ({"pack": "huge"}, "not offered"),
 ])
 def test_bad_choices_say_what_is_wrong(settings: config.Settings, form: dict[str, str],
@@ -178,3 +192,27 @@ def test_payment_settings_are_checked(tmp_path: Any, change: str, problem: str) 
     path.write_text("\n".join(lines))
     with pytest.raises(config.ConfigError, match=problem):
         config.load(path, env={})
+
+
+@pytest.mark.parametrize(("form", "expected"), [
+    ({"amount": "1050"}, None),
+    ({"amount": "1050", "recharge": "on", "threshold": "10.50"},
+     {"recharge_threshold": str(1050 * 10_000_000), "recharge_amount": "1050"}),
+    ({"amount": "1050", "recharge": "on", "threshold": "2"},
+     {"recharge_threshold": str(200 * 10_000_000), "recharge_amount": "1050"}),
+    ({"amount": "1050", "recharge": "on", "threshold": "10.51"}, "at most the amount"),
+    ({"amount": "1050", "recharge": "on", "threshold": "0"}, "above 0"),
+    ({"amount": "1050", "recharge": "on", "threshold": "-1"}, "not a number"),
+    ({"amount": "1050", "recharge": "on", "threshold": "sNaN"}, "not a number"),
+    ({"amount": "1050", "recharge": "on", "threshold": "1e999999"}, "not a number"),
+    ({"amount": "1050", "recharge": "on", "threshold": ""}, "not a number"),
+    ({"pack": "small", "recharge": "on", "threshold": "1"}, "not a pack"),
+])
+def test_what_an_automatic_recharge_asks_for(settings: config.Settings, form: dict[str, str],
+                                             expected: dict[str, str] | str | None) -> None:
+    offer = offer_of(settings, settings.paywalls["shop"])
+    if isinstance(expected, str):
+        with pytest.raises(BadChoice, match=expected):
+            recharge_of(form, offer, choose(offer, form))
+    else:
+        assert recharge_of(form, offer, choose(offer, form)) == expected
