@@ -9,7 +9,7 @@ CREATE TABLE events (
     -- "evt_" + the creation time in milliseconds (12 hex digits) + seq (12 hex digits) +
     -- 4 random hex digits: unique, and sortable by time (then seq) as text.
     id          text        PRIMARY KEY,
-    seq         bigint      NOT NULL UNIQUE,
+    seq         bigint      NOT NULL,  -- from events_seq: unique by construction
     type        text        NOT NULL,
     version     integer     NOT NULL DEFAULT 1,
     paywall_id  text        NOT NULL,
@@ -17,21 +17,54 @@ CREATE TABLE events (
     request_id  text,
     data        jsonb       NOT NULL DEFAULT '{}',
     created_at  timestamptz NOT NULL DEFAULT now(),
-    -- Not yet turned into deliveries for the subscriptions of its paywall.
+    -- Not yet turned into deliveries for the subscriptions of its paywall. An event of a
+    -- paywall without subscriptions is born fanned: nothing to do for it later.
     fanned      boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX events_unfanned ON events (seq) WHERE NOT fanned;
 CREATE INDEX events_paywall ON events (paywall_id, seq);
 
+-- Webhook subscriptions of a paywall: from the settings (source 'settings', kept in
+-- step at start) or created through the API with the paywall key.
+CREATE TABLE webhook_subscriptions (
+    id              text        PRIMARY KEY,
+    paywall_id      text        NOT NULL,
+    name            text,
+    source          text        NOT NULL CHECK (source IN ('settings', 'api')),
+    url             text        NOT NULL,
+    types           text[]      NOT NULL,
+    secret          text        NOT NULL,
+    -- After a rotation, the secret before it also signs until old_secret_until.
+    old_secret      text,
+    old_secret_until timestamptz,
+    headers         jsonb       NOT NULL DEFAULT '{}',
+    allow_private   boolean     NOT NULL DEFAULT false,
+    enabled         boolean     NOT NULL DEFAULT true,
+    disabled_reason text,
+    last_success_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (paywall_id, name)
+);
+
 CREATE FUNCTION paywall_emit(p_paywall text, p_user text, p_request text, p_type text,
                              p_data jsonb) RETURNS text LANGUAGE sql AS $$
-    INSERT INTO events (id, seq, type, paywall_id, user_id, request_id, data)
+    INSERT INTO events (id, seq, type, paywall_id, user_id, request_id, data, fanned)
     SELECT 'evt_' || lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12,
                           '0')
                || lpad(to_hex(n.s), 12, '0') || substr(md5(gen_random_uuid()::text), 1, 4),
-           n.s, p_type, p_paywall, p_user, p_request, p_data
+           n.s, p_type, p_paywall, p_user, p_request, p_data,
+           NOT EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.paywall_id = p_paywall
+                       AND s.enabled)
     FROM (SELECT nextval('events_seq') AS s) n
     RETURNING id
+$$;
+
+-- Whether a subscription choosing ``p_types`` (names, "prefix.*", "*") wants ``p_type``;
+-- proxy/event_types.py matches() is the same rule.
+CREATE FUNCTION paywall_wants(p_types text[], p_type text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM unnest(p_types) t WHERE t = '*' OR t = p_type
+                   OR (right(t, 2) = '.*' AND starts_with(p_type, left(t, -1))))
 $$;
 
 -- A paywall's low-balance thresholds by asset (user_id '': every user of the paywall, a
@@ -141,28 +174,6 @@ BEGIN
 END $$;
 CREATE TRIGGER holds_expired AFTER UPDATE OF status ON holds
     FOR EACH ROW WHEN (NEW.status = 'expired') EXECUTE FUNCTION holds_event();
-
--- Webhook subscriptions of a paywall: from the settings (source 'settings', kept in
--- step at start) or created through the API with the paywall key.
-CREATE TABLE webhook_subscriptions (
-    id              text        PRIMARY KEY,
-    paywall_id      text        NOT NULL,
-    name            text,
-    source          text        NOT NULL CHECK (source IN ('settings', 'api')),
-    url             text        NOT NULL,
-    types           text[]      NOT NULL,
-    secret          text        NOT NULL,
-    -- After a rotation, the secret before it also signs until old_secret_until.
-    old_secret      text,
-    old_secret_until timestamptz,
-    headers         jsonb       NOT NULL DEFAULT '{}',
-    allow_private   boolean     NOT NULL DEFAULT false,
-    enabled         boolean     NOT NULL DEFAULT true,
-    disabled_reason text,
-    last_success_at timestamptz,
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (paywall_id, name)
-);
 
 -- One event for one subscription: pending until delivered (2xx) or given up (failed).
 CREATE TABLE webhook_deliveries (

@@ -230,8 +230,7 @@ async def replay(request: Request) -> Response:
         "INSERT INTO webhook_deliveries (subscription_id, event_id, seq, user_key)"
         " SELECT s.id, $2, $3, coalesce($4, '') FROM webhook_subscriptions s"
         " WHERE s.paywall_id = $1 AND s.enabled AND ($5::text IS NULL OR s.id = $5)"
-        "   AND EXISTS (SELECT 1 FROM unnest(s.types) t WHERE t = '*' OR t = $6"
-        "     OR (right(t, 2) = '.*' AND starts_with($6, left(t, -1))))"
+        "   AND paywall_wants(s.types, $6)"
         " ON CONFLICT (subscription_id, event_id) DO UPDATE SET status = 'pending',"
         "  next_attempt_at = now(), lease_until = NULL, delivered_at = NULL"
         " RETURNING subscription_id", paywall_id, event_id, event["seq"], event["user_id"],

@@ -34,18 +34,29 @@ SECRET = whsec()
 
 # ---- pure parts -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("patterns", "event_type", "expected"), [
+PATTERN_CASES = [
     (["*"], "charge.created", True),
     (["charge.created"], "charge.created", True),
     (["charge.*"], "charge.refunded", True),
     (["charge.*"], "chargeback", False),
     (["balance.*"], "balance.deposit.created", True),
     (["user.created"], "user.connected", False),
+    (["user_*"], "user_x", False),
     ([], "charge.created", False),
-])
+]
+
+
+@pytest.mark.parametrize(("patterns", "event_type", "expected"), PATTERN_CASES)
 def test_patterns_choose_event_types(patterns: list[str], event_type: str,
                                      expected: bool) -> None:
     assert matches(patterns, event_type) is expected
+
+
+async def test_the_database_chooses_by_the_same_rule(pg: Any) -> None:
+    """Fan-out matches in SQL (paywall_wants): the same table as matches()."""
+    for patterns, event_type, expected in PATTERN_CASES:
+        got = await pg.fetchval("SELECT paywall_wants($1::text[], $2)", patterns, event_type)
+        assert got is expected, (patterns, event_type)
 
 
 @pytest.mark.parametrize(("pattern", "valid"), [
