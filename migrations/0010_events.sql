@@ -67,6 +67,15 @@ LANGUAGE sql IMMUTABLE AS $$
                    OR (right(t, 2) = '.*' AND starts_with(p_type, left(t, -1))))
 $$;
 
+-- Events that must be written once per key although what reports them may come again
+-- (a failed payment's webhook, retried): the key's row and the event, one statement.
+CREATE TABLE event_keys (
+    paywall_id  text        NOT NULL,
+    key         text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (paywall_id, key)
+);
+
 -- A paywall's low-balance thresholds by asset (user_id '': every user of the paywall, a
 -- user's own row overrides it), kept in step with the settings at start.
 CREATE TABLE balance_alerts (
@@ -105,8 +114,9 @@ BEGIN
             'completion_tokens', NEW.completion_tokens, 'cached_tokens', NEW.cached_tokens,
             'reasoning_tokens', NEW.reasoning_tokens, 'outcome', NEW.outcome,
             'hold_id', NEW.hold_id);
-    ELSIF NEW.kind = 'adjustment' AND NEW.metadata ? 'reverses' THEN
-        v_type := 'charge.refunded';  -- a top-up refunded or disputed at Stripe
+    ELSIF NEW.kind = 'adjustment' AND (NEW.metadata->>'reversed')::bigint > 0 THEN
+        v_type := 'charge.refunded';  -- a top-up refunded or disputed at Stripe (a won
+                                      -- dispute giving it back is balance.adjusted)
     END IF;
     PERFORM paywall_emit(a.paywall_id, a.user_id, NEW.request_id, v_type, v_data);
     IF NEW.kind = 'deposit' AND NEW.metadata ? 'payment' THEN

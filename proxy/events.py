@@ -184,6 +184,20 @@ class Events:
         self._wake.set()
         return event_id
 
+    async def once(self, paywall_id: str, key: str, user_id: str | None, event_type: str,
+                   data: Mapping[str, Any], request_id: str | None = None) -> bool:
+        """``event_type`` once per (paywall, ``key``), however often it is told; whether
+        this call wrote it."""
+        written = await self.pool.fetchval(
+            "WITH k AS (INSERT INTO event_keys (paywall_id, key) VALUES ($1, $2)"
+            "  ON CONFLICT DO NOTHING RETURNING paywall_id)"
+            " SELECT paywall_emit(k.paywall_id, $3, $4, $5, $6::jsonb) FROM k",
+            paywall_id, key, user_id, request_id, event_type,
+            orjson.dumps(dict(data)).decode())
+        if written:
+            self._wake.set()
+        return written is not None
+
     async def sampled(self, paywall_id: str, user_id: str | None, event_type: str,
                       reason: str, data: Mapping[str, Any], request_id: str | None) -> None:
         """``event_type`` (``request.blocked``, ``limit.reached``) for ``reason``, at most

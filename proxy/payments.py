@@ -125,9 +125,11 @@ class Payments:
 
     async def tell_failed(self, paywall_id: str, user_id: Any, data: Mapping[str, Any],
                           request_id: str) -> None:
-        """``topup.failed`` for a payment that did not go through (nothing moved)."""
+        """``topup.failed`` for a payment that did not go through (nothing moved), once
+        per payment however often Stripe reports it."""
         if self.events is not None and isinstance(user_id, str):
-            await self.events.emit(paywall_id, user_id, "topup.failed", data, request_id)
+            await self.events.once(paywall_id, f"topup.failed:{data.get('payment')}",
+                                   user_id, "topup.failed", data, request_id)
 
     @staticmethod
     async def _stripe(call: Awaitable[T]) -> T:
@@ -240,7 +242,7 @@ class Payments:
                             obj.get("id"))
                 self._count(paywall_id, kind, "failed")
                 await self.tell_failed(paywall_id, meta.get("user"), {
-                    "session": obj.get("id"), "item": meta.get("item"),
+                    "payment": obj.get("id"), "item": meta.get("item"),
                     "paid": obj.get("amount_total"), "currency": obj.get("currency"),
                     "reason": "the delayed payment failed"}, request_id)
             return "failed"

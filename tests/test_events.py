@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -153,6 +157,8 @@ class Setup:
     proxy: Proxy
     receiver: Receiver
     keys: dict[str, str]
+    config: Path
+    database_url: str
 
     def sdk(self, paywall: str = "evt") -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.proxy.base_url, api_key=self.keys[paywall],
@@ -167,10 +173,10 @@ class Setup:
 def setup(upstream: Upstream, own_database_url: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     keys = asyncio.run(mint_keys(own_database_url, ["evt", "gated", "limited", "capped"]))
+    workdir = tmp_path_factory.mktemp("events")
     with serve_receiver(SECRET) as receiver, \
-            serving_proxy(settings(upstream, receiver), own_database_url,
-                          tmp_path_factory.mktemp("events")) as proxy:
-        yield Setup(proxy, receiver, keys)
+            serving_proxy(settings(upstream, receiver), own_database_url, workdir) as proxy:
+        yield Setup(proxy, receiver, keys, workdir / "proxy.toml", own_database_url)
 
 
 async def ask(client: openai.AsyncOpenAI, user: str) -> Any:
@@ -366,3 +372,22 @@ def test_every_event_type_is_documented() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert [t for t in EVENT_TYPES if f"`{t}`" not in readme] == []
+
+
+def test_events_tail_prints_a_paywalls_events_as_json_lines(setup: Setup) -> None:
+    import orjson
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYWALL_CONFIG", "REDIS_URL")}
+    env["DATABASE_URL"] = setup.database_url
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "events", "tail", "--paywall", "evt", "--type",
+         "charge.created", "--last", "3", "--config", str(setup.config)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 3 and {e["type"] for e in lines} == {"charge.created"}
+    assert [e["id"] for e in lines] == sorted(e["id"] for e in lines)
+    delivered = {e["id"] for e in setup.receiver.events("charge.created")}
+    assert {e["id"] for e in lines} <= delivered
