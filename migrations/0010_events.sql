@@ -6,8 +6,8 @@
 
 CREATE SEQUENCE events_seq;
 CREATE TABLE events (
-    -- "evt_" + the creation time in milliseconds (12 hex digits) + seq (12 hex digits) +
-    -- 4 random hex digits: unique, and sortable by time (then seq) as text.
+    -- "evt_" + the creation time in milliseconds (12 hex digits) + seq (12 hex digits):
+    -- unique, and sortable by time (then seq) as text.
     id          text        PRIMARY KEY,
     seq         bigint      NOT NULL,  -- from events_seq: unique by construction
     type        text        NOT NULL,
@@ -46,18 +46,21 @@ CREATE TABLE webhook_subscriptions (
     UNIQUE (paywall_id, name)
 );
 
+-- PL/pgSQL, not SQL: its statements' plans are kept for the session (an SQL function's
+-- INSERT is planned again at every call before PostgreSQL 18).
 CREATE FUNCTION paywall_emit(p_paywall text, p_user text, p_request text, p_type text,
-                             p_data jsonb) RETURNS text LANGUAGE sql AS $$
+                             p_data jsonb) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_seq bigint := nextval('events_seq');
+    v_id text := 'evt_' || lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint),
+                                12, '0') || lpad(to_hex(v_seq), 12, '0');
+BEGIN
     INSERT INTO events (id, seq, type, paywall_id, user_id, request_id, data, fanned)
-    SELECT 'evt_' || lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12,
-                          '0')
-               || lpad(to_hex(n.s), 12, '0') || substr(md5(gen_random_uuid()::text), 1, 4),
-           n.s, p_type, p_paywall, p_user, p_request, p_data,
-           NOT EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.paywall_id = p_paywall
-                       AND s.enabled)
-    FROM (SELECT nextval('events_seq') AS s) n
-    RETURNING id
-$$;
+    VALUES (v_id, v_seq, p_type, p_paywall, p_user, p_request, p_data,
+            NOT EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.paywall_id = p_paywall
+                        AND s.enabled));
+    RETURN v_id;
+END $$;
 
 -- Whether a subscription choosing ``p_types`` (names, "prefix.*", "*") wants ``p_type``;
 -- proxy/event_types.py matches() is the same rule.
