@@ -7,8 +7,9 @@
 - ``POST /v1/webhooks/subscriptions/{id}/rotate`` ``{overlap_seconds?}``: a new secret
   (shown once); the old one keeps signing too for the overlap (default 24 h).
 - ``GET /v1/webhooks/deliveries?status=&type=&subscription=&limit=&before=``: the
-  delivery log, newest first; ``POST /v1/webhooks/deliveries/replay`` ``{event_id,
-  subscription?}`` sends an event again (to one subscription, or to all that want it).
+  delivery log, newest first (``before``: the ``next_before`` of the page before).
+- ``POST /v1/webhooks/deliveries/replay`` ``{event_id, subscription?}`` sends an event
+  again (to one subscription, or to all that want it).
 
 A subscription defined in the settings file is changed there: the API answers 409.
 """
@@ -193,15 +194,16 @@ async def deliveries(request: Request) -> Response:
     if status is not None and status not in _STATUSES:
         raise InvalidRequest(f"'status' is one of {', '.join(_STATUSES)}.", param="status")
     limit = _int(q.get("limit"), "limit", 50, MAX_PAGE)
-    before = _int(q.get("before"), "before", 0, 2 ** 62) if q.get("before") else None
+    seq, sub = _cursor(q.get("before"))
     rows = await services.pool.fetch(
         "SELECT d.*, e.type, e.user_id, e.created_at AS event_created_at FROM"
         " webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id"
         " JOIN events e ON e.id = d.event_id WHERE s.paywall_id = $1"
         " AND ($2::text IS NULL OR d.status = $2) AND ($3::text IS NULL OR e.type = $3)"
         " AND ($4::text IS NULL OR d.subscription_id = $4)"
-        " AND ($5::bigint IS NULL OR d.seq < $5) ORDER BY d.seq DESC, d.subscription_id"
-        " LIMIT $6", paywall_id, status, q.get("type"), q.get("subscription"), before, limit)
+        " AND ($5::bigint IS NULL OR (d.seq, d.subscription_id) < ($5, $6))"
+        " ORDER BY d.seq DESC, d.subscription_id DESC LIMIT $7",
+        paywall_id, status, q.get("type"), q.get("subscription"), seq, sub, limit)
     data = [{"event_id": r["event_id"], "subscription": r["subscription_id"],
              "type": r["type"], "user": r["user_id"], "status": r["status"],
              "attempts": r["attempts"], "last_status": r["last_status"],
@@ -211,8 +213,20 @@ async def deliveries(request: Request) -> Response:
              "delivered_at": r["delivered_at"].astimezone(UTC).isoformat()
              if r["delivered_at"] else None} for r in rows]
     more = len(rows) == limit
+    cursor = f"{rows[-1]['seq']}.{rows[-1]['subscription_id']}" if more else None
     return json_response({"object": "list", "data": data, "has_more": more,
-                          "next_before": rows[-1]["seq"] if more else None})
+                          "next_before": cursor})
+
+
+def _cursor(raw: str | None) -> tuple[int | None, str]:
+    """A page's ``before``: the ``next_before`` of the page before it."""
+    if raw is None:
+        return None, ""
+    seq, _, sub = raw.partition(".")
+    if not (seq.isascii() and seq.isdigit() and len(seq) <= 18 and sub.startswith("whsub_")):
+        raise InvalidRequest("'before' must be a next_before from an earlier page.",
+                             param="before")
+    return int(seq), sub
 
 
 async def replay(request: Request) -> Response:

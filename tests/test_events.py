@@ -391,3 +391,41 @@ def test_events_tail_prints_a_paywalls_events_as_json_lines(setup: Setup) -> Non
     assert [e["id"] for e in lines] == sorted(e["id"] for e in lines)
     delivered = {e["id"] for e in setup.receiver.events("charge.created")}
     assert {e["id"] for e in lines} <= delivered
+
+
+async def test_the_delivery_log_pages_through_every_delivery_once(setup: Setup) -> None:
+    user = new_user("pages")
+    async with setup.api("capped") as api, setup.sdk("capped") as client:
+        made = []
+        for _ in range(2):  # two more subscriptions: each event has three deliveries
+            r = await api.post("/v1/webhooks/subscriptions", json={
+                "url": setup.receiver.url, "events": ["charge.created"], "allow_private": True})
+            assert r.status_code == 201
+            made.append(r.json()["id"])
+        for _ in range(2):
+            await ask(client, user)
+
+        async def all_delivered() -> list[Any]:
+            data = (await api.get("/v1/webhooks/deliveries", params={
+                "type": "charge.created", "limit": "100"})).json()["data"]
+            mine = [d for d in data if d["user"] == user]
+            return mine if len(mine) == 6 else []  # (the new ones' secrets are not the
+            # receiver's: delivered or retrying, each is in the log)
+
+        everything = await eventually(all_delivered, "six deliveries")
+        seen: list[tuple[str, str]] = []
+        before = None
+        while True:
+            page = (await api.get("/v1/webhooks/deliveries", params={
+                "type": "charge.created", "limit": "1",
+                **({"before": before} if before else {})})).json()
+            seen += [(d["event_id"], d["subscription"]) for d in page["data"]]
+            if not page["has_more"]:
+                break
+            before = page["next_before"]
+        pairs = {(d["event_id"], d["subscription"]) for d in everything}
+        assert pairs <= set(seen) and len(seen) == len(set(seen))
+        bad = await api.get("/v1/webhooks/deliveries", params={"before": "12"})
+        assert bad.status_code == 400
+        for sub in made:
+            assert (await api.delete(f"/v1/webhooks/subscriptions/{sub}")).status_code == 200
