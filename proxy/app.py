@@ -257,7 +257,8 @@ def create_app(settings: Settings) -> observe.Observe:
         gate = Gate(build_limiter(settings.redis_url))
         grants = {pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()}
         metrics = observe.Metrics()
-        outbox = Events(settings, pool, metrics)
+        tasks = TaskSet()
+        outbox = Events(settings, pool, metrics, tasks)
         services = Services(
             settings=settings,
             keys=KeyStore(pool, settings.server.key_cache_seconds),
@@ -274,7 +275,7 @@ def create_app(settings: Settings) -> observe.Observe:
             tokenizer=tokenizer,
             signer=LinkSigner(settings.server.link_secret or secrets.token_hex(32),
                               settings.server.public_url),
-            tasks=TaskSet(),
+            tasks=tasks,
             pool=pool,
             metrics=metrics,
             verifiers={pid: TokenVerifier(p.auth, session)

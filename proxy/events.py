@@ -48,6 +48,7 @@ from proxy.event_types import EVENT_TYPES as EVENT_TYPES
 from proxy.observe import Metrics
 from proxy.pricing import units
 from proxy.settings import EventSettings, Settings
+from proxy.tasks import TaskSet
 
 log = logging.getLogger("proxy.events")
 
@@ -160,8 +161,9 @@ class Sampler:
 
 
 class Events:
-    def __init__(self, settings: Settings, pool: Any, metrics: Metrics):
+    def __init__(self, settings: Settings, pool: Any, metrics: Metrics, tasks: TaskSet):
         self.settings = settings
+        self.tasks = tasks
         self.conf: EventSettings = settings.events
         self.pool = pool
         self.metrics = metrics
@@ -198,15 +200,21 @@ class Events:
             self._wake.set()
         return written is not None
 
-    async def sampled(self, paywall_id: str, user_id: str | None, event_type: str,
-                      reason: str, data: Mapping[str, Any], request_id: str | None) -> None:
+    def sampled(self, paywall_id: str, user_id: str | None, event_type: str, reason: str,
+                data: Mapping[str, Any], request_id: str | None) -> None:
         """``event_type`` (``request.blocked``, ``limit.reached``) for ``reason``, at most
         once per user, reason and ``events.sample_seconds``; ``data.count`` says how many
-        occurrences it stands for. Never fails the request it reports."""
+        occurrences it stands for. Decided here, in memory: only an event to write costs a
+        task and a statement, off the request's path. Never fails the request it reports."""
         count = self.sampler.admit((paywall_id, user_id or "", event_type, reason),
                                    time.monotonic())
-        if count is None:
-            return
+        if count is not None:
+            self.tasks.spawn(self._sampled(paywall_id, user_id, event_type, reason, count,
+                                           data, request_id))
+
+    async def _sampled(self, paywall_id: str, user_id: str | None, event_type: str,
+                       reason: str, count: int, data: Mapping[str, Any],
+                       request_id: str | None) -> None:
         try:
             await self.emit(paywall_id, user_id, event_type,
                             {"reason": reason, "count": count, **data}, request_id)

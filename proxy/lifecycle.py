@@ -384,9 +384,8 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
 def _tell(services: Services, rec: Record, event_type: str, reason: str,
           data: dict[str, Any]) -> None:
     """A sampled event about this request, written off its answer's path."""
-    services.tasks.spawn(services.events.sampled(
-        rec.paywall, rec.user or None, event_type, reason,
-        {"model": rec.model or None, **data}, rec.request_id))
+    services.events.sampled(rec.paywall, rec.user or None, event_type, reason,
+                            {"model": rec.model or None, **data}, rec.request_id)
 
 
 def _told_blocked(services: Services, rec: Record, decision: Decision,

@@ -87,8 +87,14 @@ class LinkSigner:
         ``version`` (:meth:`proxy.ledger.Ledger.connect_version`) it is issued against."""
         if action == "connect" and version is None:
             raise ValueError("a connect link is issued against the user's connection version")
-        claims = LinkClaims(paywall_id, user_id, action, int(time.time()) + ttl, version or 0)
+        claims = self.claims(paywall_id, user_id, action, ttl, version or 0)
         return f"{self.public_url}/{action}?{urlencode({'token': self.token(claims)})}"
+
+    @staticmethod
+    def claims(paywall_id: str, user_id: str, action: str, ttl: int,
+               version: int = 0) -> LinkClaims:
+        """The claims of a link for ``action`` valid ``ttl`` seconds from now."""
+        return LinkClaims(paywall_id, user_id, action, int(time.time()) + ttl, version)
 
     def verify(self, token: str, action: str, now: float | None = None) -> LinkClaims | None:
         """The claims of a valid, unexpired token for ``action``; None otherwise. For a

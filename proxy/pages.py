@@ -45,8 +45,8 @@ def _invalid() -> HTMLResponse:
 async def connect_page(request: Request) -> Response:
     services = services_of(request)
     token = request.query_params.get("token", "")
-    claims = services.signer.verify(token, "connect")
-    if claims is None or claims.paywall_id not in services.settings.paywalls:
+    claims = _claims_of(services, token, "connect")
+    if claims is None:
         return _invalid()
     if claims.version != await services.ledger.connect_version(claims.paywall_id,
                                                                claims.user_id):
@@ -68,16 +68,15 @@ async def connect_submit(request: Request) -> Response:
     services = services_of(request)
     form = await request.form()
     token = form.get("token")
-    claims = services.signer.verify(token if isinstance(token, str) else "", "connect")
-    if claims is None or claims.paywall_id not in services.settings.paywalls:
+    claims = _claims_of(services, token if isinstance(token, str) else "", "connect")
+    if claims is None:
         return _invalid()
     if not await services.ledger.connect(claims.paywall_id, claims.user_id, claims.version):
         return _invalid()
     amount = form.get("amount")
     if isinstance(amount, str) and amount and services.payments.configured(claims.paywall_id):
-        paywall = services.settings.paywalls[claims.paywall_id]
-        topup = LinkClaims(claims.paywall_id, claims.user_id, "topup",
-                           int(time.time()) + paywall.link_ttl_seconds)
+        ttl = services.settings.paywalls[claims.paywall_id].link_ttl_seconds
+        topup = services.signer.claims(claims.paywall_id, claims.user_id, "topup", ttl)
         return await _checkout(services, topup, services.signer.token(topup),
                                {"amount": amount})
     name = html.escape(services.settings.paywalls[claims.paywall_id].name or claims.paywall_id)

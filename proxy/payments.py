@@ -195,19 +195,36 @@ class Payments:
                      session.get("id"), payment.reason)
             self._count(paywall_id, event, "skipped")
             return payment.reason
+        outcome = await self._pay(paywall_id, payment, request_id, event)
+        meta = session.get("metadata") or {}
+        if meta.get("recharge_threshold") and payment.customer and (
+                outcome == "deposited"
+                or await self.recharges.of(paywall_id, payment.user_id) is None):
+            await self._save_card(paywall_id, payment, meta)
+        return outcome
+
+    async def _pay(self, paywall_id: str, payment: Payment, request_id: str,
+                   event: str) -> str:
+        """Deposit ``payment`` through the ledger's once-only path; "deposited" or
+        "duplicate", counted under ``event``."""
         fresh = await self.ledger.pay(paywall_id, payment,
                                       opening=self._opening(paywall_id, payment.asset),
                                       request_id=request_id)
-        meta = session.get("metadata") or {}
-        if meta.get("recharge_threshold") and payment.customer and (
-                fresh or await self.recharges.of(paywall_id, payment.user_id) is None):
-            await self._save_card(paywall_id, payment, meta)
         outcome = "deposited" if fresh else "duplicate"
         self._count(paywall_id, event, outcome)
         if fresh:
             log.info("paywall %s: deposited payment %s for %s: %s %s", paywall_id, payment.id,
                      payment.user_id, payment.amount, payment.asset)
         return outcome
+
+    async def _pay_recharge(self, paywall_id: str, intent: Mapping[str, Any],
+                            request_id: str, event: str) -> str:
+        """Deposit a succeeded automatic recharge (keyed by its PaymentIntent); what
+        happened, or why it deposits nothing."""
+        payment = recharge_payment(self.settings, paywall_id, intent)
+        if isinstance(payment, Skip):
+            return payment.reason
+        return await self._pay(paywall_id, payment, request_id, event)
 
     async def _save_card(self, paywall_id: str, payment: Payment,
                          meta: Mapping[str, Any]) -> None:
@@ -247,14 +264,7 @@ class Payments:
                     "reason": "the delayed payment failed"}, request_id)
             return "failed"
         if kind == "payment_intent.succeeded":
-            payment = recharge_payment(self.settings, paywall_id, obj)
-            if isinstance(payment, Skip):
-                return payment.reason
-            fresh = await self.ledger.pay(paywall_id, payment,
-                                          opening=self._opening(paywall_id, payment.asset),
-                                          request_id=request_id)
-            self._count(paywall_id, kind, "deposited" if fresh else "duplicate")
-            return "deposited" if fresh else "duplicate"
+            return await self._pay_recharge(paywall_id, obj, request_id, kind)
         if kind == "payment_intent.payment_failed":
             return await self._recharge_failed_event(paywall_id, obj)
         if kind == "charge.refunded":
@@ -311,13 +321,8 @@ class Payments:
         if (intent.get("metadata") or {}).get("paywall") != paywall_id:
             return False
         if (intent.get("metadata") or {}).get("item") == "recharge":
-            payment = recharge_payment(self.settings, paywall_id, intent)
-            if isinstance(payment, Skip):
-                return False
-            await self.ledger.pay(paywall_id, payment,
-                                  opening=self._opening(paywall_id, payment.asset),
-                                  request_id=request_id)
-            return True
+            return await self._pay_recharge(paywall_id, intent, request_id, "reversal") in (
+                "deposited", "duplicate")
         page = await self._stripe(client.v1.checkout.sessions.list_async(
             {"payment_intent": intent_id, "limit": 1}))
         for session in page.data:
@@ -428,13 +433,7 @@ class Payments:
         await self.recharges.sent(paywall_id, user, trigger, str(data["id"]))
         status = data.get("status")
         if status == "succeeded":
-            payment = recharge_payment(self.settings, paywall_id, data)
-            if isinstance(payment, Payment):
-                fresh = await self.ledger.pay(paywall_id, payment,
-                                              opening=self._opening(paywall_id, payment.asset),
-                                              request_id=new_request_id())
-                self._count(paywall_id, "payment_intent.create",
-                            "deposited" if fresh else "duplicate")
+            await self._pay_recharge(paywall_id, data, new_request_id(), "payment_intent.create")
         elif status in ("requires_payment_method", "requires_action", "canceled"):
             await self.recharges.failed(paywall_id, user, trigger,
                                         f"the charge needs the card holder ({status})")

@@ -583,6 +583,10 @@ def _check_references(s: Settings) -> None:
         return ConfigError(f"{s.source}: {key}: {problem}")
 
     _check_api_providers(s, fail)
+    ev = s.events
+    if min(ev.poll_seconds, ev.timeout_seconds, ev.retry_hours, ev.first_retry_seconds,
+           ev.max_retry_seconds, ev.sample_seconds) <= 0 or ev.batch < 1:
+        raise fail("events", "times, the batch and the window must be more than 0")
     b = s.billing
     if b.reaper_interval_seconds <= 0:
         raise fail("billing.reaper_interval_seconds", "must be more than 0")
@@ -755,10 +759,6 @@ def _check_webhooks(s: Settings, wid: str, w: PaywallSettings, fail: Any) -> Non
                 raise ValueError("must be more than 0")
         except ValueError as e:
             raise fail(f"paywalls.{wid}.low_balance.{asset}", str(e)) from None
-    ev = s.events
-    if min(ev.poll_seconds, ev.timeout_seconds, ev.retry_hours, ev.first_retry_seconds,
-           ev.max_retry_seconds, ev.sample_seconds) <= 0 or ev.batch < 1:
-        raise fail("events", "times, the batch and the window must be more than 0")
 
 
 def _check_api_providers(s: Settings, fail: Any) -> None:
