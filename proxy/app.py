@@ -313,6 +313,7 @@ def create_app(settings: Settings) -> observe.Observe:
                 await services.events.close()
                 await gate.limiter.close()
                 await session.close()
+                await ledger.batch.aclose()
                 await pool.close()
 
     routes = [

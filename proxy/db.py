@@ -131,6 +131,14 @@ class Database:
                 raise DatabaseUnavailable() from e
             raise
 
+    async def fetchmany(self, query: str, args: list[Any]) -> list[Any]:
+        try:
+            return list(await self.pool.fetchmany(query, args))
+        except Exception as e:
+            if is_outage(e):
+                raise DatabaseUnavailable() from e
+            raise
+
     async def execute(self, query: str, *args: Any) -> str:
         try:
             status: str = await self.pool.execute(query, *args)

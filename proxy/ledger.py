@@ -39,6 +39,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from proxy.batcher import GroupCommit
 from proxy.decide import CapReached, UserState
 from proxy.errors import DatabaseUnavailable
 from proxy.pricing import MAX_UNITS, Usage
@@ -188,6 +189,15 @@ ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
 """
 
 
+# paywall_apply (migration 0011): the operation, a hold's ten arguments, a post's eight,
+# a void's status; what an operation does not use is NULL.
+_APPLY = ("SELECT * FROM paywall_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11,"
+          " $12, $13, $14, $15, $16, $17, $18, $19::jsonb, $20)")
+_NO_HOLD = (None,) * 10
+_NO_COST = (None,) * 7
+_NO_POST = (None,) * 9
+
+
 def _cap_name(c: SpendCap) -> str:
     return ("user_" if c.scope else "paywall_") + ("daily" if c.period == "day" else "monthly")
 
@@ -215,6 +225,8 @@ class Ledger:
     def __init__(self, pool: Any, hold_ttl: float):
         self.pool = pool
         self.hold_ttl = hold_ttl
+        # Holds, posts and voids: group-committed with those of other requests.
+        self.batch = GroupCommit(pool, _APPLY)
 
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
                         grants: Mapping[str, int], conn: Any = None) -> None:
@@ -233,11 +245,9 @@ class Ledger:
         user's state either way (one round trip, one transaction)."""
         caps_json = orjson.dumps([{"scope": c.scope, "period": c.period, "cap": c.cap}
                                   for c in caps]).decode()
-        row = await self.pool.fetchrow(
-            "SELECT * FROM paywall_hold($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10)",
-            paywall_id, user_id, asset, amount, request_id, model, require_connect,
-            self.hold_ttl, caps_json, timezone,
-        )
+        row = await self.batch.fetchrow(
+            "hold", paywall_id, user_id, asset, amount, request_id, model, require_connect,
+            self.hold_ttl, caps_json, timezone, *_NO_POST)
         cap = None
         if row["cap"] is not None:
             limit = next(c.cap for c in caps if _cap_name(c) == row["cap"])
@@ -264,18 +274,20 @@ class Ledger:
         u = usage or Usage(0, 0)
         if u.cache_write_tokens:  # no column of its own: kept with the entry
             metadata = {**(metadata or {}), "cache_write_tokens": u.cache_write_tokens}
-        row = await self.pool.fetchrow(
-            "SELECT * FROM paywall_post($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
-            hold_id, amount, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
-            u.reasoning_tokens, outcome, orjson.dumps(metadata or {}).decode(),
-        )
-        return Posted(row["charged"], row["balance_after"], row["uncharged"]) if row else None
+        row = await self.batch.fetchrow(
+            "post", *_NO_HOLD, hold_id, amount, u.prompt_tokens, u.completion_tokens,
+            u.cached_tokens, u.reasoning_tokens, outcome, orjson.dumps(metadata or {}).decode(),
+            None)
+        if not row["resolved"]:
+            return None
+        return Posted(row["charged"], row["balance_after"], row["uncharged"])
 
     async def void(self, hold_id: int, status: str = "voided") -> bool:
         """Release the whole hold; ``status`` is "voided", or "expired" for the reaper."""
         if status not in ("voided", "expired"):
             raise ValueError(f"a hold is voided or expired, not {status!r}")
-        return bool(await self.pool.fetchval("SELECT paywall_void($1, $2)", hold_id, status))
+        row = await self.batch.fetchrow("void", *_NO_HOLD, hold_id, *_NO_COST, status)
+        return bool(row["resolved"])
 
     async def renew(self, checkpoints: dict[int, dict[str, Any] | None]) -> None:
         """Extend live holds and store their usage checkpoints, in one statement."""

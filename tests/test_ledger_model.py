@@ -29,6 +29,7 @@ from hypothesis.stateful import (
 )
 
 from proxy import db
+from proxy.decide import UserState
 from proxy.ledger import IdempotencyConflict, InsufficientFunds, Ledger, Posted, Stored
 from proxy.pricing import Usage
 
@@ -216,9 +217,18 @@ class LedgerMachine(RuleBasedStateMachine):
     def hold(self, user: str, asset: str, amount: int, require_connect: bool,
              expired: bool) -> None:
         ledger = self.expiring if expired else self.ledger
-        state = self.run(ledger.hold(self.paywall, user, asset, amount,
-                                     request_id=f"req-{uuid.uuid4()}", model="m",
-                                     require_connect=require_connect))
+        self.held(self.run(self.hold_of(ledger, user, asset, amount, require_connect)),
+                  user, asset, amount, require_connect, expired)
+
+    def hold_of(self, ledger: Ledger, user: str, asset: str, amount: int,
+                require_connect: bool) -> Coroutine[Any, Any, UserState]:
+        return ledger.hold(self.paywall, user, asset, amount,
+                           request_id=f"req-{uuid.uuid4()}", model="m",
+                           require_connect=require_connect)
+
+    def held(self, state: UserState, user: str, asset: str, amount: int,
+             require_connect: bool, expired: bool) -> None:
+        """Check a hold's answer against the model, and apply it there."""
         acct = self.accounts.get((user, asset))
         assert state.exists == (user in self.users)
         assert state.connected == (user in self.connected)
@@ -257,11 +267,19 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), usage=usages)
     def post(self, data: st.DataObject, usage: Usage | None) -> None:
         hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
+        amount = data.draw(self.costs(hold_id), label="amount")
+        self.posted(self.run(self.ledger.post(hold_id, amount, usage, "completed",
+                                              {"note": "model"})), hold_id, amount)
+
+    def costs(self, hold_id: int) -> st.SearchStrategy[int]:
         held = self.holds[hold_id].amount
-        amount = data.draw(st.integers(0, held) | st.integers(held, 2 * held + 10),
-                           label="amount")
-        posted = self.run(self.ledger.post(hold_id, amount, usage, "completed",
-                                           {"note": "model"}))
+        return st.integers(0, held) | st.integers(held, 2 * held + 10)
+
+    def posted(self, posted: Posted | None, hold_id: int, amount: int) -> None:
+        """Check a post's answer against the model, and apply it there."""
+        if self.holds[hold_id].status != "pending":
+            assert posted is None
+            return
         charge = self.chargeable(hold_id, amount)
         assert posted == Posted(charge, self.settle(hold_id, charge, "completed"),
                                 amount - charge)
@@ -270,8 +288,56 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), status=st.sampled_from(["voided", "expired"]))
     def void(self, data: st.DataObject, status: str) -> None:
         hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
-        assert self.run(self.ledger.void(hold_id, status)) is True
-        self.release(hold_id, status)
+        self.voided(self.run(self.ledger.void(hold_id, status)), hold_id, status)
+
+    def voided(self, done: bool, hold_id: int, status: str) -> None:
+        assert done is (self.holds[hold_id].status == "pending")
+        if done:
+            self.release(hold_id, status)
+
+    @rule(data=st.data(), size=st.integers(2, 8))
+    def together(self, data: st.DataObject, size: int) -> None:
+        """Holds, posts and voids made at the same moment by requests in flight: they
+        go to PostgreSQL as one batch, one commit, and each answers exactly what it
+        would alone, in the order the calls were made (two calls may name one hold)."""
+        pending = self.pending()
+        calls: list[tuple[Any, ...]] = []
+        for i in range(size):
+            kind = data.draw(st.sampled_from(["hold", "post", "void"] if pending
+                                             else ["hold"]), label=f"call {i}")
+            if kind == "hold":
+                calls.append(("hold", data.draw(users, label="user"),
+                              data.draw(assets, label="asset"),
+                              data.draw(st.integers(0, 120), label="amount"),
+                              data.draw(st.sampled_from([False, False, True]),
+                                        label="require_connect")))
+            else:
+                hold_id = data.draw(st.sampled_from(pending), label="hold")
+                calls.append((kind, hold_id, data.draw(self.costs(hold_id), label="cost")
+                              if kind == "post" else
+                              data.draw(st.sampled_from(["voided", "expired"]),
+                                        label="status")))
+
+        def start(call: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
+            if call[0] == "hold":
+                return self.hold_of(self.ledger, *call[1:])
+            if call[0] == "post":
+                return self.ledger.post(call[1], call[2], None, "completed")
+            return self.ledger.void(call[1], call[2])
+
+        async def all_at_once() -> list[Any]:
+            return await asyncio.gather(*map(start, calls))
+
+        batches = self.ledger.batch.batches
+        answers = self.run(all_at_once())
+        assert self.ledger.batch.batches == batches + 1  # one batch, one commit
+        for call, answer in zip(calls, answers, strict=True):
+            if call[0] == "hold":
+                self.held(answer, *call[1:], expired=False)
+            elif call[0] == "post":
+                self.posted(answer, call[1], call[2])
+            else:
+                self.voided(answer, call[1], call[2])
 
     @precondition(lambda self: self.resolved())
     @rule(data=st.data(), amount=st.integers(0, 500),

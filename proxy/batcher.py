@@ -1,0 +1,121 @@
+"""Group commit: one statement's calls from requests in flight at the same moment run
+together, as one batch with one round trip and one commit.
+
+A call waits in the queue; the first call into an empty, idle queue starts a flush for
+the next turn of the event loop, so every call made meanwhile by other requests joins it
+and a call alone waits for nothing but that turn. While a batch is in PostgreSQL the next
+one gathers, up to ``max_batch`` calls. One batch at a time per process: batches of one
+process never wait on each other's locks.
+
+A batch is asyncpg's ``fetchmany``: the calls are sent as one pipeline ending in a single
+Sync, so PostgreSQL runs them in order in one implicit transaction and commits (and
+flushes its WAL) once for all. The statement must return exactly one row per call, so
+that rows map onto calls in order.
+
+Each call's outcome is what it would be alone:
+
+- when the database refuses the batch (one call raises, or a deadlock with another
+  process's batch), nothing of it was committed; its calls are then run again one by
+  one, each in its own transaction, and each gets its own row or its own error;
+- when the database is out of reach, every call of the batch gets
+  :class:`~proxy.errors.DatabaseUnavailable`, as each would alone, with the same
+  uncertainty a lost reply always has (the commit may have happened);
+- a caller that stops waiting (cancelled) does not take its call out of a batch that
+  has left: the call runs, as a statement whose reply was lost would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from proxy.db import is_outage
+from proxy.errors import DatabaseUnavailable
+
+log = logging.getLogger("proxy.ledger")
+
+MAX_BATCH = 64
+
+
+class GroupCommit:
+    def __init__(self, pool: Any, statement: str, max_batch: int = MAX_BATCH):
+        self.pool = pool
+        self.statement = statement
+        self.max_batch = max_batch
+        self._queue: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.batches = 0  # batches sent, for tests and metrics
+        self.calls = 0  # calls sent in them
+
+    async def fetchrow(self, *args: Any) -> Any:
+        """The statement's row for ``args``, run in the next batch."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:self.max_batch]
+                del self._queue[:self.max_batch]
+                await self._run(batch)
+        finally:
+            self._flushing = None
+
+    async def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            rows = await self.pool.fetchmany(self.statement, [args for args, _ in batch])
+        except Exception as e:
+            if is_outage(e) or isinstance(e, DatabaseUnavailable):
+                for _, future in batch:  # an error of its own each: tracebacks differ
+                    if not future.done():
+                        future.set_exception(_chained(DatabaseUnavailable(), e))
+                return
+            if len(batch) > 1:
+                log.debug("a batch of %d was refused (%s); its calls run one by one",
+                          len(batch), type(e).__name__)
+            await self._one_by_one(batch, e if len(batch) == 1 else None)
+            return
+        if len(rows) != len(batch):  # the statement broke its contract: say so to all
+            error = RuntimeError(f"{len(rows)} rows for a batch of {len(batch)} calls")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), row in zip(batch, rows, strict=True):
+            if not future.done():
+                future.set_result(row)
+
+    async def _one_by_one(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]],
+                          known: Exception | None) -> None:
+        """Each call alone; ``known``: the error of a batch of one, not run again."""
+        for args, future in batch:
+            try:
+                if known is not None:
+                    raise known
+                row = await self.pool.fetchrow(self.statement, *args)
+            except Exception as e:
+                error: BaseException = e
+                if is_outage(e):
+                    error = _chained(DatabaseUnavailable(), e)
+                if not future.done():
+                    future.set_exception(error)
+                continue
+            if not future.done():
+                future.set_result(row)
+
+    async def aclose(self) -> None:
+        """Wait for the batch in flight and those queued (at shutdown)."""
+        while (task := self._flushing) is not None:
+            await asyncio.shield(task)
+
+
+def _chained(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause.__cause__ if isinstance(cause, DatabaseUnavailable) else cause
+    return error
