@@ -2,7 +2,9 @@
 -- PostgreSQL as one batch (proxy/batcher.py), one pipeline of calls to this function
 -- ending in one Sync: one implicit transaction, one commit. One function for the three,
 -- so a batch runs its calls in the order they were made, and always exactly one row per
--- call, so the rows map onto the calls. Each operation is the function it always was.
+-- call, so the rows map onto the calls. Each operation is the function it always was; a
+-- hold placed also answers its account's posted balance (``balance``), so that a charge
+-- within the hold knows the balance after it without asking again.
 CREATE FUNCTION paywall_apply(
     p_op text,
     -- a hold (paywall_hold)
@@ -16,7 +18,7 @@ CREATE FUNCTION paywall_apply(
 ) RETURNS TABLE (connected boolean, hold_id bigint, available bigint, cap text,
                  cap_used bigint, cap_resets timestamptz,
                  charged bigint, balance_after bigint, uncharged bigint,
-                 resolved boolean)
+                 resolved boolean, balance bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_op = 'hold' THEN
@@ -24,6 +26,10 @@ BEGIN
         INTO connected, hold_id, available, cap, cap_used, cap_resets
         FROM paywall_hold(p_paywall, p_user, p_asset, p_amount, p_request, p_model,
                           p_require_connect, p_ttl, p_caps, p_tz) h;
+        IF hold_id IS NOT NULL THEN
+            SELECT a.balance INTO balance FROM holds h JOIN accounts a ON a.id = h.account_id
+            WHERE h.id = hold_id;
+        END IF;
     ELSIF p_op = 'post' THEN
         SELECT p.charged, p.balance_after, p.uncharged
         INTO charged, balance_after, uncharged

@@ -38,6 +38,7 @@ class UserState:
     available: int  # balance - held of that asset, before this request's hold
     hold_id: int | None  # set when the hold was placed
     cap: CapReached | None = None  # the spend cap that refused the hold
+    balance: int | None = None  # the posted balance, when the hold was placed
 
 
 class Action(enum.Enum):

@@ -259,6 +259,7 @@ class Ledger:
             available=row["available"] or 0,
             hold_id=row["hold_id"],
             cap=cap,
+            balance=row["balance"],
         )
 
     async def post(self, hold_id: int, amount: int, usage: Usage | None, outcome: str,

@@ -236,7 +236,9 @@ class Ticket:
         self.charge: Charge | None = None
         self._admitting: asyncio.Task[Verdict | None] | None = None
         self._holding: asyncio.Task[UserState] | None = None
+        self._pricing: asyncio.Task[Charge] | None = None
         self._closing: asyncio.Task[Posted | None] | None = None
+        self.settling_after = False  # the answer went out before the hold was resolved
 
     async def admit(self) -> Verdict | None:
         p = self.plan
@@ -277,6 +279,50 @@ class Ticket:
             state = await place()
         return state
 
+    async def price(self, price: Callable[[], Awaitable[Charge]]) -> Charge:
+        """Count what the answer costs (:attr:`charge`), in a task of its own: a request
+        cancelled while its answer is counted is still charged for it."""
+        if self._pricing is None:
+            self._pricing = self.services.tasks.spawn(self._price(price))
+        return await asyncio.shield(self._pricing)
+
+    async def _price(self, price: Callable[[], Awaitable[Charge]]) -> Charge:
+        try:
+            self.charge = await price()
+        except Exception:  # a bug: still charge what is surely owed
+            log.exception("pricing the answer of %s failed", self.rec.request_id)
+            self.charge = self.call.gone()
+        return self.charge
+
+    def foreseen(self) -> Posted | None:
+        """The post that :meth:`close` will make, known without the ledger when the
+        charge is within the hold: the charge, and the balance at the hold less it (true
+        unless another request of the user moves the balance meanwhile). None when
+        there is nothing to post or the charge exceeds the hold (what the ledger takes
+        beyond it depends on what is available then)."""
+        task = self._holding
+        if task is None or not task.done() or task.cancelled() or task.exception():
+            return None
+        state = task.result()
+        what, amount = resolution(state, self.action, self.charge)
+        if what != "post" or amount is None or state.balance is None or (
+                self.plan.hold is None or amount > self.plan.hold):
+            return None
+        return Posted(amount, state.balance - amount)
+
+    def settle_after(self) -> None:
+        """Resolve the hold after the answer has gone: in a tracked task (shutdown waits
+        for it), whose failure is logged (a refused post is owed, as always)."""
+        self.settling_after = True
+        if self._closing is None:
+            self._closing = self.services.tasks.spawn(self._close(None))
+            self._closing.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[Posted | None]) -> None:
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("settling %s after its answer failed", self.rec.request_id,
+                      exc_info=e)
+
     async def close(self, price: Callable[[], Awaitable[Charge]] | None = None
                     ) -> Posted | None:
         """Resolve the hold (post :attr:`charge`, or what ``price`` finds, or void) and
@@ -290,12 +336,10 @@ class Ticket:
         verdict = await _outcome_of(self._admitting)
         state = await _outcome_of(self._holding)
         try:
-            if price is not None:
-                try:
-                    self.charge = await price()
-                except Exception:  # a bug: still charge what is surely owed
-                    log.exception("pricing the answer of %s failed", self.rec.request_id)
-                    self.charge = self.call.gone()
+            if self._pricing is not None:
+                await asyncio.wait([self._pricing])  # its result is self.charge
+            elif price is not None:
+                await self._price(price)
             what, amount = resolution(state, self.action, self.charge)
             if what == "none":
                 return None
@@ -373,11 +417,17 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             response = Response(content, status_code=reply.status)
             response.raw_headers += call.headers(reply, verdict, relayed=False)
             return response
-        posted = await ticket.close(lambda: call.settle_whole(content))
-        assert ticket.charge is not None
-        return call.answer(reply, content, ticket.charge, posted, verdict)
+        charge = await ticket.price(lambda: call.settle_whole(content))
+        posted = (ticket.foreseen() if services.settings.billing.settle_after_answer
+                  else None)
+        if posted is None:
+            posted = await ticket.close()
+        else:  # the answer goes out now, the post right after it
+            rec.cost, rec.uncharged = posted.charged, 0
+            ticket.settle_after()
+        return call.answer(reply, content, charge, posted, verdict)
     finally:
-        if relay is None:
+        if relay is None and not ticket.settling_after:
             await ticket.close()
 
 

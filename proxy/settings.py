@@ -96,6 +96,11 @@ class BillingSettings:
         True, "Wait for holds and charges to reach the disk before going on; false is "
               "faster but a database crash may lose the last charges (never deposits)."
     )
+    settle_after_answer: bool = setting(
+        True, "Send a whole (non-streaming) answer once its cost is known, and post the "
+              "charge right after it; false posts first. Only a hard kill in between "
+              "loses the charge (the reaper voids its hold)."
+    )
     shutdown_settle_seconds: float = setting(
         5.0, "At shutdown, how long to keep writing settlements the database refused "
              "before spooling the rest to disk."

@@ -487,7 +487,7 @@ async def test_a_top_up_reply_shows_the_balance_it_was_refused_on(billing: Billi
                     return bool(await observer.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE datname ="
                         " current_database() AND wait_event_type = 'Lock'"
-                        " AND query LIKE '%paywall_hold(%'"))
+                        " AND query LIKE '%paywall_apply(%'"))
 
                 async with asyncio.TaskGroup() as tg:
                     reply = tg.create_task(api.post("/v1/chat/completions", json=chat(user)))

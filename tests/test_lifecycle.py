@@ -25,6 +25,7 @@ from proxy.decide import Action, UserState
 from proxy.gateway import charge_for
 from proxy.keys import KeyStore
 from proxy.lifecycle import Charge, resolution
+from proxy.pricing import format_amount
 from proxy.relay import Outcome
 from tests.conftest import new_user
 
@@ -143,6 +144,8 @@ async def cancelled_or_done(app: Any, key: str, body: bytes, pauser: Pauser) -> 
         await asyncio.wait([request, reached], return_when=asyncio.FIRST_COMPLETED)
         if request.done():
             reached.cancel()
+            # A whole answer goes out before its post: one stopped after it goes on.
+            pauser.release.set()
             assert sent[0]["status"] == 200
             return True
         request.cancel()
@@ -195,3 +198,95 @@ async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
     # Every kind of await was interrupted at least once.
     expected = {"admit", "hold", "open_user", "send", "post", "finish", "relay"}
     assert expected <= set(pauser.hit), set(pauser.hit)
+
+
+async def whole_answer(app: Any, key: str, user: str) -> dict[str, Any]:
+    """One non-streaming chat completion straight into the ASGI app: its start message
+    (status, headers) and its body."""
+    body = orjson.dumps({"model": "m", "user": user,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {key}".encode()),
+                         (b"content-type", b"application/json")]}
+    await app(scope, receive, send)
+    return {"status": sent[0]["status"],
+            "headers": {k.decode(): v.decode() for k, v in sent[0]["headers"]},
+            "body": orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))}
+
+
+@pytest.mark.parametrize("after", [True, False])
+async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it(
+        own_database_url: str, tmp_path: Path, after: bool) -> None:
+    """With ``settle_after_answer`` the answer, with its cost and the balance after it,
+    is sent while its post is still held up; the post then writes exactly that cost and
+    that balance, and the lifespan's end waits for it. Off, nothing is sent before the
+    post."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(CONFIG.replace("[billing]\n",
+                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n"))
+    settings = config.load(path, {"DATABASE_URL": own_database_url})
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        key, _ = await KeyStore(conn).create("app", "test")
+    finally:
+        await conn.close()
+    app = create_app(settings)
+    starlette = app.app.app
+    user = new_user("after")
+    posting, go_on = asyncio.Event(), asyncio.Event()
+    async with starlette.router.lifespan_context(starlette):
+        services = starlette.state.services
+        post = services.ledger.post
+
+        async def held_up(*args: Any, **kwargs: Any) -> Any:
+            posting.set()
+            await go_on.wait()
+            return await post(*args, **kwargs)
+
+        services.ledger.post = held_up
+        answering = asyncio.ensure_future(whole_answer(app, key, user))  # noqa: TID251
+        await asyncio.wait_for(posting.wait(), 10)
+        await asyncio.sleep(0.2)  # time enough for an answer that does not wait
+        assert answering.done() is after
+        if after:
+            answer = answering.result()
+            asyncio.get_running_loop().call_later(0.3, go_on.set)
+        else:
+            go_on.set()
+            answer = await answering
+    # The lifespan is over: every post it started is written.
+    assert answer["status"] == 200
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        entry = await conn.fetchrow(
+            "SELECT e.amount, e.balance_after, e.request_id FROM entries e"
+            " JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = 'app' AND a.user_id = $1 AND e.kind = 'charge'", user)
+        pending = await conn.fetchval(
+            "SELECT count(*) FROM holds h JOIN accounts a ON a.id = h.account_id"
+            " WHERE a.user_id = $1 AND h.status = 'pending'", user)
+    finally:
+        await conn.close()
+    assert pending == 0
+    assert entry["request_id"] == answer["headers"]["x-request-id"]
+    scale = settings.assets["usd"].scale
+    assert answer["headers"]["x-paywall-cost"] == format_amount(-entry["amount"], scale)
+    assert answer["body"]["usage"]["cost"] == format_amount(-entry["amount"], scale)
+    assert answer["headers"]["x-paywall-balance"] == format_amount(entry["balance_after"],
+                                                                   scale)
+    assert -entry["amount"] > 0
