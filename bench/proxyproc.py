@@ -1,6 +1,6 @@
 """Running ``paywall-proxy serve`` for the benchmarks: its database, a key, its start-up,
 a leftover embedded PostgreSQL, an earlier release checked out to run next to it, and the
-resident memory of its process tree.
+resident memory and CPU time of its process tree (and PostgreSQL's CPU time).
 
 Used by bench/run.py for every proxy setup and by bench/open_streams.py.
 """
@@ -17,7 +17,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -335,3 +335,180 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+
+# --- CPU time --------------------------------------------------------------------
+
+# A process is its pid and its start: a pid the system reused names another process.
+ProcKey = tuple[int, float]
+
+
+def cpu_seconds(processes: Iterable[psutil.Process]) -> dict[ProcKey, float]:
+    """Each process's CPU time so far, user + system (children it reaped left out); a
+    process gone or out of reach is left out."""
+    times = {}
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            times[p.pid, p.create_time()] = t.user + t.system
+    return times
+
+
+def postgres_processes() -> list[psutil.Process]:
+    """Every process on the machine named ``postgres``: the postmaster, auxiliary
+    processes and backends of every server, the DATABASE_URL's and any embedded one."""
+    found = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] == "postgres":
+            found.append(p)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresServers:
+    """The PostgreSQL servers the run's proxies use, by the pid of their postmaster.
+
+    A session over a Unix socket cannot be traced to its client: on a server the proxies
+    reach over TCP (the DATABASE_URL's) it is someone else's; on an embedded one, which
+    only the run's proxies reach, over its Unix socket, it is the run's.
+    """
+
+    tcp: frozenset[int]
+    local: frozenset[int]
+
+    @property
+    def known(self) -> frozenset[int]:
+        return self.tcp | self.local
+
+
+def _postmaster_of_url(url: str) -> int | None:
+    """The pid of the postmaster of the DATABASE_URL's server, if it runs on this machine."""
+    async def postmaster() -> psutil.Process | None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:  # while the backend runs
+            return psutil.Process(int(await conn.fetchval("select pg_backend_pid()"))).parent()
+        finally:
+            await conn.close()
+
+    try:
+        server = asyncio.run(postmaster())
+        return None if server is None or server.name() != "postgres" else int(server.pid)
+    except (OSError, TimeoutError, asyncpg.PostgresError, psutil.Error):
+        return None
+
+
+def _postmaster_of_dir(data_dir: Path) -> int | None:
+    """The pid of an embedded PostgreSQL running on ``data_dir``, from its pid file."""
+    try:
+        pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        return pid if psutil.Process(pid).name() == "postgres" else None
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+
+
+def postgres_servers(url: str | None, data_dirs: Sequence[Path]) -> PostgresServers | None:
+    """The servers of a run: ``url``'s (DATABASE_URL), and the embedded ones running on
+    ``data_dirs``; None if one of them is not found on this machine. A URL naming a
+    socket directory (``host=/…``) counts as an embedded server does."""
+    tcp: set[int] = set()
+    local: set[int] = set()
+    if url:
+        if (pid := _postmaster_of_url(url)) is None:
+            return None
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        over_tcp = bool(host) and not host.startswith("%2f") and "host=" not in parts.query
+        (tcp if over_tcp else local).add(pid)
+    for data_dir in data_dirs:
+        if (pid := _postmaster_of_dir(data_dir)) is None:
+            return None
+        local.add(pid)
+    return PostgresServers(frozenset(tcp), frozenset(local))
+
+
+def others_sessions(postgres: Sequence[psutil.Process], tree: set[int],
+                    servers: PostgresServers | None) -> set[int]:
+    """The pids of those ``postgres`` processes that do not work for the processes
+    ``tree``: every process of a server not in ``servers`` (all of them when it is empty,
+    none when it is None: unknown), and the backends of the others whose client is not in
+    ``tree``, seen by their TCP connection (also a client not on this machine) or, for a
+    Unix socket, as :class:`PostgresServers` says. Auxiliary processes of the run's
+    servers (walwriter, checkpointer…) are the run's."""
+    pids = {p.pid for p in postgres}
+    try:
+        sockets = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        sockets = []
+    owner = {(c.laddr, c.raddr): c.pid for c in sockets if c.raddr and c.pid is not None}
+    clients = {c.pid: owner.get((c.raddr, c.laddr)) for c in sockets
+               if c.pid in pids and c.raddr}
+    others = set()
+    for p in postgres:
+        with contextlib.suppress(psutil.Error):
+            parent = p.ppid()
+            server = parent if parent in pids else p.pid
+            if servers is not None and server not in servers.known:
+                others.add(p.pid)
+            elif p.pid in clients:
+                if clients[p.pid] not in tree:
+                    others.add(p.pid)
+            elif (servers is not None and server in servers.tcp
+                  and "[local]" in " ".join(p.cmdline()).split()):
+                others.add(p.pid)
+    return others
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """The CPU seconds (user + system) each process had used at one instant."""
+
+    server: dict[ProcKey, float]  # the server's process tree, less any postgres
+    postgres: dict[ProcKey, float]  # every postgres process on the machine
+    others: frozenset[ProcKey]  # of those, the ones not working for the server
+    extra: dict[ProcKey, float]  # other processes asked for (a redis-server)
+
+
+def cpu_snapshot(root: psutil.Process, servers: PostgresServers | None = None,
+                 extra: Sequence[psutil.Process] = ()) -> CpuSnapshot:
+    """The CPU time so far of ``root``'s tree (less an embedded PostgreSQL), of every
+    ``postgres`` process on the machine (telling apart those of other servers than
+    ``servers`` and other clients' sessions), and of ``extra``."""
+    tree = process_tree(root)
+    postgres = postgres_processes()
+    others = others_sessions(postgres, {p.pid for p in tree}, servers)
+    times = cpu_seconds(postgres)
+    return CpuSnapshot(cpu_seconds(tree), times,
+                       frozenset(k for k in times if k[0] in others), cpu_seconds(extra))
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    """The CPU seconds (user + system) used between two :class:`CpuSnapshot`.
+
+    A process only in the second counts with its whole CPU time; one only in the first
+    has exited: the CPU time it used after the first is lost, and only ``vanished``
+    counts it.
+    """
+
+    server_s: float
+    postgres_s: float  # the postgres processes working for the server
+    postgres_others_s: float  # every other postgres process on the machine
+    extra_s: float
+    vanished: int  # processes that exited in between (other postgres processes left out)
+
+
+def _used(before: Mapping[ProcKey, float], after: Mapping[ProcKey, float],
+          keys: Iterable[ProcKey]) -> float:
+    return sum(after[k] - before.get(k, 0.0) for k in keys if k in after)
+
+
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> CpuUse:
+    others = before.others | after.others
+    vanished = (len(before.server.keys() - after.server.keys())
+                + len(before.postgres.keys() - after.postgres.keys() - others)
+                + len(before.extra.keys() - after.extra.keys()))
+    return CpuUse(_used(before.server, after.server, after.server),
+                  _used(before.postgres, after.postgres, after.postgres.keys() - others),
+                  _used(before.postgres, after.postgres, others),
+                  _used(before.extra, after.extra, after.extra), vanished)

@@ -11,13 +11,17 @@ proxy of that earlier release (its own checkout and database). At each concurren
 against every one of them, streaming and not, and bench/sse.py times each stream's first
 byte; the setups alternate within each concurrency so that the figures compared are
 taken close together. Then bench/open_streams.py holds 1,000 slow streams open at once
-through the proxy (``open-streams``). Writes JSON and a Markdown report to the out dir
-(also as ``latest.json`` and ``latest.md``) and prints it.
+through the proxy (``open-streams``). Around each measured wrk run it reads the CPU time
+of the server's process tree and of every PostgreSQL process, per request; with
+``--profile SETUP`` py-spy records a flame graph of that setup's measured wrk runs. Writes
+JSON and a Markdown report to the out dir (also as ``latest.json`` and ``latest.md``) and
+prints it.
 
     .venv/bin/python bench/run.py [--duration 5] [--concurrency 1,8,64] [--workers 1,2]
                                   [--setups direct,bare,proxy,previous,limits-local,
                                             limits-redis,litellm,open-streams]
                                   [--previous REF] [--no-stream] [--install-litellm]
+                                  [--profile SETUP]
                                   [--out bench/results]
                                   [--open-streams 1000] [--stream-chunks 24]
                                   [--chunk-interval-ms 500]
@@ -29,6 +33,7 @@ import argparse
 import contextlib
 import functools
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -76,13 +81,18 @@ from open_streams import OpenStreams
 from proxyproc import (
     MB,
     PROXY,
+    CpuUse,
+    PostgresServers,
     Release,
     RssSampler,
     check_out,
+    cpu_snapshot,
+    cpu_used,
     create_key,
     database_env,
     embedded_version,
     own_database,
+    postgres_servers,
     process_tree,
     resolve_release,
     rss_of,
@@ -110,6 +120,10 @@ TARGET_RPS = 2000  # non-streaming, c=64, one worker, no errors
 TARGET_RPS_CONCURRENCY = 64
 TARGET_SCALING = 1.7  # two workers over one, RPS
 TARGET_IDLE_RSS_MB = 100  # per worker
+TARGET_CPU_VS_BARE = 1.6  # the proxy's CPU per request over the bare pass-through's
+TARGET_PG_CPU_MS = 0.2  # PostgreSQL's CPU per request through the proxy
+PY_SPY_RATE = 200  # samples per second for --profile
+CPU_COLUMN = "CPU ms/request (server · PostgreSQL)"
 
 
 class Kind(Enum):
@@ -170,6 +184,12 @@ class Row:
     peak_rss_mb: float | None
     first_byte: StreamLoad | None  # bench/sse.py, stream rows only
     ttfb_overhead_ms: float | None  # time to first byte p50 - direct's
+    # CPU ms (user + system) per request over wrk's run; None for direct nginx.
+    proxy_cpu_ms: float | None = None  # the server's process tree, less any postgres
+    pg_cpu_ms: float | None = None  # the postgres processes working for the server
+    pg_other_cpu_ms: float | None = None  # every other postgres process on the machine
+    redis_cpu_ms: float | None = None  # redis-server, for the Redis setup only
+    cpu_vanished: int | None = None  # processes that exited during the run (CPU lost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +376,7 @@ class Redis:
     port: int
     executable: str
     version: str
+    process: psutil.Process
 
     @property
     def url(self) -> str:
@@ -431,7 +452,8 @@ def redis_server(executable: str, workdir: Path, log: Path,
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server not ready after {timeout:.0f} s:\n{tail(log)}")
             time.sleep(0.1)
-        yield Redis(port, executable, redis_info(port, "server").get("redis_version", "?"))
+        yield Redis(port, executable, redis_info(port, "server").get("redis_version", "?"),
+                    psutil.Process(proc.pid))
         check_survived("redis-server", proc, log)
 
 
@@ -527,11 +549,109 @@ class Measured:
     loads: dict[tuple[str, int], Load]  # wrk, by (setup, concurrency)
     first_bytes: dict[tuple[str, int], StreamLoad]  # bench/sse.py, stream setups
     peaks: dict[tuple[str, int], int]  # the server's peak RSS, bytes
+    cpu: dict[tuple[str, int], CpuUse] = field(default_factory=dict)  # over wrk's run
 
 
-def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler) -> Measured:
+# --- the profiler ----------------------------------------------------------------
+
+
+def py_spy_executable() -> str | None:
+    """py-spy next to this Python (the virtualenv's), else on PATH, else None."""
+    beside = Path(sys.executable).with_name("py-spy")
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def _py_spy_version(executable: str) -> str:
+    done = subprocess.run([executable, "--version"], capture_output=True, text=True,
+                          check=False, timeout=30)
+    return done.stdout.strip() or "py-spy"
+
+
+def slug(text: str) -> str:
+    """``text`` for a file name: "proxy, 1 worker, stream" -> "proxy-1-worker-stream"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@dataclass(slots=True)
+class Profiler:
+    """py-spy on one setup's measured wrk runs (``--profile SETUP``), and what it gave."""
+
+    executable: str
+    version: str  # "py-spy 0.4.3"
+    setup: str
+    out: Path  # where the SVGs go
+    stem: str  # the run's, e.g. run-20261201-120000
+    logs: Path  # py-spy's own output, saved with the run's logs
+    written: list[str] = field(default_factory=list)  # SVG paths
+    failures: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def profiling(p: Profiler, server: Server, concurrency: int, seconds: int) -> Iterator[None]:
+    """``py-spy record`` on ``server``'s tree (``--subprocesses``: every worker) while the
+    body runs: started first, and once it samples the body runs; then waited for. A
+    py-spy that fails is reported in the progress output and in ``p.failures``, and the
+    run goes on; one still running at the end is stopped.
+
+    It records one second more than wrk runs, so that wrk's whole run is in it; the
+    idle second adds no samples (py-spy leaves idle threads out).
+    """
+    svg = p.out / f"{p.stem}-{slug(p.setup)}-c{concurrency}.svg"
+    log = p.logs / f"py-spy-{slug(p.setup)}-c{concurrency}.log"
+    argv = [p.executable, "record", "--pid", str(server.process.pid), "--subprocesses",
+            "--format", "flamegraph", "--output", str(svg), "--duration", str(seconds + 1),
+            "--rate", str(PY_SPY_RATE)]
+    p.out.mkdir(parents=True, exist_ok=True)
+    # Its error, not a Rust backtrace (RUST_BACKTRACE may be set in the environment).
+    with running(argv, log, {**os.environ, "RUST_BACKTRACE": "0"}, stop_timeout=10) as proc:
+        deadline = time.monotonic() + 10
+        while (proc.poll() is None and time.monotonic() < deadline
+               and "Sampling process" not in log.read_text(errors="replace")):
+            time.sleep(0.02)
+        yield
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(seconds + 30)
+    if proc.returncode == 0 and svg.exists():
+        p.written.append(str(svg))
+        progress(f"py-spy: flame graph of {p.setup} at c={concurrency} in {svg}")
+    else:
+        said = [line.strip() for line in tail(log, 5).splitlines() if line.strip()]
+        failure = (f"py-spy on {p.setup} at c={concurrency} failed "
+                   f"(status {proc.returncode}): {' / '.join(said) or 'no output'}")
+        p.failures.append(failure)
+        progress(failure)
+
+
+def profile_line(p: Profiler) -> str:
+    """What ``--profile`` recorded, for the report's header."""
+    files = ", ".join(f"`{Path(w).name}`" for w in p.written) or "no flame graph"
+    return (f"{p.version} `record --subprocesses --rate {PY_SPY_RATE}` on {p.setup} during "
+            f"its measured wrk runs (so its figures include the profiler's cost): {files}"
+            + "".join(f"; {failure}" for failure in p.failures))
+
+
+def server_setups(kinds: list[Kind], workers: list[int], stream: bool) -> list[str]:
+    """The names of the setups served by a process tree (not direct nginx) that a run of
+    ``kinds`` would have, in the report's words."""
+    names = []
+    for mode in [False, True] if stream else [False]:
+        for kind in kinds:
+            if kind is Kind.BARE:
+                names.append(setup_name(kind.value, mode))
+            elif kind not in (Kind.DIRECT, Kind.OPEN_STREAMS):
+                names += [setup_name(server_name(kind, n), mode) for n in workers]
+    return names
+
+
+def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler,
+               pg: PostgresServers | None = None, redis: Redis | None = None,
+               profiler: Profiler | None = None) -> Measured:
     """wrk on every setup at each concurrency, then bench/sse.py on each stream setup;
-    the loads and the servers' peak RSS over both."""
+    the loads and the servers' peak RSS over both, and the CPU time over wrk's run of the
+    server, of PostgreSQL (``pg``: the run's servers) and, for the Redis setup, of
+    ``redis``'s redis-server. With ``profiler``, py-spy records its setup's wrk runs."""
     m = Measured({}, {}, {})
     for c in args.concurrency:
         for t in plan:
@@ -539,9 +659,22 @@ def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler) ->
             if args.warmup:
                 wrk(t.url, body, t.auth, c, args.warmup)
             rss.track(None if t.server is None else t.server.process)
-            load = m.loads[t.setup, c] = wrk(t.url, body, t.auth, c, args.duration)
+            extra = [redis.process] if redis and t.kind is Kind.LIMITS_REDIS else []
+            before = None if t.server is None else cpu_snapshot(t.server.process, pg, extra)
+            with contextlib.ExitStack() as profiled:
+                if profiler and t.server and t.setup == profiler.setup:
+                    profiled.enter_context(profiling(profiler, t.server, c, args.duration))
+                load = m.loads[t.setup, c] = wrk(t.url, body, t.auth, c, args.duration)
+                if t.server is not None and before is not None:
+                    m.cpu[t.setup, c] = cpu_used(before,
+                                                 cpu_snapshot(t.server.process, pg, extra))
             line = (f"{t.setup:<46} c={c:<3} {load.rps:>8,.0f} RPS  p50 {ms(load.p50_ms)} ms  "
                     f"p99 {ms(load.p99_ms)} ms  errors {load.errors}")
+            if (used := m.cpu.get((t.setup, c))) and load.requests:
+                line += (f"  CPU/request {ms(used.server_s * 1000 / load.requests)} ms, "
+                         f"PostgreSQL {ms(used.postgres_s * 1000 / load.requests)} ms "
+                         f"(other {ms(used.postgres_others_s * 1000 / load.requests)} ms)"
+                         + (f", {used.vanished} processes gone" if used.vanished else ""))
             if t.stream and args.ttfb_duration:
                 first = m.first_bytes[t.setup, c] = sse_load(t.url, body, t.auth, c,
                                                              args.ttfb_duration)
@@ -674,23 +807,77 @@ class VsPrevious:
     previous: Load
     rps_vs_previous: float  # proxy RPS / previous RPS
     p50_vs_previous: float  # proxy p50 / previous p50
+    # CPU ms per request (see Row): what a change costs in CPU, whatever the throughput.
+    cpu_ms: float | None = None  # the proxy's process tree
+    previous_cpu_ms: float | None = None  # the previous release's
+    cpu_vs_previous: float | None = None  # proxy CPU / previous CPU
+    pg_cpu_ms: float | None = None  # the postgres processes working for the proxy
+    previous_pg_cpu_ms: float | None = None  # those working for the previous release
 
 
-def previous_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
-                   concurrency: list[int]) -> list[VsPrevious]:
-    rows = []
-    for t in plan:
-        if t.server is None or t.kind is not Kind.PROXY:
+def per_request_ms(seconds: float, load: Load) -> float | None:
+    """``seconds`` of CPU over ``load``'s completed requests, in ms each."""
+    return seconds * 1000 / load.requests if load.requests else None
+
+
+def _quotient(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def previous_costs(rows: list[Row]) -> list[VsPrevious]:
+    """Each row of the proxy against the previous release's with as many workers, at the
+    same concurrency, streaming or not alike."""
+    by_key = {(r.setup, r.concurrency): r for r in rows}
+    costs = []
+    for r in rows:
+        if r.kind != Kind.PROXY.value or r.workers is None:
             continue
-        peer = setup_name(server_name(Kind.PREVIOUS, t.server.workers), t.stream)
-        for c in concurrency:
-            if (base := loads.get((peer, c))) is None:
-                continue
-            load = loads[t.setup, c]
-            rows.append(VsPrevious(t.setup, t.server.workers, t.stream, c, load, base,
-                                   load.rps / base.rps if base.rps else 0.0,
-                                   load.p50_ms / base.p50_ms if base.p50_ms else 0.0))
-    return rows
+        peer = by_key.get((setup_name(server_name(Kind.PREVIOUS, r.workers), r.stream),
+                           r.concurrency))
+        if peer is None:
+            continue
+        load, base = r.load, peer.load
+        costs.append(VsPrevious(r.setup, r.workers, r.stream, r.concurrency, load, base,
+                                load.rps / base.rps if base.rps else 0.0,
+                                load.p50_ms / base.p50_ms if base.p50_ms else 0.0,
+                                r.proxy_cpu_ms, peer.proxy_cpu_ms,
+                                _quotient(r.proxy_cpu_ms, peer.proxy_cpu_ms),
+                                r.pg_cpu_ms, peer.pg_cpu_ms))
+    return costs
+
+
+@dataclass(frozen=True, slots=True)
+class CpuCost:
+    """One server setup's CPU per request at one concurrency, against the bare
+    pass-through's at the same concurrency, streaming or not alike."""
+
+    setup: str
+    workers: int
+    stream: bool
+    concurrency: int
+    server_ms: float  # the server's process tree, less any postgres
+    pg_ms: float  # the postgres processes working for the server
+    pg_other_ms: float  # every other postgres process on the machine
+    redis_ms: float | None  # the Redis setup's redis-server
+    server_vs_bare: float | None  # server CPU / the bare pass-through's
+    total_vs_bare: float | None  # (server + PostgreSQL + Redis) / the bare pass-through's server
+
+
+def cpu_costs(rows: list[Row]) -> list[CpuCost]:
+    """Every server row's CPU per request; the ratios need the bare pass-through's row."""
+    by_key = {(r.setup, r.concurrency): r for r in rows}
+    costs = []
+    for r in rows:
+        if r.proxy_cpu_ms is None or r.workers is None:
+            continue
+        bare = by_key.get((setup_name(Kind.BARE.value, r.stream), r.concurrency))
+        floor = None if bare is None else bare.proxy_cpu_ms
+        pg = r.pg_cpu_ms or 0.0
+        costs.append(CpuCost(r.setup, r.workers, r.stream, r.concurrency, r.proxy_cpu_ms, pg,
+                             r.pg_other_cpu_ms or 0.0, r.redis_cpu_ms,
+                             _quotient(r.proxy_cpu_ms, floor),
+                             _quotient(r.proxy_cpu_ms + pg + (r.redis_cpu_ms or 0.0), floor)))
+    return costs
 
 
 @dataclass(frozen=True, slots=True)
@@ -706,6 +893,8 @@ class Results:
     litellm: str | None  # "LiteLLM 1.2.3", NOT_INSTALLED, or None when not asked for
     vs_previous: list[VsPrevious] = field(default_factory=list)
     previous: str | None = None  # which release and database, when the run had one
+    cpu: list[CpuCost] = field(default_factory=list)
+    profile: str | None = None  # what --profile recorded, when asked
 
 
 def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[Row]:
@@ -717,6 +906,12 @@ def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[R
             direct = m.loads.get((direct_name, c))
             first = m.first_bytes.get((t.setup, c))
             direct_first = m.first_bytes.get((direct_name, c))
+            server_ms = pg_ms = others_ms = redis_ms = None
+            if (used := m.cpu.get((t.setup, c))) is not None:
+                server_ms, pg_ms, others_ms = (per_request_ms(s, load) for s in (
+                    used.server_s, used.postgres_s, used.postgres_others_s))
+                if t.kind is Kind.LIMITS_REDIS:
+                    redis_ms = per_request_ms(used.extra_s, load)
             rows.append(Row(
                 t.setup, t.kind.value, None if t.server is None else t.server.workers,
                 t.stream, c, load,
@@ -725,14 +920,29 @@ def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[R
                 first,
                 None if t.server is None or first is None or direct_first is None
                 else first.ttfb_p50_ms - direct_first.ttfb_p50_ms,
+                server_ms, pg_ms, others_ms, redis_ms,
+                None if used is None else used.vanished,
             ))
     return rows
 
 
+def run_postgres(workdir: Path, url: str | None, proxies: list[Kind]) -> PostgresServers | None:
+    """The PostgreSQL servers the run's ``proxies`` use: the DATABASE_URL's (``url``),
+    else the embedded ones in ``workdir``; None if one of them is not found."""
+    if not proxies:
+        return PostgresServers(frozenset(), frozenset())
+    if url:
+        return postgres_servers(url, [])
+    dirs = [*([workdir / "data"] if set(proxies) - {Kind.PREVIOUS} else []),
+            *([workdir / "previous-data"] if Kind.PREVIOUS in proxies else [])]
+    return postgres_servers(None, dirs)
+
+
 def measure(args: argparse.Namespace, workdir: Path, logs: Path,
-            redis_exe: str | None, litellm_venv: Path | None) -> Results:
+            redis_exe: str | None, litellm_venv: Path | None,
+            profiler: Profiler | None = None) -> Results:
     """Start everything, run every setup, stop everything; ``litellm_venv`` None leaves
-    LiteLLM out (not installed, or not asked for)."""
+    LiteLLM out (not installed, or not asked for); ``profiler`` records its setup."""
     kinds: list[Kind] = [k for k in args.setups if k is not Kind.LITELLM or litellm_venv]
     proxies = [k for k in kinds if k in METERED_KINDS]
     streams = [False, True] if args.stream else [False]
@@ -797,9 +1007,16 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                 for t in plan:
                     check_target(t)
                 open_users(plan, bench_users(args.users))
+                pg = run_postgres(workdir, env.get("DATABASE_URL"), proxies)
+                progress("PostgreSQL servers of the run (postmaster pids): " + (
+                    "not found; every postgres process on the machine counts"
+                    if pg is None else ", ".join(map(str, sorted(pg.known))) or "none"))
+                if profiler and profiler.setup not in {t.setup for t in plan}:
+                    profiler.failures.append(f"{profiler.setup} did not run")
+                    progress(f"--profile: {profiler.setup} does not run; nothing to profile")
                 idle = {s.name: (tree_rss(s.process), worker_rss(s)) for s in servers}
                 with RssSampler() as rss:
-                    m = run_setups(args, plan, rss)
+                    m = run_setups(args, plan, rss, pg, redis, profiler)
                 again = {t.setup: check_again(t) for t in plan if t.kind in LIMITS_KINDS}
                 scripts = None if redis is None else redis_scripts_run(redis.port)
         finally:
@@ -808,15 +1025,17 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                      max((v for (setup, _), v in m.peaks.items()
                           if setup in (s.name, setup_name(s.name, True))), default=0) / MB)
               for s in servers]
+    rows = make_rows(plan, m, args.concurrency)
     return Results(
-        make_rows(plan, m, args.concurrency), pipeline_costs(plan, m.loads, args.concurrency),
+        rows, pipeline_costs(plan, m.loads, args.concurrency),
         limits_costs(plan, m.loads, args.concurrency),
         litellm_costs(plan, m.loads, args.concurrency), memory,
         limits_checks(plan, m, args.concurrency, again, scripts), database,
         None if redis is None else f"redis-server {redis.version} ({redis.executable})",
         None if Kind.LITELLM not in args.setups else args.litellm_label,
-        previous_costs(plan, m.loads, args.concurrency),
-        None if release is None else f"{release.ref} (commit {release.commit}), {previous}")
+        previous_costs(rows),
+        None if release is None else f"{release.ref} (commit {release.commit}), {previous}",
+        cpu_costs(rows), None if profiler is None else profile_line(profiler))
 
 
 # --- the report ------------------------------------------------------------------
@@ -857,6 +1076,7 @@ def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
             lines.append(f"2 workers / 1 worker at c={TARGET_RPS_CONCURRENCY}, {kind.value}: "
                          f"{scaling:.2f}x, target ≥ {TARGET_SCALING}x: "
                          f"{_verdict(scaling >= TARGET_SCALING)}")
+        lines += cpu_target_lines(rows, one)
     for m in memory:
         if m.setup.startswith(Kind.PROXY.value) and m.worker_idle_mb:
             worst = max(m.worker_idle_mb)
@@ -864,6 +1084,76 @@ def target_lines(rows: list[Row], memory: list[Memory]) -> list[str]:
                          f"target ≤ {TARGET_IDLE_RSS_MB} MB: "
                          f"{_verdict(worst <= TARGET_IDLE_RSS_MB)}")
     return lines
+
+
+def _where(r: Row) -> str:
+    return f"c={r.concurrency}" + (", stream" if r.stream else "")
+
+
+def cpu_target_lines(rows: list[Row], server: str) -> list[str]:
+    """The CPU targets for ``server`` (a proxy setup's name), over its stream and
+    non-stream rows at every concurrency: each line quotes the worst of them."""
+    by_key = {(r.setup, r.concurrency): r for r in rows}
+    mine = [r for r in rows if r.setup in (server, setup_name(server, True))
+            and r.proxy_cpu_ms is not None]
+    ratios = [(r.proxy_cpu_ms / bare.proxy_cpu_ms, r) for r in mine
+              if r.proxy_cpu_ms is not None
+              and (bare := by_key.get((setup_name(Kind.BARE.value, r.stream), r.concurrency)))
+              and bare.proxy_cpu_ms]
+    lines = []
+    if ratios:
+        worst, r = max(ratios, key=lambda x: x[0])
+        lines.append(f"proxy CPU per request, {server}: at most {worst:.2f}x the bare "
+                     f"pass-through's ({_where(r)}), target ≤ {TARGET_CPU_VS_BARE}x: "
+                     f"{_verdict(worst <= TARGET_CPU_VS_BARE)}")
+    if pgs := [r for r in mine if r.pg_cpu_ms is not None]:
+        r = max(pgs, key=lambda x: x.pg_cpu_ms or 0.0)
+        worst_pg = r.pg_cpu_ms or 0.0
+        others = (f", besides {ms(r.pg_other_cpu_ms)} ms of other postgres processes"
+                  if r.pg_other_cpu_ms else "")
+        lines.append(f"PostgreSQL CPU per request, {server}: at most {ms(worst_pg)} ms "
+                     f"({_where(r)}{others}), target ≤ {TARGET_PG_CPU_MS} ms: "
+                     f"{_verdict(worst_pg <= TARGET_PG_CPU_MS)}")
+    return lines
+
+
+def _cpu_cell(r: Row) -> str:
+    """CPU ms per request: "server · PostgreSQL", and Redis's for the Redis setup."""
+    if r.proxy_cpu_ms is None:
+        return ""
+    return (f"{ms(r.proxy_cpu_ms)} · " + ("-" if r.pg_cpu_ms is None else ms(r.pg_cpu_ms))
+            + ("" if r.redis_cpu_ms is None else f" (Redis {ms(r.redis_cpu_ms)})"))
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None else f"{ms(a)} · {ms(b)}"
+
+
+def cpu_section(costs: list[CpuCost], rows: list[Row]) -> list[str]:
+    """The "CPU per request" section: each server against the bare pass-through."""
+    redis = any(c.redis_ms is not None for c in costs)
+    vanished = sum(r.cpu_vanished or 0 for r in rows)
+    return ["## CPU per request", "",
+            "User + system CPU time (psutil) over each measured wrk run, over the requests "
+            "it completed, in ms. Server: the server's process tree, every worker, less any "
+            "postgres process. PostgreSQL: the postgres processes of the run's servers "
+            "(the DATABASE_URL's, the embedded ones) working for the server: its sessions "
+            "and the servers' own processes (walwriter, checkpointer…), which work for "
+            "whichever setup runs, so that setups with no database show some too. Other "
+            "PostgreSQL: every other postgres process on the machine (other servers, "
+            "the other setups' sessions, anyone else's). Ratios: against the bare "
+            "pass-through's server CPU at the same concurrency, streaming or not alike.", "",
+            markdown_table(
+                ["setup", "concurrency", "server ms", "PostgreSQL ms", "other PostgreSQL ms",
+                 *(["Redis ms"] if redis else []),
+                 "server / bare", "(server + PostgreSQL" + (" + Redis" if redis else "")
+                 + ") / bare"],
+                [[c.setup, str(c.concurrency), ms(c.server_ms), ms(c.pg_ms),
+                  ms(c.pg_other_ms),
+                  *(["" if c.redis_ms is None else ms(c.redis_ms)] if redis else []),
+                  _ratio(c.server_vs_bare), _ratio(c.total_vs_bare)] for c in costs]), "",
+            *([f"{vanished} processes exited during the runs; the CPU they used after a "
+               "run started is not counted.", ""] if vanished else [])]
 
 
 def _errors_note(errors: str) -> str:
@@ -955,6 +1245,12 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
         lines.append(f"- load: wrk -t1, {args.duration} s per run after {args.warmup} s of "
                      f"warm-up; stream time to first byte: bench/sse.py, {args.ttfb_duration} "
                      "s per run, right after wrk's")
+    if results.rows:
+        lines.append("- CPU: user + system time (psutil) over each measured wrk run, over its "
+                     "requests: the server's process tree less any postgres process, and the "
+                     "postgres processes working for it (see CPU per request)")
+    if results.profile is not None:
+        lines.append(f"- profile: {results.profile}")
     if opened is not None:
         lines.append(f"- open streams: bench/slow_sse.py, {opened.streams:,} streams at once"
                      + (", after the other setups" if results.rows else "")
@@ -970,13 +1266,13 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
     if nonstream:
         lines += ["## Non-streaming", "", markdown_table(
             ["setup", "concurrency", "RPS", "p50 ms", "p99 ms", "errors",
-             "overhead p50 vs direct ms", "peak RSS MB"],
+             "overhead p50 vs direct ms", CPU_COLUMN, "peak RSS MB"],
             [[r.setup, str(r.concurrency), f"{r.load.rps:,.0f}", ms(r.load.p50_ms),
               ms(r.load.p99_ms), r.load.errors,
               "" if r.overhead_p50_ms is None else f"{r.overhead_p50_ms:+.3f}",
-              "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
+              _cpu_cell(r), "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
              for r in nonstream]
-            + ([[Kind.LITELLM.value, NOT_INSTALLED, *[""] * 6]] if missing else [])), ""]
+            + ([[Kind.LITELLM.value, NOT_INSTALLED, *[""] * 7]] if missing else [])), ""]
     if stream:
         lines += ["## Streaming", "",
                   "RPS, whole-stream p50 and p99 and errors from wrk; time to first byte "
@@ -984,7 +1280,7 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                   markdown_table(
             ["setup", "concurrency", "RPS", "stream p50 ms", "stream p99 ms",
              "stream p50 vs direct ms", "TTFB p50 ms", "TTFB p99 ms",
-             "TTFB p50 vs direct ms", "errors", "peak RSS MB"],
+             "TTFB p50 vs direct ms", "errors", CPU_COLUMN, "peak RSS MB"],
             [[r.setup, str(r.concurrency), f"{r.load.rps:,.0f}", ms(r.load.p50_ms),
               ms(r.load.p99_ms),
               "" if r.overhead_p50_ms is None else f"{r.overhead_p50_ms:+.3f}",
@@ -993,9 +1289,9 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
               "" if r.ttfb_overhead_ms is None else f"{r.ttfb_overhead_ms:+.3f}",
               r.load.errors if r.first_byte is None or r.first_byte.errors == "0"
               else f"{r.load.errors}; TTFB run: {r.first_byte.errors}",
-              "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
+              _cpu_cell(r), "" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"]
              for r in stream]
-            + ([[setup_name(Kind.LITELLM.value, True), NOT_INSTALLED, *[""] * 9]]
+            + ([[setup_name(Kind.LITELLM.value, True), NOT_INSTALLED, *[""] * 10]]
                if missing else [])), ""]
     if results.pipeline:
         scaling = any(c.rps_vs_one_worker is not None for c in results.pipeline)
@@ -1006,6 +1302,8 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                       [[c.setup, str(c.concurrency), f"{c.p50_over_bare_ms:+.3f}",
                         _ratio(c.rps_vs_bare), *([_ratio(c.rps_vs_one_worker)] if scaling else [])]
                        for c in results.pipeline]), ""]
+    if any(c.server_vs_bare is not None for c in results.cpu):
+        lines += cpu_section(results.cpu, results.rows)
     if results.limits:
         lines += ["## What the limits cost over the plain proxy", "",
                   "Each limits setup against the proxy with as many workers and no limits, "
@@ -1023,12 +1321,16 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                   markdown_table(
                       ["setup", "concurrency", "proxy RPS", "previous RPS",
                        "proxy RPS / previous RPS", "proxy p50 ms", "previous p50 ms",
-                       "proxy p50 / previous p50"],
+                       "proxy p50 / previous p50", "CPU ms/request, proxy · previous",
+                       "proxy CPU / previous CPU",
+                       "PostgreSQL CPU ms/request, proxy · previous"],
                       [[c.setup, str(c.concurrency),
                         f"{c.load.rps:,.0f}{_errors_note(c.load.errors)}",
                         f"{c.previous.rps:,.0f}{_errors_note(c.previous.errors)}",
                         _ratio(c.rps_vs_previous), ms(c.load.p50_ms), ms(c.previous.p50_ms),
-                        _ratio(c.p50_vs_previous)] for c in results.vs_previous]), ""]
+                        _ratio(c.p50_vs_previous), _pair(c.cpu_ms, c.previous_cpu_ms),
+                        _ratio(c.cpu_vs_previous), _pair(c.pg_cpu_ms, c.previous_pg_cpu_ms)]
+                       for c in results.vs_previous]), ""]
     if results.vs_litellm:
         lines += ["## Against LiteLLM", "",
                   "Each proxy setup against the LiteLLM proxy with as many workers, at the "
@@ -1054,8 +1356,8 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
               *([] if opened is None else open_streams.target_lines(opened))]
     if checks:
         lines += ["## Performance targets", "", *[f"- {line}" for line in checks], ""]
-    lines.append("Figures are comparable only within this run. RSS leaves out an embedded "
-                 "PostgreSQL and redis-server.")
+    lines.append("Figures are comparable only within this run. RSS and the server's CPU "
+                 "leave out an embedded PostgreSQL and redis-server.")
     return "\n".join(lines)
 
 
@@ -1100,6 +1402,12 @@ def main() -> int:
     parser.add_argument("--ttfb-duration", type=float, default=2.0,
                         help="seconds of bench/sse.py per stream run, for the time to first "
                              "byte (default 2; 0 leaves it out)")
+    parser.add_argument("--profile", metavar="SETUP",
+                        help="record a py-spy flame graph (SVG, in --out, one per concurrency) "
+                             "of SETUP's measured wrk runs; SETUP as the report names it, "
+                             "e.g. 'proxy, 1 worker' or 'proxy, 1 worker, stream' (or "
+                             "proxy-1-worker-stream); needs py-spy (.venv/bin/pip install "
+                             "py-spy)")
     parser.add_argument("--install-litellm", action="store_true",
                         help="run bench/litellm.sh first when LiteLLM is not installed")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
@@ -1131,6 +1439,19 @@ def main() -> int:
         progress(f"bench/run.py: not found: {PROXY} (the project installed in .venv)")
         return 2
     wrk_setups = [k for k in args.setups if k is not Kind.OPEN_STREAMS]
+    spy, profiled = None, ""
+    if args.profile is not None:
+        names = server_setups(wrk_setups, args.workers, args.stream)
+        if not (found := [n for n in names if slug(n) == slug(args.profile)]):
+            progress(f"bench/run.py: --profile {args.profile!r} is not a setup this run "
+                     f"serves; one of: {'; '.join(names) or 'none'}")
+            return 2
+        profiled = found[0]
+        if (spy := py_spy_executable()) is None:
+            progress(f"bench/run.py: --profile needs py-spy, found neither next to "
+                     f"{sys.executable} nor on PATH: install it with "
+                     ".venv/bin/pip install py-spy")
+            return 2
     try:
         if wrk_setups:
             install_missing(with_redis=Kind.LIMITS_REDIS in args.setups
@@ -1170,9 +1491,11 @@ def main() -> int:
         logs = Path(tmp) / "logs"
         logs.mkdir()
         opened = None
+        profiler = None if spy is None else Profiler(
+            spy, _py_spy_version(spy), profiled, args.out, stem, logs)
         try:
-            results = (measure(args, Path(tmp), logs, redis_exe, litellm_venv) if wrk_setups
-                       else Results([], [], [], [], [], [], "", None, None))
+            results = (measure(args, Path(tmp), logs, redis_exe, litellm_venv, profiler)
+                       if wrk_setups else Results([], [], [], [], [], [], "", None, None))
             if Kind.OPEN_STREAMS in args.setups:
                 opened = open_streams.measure(args, Path(tmp), logs)
         except KeyboardInterrupt:
@@ -1205,6 +1528,8 @@ def main() -> int:
         "vs_litellm": [asdict(c) for c in results.vs_litellm],
         "previous": results.previous,
         "vs_previous": [asdict(c) for c in results.vs_previous],
+        "cpu": [asdict(c) for c in results.cpu],
+        "profile": results.profile,
         "memory": [asdict(m) for m in results.memory],
         "checks": [asdict(c) for c in results.checks],
         "open_streams": None if opened is None else asdict(opened),
