@@ -97,9 +97,9 @@ class BillingSettings:
               "faster but a database crash may lose the last charges (never deposits)."
     )
     settle_after_answer: bool = setting(
-        True, "Send a whole (non-streaming) answer once its cost is known, and post the "
-              "charge right after it; false posts first. Only a hard kill in between "
-              "loses the charge (the reaper voids its hold)."
+        False, "Send a whole (non-streaming) answer once its cost is known and post the "
+               "charge right after it (faster); a hard kill in between loses the charge, "
+               "and a read right after the answer may not see it yet."
     )
     shutdown_settle_seconds: float = setting(
         5.0, "At shutdown, how long to keep writing settlements the database refused "
