@@ -68,7 +68,7 @@ def embedded_version(data_dir: Path) -> str | None:
     return None
 
 
-def _run_sql(url: str, statement: str) -> None:
+def run_sql(url: str, statement: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(url, timeout=10)
         try:
@@ -95,12 +95,12 @@ def own_database(env: Mapping[str, str], data_dir: Path) -> Iterator[tuple[dict[
             stop_leftover_postgres(data_dir)
         return
     name = "paywall_bench_" + secrets.token_hex(4)
-    _run_sql(url, f"CREATE DATABASE {name}")
+    run_sql(url, f"CREATE DATABASE {name}")
     try:
         yield ({**env, "DATABASE_URL": urlunsplit(urlsplit(url)._replace(path="/" + name))},
                f"its own database {name} on the DATABASE_URL's server, dropped after the run")
     finally:
-        _run_sql(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        run_sql(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,7 @@ from proxyproc import (
     process_tree,
     resolve_release,
     rss_of,
+    run_sql,
     serve_proxy,
     stop_leftover_postgres,
     tree_rss,
@@ -246,14 +247,31 @@ def setup_name(server: str, stream: bool) -> str:
 # --- the proxy -------------------------------------------------------------------
 
 
-ASYNC_COMMIT = "[billing]\nsynchronous_commit = false\n"
+# The trigger names of migrations/0010_events.sql, by table.
+EVENT_TRIGGERS = {"entries": ("entries_event",), "users": ("users_created", "users_connected"),
+                  "holds": ("holds_expired",)}
 
 
-def settings_toml(upstream: Upstream, synchronous_commit: bool = True) -> str:
+def silence_outbox(env: Mapping[str, str]) -> str:
+    """Disable the event triggers in the database of ``env``'s ``DATABASE_URL`` (a
+    proxy's own, already migrated); the statements run, as one line."""
+    if "DATABASE_URL" not in env:
+        raise RuntimeError("--no-previous-outbox needs DATABASE_URL")
+    statements = [f"ALTER TABLE {table} DISABLE TRIGGER {name}"
+                  for table, names in EVENT_TRIGGERS.items() for name in names]
+    run_sql(env["DATABASE_URL"], "; ".join(statements))
+    return "; ".join(statements)
+
+
+def settings_toml(upstream: Upstream, synchronous_commit: bool = True,
+                  settle_after_answer: bool = False) -> str:
+    billing = [*([] if synchronous_commit else ["synchronous_commit = false"]),
+               *(["settle_after_answer = true"] if settle_after_answer else [])]
     return f"""\
 [server]
 host = "127.0.0.1"
-{"" if synchronous_commit else ASYNC_COMMIT}
+{"[billing]" if billing else ""}
+{chr(10).join(billing)}
 
 [providers.nginx]
 kind = "openai"
@@ -950,7 +968,8 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
     with nginx_upstream(workdir) as upstream:
         env, database = database_env(workdir)
         config = workdir / "bench.toml"
-        config.write_text(settings_toml(upstream, args.synchronous_commit == "on"),
+        config.write_text(settings_toml(upstream, args.synchronous_commit == "on",
+                                        args.settle_after_answer == "on"),
                           encoding="utf-8")
         progress(f"database: {database}")
         try:
@@ -980,6 +999,10 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                     progress(f"creating a key for paywall {PAYWALL} with {release.ref} "
                              f"({release.commit}), {previous}")
                     previous_key = create_key(config, previous_env, PAYWALL, release)
+                    if not args.previous_outbox:
+                        done = silence_outbox(previous_env)
+                        progress(f"the previous release writes no events: {done}")
+                        previous += ", event triggers disabled (no outbox rows)"
                 for n in args.workers:
                     for kind in proxies:
                         progress(f"starting {server_name(kind, n)}")
@@ -1395,6 +1418,14 @@ def main() -> int:
     parser.add_argument("--previous", metavar="REF",
                         help="a git ref (commit, tag) of an earlier release to run as the "
                              "setup previous (default: none)")
+    parser.add_argument("--previous-outbox", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="--no-previous-outbox disables the event triggers in the "
+                             "previous release's database (needs DATABASE_URL): with "
+                             "--previous HEAD, what the events outbox costs")
+    parser.add_argument("--settle-after-answer", choices=("on", "off"), default="off",
+                        help="the proxies' billing.settle_after_answer (default off; on "
+                             "cannot run with a --previous that lacks the setting)")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each setup streaming (default: yes)")
     parser.add_argument("--warmup", type=int, default=1,
