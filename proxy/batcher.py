@@ -70,7 +70,10 @@ class GroupCommit:
         self.batches += 1
         self.calls += len(batch)
         try:
-            rows = await self.pool.fetchmany(self.statement, [args for args, _ in batch])
+            if len(batch) == 1:  # alone: the plain statement, no pipeline to set up
+                rows = [await self.pool.fetchrow(self.statement, *batch[0][0])]
+            else:
+                rows = await self.pool.fetchmany(self.statement, [args for args, _ in batch])
         except Exception as e:
             if is_outage(e) or isinstance(e, DatabaseUnavailable):
                 for _, future in batch:  # an error of its own each: tracebacks differ

@@ -114,6 +114,16 @@ class Pauser:
         setattr(obj, name, paused)
 
 
+def chat_scope(key: str) -> dict[str, Any]:
+    """The ASGI scope of a chat completion sent with ``key``."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+            "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+            "headers": [(b"authorization", f"Bearer {key}".encode()),
+                        (b"content-type", b"application/json")]}
+
+
 async def cancelled_or_done(app: Any, key: str, body: bytes, pauser: Pauser) -> bool:
     """Send one chat completion straight into the ASGI app; cancel it when ``pauser``
     stops it. True when it completed first."""
@@ -132,14 +142,8 @@ async def cancelled_or_done(app: Any, key: str, body: bytes, pauser: Pauser) -> 
             await pauser.point("relay")
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
-             "headers": [(b"authorization", f"Bearer {key}".encode()),
-                         (b"content-type", b"application/json")]}
     async with asyncio.TaskGroup() as tg:
-        request = tg.create_task(app(scope, receive, send))
+        request = tg.create_task(app(chat_scope(key), receive, send))
         reached = tg.create_task(pauser.reached.wait())
         await asyncio.wait([request, reached], return_when=asyncio.FIRST_COMPLETED)
         if request.done():
@@ -217,13 +221,7 @@ async def whole_answer(app: Any, key: str, user: str) -> dict[str, Any]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
-             "headers": [(b"authorization", f"Bearer {key}".encode()),
-                         (b"content-type", b"application/json")]}
-    await app(scope, receive, send)
+    await app(chat_scope(key), receive, send)
     return {"status": sent[0]["status"],
             "headers": {k.decode(): v.decode() for k, v in sent[0]["headers"]},
             "body": orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))}
