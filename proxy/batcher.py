@@ -46,7 +46,7 @@ class GroupCommit:
         self.max_batch = max_batch
         self._queue: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
-        self.batches = 0  # batches sent, for tests and metrics
+        self.batches = 0  # batches sent (the tests read them)
         self.calls = 0  # calls sent in them
 
     async def fetchrow(self, *args: Any) -> Any:
@@ -80,10 +80,13 @@ class GroupCommit:
                     if not future.done():
                         future.set_exception(_chained(DatabaseUnavailable(), e))
                 return
-            if len(batch) > 1:
-                log.debug("a batch of %d was refused (%s); its calls run one by one",
-                          len(batch), type(e).__name__)
-            await self._one_by_one(batch, e if len(batch) == 1 else None)
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(e)
+                return
+            log.debug("a batch of %d was refused (%s); its calls run one by one",
+                      len(batch), type(e).__name__)
+            await self._one_by_one(batch)
             return
         if len(rows) != len(batch):  # the statement broke its contract: say so to all
             error = RuntimeError(f"{len(rows)} rows for a batch of {len(batch)} calls")
@@ -95,13 +98,11 @@ class GroupCommit:
             if not future.done():
                 future.set_result(row)
 
-    async def _one_by_one(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]],
-                          known: Exception | None) -> None:
-        """Each call alone; ``known``: the error of a batch of one, not run again."""
+    async def _one_by_one(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]
+                          ) -> None:
+        """Each call of a refused batch alone, in its own transaction."""
         for args, future in batch:
             try:
-                if known is not None:
-                    raise known
                 row = await self.pool.fetchrow(self.statement, *args)
             except Exception as e:
                 error: BaseException = e

@@ -294,9 +294,9 @@ class Ticket:
             self.charge = self.call.gone()
         return self.charge
 
-    def foreseen(self) -> Posted | None:
-        """The post that :meth:`close` will make, known without the ledger when the
-        charge is within the hold: the charge, and the balance at the hold less it (true
+    def foreseen(self, charge: Charge) -> Posted | None:
+        """The post that :meth:`close` will make of ``charge``, known without the ledger
+        when it is within the hold: the charge, and the balance at the hold less it (true
         unless another request of the user moves the balance meanwhile). None when
         there is nothing to post or the charge exceeds the hold (what the ledger takes
         beyond it depends on what is available then)."""
@@ -304,7 +304,7 @@ class Ticket:
         if task is None or not task.done() or task.cancelled() or task.exception():
             return None
         state = task.result()
-        what, amount = resolution(state, self.action, self.charge)
+        what, amount = resolution(state, self.action, charge)
         if what != "post" or amount is None or state.balance is None or (
                 self.plan.hold is None or amount > self.plan.hold):
             return None
@@ -417,15 +417,16 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             response = Response(content, status_code=reply.status)
             response.raw_headers += call.headers(reply, verdict, relayed=False)
             return response
-        charge = await ticket.price(lambda: call.settle_whole(content))
-        posted = (ticket.foreseen() if services.settings.billing.settle_after_answer
-                  else None)
-        if posted is None:
-            posted = await ticket.close()
-        else:  # the answer goes out now, the post right after it
-            rec.cost, rec.uncharged = posted.charged, 0
-            ticket.settle_after()
-        return call.answer(reply, content, charge, posted, verdict)
+        settle = lambda: call.settle_whole(content)  # noqa: E731 -- priced once, either way
+        if services.settings.billing.settle_after_answer:
+            charge = await ticket.price(settle)
+            if (posted := ticket.foreseen(charge)) is not None:
+                rec.cost, rec.uncharged = posted.charged, 0
+                ticket.settle_after()  # the answer goes out now, the post right after it
+                return call.answer(reply, content, charge, posted, verdict)
+        posted = await ticket.close(settle)  # after price(), close() prices nothing again
+        assert ticket.charge is not None
+        return call.answer(reply, content, ticket.charge, posted, verdict)
     finally:
         if relay is None and not ticket.settling_after:
             await ticket.close()
