@@ -269,6 +269,18 @@ def serving_proxy(settings: str, database_url: str | None, workdir: Path,
         stop_proxy(proxy)
 
 
+def echo_model(upstream: Upstream, per_request: str) -> str:
+    """Settings for the local upstream as provider ``up`` and its echo model as model
+    ``echo``, priced ``per_request``."""
+    return f"""[providers.up]
+kind = "openai"
+base_url = "{upstream.url}"
+[models.echo]
+provider = "up"
+upstream = "echo"
+price = {{ per_request = "{per_request}" }}"""
+
+
 def e2e_config(upstream: Upstream) -> str:
     models = "\n".join(
         f'[models.{name}]\nprovider = "up"\n'

@@ -40,6 +40,7 @@ import pytest
 
 from tests.conftest import (
     Proxy,
+    echo_model,
     eventually,
     fresh_database,
     mint_keys,
@@ -85,13 +86,7 @@ headers = {{ "X-Sub" = "{h.name}" }}
 pool_max = 4
 [events]
 {chr(10).join(f"{k} = {v}" for k, v in tuned.items())}
-[providers.up]
-kind = "openai"
-base_url = "{upstream.url}"
-[models.echo]
-provider = "up"
-upstream = "echo"
-price = {{ per_request = "0.001" }}
+{echo_model(upstream, "0.001")}
 [paywalls.{paywall}]
 name = "Delivery app"
 starter_grant = "1"

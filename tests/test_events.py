@@ -24,7 +24,7 @@ from standardwebhooks.webhooks import Webhook
 
 from proxy.event_types import EVENT_TYPES, matches, valid_pattern
 from proxy.events import Sampler, backoff, signature
-from tests.conftest import Proxy, eventually, mint_keys, new_user, serving_proxy
+from tests.conftest import Proxy, echo_model, eventually, mint_keys, new_user, serving_proxy
 from tests.upstream import Upstream
 from tests.webhook_receiver import Receiver, serve_receiver
 
@@ -119,13 +119,7 @@ poll_seconds = 0.1
 first_retry_seconds = 0.2
 max_retry_seconds = 1.0
 sample_seconds = 60
-[providers.up]
-kind = "openai"
-base_url = "{upstream.url}"
-[models.echo]
-provider = "up"
-upstream = "echo"
-price = {{ per_request = "0.1" }}
+{echo_model(upstream, "0.1")}
 [paywalls.evt]
 name = "Events app"
 starter_grant = "1"

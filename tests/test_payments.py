@@ -36,6 +36,7 @@ from tests.conftest import (
     ROOT,
     Proxy,
     by,
+    echo_model,
     eventually,
     mint_keys,
     new_user,
@@ -63,13 +64,7 @@ reaper_interval_seconds = 0.5
 [database]
 connect_timeout = 1.0
 command_timeout = 2.0
-[providers.up]
-kind = "openai"
-base_url = "{upstream.url}"
-[models.echo]
-provider = "up"
-upstream = "echo"
-price = {{ per_request = "{PER_REQUEST}" }}
+{echo_model(upstream, PER_REQUEST)}
 [paywalls.{PAYWALL}]
 name = "Shop"
 [paywalls.{PAYWALL}.credits]
