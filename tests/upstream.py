@@ -338,8 +338,13 @@ def serve_asgi(app: Any, port: int = 0, lifespan: str = "off") -> Iterator[int]:
     """Serve any ASGI app on ``port`` (a free one when 0) of the loopback interface, in a
     thread of its own, until the block ends: ``with serve_asgi(app) as port: ...``."""
     port = port or free_port()
+    # Idle connections are kept 75 s, as nginx and the hosted providers keep them: longer
+    # than the proxy's client keeps them (aiohttp, 15 s), so the client always closes an
+    # idle one first. With uvicorn's 5 s, a request sent on a pooled connection just as
+    # the server closes it is reset, which a busy machine made happen.
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan=lifespan))
+                                           log_level="warning", lifespan=lifespan,
+                                           timeout_keep_alive=75))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
