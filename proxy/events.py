@@ -365,7 +365,7 @@ class Events:
         status, error = await self.send(row)
         sub, event = row["subscription_id"], row["event_id"]
         if error is None:
-            await self.pool.execute(
+            await self._recorded(
                 "WITH d AS (UPDATE webhook_deliveries SET status = 'delivered',"
                 "  delivered_at = now(), lease_until = NULL, last_status = $3, last_error = NULL"
                 "  WHERE subscription_id = $1 AND event_id = $2 RETURNING 1)"
@@ -379,14 +379,14 @@ class Events:
         delay = backoff(row["attempts"], self.conf.first_retry_seconds,
                         self.conf.max_retry_seconds, self._rand)
         if age + delay <= window:
-            await self.pool.execute(
+            await self._recorded(
                 "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval("
                 "  secs => $3), lease_until = NULL, last_status = $4, last_error = $5"
                 " WHERE subscription_id = $1 AND event_id = $2", sub, event, delay, status,
                 error)
             return False
         self.metrics.events_failed.labels("given_up").inc()
-        disabled = await self.pool.fetchval(
+        disabled = await self._recorded(
             "WITH d AS (UPDATE webhook_deliveries SET status = 'failed', lease_until = NULL,"
             "  last_status = $3, last_error = $4 WHERE subscription_id = $1 AND event_id = $2)"
             " UPDATE webhook_subscriptions SET enabled = false, disabled_reason = $5"
@@ -401,12 +401,33 @@ class Events:
                             {"subscription": sub, "url": row["url"], "last_error": error})
         return False
 
+    async def _recorded(self, query: str, *args: Any) -> Any:
+        """Write what became of a delivery that was sent, retried while the database is
+        unavailable for up to half its lease: unwritten, the delivery would be sent again
+        once its lease ends, and hold up its user's later events until then."""
+        deadline = time.monotonic() + LEASE_SECONDS / 2
+        wait = 0.1
+        while True:
+            try:
+                return await self.pool.fetchval(query, *args)
+            except DatabaseUnavailable:
+                if time.monotonic() + wait > deadline:
+                    raise
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 2.0)
+
     async def round(self) -> int:
-        """Fan out, claim and deliver once; how many deliveries were attempted."""
+        """Fan out, claim and deliver once; how many deliveries were attempted. One
+        delivery that fails to be written does not stop the others' being written."""
         await self.fan_out()
         rows = await self.claim(self.conf.batch)
-        if rows:
-            await asyncio.gather(*(self.deliver(r) for r in rows))
+        done = await asyncio.gather(*(self.deliver(r) for r in rows), return_exceptions=True)
+        for e in done:
+            if isinstance(e, DatabaseUnavailable):
+                log.warning("a delivery's outcome could not be written: the database is "
+                            "unavailable; it is sent again after its lease")
+            elif isinstance(e, BaseException):
+                log.error("a delivery failed", exc_info=e)
         return len(rows)
 
     async def run(self) -> None:

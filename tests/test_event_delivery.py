@@ -38,6 +38,12 @@ import httpx
 import openai
 import pytest
 
+from proxy import db
+from proxy import settings as config_module
+from proxy.errors import DatabaseUnavailable
+from proxy.events import Events
+from proxy.observe import Metrics
+from proxy.tasks import TaskSet
 from tests.conftest import (
     Proxy,
     echo_model,
@@ -648,3 +654,58 @@ async def test_no_delivery_reaches_a_private_address_or_follows_a_redirect(
     assert {h.headers.get("x-sub") for h in good_hits} == {"good"}
     assert {(h.method, h.path) for h in good_hits} == {("POST", "/hook")}
     assert len(good.accepted) == len(good_hits) == 3
+
+
+# ---- 7. a sent delivery whose outcome the database refuses at first -----------------------
+
+class RefusesOnce:
+    """The proxy's pool, except that the first statement containing ``marker`` fails as
+    if the database had just gone away."""
+
+    def __init__(self, pool: db.Database, marker: str):
+        self.pool = pool
+        self.marker = marker
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def _refuse(self, query: str) -> None:
+        if self.marker in query and not self.refused:
+            self.refused += 1
+            raise DatabaseUnavailable()
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        self._refuse(query)
+        return await self.pool.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        self._refuse(query)
+        return await self.pool.execute(query, *args)
+
+
+async def test_a_sent_delivery_whose_outcome_is_refused_once_is_written_not_left_leased(
+        upstream: Upstream, database: str, tmp_path: Path) -> None:
+    """Sent and received, but the database is unavailable for the write of that outcome:
+    the write is tried again, so the delivery is not sent a second time when its lease
+    ends, nor does it hold up the user's later events for the rest of the lease."""
+    with serve_receiver(whsec()) as receiver:
+        settings = config_module.load(
+            write_config(tmp_path, config(upstream, "blip", [
+                Hook("all", receiver.url, receiver.secret)])), {"DATABASE_URL": database})
+        pool = await db.create_pool(database, 1, 4)
+        events = Events(settings, RefusesOnce(pool, "SET status = 'delivered'"), Metrics(),
+                        TaskSet())
+        try:
+            await events.sync()
+            await events.emit("blip", "u1", "balance.low", {"threshold": 1})
+            assert await events.round() == 1
+            row = await pool.fetchrow("SELECT status, lease_until, attempts"
+                                      " FROM webhook_deliveries")
+        finally:
+            await events.close()
+            await pool.close()
+    assert events.pool.refused == 1
+    assert (row["status"], row["lease_until"], row["attempts"]) == ("delivered", None, 1)
+    assert [e["type"] for e in receiver.events()] == ["balance.low"]
+    assert len(receiver.accepted) == 1
