@@ -155,14 +155,15 @@ async def _keys(args: argparse.Namespace, url: str) -> int:
 async def _tail(args: argparse.Namespace, url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
+        # By id, the primary key: ids sort by creation time, then seq.
         rows = await conn.fetch(
             "SELECT * FROM (SELECT * FROM events WHERE paywall_id = $1"
-            " AND ($2::text IS NULL OR type = $2) ORDER BY seq DESC LIMIT $3) e ORDER BY seq",
+            " AND ($2::text IS NULL OR type = $2) ORDER BY id DESC LIMIT $3) e ORDER BY id",
             args.paywall, args.type, max(args.last, 0))
-        last = 0
+        last = ""
         while True:
             for r in rows:
-                last = max(last, r["seq"])
+                last = max(last, r["id"])
                 print(orjson.dumps({
                     "id": r["id"], "type": r["type"], "version": r["version"],
                     "created_at": r["created_at"].isoformat(), "paywall": r["paywall_id"],
@@ -172,8 +173,8 @@ async def _tail(args: argparse.Namespace, url: str) -> int:
                 return 0
             await asyncio.sleep(1.0)
             rows = await conn.fetch(
-                "SELECT * FROM events WHERE paywall_id = $1 AND seq > $2"
-                " AND ($3::text IS NULL OR type = $3) ORDER BY seq LIMIT 1000",
+                "SELECT * FROM events WHERE paywall_id = $1 AND id > $2"
+                " AND ($3::text IS NULL OR type = $3) ORDER BY id LIMIT 1000",
                 args.paywall, last, args.type)
     finally:
         await conn.close()
