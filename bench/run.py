@@ -6,8 +6,11 @@ Starts nginx as a near-free upstream and, in front of it, bench/passthrough.py (
 floor: aiohttp client, no auth, no database, no metering), the proxy with each
 ``--workers`` count, the same proxy with every limit on but set too high to refuse
 anything (once with the limits in process, once in a redis-server started here), and the
-LiteLLM proxy when bench/litellm.sh has installed it, and with ``--previous REF`` the
-proxy of that earlier release (its own checkout and database). At each concurrency wrk runs
+LiteLLM proxy when bench/litellm.sh has installed it, with ``--previous REF`` the
+proxy of that earlier release (its own checkout and database), and the proxy with its
+models declared as deployments: one (``routed-1``, the simple path), two of equal
+priority (``routed-2``, the routed path) and a dead one before a live one (``fallback``,
+every request falls back). At each concurrency wrk runs
 against every one of them, streaming and not, and bench/sse.py times each stream's first
 byte; the setups alternate within each concurrency so that the figures compared are
 taken close together. Then bench/open_streams.py holds 1,000 slow streams open at once
@@ -18,8 +21,9 @@ JSON and a Markdown report to the out dir (also as ``latest.json`` and ``latest.
 prints it.
 
     .venv/bin/python bench/run.py [--duration 5] [--concurrency 1,8,64] [--workers 1,2]
-                                  [--setups direct,bare,proxy,previous,limits-local,
-                                            limits-redis,litellm,open-streams]
+                                  [--setups direct,bare,proxy,previous,routed-1,
+                                            routed-2,fallback,limits-local,limits-redis,
+                                            litellm,open-streams]
                                   [--previous REF] [--no-stream] [--install-litellm]
                                   [--profile SETUP]
                                   [--out bench/results]
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -134,20 +139,33 @@ class Kind(Enum):
     PREVIOUS = "previous release"  # the proxy of --previous REF
     LIMITS_LOCAL = "proxy + limits (in process)"
     LIMITS_REDIS = "proxy + limits (Redis)"
+    # The proxy's settings, its models declared with deployments (see models_toml).
+    ROUTED_1 = "proxy, 1 deployment"
+    ROUTED_2 = "proxy, 2 deployments"
+    FALLBACK = "proxy, fallback"
     LITELLM = "LiteLLM proxy"
     OPEN_STREAMS = "open streams"  # bench/open_streams.py, a phase of its own
 
 
 # --setups names, in the order the setups run at each concurrency.
 SETUPS = {"direct": Kind.DIRECT, "bare": Kind.BARE, "proxy": Kind.PROXY,
-          "previous": Kind.PREVIOUS, "limits-local": Kind.LIMITS_LOCAL,
+          "previous": Kind.PREVIOUS, "routed-1": Kind.ROUTED_1, "routed-2": Kind.ROUTED_2,
+          "fallback": Kind.FALLBACK, "limits-local": Kind.LIMITS_LOCAL,
           "limits-redis": Kind.LIMITS_REDIS, "litellm": Kind.LITELLM,
           "open-streams": Kind.OPEN_STREAMS}
 PROXY_KINDS = (Kind.PROXY, Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
 LIMITS_KINDS = (Kind.LIMITS_LOCAL, Kind.LIMITS_REDIS)
-METERED_KINDS = (*PROXY_KINDS, Kind.PREVIOUS)  # every proxy, this release's or not
+ROUTED_KINDS = (Kind.ROUTED_1, Kind.ROUTED_2, Kind.FALLBACK)  # the proxy's, with deployments
+# Every proxy, this release's or not.
+METERED_KINDS = (*PROXY_KINDS, *ROUTED_KINDS, Kind.PREVIOUS)
 LOG_NAMES = {Kind.PROXY: "proxy", Kind.PREVIOUS: "previous", Kind.LIMITS_LOCAL: "limits-local",
-             Kind.LIMITS_REDIS: "limits-redis", Kind.LITELLM: "litellm"}
+             Kind.LIMITS_REDIS: "limits-redis", Kind.ROUTED_1: "routed-1",
+             Kind.ROUTED_2: "routed-2", Kind.FALLBACK: "fallback", Kind.LITELLM: "litellm"}
+# The deployments' names (X-Upstream-Deployment, the metrics): their provider ids.
+LIVE_PROVIDERS = {False: "nginx", True: "nginx-stream"}  # by stream mode, as in `proxy`
+SECOND_PROVIDERS = {False: "nginx-2", True: "nginx-stream-2"}  # routed-2's others
+NOWHERE_PROVIDER = "nowhere"  # fallback's first: a loopback port nothing listens on
+DEPLOYMENT_HEADER = "x-upstream-deployment"  # on a routed model's answers only
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +281,68 @@ def silence_outbox(env: Mapping[str, str]) -> str:
     return "; ".join(statements)
 
 
+PRICE = '{ asset = "usd", input_per_million = "0.15", output_per_million = "0.60" }'
+
+
+def provider_toml(name: str, base_url: str) -> str:
+    return f"""\
+[providers.{name}]
+kind = "openai"
+base_url = "{base_url}"
+api_key = "{UPSTREAM_KEY}"
+"""
+
+
+def models_toml(kind: Kind, upstream: Upstream, nowhere: int | None = None) -> str:
+    """The providers beyond ``nginx`` and ``nginx-stream``, the models ``bench`` and
+    ``bench-stream``, and ``[routing]``, as ``kind`` declares them.
+
+    Every setup but the routed ones: each model on its one provider (``provider =``),
+    sent as it always was. ``routed-1``: the same as a list of one deployment, which
+    takes the same simple path. ``routed-2``: two deployments of equal priority and
+    weight on two providers with the same nginx URL, breakers on (the defaults): the
+    routed path (a breaker read per request, a stream's first chunk taken before the
+    answer is relayed, X-Upstream-Deployment). ``fallback``: first (priority 0) a
+    provider on the loopback port ``nowhere``, where nothing listens, then (priority 1)
+    nginx; with ``breaker_failures = 0`` no circuit ever opens, so every request is
+    refused a connection first and answered by the second deployment.
+    """
+    if kind not in ROUTED_KINDS:
+        return "".join(f"""\
+[models.{model}]
+provider = "{LIVE_PROVIDERS[stream]}"
+price = {PRICE}
+
+""" for model, stream in (("bench", False), ("bench-stream", True))).removesuffix("\n")
+    providers = ""
+    if kind is Kind.ROUTED_2:
+        providers = "".join(provider_toml(SECOND_PROVIDERS[stream], base) + "\n" for stream, base
+                            in ((False, upstream.base_url), (True, upstream.stream_base_url)))
+    elif kind is Kind.FALLBACK:
+        if nowhere is None:
+            raise ValueError("the fallback setup needs a port nothing listens on")
+        providers = provider_toml(NOWHERE_PROVIDER, f"http://127.0.0.1:{nowhere}/v1") + "\n"
+    models = []
+    for model, stream in (("bench", False), ("bench-stream", True)):
+        live = LIVE_PROVIDERS[stream]
+        deployments = {Kind.ROUTED_1: [(live, 0)],
+                       Kind.ROUTED_2: [(live, 0), (SECOND_PROVIDERS[stream], 0)],
+                       Kind.FALLBACK: [(NOWHERE_PROVIDER, 0), (live, 1)]}[kind]
+        models.append(f"[models.{model}]\nprice = {PRICE}\n" + "".join(f"""
+[[models.{model}.deployments]]
+provider = "{provider}"
+priority = {priority}
+""" for provider, priority in deployments))
+    routing = ("\n# Every request tries the dead deployment first: no circuit opens.\n"
+               "[routing]\nbreaker_failures = 0\n" if kind is Kind.FALLBACK else "")
+    return providers + "\n".join(models) + routing
+
+
 def settings_toml(upstream: Upstream, synchronous_commit: bool = True,
-                  settle_after_answer: bool = False) -> str:
+                  settle_after_answer: bool = False, models: Kind = Kind.PROXY,
+                  nowhere: int | None = None) -> str:
+    """The proxies' settings file; ``models`` (a routed kind) and ``nowhere`` change only
+    how the models are declared (:func:`models_toml`)."""
     billing = [*([] if synchronous_commit else ["synchronous_commit = false"]),
                *(["settle_after_answer = true"] if settle_after_answer else [])]
     return f"""\
@@ -283,14 +361,7 @@ kind = "openai"
 base_url = "{upstream.stream_base_url}"
 api_key = "{UPSTREAM_KEY}"
 
-[models.bench]
-provider = "nginx"
-price = {{ asset = "usd", input_per_million = "0.15", output_per_million = "0.60" }}
-
-[models.bench-stream]
-provider = "nginx-stream"
-price = {{ asset = "usd", input_per_million = "0.15", output_per_million = "0.60" }}
-
+{models_toml(models, upstream, nowhere)}
 [paywalls.{PAYWALL}]
 name = "Benchmark"
 # Every benchmark user starts funded, so each request is held and settled for real.
@@ -327,6 +398,48 @@ def proxy(kind: Kind, config: Path, env: Mapping[str, str], key: str, workers: i
     with serve_proxy(config, env, workers, log, release) as (proc, port):
         yield Server(server_name(kind, workers), kind, workers, psutil.Process(proc.pid), port,
                      f"Bearer {key}")
+
+
+def nowhere_port() -> int:
+    """A free loopback port, checked to refuse connections: the fallback setup's dead
+    deployment."""
+    port = free_port()
+    with socket.socket() as s, contextlib.suppress(ConnectionRefusedError):
+        s.settimeout(2)
+        s.connect(("127.0.0.1", port))
+        raise RuntimeError(f"port {port} was free a moment ago and now accepts connections")
+    return port
+
+
+def answering(kind: Kind, stream: bool) -> tuple[str, ...]:
+    """The deployments whose name an answer of ``kind`` carries in X-Upstream-Deployment;
+    none for a model sent as it always was (every setup but routed-2 and fallback)."""
+    if kind is Kind.ROUTED_2:
+        return LIVE_PROVIDERS[stream], SECOND_PROVIDERS[stream]
+    if kind is Kind.FALLBACK:
+        return (LIVE_PROVIDERS[stream],)
+    return ()
+
+
+# A sample of the Prometheus text format: name{labels} value.
+METRIC_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)")
+
+
+def routed_metrics(server: Server) -> dict[tuple[str, str, str, str], float]:
+    """The routing counters of ``server``'s /metrics (summed over its workers):
+    (metric, model, deployment, result) -> count; result "" for the fallbacks counter."""
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://127.0.0.1:{server.port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found: dict[tuple[str, str, str, str], float] = {}
+    for line in text.splitlines():
+        if (m := METRIC_SAMPLE.match(line)) and m[1] in (
+                "paywall_upstream_attempts_total", "paywall_upstream_fallbacks_total"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
+            key = (m[1], labels.get("model", ""), labels.get("deployment", ""),
+                   labels.get("result", ""))
+            found[key] = found.get(key, 0.0) + float(m[3])
+    return found
 
 
 # --- LiteLLM ---------------------------------------------------------------------
@@ -527,6 +640,13 @@ def check_target(t: Target, user: str = "bench-user") -> None:
         raise RuntimeError(f"{t.setup}: the answer from {t.url} "
                            f"{'lacks' if limited else 'has'} {LIMIT_HEADER}; its headers: "
                            f"{answer.headers}")
+    # Routed answers name their deployment; a model sent as it always was, none.
+    named, allowed = answer.headers.get(DEPLOYMENT_HEADER), answering(t.kind, t.stream)
+    if t.kind in METERED_KINDS and (named not in allowed if allowed else named is not None):
+        raise RuntimeError(f"{t.setup}: the answer from {t.url} has {DEPLOYMENT_HEADER} "
+                           f"{named!r}, expected " + (" or ".join(map(repr, allowed))
+                                                      if allowed else "none")
+                           + f"; its headers: {answer.headers}")
 
 
 def bench_users(count: int) -> list[str]:
@@ -785,6 +905,105 @@ def limits_checks(plan: list[Target], m: Measured, concurrency: list[int],
     return checks
 
 
+def routing_checks(plan: list[Target], m: Measured, concurrency: list[int],
+                   counted: Mapping[str, Mapping[tuple[str, str, str, str], float]]
+                   ) -> list[Check]:
+    """What the runs of the routed setups show, from each server's routing counters
+    (``counted``, by server name, read after the runs): no error; routed-1 took the
+    simple path (no attempt counted); routed-2 spread its requests over both
+    deployments, with no failed attempt; fallback tried the dead deployment first for
+    every request and was answered by the second. Warm-ups and checks add attempts,
+    not measured requests."""
+    checks = []
+    for t in plan:
+        if t.kind not in ROUTED_KINDS or t.server is None:
+            continue
+        model = "bench-stream" if t.stream else "bench"
+        runs = [m.loads[t.setup, c] for c in concurrency]
+        firsts = [f for c in concurrency if (f := m.first_bytes.get((t.setup, c)))]
+        requests = sum(r.requests for r in runs) + sum(f.requests for f in firsts)
+        non_2xx = sum(r.non_2xx for r in runs) + sum(f.bad_answers for f in firsts)
+        socket_errors = (sum(r.socket_errors for r in runs)
+                         + sum(f.socket_errors for f in firsts))
+        checks.append(Check(non_2xx == 0 and socket_errors == 0,
+                            f"{t.setup}: {requests:,} requests measured, {non_2xx} non-2xx, "
+                            f"{socket_errors} socket errors"))
+        mine = {(metric, d, result): n for (metric, name, d, result), n
+                in counted[t.server.name].items() if name == model and n}
+        attempts = {(d, result): n for (metric, d, result), n in mine.items()
+                    if metric == "paywall_upstream_attempts_total"}
+        fallbacks = {d: n for (metric, d, _), n in mine.items()
+                     if metric == "paywall_upstream_fallbacks_total"}
+        seen = ", ".join(f"{d} {result} {n:,.0f}" for (d, result), n in sorted(attempts.items()))
+        if t.kind is Kind.ROUTED_1:
+            checks.append(Check(not attempts, f"{t.setup}: sent as a model with one provider "
+                                "(no routed attempt counted)" + (f": {seen}" if seen else "")))
+            continue
+        live = LIVE_PROVIDERS[t.stream]
+        if t.kind is Kind.ROUTED_2:
+            failed = sum(n for (_, result), n in attempts.items() if result != "ok")
+            answered = [attempts.get((d, "ok"), 0.0) for d in answering(t.kind, t.stream)]
+            checks.append(Check(
+                failed == 0 and min(answered) > 0 and sum(answered) >= requests,
+                f"{t.setup}: attempts {seen or 'none'}: both deployments answered, none "
+                f"failed, at least one attempt per measured request"))
+        else:
+            refused = attempts.get((NOWHERE_PROVIDER, "unreachable"), 0.0)
+            given = attempts.get((live, "ok"), 0.0)
+            checks.append(Check(
+                refused >= requests and given >= requests
+                and fallbacks.get(live, 0.0) >= requests
+                and attempts.get((NOWHERE_PROVIDER, "ok"), 0.0) == 0,
+                f"{t.setup}: attempts {seen or 'none'}, {fallbacks.get(live, 0.0):,.0f} "
+                f"fallbacks: each measured request refused by {NOWHERE_PROVIDER} first, then "
+                f"answered by {live}"))
+    return checks
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingCost:
+    """One routed setup against the plain proxy with as many workers at one concurrency,
+    streaming or not alike."""
+
+    setup: str
+    workers: int
+    stream: bool
+    concurrency: int
+    load: Load
+    proxy: Load
+    rps_vs_proxy: float  # routed RPS / proxy RPS
+    p50_minus_proxy_ms: float  # routed p50 - proxy p50 (whole streams for stream rows)
+    ttfb_minus_proxy_ms: float | None = None  # time to first byte p50 - proxy's
+    cpu_ms: float | None = None  # the routed setup's server CPU per request
+    proxy_cpu_ms: float | None = None  # the proxy's
+    cpu_vs_proxy: float | None = None  # routed CPU / proxy CPU
+
+
+def routing_costs(rows: list[Row]) -> list[RoutingCost]:
+    """Each routed row against the proxy's with as many workers, at the same concurrency
+    and stream mode; by stream mode, workers and concurrency, then setup."""
+    by_key = {(r.setup, r.concurrency): r for r in rows}
+    order = [k.value for k in ROUTED_KINDS]
+    costs = []
+    for r in sorted((r for r in rows if r.kind in order),
+                    key=lambda r: (r.stream, r.workers, r.concurrency, order.index(r.kind))):
+        if r.workers is None:
+            continue
+        peer = by_key.get((setup_name(server_name(Kind.PROXY, r.workers), r.stream),
+                           r.concurrency))
+        if peer is None:
+            continue
+        load, base = r.load, peer.load
+        ttfb = (None if r.first_byte is None or peer.first_byte is None
+                else r.first_byte.ttfb_p50_ms - peer.first_byte.ttfb_p50_ms)
+        costs.append(RoutingCost(r.setup, r.workers, r.stream, r.concurrency, load, base,
+                                 load.rps / base.rps if base.rps else 0.0,
+                                 load.p50_ms - base.p50_ms, ttfb,
+                                 r.proxy_cpu_ms, peer.proxy_cpu_ms,
+                                 _quotient(r.proxy_cpu_ms, peer.proxy_cpu_ms)))
+    return costs
+
+
 @dataclass(frozen=True, slots=True)
 class VsLiteLLM:
     """One proxy setup against LiteLLM with as many workers at one concurrency."""
@@ -913,6 +1132,7 @@ class Results:
     previous: str | None = None  # which release and database, when the run had one
     cpu: list[CpuCost] = field(default_factory=list)
     profile: str | None = None  # what --profile recorded, when asked
+    routing: list[RoutingCost] = field(default_factory=list)
 
 
 def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[Row]:
@@ -971,6 +1191,13 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
         config.write_text(settings_toml(upstream, args.synchronous_commit == "on",
                                         args.settle_after_answer == "on"),
                           encoding="utf-8")
+        # The routed setups: the same settings, each with its models' deployments.
+        configs, nowhere = {}, nowhere_port() if Kind.FALLBACK in kinds else None
+        for kind in (k for k in kinds if k in ROUTED_KINDS):
+            configs[kind] = workdir / f"bench-{LOG_NAMES[kind]}.toml"
+            configs[kind].write_text(settings_toml(
+                upstream, args.synchronous_commit == "on", args.settle_after_answer == "on",
+                kind, nowhere), encoding="utf-8")
         progress(f"database: {database}")
         try:
             with contextlib.ExitStack() as stack:
@@ -1011,7 +1238,7 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                             served = proxy(kind, config, previous_env, previous_key, n, log,
                                            release)
                         else:
-                            served = proxy(kind, config,
+                            served = proxy(kind, configs.get(kind, config),
                                            {**env, "REDIS_URL": redis.url}
                                            if kind is Kind.LIMITS_REDIS and redis else env,
                                            keys[paywall_of(kind)], n, log)
@@ -1041,6 +1268,7 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                 with RssSampler() as rss:
                     m = run_setups(args, plan, rss, pg, redis, profiler)
                 again = {t.setup: check_again(t) for t in plan if t.kind in LIMITS_KINDS}
+                counted = {s.name: routed_metrics(s) for s in servers if s.kind in ROUTED_KINDS}
                 scripts = None if redis is None else redis_scripts_run(redis.port)
         finally:
             stop_leftover_postgres(workdir / "data")
@@ -1053,12 +1281,14 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
         rows, pipeline_costs(plan, m.loads, args.concurrency),
         limits_costs(plan, m.loads, args.concurrency),
         litellm_costs(plan, m.loads, args.concurrency), memory,
-        limits_checks(plan, m, args.concurrency, again, scripts), database,
+        [*limits_checks(plan, m, args.concurrency, again, scripts),
+         *routing_checks(plan, m, args.concurrency, counted)], database,
         None if redis is None else f"redis-server {redis.version} ({redis.executable})",
         None if Kind.LITELLM not in args.setups else args.litellm_label,
         previous_costs(rows),
         None if release is None else f"{release.ref} (commit {release.commit}), {previous}",
-        cpu_costs(rows), None if profiler is None else profile_line(profiler))
+        cpu_costs(rows), None if profiler is None else profile_line(profiler),
+        routing_costs(rows))
 
 
 # --- the report ------------------------------------------------------------------
@@ -1179,6 +1409,31 @@ def cpu_section(costs: list[CpuCost], rows: list[Row]) -> list[str]:
                "run started is not counted.", ""] if vanished else [])]
 
 
+def routing_section(costs: list[RoutingCost]) -> list[str]:
+    """The "Routing" section: each routed setup against the plain proxy."""
+    ttfb = any(c.ttfb_minus_proxy_ms is not None for c in costs)
+    return ["## Routing", "",
+            "Each routed setup against the proxy with as many workers (the same settings, "
+            "its models on one provider each), at the same concurrency, streaming or not "
+            "alike (whole streams for the stream rows' RPS and p50). 1 deployment should "
+            "cost nothing (the simple path); 2 deployments is the routed path's cost; "
+            "fallback adds a refused connection and a second attempt to every request. "
+            "CPU: the server's, per request (see CPU per request).", "",
+            markdown_table(
+                ["setup", "concurrency", "RPS · proxy's", "RPS / proxy", "p50 ms · proxy's",
+                 "p50 - proxy ms", *(["TTFB p50 - proxy ms"] if ttfb else []),
+                 "CPU ms/request · proxy's", "CPU / proxy"],
+                [[c.setup, str(c.concurrency),
+                  f"{c.load.rps:,.0f}{_errors_note(c.load.errors)} · "
+                  f"{c.proxy.rps:,.0f}{_errors_note(c.proxy.errors)}",
+                  _ratio(c.rps_vs_proxy), f"{ms(c.load.p50_ms)} · {ms(c.proxy.p50_ms)}",
+                  f"{c.p50_minus_proxy_ms:+.3f}",
+                  *([("" if c.ttfb_minus_proxy_ms is None
+                      else f"{c.ttfb_minus_proxy_ms:+.3f}")] if ttfb else []),
+                  _pair(c.cpu_ms, c.proxy_cpu_ms), _ratio(c.cpu_vs_proxy)]
+                 for c in costs]), ""]
+
+
 def _errors_note(errors: str) -> str:
     return "" if errors == "0" else f" ({errors} errors)"
 
@@ -1254,6 +1509,17 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                      "extracted with git archive and run by the same Python with its own "
                      "`proxy` package on PYTHONPATH; the proxy's settings and paywall, full "
                      "metering, no limits")
+    routed = {
+        Kind.ROUTED_1: "its models declared as a list of one deployment each (the provider "
+                       "of `proxy`): the simple path, as `proxy`",
+        Kind.ROUTED_2: "each model with two deployments of equal priority and weight, on "
+                       "two providers with nginx's URL, breakers on (the defaults): the "
+                       "routed path",
+        Kind.FALLBACK: "each model's first deployment (priority 0) on a loopback port "
+                       "nothing listens on (connection refused), its second (priority 1) "
+                       "on nginx, `[routing] breaker_failures = 0`: every request falls back"}
+    lines += [f"- {k.value}: the proxy's settings and paywall, {what}"
+              for k, what in routed.items() if k.value in kinds]
     if Kind.BARE.value in kinds:
         lines.append(f"- bare pass-through: bench/passthrough.py, {BARE_CLIENT} client, "
                      "1 worker, no auth, no database, no metering")
@@ -1336,6 +1602,8 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                        "limits RPS / proxy RPS"],
                       [[c.setup, str(c.concurrency), f"{c.p50_over_proxy_ms:+.3f}",
                         _ratio(c.rps_vs_proxy)] for c in results.limits]), ""]
+    if results.routing:
+        lines += routing_section(results.routing)
     if results.vs_previous:
         lines += ["## Against the previous release", "",
                   "The proxy against the previous release with as many workers, at the same "
@@ -1370,7 +1638,9 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
             [[m.setup, f"{m.idle_mb:.0f}", ", ".join(f"{w:.0f}" for w in m.worker_idle_mb),
               f"{m.peak_mb:.0f}"] for m in results.memory]), ""]
     if results.checks:
-        lines += ["## Checks of the limits setups", "",
+        checked = [what for what, ks in (("limits", LIMITS_KINDS), ("routing", ROUTED_KINDS))
+                   if any(k.value in kinds for k in ks)]
+        lines += [f"## Checks of the {' and '.join(checked)} setups", "",
                   *[f"- {c.text}: {'ok' if c.ok else '**failed**'}" for c in results.checks],
                   ""]
     if opened is not None:
@@ -1559,6 +1829,7 @@ def main() -> int:
         "vs_litellm": [asdict(c) for c in results.vs_litellm],
         "previous": results.previous,
         "vs_previous": [asdict(c) for c in results.vs_previous],
+        "routing": [asdict(c) for c in results.routing],
         "cpu": [asdict(c) for c in results.cpu],
         "profile": results.profile,
         "memory": [asdict(m) for m in results.memory],
