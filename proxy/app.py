@@ -67,6 +67,7 @@ from proxy.payments import Payments
 from proxy.pricing import price_from, units
 from proxy.providers import build_providers
 from proxy.responses import create_response
+from proxy.routing import build_breakers, build_routes
 from proxy.services import JSON, Services, authenticate, json_response, services_of
 from proxy.settings import PaywallSettings, Settings
 from proxy.settler import Settlements
@@ -259,10 +260,14 @@ def create_app(settings: Settings) -> observe.Observe:
         metrics = observe.Metrics()
         tasks = TaskSet()
         outbox = Events(settings, pool, metrics, tasks)
+        providers = build_providers(settings.providers, transport)
+        breakers = build_breakers(settings)
         services = Services(
             settings=settings,
             keys=KeyStore(pool, settings.server.key_cache_seconds),
-            providers=build_providers(settings.providers, transport),
+            providers=providers,
+            routes=build_routes(settings, providers, breakers, metrics),
+            breakers=breakers,
             transport=transport,
             prices={name: price_from(m.price, settings.assets[m.price.asset].scale)
                     for name, m in settings.models.items()},
@@ -312,6 +317,7 @@ def create_app(settings: Settings) -> observe.Observe:
                 await services.payments.close()
                 await services.events.close()
                 await gate.limiter.close()
+                await breakers.close()
                 await session.close()
                 await ledger.batch.aclose()
                 await pool.close()

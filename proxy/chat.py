@@ -163,19 +163,17 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     # The worst case: all output tokens (a prediction's unused ones are billed as output
     # too), each at its dearest price.
     output = (output_cap + predicted) * n
-    hold = worst_case(estimate, output, price, markup_bps)
+    hold = worst_case(estimate, output, services.routes[name].hold_price(price),
+                      markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output)
-    provider_id = model.provider
-    call = Call(
-        body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
-        api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
-        payload=body,
-    )
+    route = services.routes[name]
+    call = Call(body=upstream_body, stream=stream, request_id=request_id,
+                headers=request.headers, payload=body)
     return await lifecycle.run(request, services, rec, ChatCall(
-        plan, services, services.providers[provider_id], call, price, scale, markup_bps,
+        plan, services, route, call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding, client_wants_usage,
-        rename=public_names(upstream_model, name), reply_format=_reply_format(body),
+        rename=public_names(route.upstreams, name), reply_format=_reply_format(body),
         translated=translated))
 
 

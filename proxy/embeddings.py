@@ -247,8 +247,7 @@ async def embeddings(request: Request) -> Response | StreamRelay:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     model = model_of(s, name)
     provider_id = model.provider
-    conf = s.providers[provider_id]
-    if conf.kind not in ("openai", "mock"):
+    if any(s.providers[d.provider].kind not in ("openai", "mock") for d in model.deployments):
         raise InvalidRequest(f"The model '{name}' does not serve embeddings.", param="model",
                              code="model_not_supported")
     upstream_model = model.upstream or name
@@ -264,19 +263,17 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     markup_bps = int(paywall.markup_percent * 100)
     counted = await count_input(services.tokenizer, inputs, upstream_model, model.encoding)
     bound = estimate(counted)
-    hold = worst_case(max(bound, most_tokens(inputs)), 0, price, markup_bps)
+    hold = worst_case(max(bound, most_tokens(inputs)), 0,
+                      services.routes[name].hold_price(price), markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=bound, cap_param="input")
     try:
         upstream_body = orjson.dumps(body)
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
-    call = Call(
-        body=upstream_body, stream=False, request_id=request.state.request_id,
-        headers=request.headers,
-        api_key=paywall.provider_keys.get(provider_id) or conf.api_key,
-        payload=body, path="/embeddings",
-    )
+    call = Call(body=upstream_body, stream=False, request_id=request.state.request_id,
+                headers=request.headers, payload=body, path="/embeddings")
+    route = services.routes[name]
     return await lifecycle.run(request, services, rec, EmbeddingsCall(
-        plan, services, services.providers[provider_id], call, price, scale, markup_bps, counted,
-        public_names(upstream_model, name)))
+        plan, services, route, call, price, scale, markup_bps, counted,
+        public_names(route.upstreams, name)))

@@ -25,6 +25,7 @@ async def sample(services: Services) -> None:
     m.settlements_owed.set(len(services.settlements))
     m.count_since("redis", services.gate.errors)
     m.count_since("tokenizer", services.tokenizer.fallbacks)
+    m.count_since("breakers", services.breakers.errors)
     try:
         m.holds_pending.set(await services.ledger.pending_holds())
         m.events_oldest.set(await services.events.oldest_pending_seconds())

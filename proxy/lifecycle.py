@@ -196,6 +196,8 @@ def answer_headers(reply: Reply, verdict: Verdict | None, relayed: bool
     transport let them through; the limits' ``verdict`` on a relayed or 2xx answer; and
     :data:`STREAM_HEADERS` when it is relayed."""
     out = reply.raw_headers()
+    if reply.deployment:
+        out.append((b"x-upstream-deployment", reply.deployment.encode()))
     if verdict is not None and (relayed or reply.ok):
         out += verdict.raw_headers()
     return out + STREAM_HEADERS if relayed else out
@@ -349,8 +351,11 @@ class Ticket:
             if usage is not None:
                 self.rec.prompt_tokens = usage.prompt_tokens
                 self.rec.completion_tokens = usage.completion_tokens
-            return await resolve_hold(self.services, self.rec, state.hold_id, amount, usage,
-                                      charge.outcome)
+            rec = self.rec
+            meta = ({"deployment": rec.deployment, "attempts": rec.attempts}
+                    if rec.deployment and what == "post" else None)
+            return await resolve_hold(self.services, rec, state.hold_id, amount, usage,
+                                      charge.outcome, meta)
         finally:
             used = self.charge.tokens if self.charge and self.charge.amount is not None else 0
             if self._admitting is not None:
@@ -399,13 +404,15 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
         rec.upstream_started = time.perf_counter()
         try:
             got = await unless_client_leaves(request, _answer(call))
-        except ProxyError:
+        except ProxyError as e:
             services.metrics.errors.labels("upstream").inc()
+            rec.attempts = len(getattr(e, "attempts", ()))
             raise
         if got is None:  # the client left before the provider's answer was in
             ticket.charge = call.gone()
             return Response(status_code=CLIENT_GONE)
         reply, content = got
+        rec.deployment, rec.attempts = reply.deployment, reply.attempts
         if content is None:
             relay = _relay(services, rec, ticket, call, reply, verdict)
             return relay

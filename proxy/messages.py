@@ -64,7 +64,7 @@ class MessagesCall(Streamed):
                         headers={"x-paywall-action": decision.action.value})
 
     def framer(self) -> Framer:
-        self.meter = wire.StreamMeter(public_names(self.upstream_model, self.model))
+        self.meter = wire.StreamMeter(public_names(self.route.upstreams, self.model))
         return self.meter
 
     def usage_in(self, data: Any) -> Usage | None:
@@ -76,7 +76,7 @@ class MessagesCall(Streamed):
     def answer(self, reply: Reply, content: bytes, charge: Charge, posted: Posted | None,
                verdict: Verdict | None) -> Response:
         return self.respond(reply, content, posted, verdict,
-                            public_names(self.upstream_model, self.model))
+                            public_names(self.route.upstreams, self.model))
 
 
 def _user_id(body: dict[str, Any]) -> Any:
@@ -183,16 +183,14 @@ async def messages(request: Request) -> Response | StreamRelay:
         prompt, upstream_model, model.encoding, model.prompt_margin)
     # The worst case: the whole prompt at its dearest price (the provider may write all
     # of it to its cache), all of max_tokens (extended thinking's budget is within it).
-    hold = worst_case(estimate, output_cap, price, markup_bps)
+    hold = worst_case(estimate, output_cap, services.routes[name].hold_price(price),
+                      markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap)
-    call = Call(
-        body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
-        api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
-        payload=body, path="/messages",
-    )
+    call = Call(body=upstream_body, stream=stream, request_id=request_id,
+                headers=request.headers, payload=body, path="/messages")
     return await lifecycle.run(request, services, rec, MessagesCall(
-        plan, services, services.providers[provider_id], call, price, scale, markup_bps,
+        plan, services, services.routes[name], call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding))
 
 

@@ -25,9 +25,10 @@ from proxy.lifecycle import Charge, Plan, StreamCheckpoint, answer_headers, cost
 from proxy.limits import Verdict
 from proxy.metering import Meter
 from proxy.pricing import Price, Usage, cost, format_amount
-from proxy.providers import Call, Provider
+from proxy.providers import Call
 from proxy.relay import Framer, Outcome
 from proxy.replies import Notice, notice
+from proxy.routing import Route
 from proxy.services import Services
 from proxy.settings import ModelSettings, Settings
 from proxy.upstream import Reply
@@ -48,7 +49,7 @@ class Metered:
 
     plan: Plan
     services: Services
-    provider: Provider
+    route: Route
     call: Call
     price: Price
     scale: int
@@ -78,7 +79,9 @@ class Metered:
                       decision.action, state, self.scale, self.price.asset, version)
 
     async def send(self) -> Reply:
-        return await self.provider.send(self.call)
+        reply = await self.route.send(self.call, self.plan.paywall.provider_keys)
+        self.price = self.route.prices.get(reply.deployment, self.price)  # priced apart
+        return reply
 
     def relays(self, reply: Reply) -> bool:
         return self.call.stream and reply.stream

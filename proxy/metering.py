@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -263,9 +263,11 @@ def completion_usage(data: Any) -> Usage | None:
 
 
 @functools.lru_cache(maxsize=1024)  # one per configured model: built once, not per request
-def public_names(upstream: str, public: str) -> Callable[[bytes], bytes] | None:
-    """What puts the ``public`` model name in place of the provider's (``upstream``) in an
-    answer's JSON bytes, body or stream events alike; None when the two are the same.
+def public_names(upstream: str | Sequence[str], public: str
+                 ) -> Callable[[bytes], bytes] | None:
+    """What puts the ``public`` model name in place of the provider's (``upstream``, or
+    any of several: a routed model's deployments may name it differently) in an
+    answer's JSON bytes, body or stream events alike; None when they are all the same.
 
     Only a ``"model"`` member whose value is the provider's name is rewritten — as it
     was sent, or with the dated snapshot suffix providers answer an alias with
@@ -273,9 +275,10 @@ def public_names(upstream: str, public: str) -> Callable[[bytes], bytes] | None:
     wherever it stands (a Responses stream repeats it in each ``response`` object). A
     string inside a JSON string has its quotes escaped, so text that merely looks like
     one (``\\"model\\": ...`` in content) is never touched."""
-    if upstream == public:
+    names = [n for n in ([upstream] if isinstance(upstream, str) else upstream) if n != public]
+    if not names:
         return None
-    name = re.escape(orjson.dumps(upstream)[1:-1])
+    name = b"(?:" + b"|".join(re.escape(orjson.dumps(n)[1:-1]) for n in names) + b")"
     pattern = re.compile(rb'("model"\s*:\s*)"' + name + rb'(?:-\d{4}-\d{2}-\d{2}|-\d{8})?"')
     replacement = b"\\g<1>" + orjson.dumps(public).replace(b"\\", b"\\\\")
 

@@ -67,6 +67,8 @@ class Record:
     user: str = ""
     model: str = ""
     provider: str = ""
+    deployment: str = ""  # of a routed model: the deployment that answered
+    attempts: int = 0  # of a routed model: attempts made (the answering one included)
     outcome: str = ""  # forward, connect, top_up, spend_cap; else derived from the status
     settlement: str = ""  # completed, aborted, partial, failed
     prompt_tokens: int = 0
@@ -159,6 +161,18 @@ class Metrics:
             "paywall_events_oldest_undelivered_seconds",
             "Age of the oldest event not yet delivered to every subscription that wants it.",
             registry=r, multiprocess_mode="livemax")
+        self.attempts = Counter(
+            "paywall_upstream_attempts", "Attempts of routed models by deployment and "
+            "result (ok, unreachable, timeout, broke_off, http_<status>).",
+            ["model", "deployment", "result"], registry=r)
+        self.fallbacks = Counter(
+            "paywall_upstream_fallbacks", "Answers of routed models given by an attempt "
+            "after the first failed, by the deployment that answered.",
+            ["model", "deployment"], registry=r)
+        self.breakers = Gauge(
+            "paywall_upstream_breaker_state", "A deployment's circuit as this process last "
+            "saw it: 0 closed, 1 half-open, 2 open.", ["model", "deployment"], registry=r,
+            multiprocess_mode="livemax")
         self.holds_expired = Counter(
             "paywall_holds_expired", "Expired holds the reaper resolved.", registry=r)
         self.errors = Counter(
@@ -180,7 +194,7 @@ class Metrics:
             ["state"], registry=r, multiprocess_mode="livesum")
         self._counted: dict[str, int] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        for component in ("ledger", "database", "redis", "upstream", "tokenizer"):
+        for component in ("ledger", "database", "redis", "upstream", "tokenizer", "breakers"):
             self.errors.labels(component)  # present (at 0) before the first failure
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -218,6 +232,15 @@ class Metrics:
         if rec.settlement:
             child(self.settlements, rec.paywall, rec.settlement).inc()
 
+    def attempted(self, model: str, deployment: str, result: str, fallback: bool) -> None:
+        """One attempt of a routed model (:class:`proxy.routing.Route`)."""
+        self._child(self.attempts, model, deployment, result).inc()
+        if fallback:
+            self._child(self.fallbacks, model, deployment).inc()
+
+    def circuit(self, model: str, deployment: str, state: int) -> None:
+        self._child(self.breakers, model, deployment).set(state)
+
     def count_since(self, component: str, total: int) -> None:
         """Export a running total kept elsewhere (``Gate.errors``) as counter increments."""
         seen = self._counted.get(component, 0)
@@ -251,6 +274,9 @@ def access_fields(rec: Record, ended: float) -> dict[str, Any]:
     if rec.model:
         fields["model"] = rec.model
         fields["provider"] = rec.provider
+    if rec.attempts:
+        fields["deployment"] = rec.deployment
+        fields["attempts"] = rec.attempts
     if rec.settlement:
         fields["settlement"] = rec.settlement
     if rec.hold_id is not None:

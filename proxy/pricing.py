@@ -16,6 +16,7 @@ price, the last to the output price) when the provider reports them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol, cast
@@ -224,6 +225,13 @@ def price_from(conf: PriceTerms, scale: int) -> Price:
         cache_write=units(conf.input_per_million if conf.cache_write_per_million is None
                           else conf.cache_write_per_million, scale),
     )
+
+
+def dearest(prices: Sequence[Price]) -> Price:
+    """Each of the prices' terms at its highest: what covers any of them (one asset)."""
+    first = prices[0]
+    return Price(first.asset, *(max(getattr(p, f) for p in prices) for f in (
+        "per_request", "input", "output", "cached_input", "reasoning", "cache_write")))
 
 
 def cost(usage: Usage, price: Price, markup_bps: int = 0) -> int:

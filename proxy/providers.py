@@ -36,7 +36,7 @@ class Call:
     stream: bool
     request_id: str
     headers: Mapping[str, str]
-    api_key: str
+    api_key: str = ""  # the route sets the deployment's
     payload: Mapping[str, Any] = field(default_factory=dict)
     path: str = "/chat/completions"
 

@@ -266,7 +266,7 @@ class ResponsesCall(Streamed):
                         headers={"x-paywall-action": decision.action.value})
 
     def framer(self) -> Framer:
-        self.meter = ResponseMeter(public_names(self.upstream_model, self.model),
+        self.meter = ResponseMeter(public_names(self.route.upstreams, self.model),
                                    self.cost_fields)
         return self.meter
 
@@ -280,7 +280,7 @@ class ResponsesCall(Streamed):
                verdict: Verdict | None) -> Response:
         body = self.costed(content, charge, posted, usage_object)
         return self.respond(reply, body, posted, verdict,
-                            public_names(self.upstream_model, self.model))
+                            public_names(self.route.upstreams, self.model))
 
 
 # --- the route ------------------------------------------------------------------------
@@ -313,7 +313,7 @@ async def create_response(request: Request) -> Response | StreamRelay:
     paywall = s.paywalls[paywall_id]
     model = model_of(s, name)
     provider_id = model.provider
-    if s.providers[provider_id].kind != "openai":
+    if any(s.providers[d.provider].kind != "openai" for d in model.deployments):
         raise InvalidRequest(f"The model '{name}' is not served through the Responses API;"
                              " use /v1/chat/completions.", param="model",
                              code="model_not_supported")
@@ -343,17 +343,15 @@ async def create_response(request: Request) -> Response | StreamRelay:
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
     # The worst case: every token at its dearest price.
-    hold = worst_case(estimate, output_cap, price, markup_bps)
+    hold = worst_case(estimate, output_cap, services.routes[name].hold_price(price),
+                      markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap,
                 cap_param="max_output_tokens")
-    call = Call(
-        body=upstream_body, stream=stream, request_id=request_id, headers=request.headers,
-        api_key=paywall.provider_keys.get(provider_id) or s.providers[provider_id].api_key,
-        payload=body, path="/responses",
-    )
+    call = Call(body=upstream_body, stream=stream, request_id=request_id,
+                headers=request.headers, payload=body, path="/responses")
     return await lifecycle.run(request, services, rec, ResponsesCall(
-        plan, services, services.providers[provider_id], call, price, scale, markup_bps,
+        plan, services, services.routes[name], call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding, _reply_format(body)))
 
 

@@ -26,6 +26,7 @@ from proxy.observe import Metrics, Record
 from proxy.pricing import Price, Usage
 from proxy.providers import Provider
 from proxy.reaper import LiveHolds
+from proxy.routing import Breakers, Route
 from proxy.settings import Settings
 from proxy.settler import Owed, Settlements
 from proxy.tasks import TaskSet
@@ -45,6 +46,8 @@ class Services:
     settings: Settings
     keys: KeyStore
     providers: dict[str, Provider]
+    routes: dict[str, Route]  # each public model's deployments
+    breakers: Breakers
     transport: Transport
     prices: dict[str, Price]
     grants: dict[str, dict[str, int]]  # each paywall's starter grants: asset → smallest units

@@ -183,9 +183,67 @@ class PriceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DeploymentSettings:
+    provider: str = setting("", "Id of the provider this deployment is on.")
+    upstream: str = setting("", "Model name sent to it (default: the public name).")
+    name: str = setting(
+        "", "Name in X-Upstream-Deployment, the ledger and the metrics (default: the "
+            "provider id, with '#2', '#3' for a provider listed again).")
+    priority: int = setting(0, "Lower first: a priority is tried only when every "
+                               "deployment of the ones before is unavailable or failed.")
+    weight: int = setting(1, "Share of the requests among deployments of one priority.")
+    api_keys: list[str] = setting(
+        [], "Keys that take turns (default: the provider's api_key); one answering 429 "
+            "rests for its Retry-After. A paywall's provider_keys take precedence.")
+    timeout_seconds: float = setting(
+        0.0, "Seconds this deployment has to begin its answer (a stream's first chunk, "
+             "a whole answer's headers) before the next is tried; 0 = the upstream "
+             "timeouts.")
+    price: PriceSettings | None = setting(
+        None, "What the user pays when this deployment answers, in the model's asset "
+              "(default: the model's price); holds cover the dearest.")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    max_attempts: int = setting(
+        0, "Attempts a request may make, over its model's deployments; 0 = one per "
+           "deployment. A model with one deployment and this 0 is sent as it always was.")
+    max_seconds: float = setting(
+        30.0, "Longest all the attempts of a request may take before one begins to answer.")
+    backoff_ms: int = setting(
+        100, "Wait before trying a deployment again, doubled at each retry, with full "
+             "jitter (a different deployment is tried at once).")
+    max_retry_after_seconds: float = setting(
+        5.0, "A Retry-After the request waits for when no other deployment is left; a "
+             "longer one ends the attempts.")
+    breaker_failures: int = setting(
+        5, "Consecutive failures (connection errors, timeouts, 5xx) that open a "
+           "deployment's circuit: it is skipped for breaker_cooldown_seconds; 0 = no breaker.")
+    breaker_failure_ratio: float = setting(
+        0.0, "Also open it when this share of its attempts in breaker_window_seconds "
+             "failed (at least breaker_min_attempts of them); 0 = off.")
+    breaker_window_seconds: float = setting(60.0, "The window of breaker_failure_ratio.")
+    breaker_min_attempts: int = setting(20, "Attempts in the window before the ratio counts.")
+    breaker_cooldown_seconds: float = setting(
+        30.0, "How long an open circuit skips its deployment; then one request probes it "
+              "(half-open), closing it on success and opening it again on failure.")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
-    provider: str = setting("", "Id of the provider that serves this model.")
+    provider: str = setting(
+        "", "Id of the provider that serves this model (or list deployments instead).")
     upstream: str = setting("", "Model name sent to the provider (default: the public name).")
+    deployments: list[DeploymentSettings] = setting(
+        [], "Where this model is served, tried in turn when one fails before answering "
+            "(see [routing]); instead of provider and upstream.")
+    context_window_fallback: str = setting(
+        "", "A model to send the request to when this one refuses it as too long for its "
+            "context window (the price stays this model's).")
+    content_policy_fallback: str = setting(
+        "", "A model to send the request to when this one refuses it under its content "
+            "policy (the price stays this model's).")
     price: PriceSettings = setting(PriceSettings(), "What the end user pays.")
     owned_by: str = setting("", "Shown in /v1/models (default: the provider id).")
     max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = setting(
@@ -409,6 +467,8 @@ class Settings:
     )
     providers: dict[str, ProviderSettings] = setting({}, "Providers by id.")
     models: dict[str, ModelSettings] = setting({}, "Public model names.")
+    routing: RoutingSettings = setting(
+        RoutingSettings(), "Retries and fallbacks over a model's deployments.")
     paywalls: dict[str, PaywallSettings] = setting({}, "Paywalls (apps) by id.")
     api_providers: dict[str, ApiProviderSettings] = setting(
         {}, "HTTP APIs the gateway calls for apps without a backend, by id.")
@@ -447,8 +507,70 @@ def load(path: str | os.PathLike[str] | None = None,
         redis_url=env.get("REDIS_URL") or None,
         data_dir=env.get("PAYWALL_DATA_DIR") or ".paywall",
     )
+    settings = _with_deployments(settings)
     _check_references(settings)
     return _with_margins(settings)
+
+
+def _with_deployments(s: Settings) -> Settings:
+    """Every model with its deployments: the single-provider form is one deployment. A
+    model's provider and upstream are its first deployment's."""
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{s.source}: {key}: {problem}")
+
+    models = {}
+    for name, m in s.models.items():
+        key = f"models.{name}"
+        if not m.deployments:
+            one = DeploymentSettings(provider=m.provider, upstream=m.upstream, name=m.provider)
+            models[name] = dataclasses.replace(m, deployments=[one])
+            continue
+        if m.provider or m.upstream:
+            raise fail(key, "give provider and upstream, or deployments, not both")
+        named: list[DeploymentSettings] = []
+        seen: dict[str, int] = {}
+        for i, d in enumerate(m.deployments):
+            where = f"{key}.deployments[{i}]"
+            if d.provider not in s.providers:
+                known = ", ".join(s.providers) or "none"
+                raise fail(f"{where}.provider", f"unknown provider {d.provider!r} (known: {known})")
+            if d.weight < 1:
+                raise fail(f"{where}.weight", "must be at least 1")
+            if d.price is not None:
+                if d.price.asset != m.price.asset:
+                    raise fail(f"{where}.price.asset", f"must be the model's, {m.price.asset!r}")
+                try:
+                    price_from(d.price, s.assets[d.price.asset].scale)
+                except (ValueError, KeyError) as e:
+                    raise fail(f"{where}.price", str(e)) from None
+            label = d.name
+            if not label:
+                seen[d.provider] = seen.get(d.provider, 0) + 1
+                label = d.provider + (f"#{seen[d.provider]}" if seen[d.provider] > 1 else "")
+            if any(n.name == label for n in named):
+                raise fail(f"{where}.name", f"two deployments are named {label!r}")
+            named.append(dataclasses.replace(d, name=label))
+        kinds = {s.providers[d.provider].kind == "anthropic" for d in named}
+        if len(kinds) > 1:
+            raise fail(f"{key}.deployments", "the deployments of a model speak one wire "
+                                             "format: all anthropic, or none")
+        models[name] = dataclasses.replace(m, provider=named[0].provider,
+                                           upstream=named[0].upstream, deployments=named)
+    for name, m in models.items():
+        for key in ("context_window_fallback", "content_policy_fallback"):
+            other = getattr(m, key)
+            if not other:
+                continue
+            if other == name or other not in models:
+                raise fail(f"models.{name}.{key}", f"not another model: {other!r}")
+            if ((s.providers[m.provider].kind == "anthropic")
+                    != (s.providers[models[other].provider].kind == "anthropic")):
+                raise fail(f"models.{name}.{key}", "a fallback speaks the model's wire format")
+    r = s.routing
+    if r.max_seconds <= 0 or not 0 <= r.breaker_failure_ratio <= 1:
+        raise fail("routing", "max_seconds must be more than 0, breaker_failure_ratio "
+                              "from 0 to 1")
+    return dataclasses.replace(s, models=models)
 
 
 # The prompt margins by provider kind (models.*.prompt_margin = 0): tiktoken is the
@@ -481,6 +603,8 @@ def declared(cls: type[Any] = Settings, prefix: str = "") -> list[str]:
             paths += declared(typing.cast(type, tp), path + ".")
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             paths += declared(typing.get_args(tp)[1], path + ".*.")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            paths += declared(typing.get_args(tp)[0], path + ".*.")  # each item
         else:
             paths.append(path)
     return paths

@@ -165,6 +165,8 @@ class Reply:
     chunks: AsyncIterator[bytes]
     stream: bool
     _closer: Any = field(default=None, repr=False)
+    deployment: str = ""  # set by a routed model's route: the deployment that answered
+    attempts: int = 0
 
     @property
     def ok(self) -> bool:

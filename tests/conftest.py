@@ -351,6 +351,16 @@ provider = "dead"
 [models.mock-1]
 provider = "mock"
 
+# Routed: the dead provider first, so every request falls back to the echo.
+[models.routed-echo]
+[[models.routed-echo.deployments]]
+provider = "dead"
+upstream = "echo"
+[[models.routed-echo.deployments]]
+provider = "up"
+upstream = "echo"
+priority = 1
+
 [paywalls.app]
 name = "Test app"
 starter_grant = "100"

