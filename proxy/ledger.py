@@ -514,6 +514,18 @@ class Ledger:
                                    [(a, n, "grant", metadata)
                                     for a, n in sorted(amounts.items()) if n])
 
+    async def move_for(self, paywall_id: str, user_id: str, asset: str, amount: int,
+                       kind: str, *, opening: Opening, request_id: str,
+                       metadata: dict[str, Any], once: Once | None, answer: Answer) -> Stored:
+        """An operator's move of ``amount`` as an entry of ``kind``: a deposit or a refund
+        (> 0), or an adjustment (either sign: ``answer`` gets :class:`Refused` when a
+        negative one exceeds what is available)."""
+        if kind not in ("deposit", "refund", "adjustment") or amount == 0 or (
+                kind != "adjustment" and amount < 0):
+            raise ValueError(f"not an operator's move: {kind} of {amount}")
+        return await self._operate(paywall_id, user_id, opening, once, answer, request_id,
+                                   [(asset, amount, kind, metadata)])
+
     async def _operate(self, paywall_id: str, user_id: str, opening: Opening,
                        once: Once | None, answer: Answer, request_id: str,
                        moves: Sequence[tuple[str, int, str, dict[str, Any]]]) -> Stored:
