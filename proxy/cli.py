@@ -1,10 +1,13 @@
-"""The ``paywall-proxy`` command: serve, migrate, keys, payments, events, check-config."""
+"""The ``paywall-proxy`` command: serve, migrate, keys, payments, events, check-config,
+and the operator's console for scripts (users, balance, deposit, refund, adjust, ledger
+export, revenue) over :mod:`proxy.console`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import csv
 import logging
 import os
 import resource
@@ -14,17 +17,20 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
 import stripe
 
-from proxy import db, observe, server
+from proxy import console, db, observe, server
 from proxy import settings as config
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, DatabaseUnavailable
 from proxy.keys import KeyStore
-from proxy.ledger import Ledger
+from proxy.ledger import BalanceOverflow, IdempotencyConflict, Ledger
 from proxy.payments import Payments
+from proxy.pricing import format_amount, parse_decimal, shown_amount, units
+from proxy.requestid import new_request_id
 from proxy.settings import Settings
 
 
@@ -75,7 +81,73 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--type", help="only this event type")
     tail.add_argument("--last", type=int, default=20, help="how many past events first")
     tail.add_argument("--follow", action="store_true", help="keep printing new events")
+    _console_parsers(sub, with_config)
     return p
+
+
+def _console_parsers(sub: Any, with_config: Any) -> None:
+    """The operator's console, for scripts: the reads and moves of ``/admin``."""
+    users = sub.add_parser("users", help="a paywall's end users")
+    usub = users.add_subparsers(dest="action", required=True)
+    ulist = with_config(usub.add_parser(
+        "list", help="users by id, one a line: user, connected, created, balances"))
+    ulist.add_argument("--paywall", required=True)
+    ulist.add_argument("--search", default="", help="only ids containing this (any case)")
+    ulist.add_argument("--limit", type=_count, default=50, help="at most this many (50)")
+    ulist.add_argument("--after", default="", help="only ids after this one (the next page)")
+    show = with_config(usub.add_parser("show", help="a user: balances, connected, limits"))
+    show.add_argument("--paywall", required=True)
+    show.add_argument("user")
+
+    balance = with_config(sub.add_parser(
+        "balance", help="a user's balances, one asset a line: asset, balance, held, owed, "
+                        "available (in the asset's units)"))
+    balance.add_argument("--paywall", required=True)
+    balance.add_argument("user")
+
+    for name, what in (("deposit", "credit AMOUNT to a user"),
+                       ("refund", "give AMOUNT back to a user"),
+                       ("adjust", "correct a user's balance by a signed AMOUNT")):
+        move = with_config(sub.add_parser(name, help=what + ", with a reason, once per key"))
+        move.add_argument("--paywall", required=True)
+        move.add_argument("--user", required=True)
+        move.add_argument("--amount", required=True,
+                          help="a decimal in the asset's units" + (
+                              ", signed (-1.5 takes 1.5)" if name == "adjust" else ""))
+        move.add_argument("--asset", help="default: the paywall's asset")
+        move.add_argument("--reason", required=True, help="why (kept in the entry)")
+        move.add_argument("--idempotency-key",
+                          help="a retry with the same key moves nothing more "
+                               "(default: a new one, printed)")
+        move.add_argument("--operator", default=os.environ.get("USER") or "cli",
+                          help="who did it (default: $USER, else 'cli')")
+        move.add_argument("--new", action="store_true",
+                          help="open the user (with its starter grants) if never seen")
+
+    ledger = sub.add_parser("ledger", help="a paywall's ledger")
+    lsub = ledger.add_subparsers(dest="action", required=True)
+    export = with_config(lsub.add_parser(
+        "export", help="every entry, oldest first, to stdout (amounts in the asset's "
+                       "units, and amount_units in its smallest unit)"))
+    export.add_argument("--paywall", required=True)
+    export.add_argument("--format", choices=("csv", "jsonl"), required=True)
+    export.add_argument("--since", type=_date, help="only entries since (YYYY-MM-DD, UTC)")
+    export.add_argument("--user", help="only this user's entries")
+
+    revenue = with_config(sub.add_parser("revenue", help="what was charged, as a table"))
+    revenue.add_argument("--paywall", required=True)
+    revenue.add_argument("--by", choices=("day", "model", "user"), required=True)
+    revenue.add_argument("--since", type=_date, help="only charges since (YYYY-MM-DD, UTC)")
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 100_000:
+        raise argparse.ArgumentTypeError(f"not a count from 1 to 100000: {text!r}")
+    return n
 
 
 def _date(text: str) -> datetime:
@@ -99,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{settings.source}: ok ({len(settings.providers)} providers, "
               f"{len(settings.models)} models, {len(settings.paywalls)} paywalls)")
         return 0
-    if args.command in ("keys", "payments", "events") and \
+    if args.command in ("keys", "payments", "events", *_CONSOLE) and \
             args.paywall not in settings.paywalls:
         known = ", ".join(settings.paywalls) or "none"
         print(f"paywall-proxy: unknown paywall {args.paywall!r} in {settings.source} "
@@ -122,8 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_reconcile(args, settings, url))
             if args.command == "events":
                 return asyncio.run(_tail(args, url))
+            if args.command in _CONSOLE:
+                return asyncio.run(_console(args, settings, url))
             return _serve(args, settings, url)
-    except (OSError, asyncpg.PostgresError) as e:
+    except (OSError, asyncpg.PostgresError, DatabaseUnavailable) as e:
         print(f"paywall-proxy: database unavailable: {e}", file=sys.stderr)
         return 1
 
@@ -205,6 +279,196 @@ async def _reconcile(args: argparse.Namespace, settings: Settings, url: str) -> 
           f"{len(found.reversed)} refunds applied, {len(found.skipped)} skipped, "
           f"{len(found.mismatches)} mismatches", file=sys.stderr)
     return 1 if found.mismatches else 0
+
+
+# ---- the operator's console, for scripts ----------------------------------------------
+
+_CONSOLE = ("users", "balance", "deposit", "refund", "adjust", "ledger", "revenue")
+_KINDS: dict[str, console.Kind] = {"deposit": "deposit", "refund": "refund",
+                                   "adjust": "adjustment"}
+
+
+class _Refused(Exception):
+    """A console command refused: its message for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+async def _console(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    pool = await db.create_pool(url, 1, 2, True)
+    ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
+    try:
+        if args.command == "users" and args.action == "list":
+            _users(settings, await console.users(pool, args.paywall, args.search,
+                                                 after=args.after, limit=args.limit), args)
+        elif args.command in ("users", "balance"):
+            _user(settings, await _known(ledger, args.paywall, args.user),
+                  args.command == "balance")
+        elif args.command in _KINDS:
+            await _move(args, settings, ledger)
+        elif args.command == "ledger":
+            if args.user is not None:
+                await _known(ledger, args.paywall, args.user)
+            await _export(args, settings, pool)
+        else:
+            _revenue(settings, args.by,
+                     await console.revenue(pool, args.paywall, args.by, args.since))
+        return 0
+    except _Refused as e:
+        print(f"paywall-proxy: {e}", file=sys.stderr)
+        return e.status
+    except BrokenPipeError:  # the reader (head, a pager) has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        await pool.close()
+
+
+async def _known(ledger: Ledger, paywall: str, user: str) -> console.UserDetail:
+    detail = await console.user(ledger, paywall, user)
+    if detail is None:
+        raise _Refused(f"no user {user!r} in paywall {paywall!r}")
+    return detail
+
+
+def _scale(settings: Settings, asset: str) -> int:
+    """The asset's scale; 0 (amounts in its smallest unit) for one the settings dropped."""
+    known = settings.assets.get(asset)
+    return known.scale if known else 0
+
+
+def _users(settings: Settings, rows: list[console.UserRow], args: argparse.Namespace) -> None:
+    for r in rows:
+        balances = " ".join(f"{a}={format_amount(n, _scale(settings, a))}"
+                            for a, n in sorted(r.balances.items()))
+        print(f"{r.user_id}\t{'connected' if r.connected else '-'}\t"
+              f"{r.created_at:%Y-%m-%d %H:%M}\t{balances}")
+    if len(rows) == args.limit:
+        print(f"# more may follow: --after {rows[-1].user_id}", file=sys.stderr)
+
+
+def _user(settings: Settings, d: console.UserDetail, balances_only: bool) -> None:
+    """``users show`` (or ``balance``: its balance lines alone, as bare columns)."""
+    def amount(n: int, asset: str) -> str:
+        return format_amount(n, _scale(settings, asset))
+
+    if balances_only:
+        for b in d.balances:
+            print("\t".join([b.asset, *(amount(n, b.asset)
+                                        for n in (b.balance, b.held, b.owed, b.available))]))
+        return
+    print(f"user\t{d.user_id}")
+    print(f"connected\t{'yes' if d.connected else 'no'}")
+    print(f"created\t{d.created_at.isoformat()}")
+    for b in d.balances:
+        print(f"balance\t{b.asset}\t{amount(b.balance, b.asset)}\theld "
+              f"{amount(b.held, b.asset)}\towed {amount(b.owed, b.asset)}\tavailable "
+              f"{amount(b.available, b.asset)}")
+    for name, value in sorted(d.limits.items()):
+        print(f"limit\t{name}\t{value}")
+
+
+async def _move(args: argparse.Namespace, settings: Settings, ledger: Ledger) -> None:
+    from proxy.app import starter_grants  # the app's module, only for these commands
+
+    paywall = settings.paywalls[args.paywall]
+    asset = args.asset or paywall.asset
+    assets = {paywall.asset, *paywall.credits.types}
+    if asset not in assets:
+        raise _Refused(f"paywall {args.paywall!r} has no asset {asset!r} "
+                       f"(its assets: {', '.join(sorted(assets))})", 2)
+    amount = _amount(args.amount, settings.assets[asset].scale, signed=args.command == "adjust")
+    reason = args.reason.strip()
+    if not reason:
+        raise _Refused("a --reason is required", 2)
+    if not args.new and await ledger.user(args.paywall, args.user) is None:
+        raise _Refused(f"no user {args.user!r} in paywall {args.paywall!r} "
+                       "(--new opens one)")
+    key = args.idempotency_key or f"cli-{secrets.token_hex(16)}"
+    if not args.idempotency_key:
+        print(f"# idempotency key {key}: give it again to retry this move safely",
+              file=sys.stderr)
+    try:
+        result = await console.move(
+            ledger, args.paywall, args.user, asset, amount, _KINDS[args.command],
+            reason=reason, operator=args.operator, key=key,
+            grants=starter_grants(paywall, settings), request_id=new_request_id())
+    except IdempotencyConflict:
+        raise _Refused(f"idempotency key {key!r} was used before for another move") from None
+    except BalanceOverflow:
+        raise _Refused(f"{args.amount} {asset} would take the balance past what the ledger "
+                       "holds") from None
+    scale = settings.assets[asset].scale
+    if not result.ok or result.balance is None:
+        have = next((b.available for b in await ledger.balances(args.paywall, args.user)
+                     if b.asset == asset), 0)
+        raise _Refused(f"refused: {args.user} has {format_amount(have, scale)} {asset} "
+                       f"available, less than the {format_amount(-amount, scale)} this "
+                       "takes; nothing moved")
+    print(f"{args.command} {format_amount(amount, scale)} {asset} for {args.user}: "
+          f"balance {format_amount(result.balance, scale)} {asset}")
+
+
+def _amount(text: str, scale: int, *, signed: bool) -> int:
+    """``text``, a plain decimal of the asset's units (signed if ``signed``), in its
+    smallest unit; never zero."""
+    sign = -1 if signed and text.startswith("-") else 1
+    digits = text[1:] if signed and text[:1] in ("+", "-") else text
+    value = parse_decimal(digits)
+    if value is None:
+        raise _Refused(f"--amount: not a{' signed' if signed else ''} decimal amount: "
+                       f"{text!r}", 2)
+    try:
+        n = units(sign * value, scale)
+    except ValueError as e:
+        raise _Refused(f"--amount: {e}", 2) from None
+    if n == 0:
+        raise _Refused("--amount: must not be zero", 2)
+    return n
+
+
+def _exported(row: dict[str, Any], scale: int) -> dict[str, Any]:
+    """An export row in the asset's units (exact decimal strings), its smallest-unit
+    integers beside them."""
+    return {**row, "created_at": row["created_at"].isoformat(),
+            "amount": format_amount(row["amount"], scale),
+            "balance_after": format_amount(row["balance_after"], scale),
+            "amount_units": row["amount"], "balance_after_units": row["balance_after"]}
+
+
+_EXPORT_FIELDS = (*console.EXPORT_FIELDS, "amount_units", "balance_after_units")
+
+
+async def _export(args: argparse.Namespace, settings: Settings, pool: Any) -> None:
+    out = sys.stdout
+    writer = csv.DictWriter(out, _EXPORT_FIELDS, lineterminator="\n")
+    if args.format == "csv":
+        writer.writeheader()
+    async for row in console.export(pool, args.paywall, user_id=args.user, since=args.since):
+        line = _exported(row, _scale(settings, row["asset"]))
+        if args.format == "jsonl":
+            out.write(orjson.dumps(line).decode() + "\n")
+        else:
+            writer.writerow({**line, "metadata": orjson.dumps(line["metadata"]).decode()})
+    out.flush()
+
+
+def _revenue(settings: Settings, by: str, rows: list[tuple[str, str, int, int]]) -> None:
+    totals: dict[str, tuple[int, int]] = {}
+    table = [(by, "asset", "amount", "charges")]
+    for name, asset, amount, n in rows:
+        table.append((name or "(none)", asset, shown_amount(amount, _scale(settings, asset)),
+                      str(n)))
+        total, count = totals.get(asset, (0, 0))
+        totals[asset] = (total + amount, count + n)
+    table += [("total", a, shown_amount(t, _scale(settings, a)), str(n))
+              for a, (t, n) in sorted(totals.items())]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  "
+              f"{r[3]:>{widths[3]}}")
 
 
 def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
