@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -72,7 +72,7 @@ class Result:
 
 
 async def overview(pool: Any, paywall_id: str, days: int = 30) -> Overview:
-    since = f"{int(days)} days"
+    since = timedelta(days=int(days))
     daily = await pool.fetch(
         "SELECT date_trunc('day', e.created_at) AS day, a.asset,"
         "  sum(-e.amount) FILTER (WHERE e.kind = 'charge') AS charged,"
@@ -134,6 +134,13 @@ async def user(ledger: Ledger, paywall_id: str, user_id: str) -> UserDetail | No
     return UserDetail(user_id, row["connected_at"] is not None, row["created_at"],
                       orjson.loads(row["limits"]) if row["limits"] else {},
                       await ledger.balances(paywall_id, user_id))
+
+
+async def block(ledger: Ledger, paywall_id: str, user_id: str, blocked: bool) -> None:
+    """Block a user (every request refused with 403 ``user_blocked``) or lift it; other
+    replicas see it within ``server.key_cache_seconds`` (callers in this process also
+    forget the user's cached overrides)."""
+    await ledger.block(paywall_id, user_id, blocked)
 
 
 async def entries(ledger: Ledger, paywall_id: str, user_id: str, *, before: int | None = None,
@@ -213,3 +220,15 @@ async def move(ledger: Ledger, paywall_id: str, user_id: str, asset: str, amount
     if stored.status != 200:
         return Result(False, None, f"refused: only {data['available']} available")
     return Result(True, int(data["balance"]), "done")
+
+
+async def charges(ledger: Ledger, paywall_id: str, user_id: str, limit: int = 20
+                  ) -> list[Entry]:
+    """A user's most recent charges (their requests), newest first."""
+    rows = await ledger.pool.fetch(
+        "SELECT e.*, a.asset FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.paywall_id = $1 AND a.user_id = $2 AND e.kind = 'charge'"
+        " ORDER BY e.id DESC LIMIT $3", paywall_id, user_id, limit)
+    return [Entry(r["id"], r["asset"], r["kind"], r["amount"], r["balance_after"],
+                  r["request_id"], r["model"], r["prompt_tokens"], r["completion_tokens"],
+                  r["outcome"], orjson.loads(r["metadata"]), r["created_at"]) for r in rows]

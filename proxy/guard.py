@@ -49,6 +49,7 @@ class Limits:
     timezone: str
     fail_open: bool
     lease_seconds: float
+    blocked: bool = False  # the operator blocked this user: every request is refused
 
     def as_overridable(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,11 @@ class Limits:
             "daily_spend_cap": {a: format(v, "f") for a, v in self.user_daily.items()},
             "monthly_spend_cap": {a: format(v, "f") for a, v in self.user_monthly.items()},
         }
+
+
+# Not a limit a user's overrides can set: the users row's ``blocked`` column, which the
+# overrides read (Ledger.limits_of) carries under this key.
+BLOCKED = "blocked"
 
 
 def effective(conf: LimitSettings, overrides: dict[str, Any]) -> Limits:
@@ -88,6 +94,7 @@ def effective(conf: LimitSettings, overrides: dict[str, Any]) -> Limits:
         timezone=conf.timezone,
         fail_open=conf.on_redis_error == "open",
         lease_seconds=conf.lease_seconds,
+        blocked=overrides.get(BLOCKED) is True,
     )
 
 

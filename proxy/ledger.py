@@ -351,10 +351,23 @@ class Ledger:
             "SELECT * FROM users WHERE paywall_id = $1 AND user_id = $2", paywall_id, user_id)
 
     async def limits_of(self, paywall_id: str, user_id: str) -> dict[str, Any]:
-        raw = await self.pool.fetchval(
-            "SELECT limits FROM users WHERE paywall_id = $1 AND user_id = $2",
+        """The user's limit overrides, and ``"blocked": true`` when the operator blocked
+        the user (what guard.effective reads)."""
+        row = await self.pool.fetchrow(
+            "SELECT limits, blocked FROM users WHERE paywall_id = $1 AND user_id = $2",
             paywall_id, user_id)
-        return orjson.loads(raw) if raw else {}
+        if row is None:
+            return {}
+        limits: dict[str, Any] = orjson.loads(row["limits"]) if row["limits"] else {}
+        limits.pop("blocked", None)  # only the column says so
+        return {**limits, "blocked": True} if row["blocked"] else limits
+
+    async def block(self, paywall_id: str, user_id: str, blocked: bool) -> None:
+        """Block the user (every request refused, 403) or lift the block."""
+        await self.pool.execute(
+            "INSERT INTO users (paywall_id, user_id, blocked) VALUES ($1, $2, $3)"
+            " ON CONFLICT (paywall_id, user_id) DO UPDATE SET blocked = $3",
+            paywall_id, user_id, blocked)
 
     async def set_limits(self, paywall_id: str, user_id: str, changed: dict[str, Any],
                          removed: Sequence[str]) -> None:

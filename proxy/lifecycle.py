@@ -32,7 +32,7 @@ from starlette.responses import Response
 
 from proxy import guard
 from proxy.decide import Action, Decision, UserState, decide
-from proxy.errors import InvalidRequest, ProxyError, RateLimited
+from proxy.errors import Forbidden, InvalidRequest, ProxyError, RateLimited
 from proxy.ledger import Posted
 from proxy.limits import Verdict
 from proxy.observe import Record
@@ -379,6 +379,9 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
     if plan.hold is not None and plan.hold > MAX_UNITS:
         raise InvalidRequest("This request's worst case is more than a balance can hold; "
                              f"lower {plan.cap_param}.", param=plan.cap_param)
+    if plan.limits.blocked:
+        _tell(services, rec, "request.blocked", "blocked", {})
+        raise Forbidden("This user is blocked by the app's operator.", code="user_blocked")
     ticket = Ticket(services, rec, call)
     relay: StreamRelay | None = None
     try:
