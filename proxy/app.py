@@ -30,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import (
+    admin,
     balances,
     cors,
     db,
@@ -344,6 +345,7 @@ def create_app(settings: Settings) -> observe.Observe:
         *gateway.routes,
         *pages.routes,
         *payments.routes,
+        *(admin.Console(settings).routes if settings.admin.token else []),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -457,6 +457,15 @@ class PaywallSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    token: str = setting(
+        "", "The operator's token that logs in to /admin; empty = the console is off (404).")
+    session_hours: float = setting(8.0, "How long a console login lasts.")
+    operator: str = setting(
+        "admin", "Operator name written in the metadata of every console action.")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = setting(ServerSettings(), "The HTTP server.")
     upstream: UpstreamSettings = setting(UpstreamSettings(), "Calls to providers.")
@@ -473,6 +482,7 @@ class Settings:
     api_providers: dict[str, ApiProviderSettings] = setting(
         {}, "HTTP APIs the gateway calls for apps without a backend, by id.")
     events: EventSettings = setting(EventSettings(), "Events and their webhook delivery.")
+    admin: AdminSettings = setting(AdminSettings(), "The operator's console at /admin.")
     # From the environment, never from the file.
     source: str = field(default="<defaults>", metadata={"env": True})
     database_url: str | None = field(default=None, metadata={"env": True})
@@ -731,6 +741,10 @@ def _check_references(s: Settings) -> None:
             raise fail(f"server.{key}", "must be more than 0")
     if s.server.key_cache_seconds > 5:
         raise fail("server.key_cache_seconds", "must be at most 5 so revocation is prompt")
+    if s.admin.token and len(s.admin.token) < 16:
+        raise fail("admin.token", "must be at least 16 characters (or empty: console off)")
+    if s.admin.session_hours <= 0 or not s.admin.operator.strip():
+        raise fail("admin", "session_hours must be more than 0 and operator not empty")
     for pid, p in s.providers.items():
         if p.kind == "openai" and not p.base_url.startswith(("http://", "https://")):
             raise fail(f"providers.{pid}.base_url", "an http:// or https:// URL is required")
@@ -902,8 +916,8 @@ def _check_api_providers(s: Settings, fail: Any) -> None:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret the settings hold, for the log redactor: provider keys and headers,
-    the link and metrics secrets, and passwords in the database and Redis URLs."""
-    out = [settings.server.link_secret, settings.server.metrics_token]
+    the link, metrics and admin secrets, and passwords in the database and Redis URLs."""
+    out = [settings.server.link_secret, settings.server.metrics_token, settings.admin.token]
     for p in settings.providers.values():
         out += [p.api_key, *p.headers.values(), *p.query.values()]
     for w in settings.paywalls.values():
