@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -78,6 +79,9 @@ def refusal(status: int, body: bytes) -> str | None:
     return None
 
 
+MAX_REST = 300.0  # the longest a key rests for a Retry-After, in seconds
+
+
 def retried(status: int) -> bool:
     """Whether a provider's answer with ``status`` is tried again elsewhere."""
     return status in (408, 409, 429) or 500 <= status <= 599
@@ -100,8 +104,9 @@ class Deployment:
     priority: int
     weight: int
     keys: tuple[str, ...]  # at least one ("" when the provider takes none)
-    timeout: float | None  # for the answer to begin; None: the upstream timeouts
+    timeout: float | None  # for a stream's first chunk; None: the upstream timeouts
     price: Price | None = None  # what the user pays when it answers; None: the model's
+    answer_timeout: float | None = None  # for a whole answer; None: upstream.read_timeout
     turn: int = 0  # the pool's next key
     resting: dict[int, float] = field(default_factory=dict)  # key → usable again at
 
@@ -152,6 +157,18 @@ class RoutingFailed(UpstreamUnavailable):
 
 class NoDeployment(ServiceUnavailable):
     code = "no_deployment_available"
+
+
+class RateLimitedEverywhere(RoutingFailed):
+    """Every attempt was answered 429: so is the client, with the soonest Retry-After."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+    def __init__(self, model: str, attempts: Sequence[Attempt], wait: float | None):
+        super().__init__(model, attempts)
+        self.headers = {"retry-after": str(max(1, math.ceil(wait or 1)))}
 
 
 # ---- circuit breakers ----------------------------------------------------------------
@@ -249,11 +266,17 @@ class Breakers:
         return p + ":open", p + ":tripped", p + ":fails"
 
     async def _safely(self, work: Coroutine[Any, Any, Any], default: Any) -> Any:
+        """A breaker never fails a request: should its store fail (or anything else),
+        circuits read closed."""
         try:
             return await work
         except (RedisError, OSError):
             self.errors += 1
             log.warning("circuit breakers: the store is unavailable; circuits read closed")
+            return default
+        except Exception:
+            self.errors += 1
+            log.exception("circuit breakers failed; circuits read closed")
             return default
 
     async def states(self, names: Sequence[str]) -> list[tuple[State, int]]:
@@ -274,6 +297,10 @@ class Breakers:
             self.PREFIX + name + ":probe", self.conf.breaker_cooldown_seconds, only_new=True),
             True))
 
+    async def release(self, name: str) -> None:
+        """Give up a probe claimed with :meth:`probe` whose outcome says nothing."""
+        await self._safely(self.store.drop([self.PREFIX + name + ":probe"]), None)
+
     async def record(self, name: str, ok: bool, known: tuple[State, int]) -> State:
         """Count an attempt's outcome; the circuit's state after it. ``known``: its
         state and failures as read before the attempt: a success writes nothing when
@@ -292,9 +319,14 @@ class Breakers:
             window = f"{self.PREFIX}{name}:{slot}"
             attempts = await self.store.incr(window + ":n", 2 * c.breaker_window_seconds)
         if ok:
-            if state is not State.CLOSED or failures:
-                await self.store.drop([is_open, tripped, fails, self.PREFIX + name + ":probe"])
-            self.seen[name] = State.CLOSED
+            if state is State.HALF_OPEN:  # the probe succeeded: closed, counts afresh
+                done = [is_open, tripped, fails, self.PREFIX + name + ":probe"]
+                if window is not None:
+                    done += [window + ":n", window + ":f"]
+                await self.store.drop(done)
+                self.seen[name] = State.CLOSED
+            elif failures:  # a success ends a run of failures, but opens nothing
+                await self.store.drop([fails])
             return
         failed = await self.store.incr(fails, max(c.breaker_window_seconds,
                                                   c.breaker_cooldown_seconds))
@@ -330,7 +362,8 @@ def retry_after(headers: Sequence[tuple[str, str]]) -> float | None:
     found = dict(headers)
     try:
         if "retry-after-ms" in found:
-            return max(0.0, float(found["retry-after-ms"]) / 1000)
+            ms = float(found["retry-after-ms"])
+            return max(0.0, ms / 1000) if math.isfinite(ms) else None
         value = found.get("retry-after")
         if value is None:
             return None
@@ -372,15 +405,15 @@ class Route:
         self.metrics = metrics
         self.attempts = conf.max_attempts or sum(len(d.keys) for d in deployments)
         self.breaking = bool(conf.breaker_failures or conf.breaker_failure_ratio)
+        # Deployments priced apart: a charge is at the answering one's price, a hold
+        # at the dearest (None: the model's price throughout).
+        self.prices = {d.name: d.price for d in deployments if d.price is not None}
         self.simple = self.attempts == 1 and len(deployments) == 1 and len(
-            deployments[0].keys) == 1
+            deployments[0].keys) == 1 and not self.prices
         # Every name a deployment knows the model by, the first deployment's first (and
         # then the fallback models').
         self.upstreams = tuple(dict.fromkeys(d.upstream for d in deployments))
         self.fallbacks: dict[str, Route] = {}  # by refusal(): the model sent to instead
-        # Deployments priced apart: a charge is at the answering one's price, a hold
-        # at the dearest (None: the model's price throughout).
-        self.prices = {d.name: d.price for d in deployments if d.price is not None}
 
     def hold_price(self, price: Price) -> Price:
         """What a request to this model, priced ``price``, is held at."""
@@ -412,9 +445,14 @@ class Route:
         if other is None:
             reply.chunks = one(body)
             return reply
-        # One hop: the fallback model's own fallbacks are not followed.
-        answer = await other._routed(dataclasses.replace(
-            call, body=_named(call.body, other.upstreams[0])), own_keys)
+        # One hop: the fallback model's own fallbacks are not followed. Should it fail
+        # too, the client gets the refusal, which says more than the fallback's failure.
+        try:
+            answer = await other._routed(dataclasses.replace(
+                call, body=_named(call.body, other.upstreams[0])), own_keys)
+        except (RoutingFailed, NoDeployment):
+            reply.chunks = one(body)
+            return reply
         answer.deployment = f"{other.model}/{answer.deployment}"
         answer.attempts += reply.attempts
         if self.metrics is not None and answer.ok:
@@ -444,20 +482,37 @@ class Route:
             picked = d.key(own_keys, now)
             assert picked is not None  # _choose took only ready deployments
             n = tried.get(d.name, 0)
-            if n:  # tried again: back off, full jitter
-                await asyncio.sleep(random.uniform(0, c.backoff_ms * 2 ** (n - 1) / 1000))
+            if n >= len(d.keys):  # tried again (each key once first): back off, full jitter
+                left = c.max_seconds - (time.monotonic() - started)
+                await asyncio.sleep(min(left, random.uniform(
+                    0, c.backoff_ms * 2 ** (n - len(d.keys)) / 1000)))
             tried[d.name] = n + 1
-            result = await self._attempt(d, picked, call)
+            probing = known[0] is State.HALF_OPEN
+            try:
+                result = await self._attempt(d, picked, call)
+            except BaseException:
+                if probing:  # cancelled mid-probe: another request may probe
+                    await self.breakers.release(self._circuit(d))
+                raise
             if isinstance(result, Reply):
                 result.deployment, result.attempts = d.name, len(failed) + 1
                 self._count(d, "ok", bool(failed))
                 if self.breaking:
-                    self._show(d, await self.breakers.record(self._circuit(d), True, known))
+                    try:
+                        self._show(d, await self.breakers.record(self._circuit(d), True, known))
+                    except BaseException:
+                        await result.aclose()
+                        raise
                 return result
             failed.append(result)
             self._count(d, result.reason, False)
             if self.breaking and result.breaker:
                 self._show(d, await self.breakers.record(self._circuit(d), False, known))
+            elif probing:  # a 429, 408 or 409 says nothing of its health: probe again
+                await self.breakers.release(self._circuit(d))
+        if failed and all(a.status == 429 for a in failed):
+            raise RateLimitedEverywhere(self.model, failed, self._resting_for(own_keys,
+                                                                             time.monotonic()))
         if not failed:
             raise NoDeployment(
                 f"No deployment of the model '{self.model}' is available now "
@@ -487,12 +542,18 @@ class Route:
         if self.breaking:
             for d in self.deployments:
                 self._show(d, known[d.name][0])
-        skipped[:] = [d.name + " (circuit open)" for d in self.deployments
+        # A paywall that brings its own keys is sent only where they work: never on
+        # the operator's keys at another provider.
+        mine = [d for d in self.deployments if own_keys.get(d.provider_id)]
+        usable = mine or self.deployments
+        skipped[:] = [d.name + " (circuit open)" for d in usable
                       if known[d.name][0] is State.OPEN]
-        available = [d for d in self.deployments
+        available = [d for d in usable
                      if known[d.name][0] is not State.OPEN and d.ready(own_keys, now)]
         while available:
-            fresh = [d for d in available if d.name not in tried]
+            # Fresh: a key of it not yet tried by this request.
+            fresh = [d for d in available if tried.get(d.name, 0) < (
+                1 if own_keys.get(d.provider_id) else len(d.keys))]
             group = fresh or available
             best = min(d.priority for d in group)
             level = [d for d in group if d.priority == best]
@@ -509,7 +570,7 @@ class Route:
         """Seconds until a resting key of a deployment whose circuit is closed is usable
         again; None when no key rests (what is unavailable is so for its circuit)."""
         times = [d.rests_until() - now for d in self.deployments
-                 if self.breakers.seen.get(self._circuit(d)) is State.CLOSED
+                 if self.breakers.seen.get(self._circuit(d), State.CLOSED) is State.CLOSED
                  and not own_keys.get(d.provider_id) and d.rests_until() > now]
         return min(times) if times else None
 
@@ -524,14 +585,15 @@ class Route:
         sent = dataclasses.replace(call, body=self._body(call, d), api_key=key)
         reply: Reply | None = None
         try:
-            async with asyncio.timeout(d.timeout):
+            async with asyncio.timeout(d.timeout if call.stream else d.answer_timeout):
                 reply = await d.provider.send(sent)
                 if retried(reply.status):
                     wait = retry_after(reply.headers)
                     await reply.aclose()
                     if reply.status == 429:
                         if k >= 0:
-                            d.resting[k] = time.monotonic() + (wait if wait is not None else 1.0)
+                            d.resting[k] = time.monotonic() + min(
+                                MAX_REST, wait if wait is not None else 1.0)
                         return Attempt(d.name, "HTTP 429", 429, "http_429", breaker=False)
                     return Attempt(d.name, f"HTTP {reply.status}", reply.status,
                                    f"http_{reply.status}", breaker=reply.status >= 500)
@@ -541,7 +603,8 @@ class Route:
                         reply.chunks = _then(first, reply.chunks)
                     return reply
             if reply.ok and not reply.stream:  # read whole: it may still break off
-                reply.chunks = one(await reply.read())
+                async with asyncio.timeout(None if call.stream else d.answer_timeout):
+                    reply.chunks = one(await reply.read())
             return reply
         except (TimeoutError, UpstreamTimeout):
             if reply is not None:
@@ -568,7 +631,8 @@ def build_routes(settings: Settings, providers: Mapping[str, Provider], breakers
                        tuple(d.api_keys) or (settings.providers[d.provider].api_key,),
                        d.timeout_seconds or None,
                        None if d.price is None else price_from(
-                           d.price, settings.assets[d.price.asset].scale))
+                           d.price, settings.assets[d.price.asset].scale),
+                       d.answer_timeout_seconds or None)
             for d in m.deployments]
         routes[name] = Route(name, deployments, settings.routing, breakers, metrics)
     for name, m in settings.models.items():

@@ -196,9 +196,11 @@ class DeploymentSettings:
         [], "Keys that take turns (default: the provider's api_key); one answering 429 "
             "rests for its Retry-After. A paywall's provider_keys take precedence.")
     timeout_seconds: float = setting(
-        0.0, "Seconds this deployment has to begin its answer (a stream's first chunk, "
-             "a whole answer's headers) before the next is tried; 0 = the upstream "
-             "timeouts.")
+        0.0, "Seconds a stream from this deployment has to send its first chunk before "
+             "the next is tried; 0 = upstream.stream_idle_timeout.")
+    answer_timeout_seconds: float = setting(
+        0.0, "Seconds a whole (non-streaming) answer from it may take before the next is "
+             "tried; 0 = upstream.read_timeout (a whole answer begins when it is done).")
     price: PriceSettings | None = setting(
         None, "What the user pays when this deployment answers, in the model's asset "
               "(default: the model's price); holds cover the dearest.")
@@ -210,7 +212,8 @@ class RoutingSettings:
         0, "Attempts a request may make, over its model's deployments; 0 = one per "
            "deployment. A model with one deployment and this 0 is sent as it always was.")
     max_seconds: float = setting(
-        30.0, "Longest all the attempts of a request may take before one begins to answer.")
+        30.0, "No attempt starts later than this after the request's first (nor does a "
+              "backoff wait past it).")
     backoff_ms: int = setting(
         100, "Wait before trying a deployment again, doubled at each retry, with full "
              "jitter (a different deployment is tried at once).")
@@ -576,10 +579,15 @@ def _with_deployments(s: Settings) -> Settings:
             if ((s.providers[m.provider].kind == "anthropic")
                     != (s.providers[models[other].provider].kind == "anthropic")):
                 raise fail(f"models.{name}.{key}", "a fallback speaks the model's wire format")
+            if models[other].max_tokens_field != m.max_tokens_field:
+                raise fail(f"models.{name}.{key}", "a fallback caps output in the model's "
+                                                   f"field ({m.max_tokens_field})")
     r = s.routing
-    if r.max_seconds <= 0 or not 0 <= r.breaker_failure_ratio <= 1:
-        raise fail("routing", "max_seconds must be more than 0, breaker_failure_ratio "
-                              "from 0 to 1")
+    if min(r.max_seconds, r.breaker_window_seconds, r.breaker_cooldown_seconds) <= 0 or (
+            not 0 <= r.breaker_failure_ratio <= 1):
+        raise fail("routing", "max_seconds, breaker_window_seconds and "
+                              "breaker_cooldown_seconds must be more than 0, "
+                              "breaker_failure_ratio from 0 to 1")
     return dataclasses.replace(s, models=models)
 
 
@@ -920,6 +928,9 @@ def secrets_of(settings: Settings) -> list[str]:
     out = [settings.server.link_secret, settings.server.metrics_token, settings.admin.token]
     for p in settings.providers.values():
         out += [p.api_key, *p.headers.values(), *p.query.values()]
+    for m in settings.models.values():
+        for d in m.deployments:
+            out += d.api_keys
     for w in settings.paywalls.values():
         out += [*w.provider_keys.values(), w.auth.hs256_secret,
                 w.payments.stripe_secret_key, w.payments.stripe_webhook_secret]

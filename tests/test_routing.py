@@ -24,6 +24,7 @@ import orjson
 import pytest
 from openai import AsyncOpenAI
 
+from proxy.pricing import Price
 from proxy.providers import Call
 from proxy.routing import (
     Breakers,
@@ -49,7 +50,7 @@ from tests.conftest import (
 from tests.flaky_upstream import Flaky, serving
 
 TOKEN = 1_000_000  # usd units per token at the test price
-COOLDOWN = 1.0
+COOLDOWN = 3.0  # long enough for a few requests on a busy machine
 FAILURES = 3  # consecutive failures that open a circuit
 
 
@@ -66,7 +67,8 @@ def routed(name: str, *deployments: str) -> str:
         priority, _, timeout = rest.partition(":")
         out.append(f'[[models."{name}".deployments]]\nprovider = "{provider}"\n'
                    f'upstream = "{name}-{provider}"\npriority = {priority or 0}\n'
-                   f'timeout_seconds = {timeout or 0}\n')
+                   f'timeout_seconds = {timeout or 0}\n'
+                   f'answer_timeout_seconds = {timeout or 0}\n')
     return "\n".join(out)
 
 
@@ -242,16 +244,28 @@ async def test_every_deployment_down_is_one_502_listing_the_attempts_and_costs_n
     a, b, c = flakies
     a.will("500")
     b.will("reset")
-    c.will("429:0")
+    c.will("503")
     with pytest.raises(openai.APIStatusError) as caught:
         await client.chat.completions.create(
             model="trio", messages=[{"role": "user", "content": "hi"}], user="ana")
     error = caught.value
     assert error.status_code == 502
     assert error.code == "upstream_unavailable"
-    assert "3 attempts failed (a: HTTP 500; b: unreachable; c: HTTP 429)" in error.message
+    assert "3 attempts failed (a: HTTP 500; b: unreachable; c: HTTP 503)" in error.message
     [hold] = await entries(own_database_url, error.response.headers["x-request-id"])
     assert hold["kind"] is None and hold["status"] == "voided"
+
+
+async def test_every_deployment_answering_429_is_a_429_with_the_soonest_retry_after(
+        flakies: tuple[Flaky, Flaky, Flaky], client: AsyncOpenAI) -> None:
+    a, b, c = flakies
+    a.will("429:0.2")
+    b.will("429:0.2")
+    c.will("429:0.2")
+    with pytest.raises(openai.RateLimitError) as caught:
+        await ask(client, "trio")
+    assert caught.value.code == "upstream_rate_limited"
+    assert caught.value.response.headers["retry-after"] == "1"
 
 
 async def test_other_client_errors_are_the_answer_and_not_retried(
@@ -348,6 +362,11 @@ async def test_a_refusal_for_length_or_policy_goes_to_the_fallback_model_at_this
     with pytest.raises(openai.BadRequestError):
         await ask(client, "short")
     assert len(c.seen) == 1
+    a.will(refused)
+    c.will("503")  # the fallback fails too: the client gets the refusal, not a 502
+    with pytest.raises(openai.BadRequestError) as caught:
+        await ask(client, "short")
+    assert caught.value.status_code == 400 and len(c.seen) == 2
 
 
 async def test_a_deployment_priced_apart_charges_its_price_and_holds_cover_the_dearest(
@@ -460,20 +479,22 @@ async def test_a_failure_ratio_opens_a_circuit_that_consecutive_failures_would_n
 
 
 class Answers:
-    """A provider that answers each call with the next status of ``statuses``."""
+    """A provider that answers each call with the next status of ``statuses`` (a status
+    and a Retry-After, as "429:0.1")."""
 
-    def __init__(self, *statuses: int):
+    def __init__(self, *statuses: int | str):
         self.statuses = list(statuses)
         self.calls: list[Call] = []
 
     async def send(self, call: Call) -> Reply:
         self.calls.append(call)
-        status = self.statuses.pop(0) if self.statuses else 200
-        return Reply(status, [], one(b'{"ok": true}'), stream=False)
+        status, _, wait = str(self.statuses.pop(0) if self.statuses else 200).partition(":")
+        headers = [("retry-after", wait)] if wait else []
+        return Reply(int(status), headers, one(b'{"ok": true}'), stream=False)
 
 
 def route(*deployments: tuple[str, Answers, int, int], **conf: Any) -> Route:
-    return Route("m", [Deployment(name, name, answers, f"m-{name}", priority, weight,
+    return Route("m", [Deployment(name, f"p-{name}", answers, f"m-{name}", priority, weight,
                                   ("",), None)
                        for name, answers, priority, weight in deployments],
                  RoutingSettings(**{"backoff_ms": 1, **conf}),
@@ -572,3 +593,39 @@ async def test_a_circuit_probed_by_another_request_is_a_prompt_503_not_a_wait() 
         await r.send(Call(b"{}", False, "req_1", {}), {})
     assert time.monotonic() - started < 1.0 and slow.calls == []
     assert "probed by another request" in caught.value.message
+
+
+async def test_a_resting_key_is_waited_for_with_breakers_off_too() -> None:
+    busy = Answers("429:0.1", 200)
+    r = route(("busy", busy, 0, 1), max_attempts=2, breaker_failures=0)
+    reply = await r.send(Call(b"{}", False, "req_1", {}), {})
+    assert reply.status == 200 and reply.attempts == 2 and len(busy.calls) == 2
+
+
+async def test_a_success_that_started_before_the_trip_does_not_close_the_circuit() -> None:
+    breakers = Breakers(LocalStore(), RoutingSettings(breaker_failures=2))
+    before = (await breakers.states(["m/a"]))[0]
+    for _ in range(2):
+        await breakers.record("m/a", False, (await breakers.states(["m/a"]))[0])
+    assert (await breakers.states(["m/a"]))[0][0] is State.OPEN
+    await breakers.record("m/a", True, before)  # in flight since before the failures
+    assert (await breakers.states(["m/a"]))[0][0] is State.OPEN
+
+
+async def test_a_paywall_with_its_own_key_is_never_sent_on_the_operators_keys() -> None:
+    own, operators = Answers(500, 500), Answers()
+    r = route(("own", own, 0, 1), ("operators", operators, 1, 1), breaker_failures=0)
+    with pytest.raises(RoutingFailed):
+        await r.send(Call(b"{}", False, "req_1", {}), {"p-own": "sk-paywall-own"})
+    assert operators.calls == [] and own.calls[0].api_key == "sk-paywall-own"
+    assert (await r.send(Call(b"{}", False, "req_2", {}), {})).deployment == "own"
+
+
+async def test_a_single_deployment_priced_apart_is_named_so_its_price_is_charged() -> None:
+    one_place = Answers()
+    price = Price("usd", 0, 3, 3, 3, 3, 3)
+    r = Route("m", [Deployment("only", "p", one_place, "m", 0, 1, ("",), None, price)],
+              RoutingSettings(), Breakers(LocalStore(), RoutingSettings()))
+    assert not r.simple
+    reply = await r.send(Call(b"{}", False, "req_1", {}), {})
+    assert r.prices[reply.deployment] == price
