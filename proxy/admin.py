@@ -56,7 +56,7 @@ HEADERS = {
 }
 _KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _DIGITS = re.compile(r"[0-9]{1,12}")
-ACTIONS = ("move", "grant", "connect", "disconnect", "limits")
+ACTIONS = ("move", "grant", "connect", "disconnect", "limits", "block", "unblock")
 
 
 class BadInput(Exception):
@@ -351,6 +351,14 @@ class Console:
                 return "Disconnected: the user is asked to connect again."
             return (f"Disconnect {user_id}: their authorization and every connect link "
                     "issued so far are withdrawn.", disconnect)
+        if action in ("block", "unblock"):
+            async def block() -> str:
+                await console.block(ledger, paywall_id, user_id, action == "block")
+                services.overrides.forget(paywall_id, user_id)
+                return "Blocked." if action == "block" else "Unblocked."
+            return ((f"Block {user_id}: every request of theirs is refused (403) until "
+                     "the block is lifted." if action == "block" else
+                     f"Lift the block on {user_id}."), block)
         if action == "limits":
             return self._limits_plan(ctx, user_id)
         key = ctx.field("key")

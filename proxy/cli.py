@@ -98,6 +98,11 @@ def _console_parsers(sub: Any, with_config: Any) -> None:
     show = with_config(usub.add_parser("show", help="a user: balances, connected, limits"))
     show.add_argument("--paywall", required=True)
     show.add_argument("user")
+    for verb, what in (("block", "refuse every request of a user (403 user_blocked)"),
+                       ("unblock", "lift a user's block")):
+        blocking = with_config(usub.add_parser(verb, help=what))
+        blocking.add_argument("--paywall", required=True)
+        blocking.add_argument("user")
 
     balance = with_config(sub.add_parser(
         "balance", help="a user's balances, one asset a line: asset, balance, held, owed, "
@@ -303,6 +308,10 @@ async def _console(args: argparse.Namespace, settings: Settings, url: str) -> in
         if args.command == "users" and args.action == "list":
             _users(settings, await console.users(pool, args.paywall, args.search,
                                                  after=args.after, limit=args.limit), args)
+        elif args.command == "users" and args.action in ("block", "unblock"):
+            await _known(ledger, args.paywall, args.user)
+            await console.block(ledger, args.paywall, args.user, args.action == "block")
+            print(f"{args.user} {args.action}ed")
         elif args.command in ("users", "balance"):
             _user(settings, await _known(ledger, args.paywall, args.user),
                   args.command == "balance")
@@ -361,6 +370,7 @@ def _user(settings: Settings, d: console.UserDetail, balances_only: bool) -> Non
         return
     print(f"user\t{d.user_id}")
     print(f"connected\t{'yes' if d.connected else 'no'}")
+    print(f"blocked\t{'yes' if d.blocked else 'no'}")
     print(f"created\t{d.created_at.isoformat()}")
     for b in d.balances:
         print(f"balance\t{b.asset}\t{amount(b.balance, b.asset)}\theld "

@@ -60,6 +60,7 @@ class UserDetail:
     created_at: datetime
     limits: dict[str, Any]
     balances: list[Balance]
+    blocked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ async def user(ledger: Ledger, paywall_id: str, user_id: str) -> UserDetail | No
         return None
     return UserDetail(user_id, row["connected_at"] is not None, row["created_at"],
                       orjson.loads(row["limits"]) if row["limits"] else {},
-                      await ledger.balances(paywall_id, user_id))
+                      await ledger.balances(paywall_id, user_id), bool(row["blocked"]))
 
 
 async def block(ledger: Ledger, paywall_id: str, user_id: str, blocked: bool) -> None:

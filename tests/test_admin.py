@@ -355,6 +355,22 @@ def test_grant_a_plan_and_connect_disconnect(world: World) -> None:
         assert "Disconnected" in r.text and "Connected: <b>no</b>" in r.text
 
 
+def test_a_blocked_user_is_refused_at_once_and_unblocked(world: World) -> None:
+    user = user_with_requests(world, 1)
+    ask = lambda: world.sdk().chat.completions.create(  # noqa: E731
+        model="mock-1", user=user, messages=[{"role": "user", "content": "Hi"}])
+    with world.client() as client:
+        csrf = login(client)
+        r = submit(client, f"/admin/users/{user}/block", {"csrf": csrf})
+        assert "Blocked." in r.text and "Blocked: <b>yes</b>" in r.text
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            ask()  # this process forgot the user's cached overrides: at once
+        assert caught.value.code == "user_blocked"
+        r = submit(client, f"/admin/users/{user}/unblock", {"csrf": csrf})
+        assert "Unblocked." in r.text and "Blocked: <b>no</b>" in r.text
+    assert ask().choices[0].message.content
+
+
 def test_limits_change_takes_effect_at_once(world: World) -> None:
     user = user_with_requests(world, 2)  # no limit yet: two in a row go through
     with world.client() as client:

@@ -170,6 +170,21 @@ def test_users_show(seeded: Seeded) -> None:
         seeded, "users", "show", "--paywall", "app", seeded.alice)).splitlines()]
 
 
+def test_users_block_and_unblock(seeded: Seeded) -> None:
+    def blocked() -> list[str]:
+        out = ok(cli(seeded, "users", "show", "--paywall", "app", seeded.alice))
+        return [line for line in out.splitlines() if line.startswith("blocked\t")]
+
+    assert blocked() == ["blocked\tno"]
+    assert ok(cli(seeded, "users", "block", "--paywall", "app", seeded.alice)).strip() == (
+        f"{seeded.alice} blocked")
+    assert blocked() == ["blocked\tyes"]
+    assert query(seeded.url, "SELECT blocked FROM users WHERE paywall_id = 'app'"
+                 " AND user_id = $1", seeded.alice)[0]["blocked"] is True
+    ok(cli(seeded, "users", "unblock", "--paywall", "app", seeded.alice))
+    assert blocked() == ["blocked\tno"]
+
+
 def test_balance_per_asset_in_its_units(seeded: Seeded) -> None:
     out = ok(cli(seeded, "balance", "--paywall", "app", seeded.carol))
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
