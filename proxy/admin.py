@@ -16,6 +16,7 @@ answered on the page with what is wrong, never a 500.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import secrets
 import time
@@ -35,7 +36,7 @@ from starlette.templating import Jinja2Templates
 
 from proxy import console, guard
 from proxy.admin_chart import bars, day_range
-from proxy.admin_session import COOKIE, Session, Sessions
+from proxy.admin_session import COOKIE, Failures, Session, Sessions
 from proxy.errors import ProxyError
 from proxy.identity import VALID_USER
 from proxy.ledger import BalanceOverflow, IdempotencyConflict, Moved, Once, Opening, Refused, Stored
@@ -57,6 +58,9 @@ HEADERS = {
 _KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _DIGITS = re.compile(r"[0-9]{1,12}")
 ACTIONS = ("move", "grant", "connect", "disconnect", "limits", "block", "unblock")
+
+
+log = logging.getLogger("proxy.admin")
 
 
 class BadInput(Exception):
@@ -84,6 +88,7 @@ class Console:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.sessions = Sessions(settings.admin.token, settings.admin.session_hours)
+        self.failures = Failures()
         self.secure = settings.server.public_url.startswith("https://")
         self.templates = Jinja2Templates(directory=str(TEMPLATES))
 
@@ -194,8 +199,16 @@ class Console:
         form = await _form(request)
         if session is None or not self.sessions.csrf_ok(session, form.get("csrf", "")):
             return self._login_form(request, None, "The login form expired; try again.", 403)
+        client = request.client.host if request.client else ""
+        if self.failures.refused(client, time.monotonic()):
+            log.warning("admin login refused: too many failed attempts from %s", client)
+            return self._login_form(request, session, "Too many failed attempts; wait a "
+                                    "minute and try again.", 429)
         if not self.sessions.check_token(form.get("token", "")):
+            self.failures.failed(client, time.monotonic())
+            log.warning("admin login failed from %s", client)
             return self._login_form(request, session, "That is not the admin token.", 403)
+        self.failures.succeeded(client)
         response = self._headers(RedirectResponse("/admin", 303))
         self._set_cookie(response, self.sessions.new(time.time(), operator=True))
         return response
@@ -483,7 +496,10 @@ class Console:
                 "tokens": "" if e.prompt_tokens is None and e.completion_tokens is None
                 else f"{e.prompt_tokens or 0} + {e.completion_tokens or 0}",
                 "outcome": e.outcome or "", "reason": str(e.metadata.get("reason") or ""),
-                "operator": str(e.metadata.get("operator") or "")}
+                # Only the console's and the CLI's own entries name an operator: any API
+                # caller may put "operator" in its metadata.
+                "operator": str(e.metadata.get("operator") or "")
+                if e.metadata.get("via") == "console" else ""}
 
 
 def _stored(result: Moved | Refused) -> Stored:
@@ -506,7 +522,7 @@ def _choice(value: str, allowed: set[str], default: str) -> str:
 async def _form(request: Request) -> dict[str, str]:
     """The posted form's text fields (files are ignored); empty when it is not a form."""
     try:
-        form = await request.form(max_files=0, max_fields=100)
+        form = await request.form(max_files=0, max_fields=100, max_part_size=16 * 1024)
     except Exception:  # not a form, or too much of one: as if nothing were sent
         return {}
     return {k: v for k, v in form.items() if isinstance(v, str)}

@@ -749,8 +749,10 @@ def _check_references(s: Settings) -> None:
             raise fail(f"server.{key}", "must be more than 0")
     if s.server.key_cache_seconds > 5:
         raise fail("server.key_cache_seconds", "must be at most 5 so revocation is prompt")
-    if s.admin.token and len(s.admin.token) < 16:
-        raise fail("admin.token", "must be at least 16 characters (or empty: console off)")
+    if s.admin.token and (len(s.admin.token) < 24 or len(set(s.admin.token)) < 12):
+        raise fail("admin.token", "must be 24 characters or more, not a repetition "
+                                  "(`python -c 'import secrets; print(secrets.token_urlsafe"
+                                  "(32))'`), or empty: console off")
     if s.admin.session_hours <= 0 or not s.admin.operator.strip():
         raise fail("admin", "session_hours must be more than 0 and operator not empty")
     for pid, p in s.providers.items():
