@@ -89,6 +89,9 @@ class Console:
         self.settings = settings
         self.sessions = Sessions(settings.admin.token, settings.admin.session_hours)
         self.failures = Failures()
+        # The new-key forms already used, in this process: a reload or a double submit
+        # creates no second key (one posted to another replica can; it is revocable).
+        self.keys_made: set[str] = set()
         self.secure = settings.server.public_url.startswith("https://")
         self.templates = Jinja2Templates(directory=str(TEMPLATES))
 
@@ -291,7 +294,8 @@ class Console:
         records = await ctx.services.keys.list(ctx.paywall)
         return self.page(ctx, "keys.html", {"nav": "keys", "records": records,
                                             "created": created, "notice": notice,
-                                            "error": error}, status)
+                                            "error": error,
+                                            "form_id": secrets.token_urlsafe(18)}, status)
 
     # ---- actions ---------------------------------------------------------------------------
 
@@ -300,6 +304,12 @@ class Console:
         if len(name) > 100:
             return await self.keys(ctx, error="A key's name is at most 100 characters.",
                                    status=400)
+        form_id = ctx.field("form")
+        if not _KEY.fullmatch(form_id) or form_id in self.keys_made:
+            return await self.keys(ctx, error="This form was already used (or is not this "
+                                   "page's): no key was created. Use the fresh form below.",
+                                   status=409)
+        self.keys_made.add(form_id)
         key, _ = await ctx.services.keys.create(ctx.paywall, name)
         return await self.keys(ctx, created=key)
 

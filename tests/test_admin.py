@@ -405,8 +405,14 @@ def test_keys_create_and_revoke(world: World) -> None:
     user = new_user("keys")
     with world.client() as client:
         csrf = login(client)
-        created = client.post("/admin/keys", data={"csrf": csrf, "name": "from console"})
+        form = client.get("/admin/keys").text.split('id="new-key-form"')[1].split("</form>")[0]
+        fields = {**{k: html.unescape(v) for k, v in HIDDEN.findall(form)},
+                  "name": "from console"}
+        created = client.post("/admin/keys", data=fields)
         assert created.status_code == 200
+        again = client.post("/admin/keys", data=fields)  # a reload: no second key
+        assert again.status_code == 409 and "no key was created" in again.text
+        assert len(q(world.db, "SELECT id FROM api_keys WHERE name = 'from console'")) == 1
         key = html.unescape(re.search(r'id="new-key">([^<]+)<', created.text).group(1))
         assert key.startswith("sk-pw-")
         listed = client.get("/admin/keys")
