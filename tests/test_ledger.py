@@ -30,6 +30,7 @@ from proxy.ledger import (
     Payment,
     Posted,
     Refused,
+    SpendCap,
     Stored,
     storable,
 )
@@ -881,3 +882,42 @@ async def test_what_is_owed_counts_against_the_recharge_threshold(ledger: Ledger
     claims = await Recharges(ledger.pool).claim(paywall, [user], max_failures=3,
                                                 retry_seconds=60, stale_seconds=600)
     assert [c["triggers"] for c in claims] == [1]
+
+
+async def windows(ledger: Ledger, paywall: str) -> dict[str, tuple[int, int]]:
+    rows = await ledger.pool.fetch(
+        "SELECT scope, period, spent, held FROM spend_windows WHERE paywall_id = $1",
+        paywall)
+    return {f"{r['scope'] or 'paywall'}/{r['period']}": (r["spent"], r["held"]) for r in rows}
+
+
+async def test_spend_windows_stay_exact_when_a_later_cap_or_the_balance_refuses(
+        ledger: Ledger) -> None:
+    """A hold writes each window it passes before a later one (or the balance) refuses
+    it: what it held there is given back in the same statement's transaction."""
+    paywall, user, account_id = await funded(ledger, 100)
+    caps = [SpendCap("", "day", 1_000), SpendCap(user, "day", 80)]
+
+    async def held(amount: int) -> Any:
+        return await ledger.hold(paywall, user, ASSET, amount, request_id=f"r-{amount}",
+                                 model="m", require_connect=False, caps=caps)
+
+    first = await held(60)
+    assert first.hold_id is not None
+    assert await windows(ledger, paywall) == {"paywall/day": (0, 60), f"{user}/day": (0, 60)}
+    refused = await held(30)  # the paywall's window passes, the user's refuses
+    assert refused.hold_id is None and refused.cap is not None
+    assert refused.cap.name == "user_daily" and refused.cap.used == 60
+    assert await windows(ledger, paywall) == {"paywall/day": (0, 60), f"{user}/day": (0, 60)}
+    caps[1] = SpendCap(user, "day", 10_000)
+    broke = await held(50)  # both windows pass, the balance (40 left) refuses
+    assert broke.hold_id is None and broke.cap is None and broke.available == 40
+    assert await windows(ledger, paywall) == {"paywall/day": (0, 60), f"{user}/day": (0, 60)}
+    assert await ledger.post(first.hold_id, 25, None, "completed") == Posted(25, 75)
+    assert await windows(ledger, paywall) == {"paywall/day": (25, 0), f"{user}/day": (25, 0)}
+    beyond = await held(10)
+    assert beyond.hold_id is not None
+    assert await ledger.post(beyond.hold_id, 30, None, "completed") == Posted(30, 45)
+    assert await windows(ledger, paywall) == {"paywall/day": (55, 0), f"{user}/day": (55, 0)}
+    assert await account(ledger, account_id) == (45, 0)
+    await assert_folds(ledger, account_id)
