@@ -209,7 +209,12 @@ async def test_a_stream_failing_before_its_first_byte_falls_back(
     text, headers = await ask_streaming(client, f"fbs-{failure}")
     assert text == "from b" and headers["x-upstream-deployment"] == "b"
     assert len(a.seen) == 1 and len(b.seen) == 1 and b.seen[0].stream
-    [entry] = await entries(own_database_url, headers["x-request-id"])
+
+    async def settled() -> list[asyncpg.Record]:  # a stream settles after its last byte
+        rows = await entries(own_database_url, headers["x-request-id"])
+        return rows if rows and rows[0]["status"] != "pending" else []
+
+    [entry] = await _eventually(settled)
     assert -entry["amount"] == cost(b) and entry["outcome"] == "completed"
 
 
