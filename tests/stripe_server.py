@@ -320,7 +320,9 @@ class LocalStripe:
         self.clock: Callable[[], float] = time.time
         self.hold_webhooks = False
         self.extra_events = False
-        self.webhook_timeout = 5.0
+        # Generous: on a busy machine the proxy may take seconds to answer a webhook
+        # (a timed-out delivery is retried by Stripe, not here).
+        self.webhook_timeout = 30.0
         self.sessions: dict[str, Obj] = {}
         self.payment_intents: dict[str, Obj] = {}
         self.failed_payment_intents: dict[str, Obj] = {}
