@@ -163,11 +163,10 @@ async def chat_completions(request: Request) -> Response | StreamRelay:
     # The worst case: all output tokens (a prediction's unused ones are billed as output
     # too), each at its dearest price.
     output = (output_cap + predicted) * n
-    hold = worst_case(estimate, output, services.routes[name].hold_price(price),
-                      markup_bps)
+    route = services.routes[name]
+    hold = worst_case(estimate, output, route.hold_price(price), markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output)
-    route = services.routes[name]
     call = Call(body=upstream_body, stream=stream, request_id=request_id,
                 headers=request.headers, payload=body)
     return await lifecycle.run(request, services, rec, ChatCall(

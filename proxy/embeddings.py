@@ -263,8 +263,8 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     markup_bps = int(paywall.markup_percent * 100)
     counted = await count_input(services.tokenizer, inputs, upstream_model, model.encoding)
     bound = estimate(counted)
-    hold = worst_case(max(bound, most_tokens(inputs)), 0,
-                      services.routes[name].hold_price(price), markup_bps)
+    route = services.routes[name]
+    hold = worst_case(max(bound, most_tokens(inputs)), 0, route.hold_price(price), markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=bound, cap_param="input")
     try:
@@ -273,7 +273,6 @@ async def embeddings(request: Request) -> Response | StreamRelay:
         raise InvalidRequest("The request body is nested too deeply.") from None
     call = Call(body=upstream_body, stream=False, request_id=request.state.request_id,
                 headers=request.headers, payload=body, path="/embeddings")
-    route = services.routes[name]
     return await lifecycle.run(request, services, rec, EmbeddingsCall(
         plan, services, route, call, price, scale, markup_bps, counted,
         public_names(route.upstreams, name)))

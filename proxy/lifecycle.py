@@ -40,6 +40,7 @@ from proxy.pricing import MAX_UNITS, Usage, format_amount
 from proxy.reaper import Checkpoint
 from proxy.relay import CLIENT_GONE, Framer, Outcome, StreamRelay, unless_client_leaves
 from proxy.requestid import new_request_id
+from proxy.routing import RoutingFailed
 from proxy.services import Services, resolve_hold
 from proxy.settings import PaywallSettings
 from proxy.upstream import Reply
@@ -409,7 +410,8 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             got = await unless_client_leaves(request, _answer(call))
         except ProxyError as e:
             services.metrics.errors.labels("upstream").inc()
-            rec.attempts = len(getattr(e, "attempts", ()))
+            if isinstance(e, RoutingFailed):
+                rec.attempts = len(e.attempts)
             raise
         if got is None:  # the client left before the provider's answer was in
             ticket.charge = call.gone()

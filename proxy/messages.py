@@ -183,14 +183,14 @@ async def messages(request: Request) -> Response | StreamRelay:
         prompt, upstream_model, model.encoding, model.prompt_margin)
     # The worst case: the whole prompt at its dearest price (the provider may write all
     # of it to its cache), all of max_tokens (extended thinking's budget is within it).
-    hold = worst_case(estimate, output_cap, services.routes[name].hold_price(price),
-                      markup_bps)
+    route = services.routes[name]
+    hold = worst_case(estimate, output_cap, route.hold_price(price), markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap)
     call = Call(body=upstream_body, stream=stream, request_id=request_id,
                 headers=request.headers, payload=body, path="/messages")
     return await lifecycle.run(request, services, rec, MessagesCall(
-        plan, services, services.routes[name], call, price, scale, markup_bps,
+        plan, services, route, call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding))
 
 

@@ -343,15 +343,15 @@ async def create_response(request: Request) -> Response | StreamRelay:
     except orjson.JSONEncodeError:  # orjson nests at most 254 levels deep
         raise InvalidRequest("The request body is nested too deeply.") from None
     # The worst case: every token at its dearest price.
-    hold = worst_case(estimate, output_cap, services.routes[name].hold_price(price),
-                      markup_bps)
+    route = services.routes[name]
+    hold = worst_case(estimate, output_cap, route.hold_price(price), markup_bps)
     plan = Plan(paywall_id, paywall, user, limits, price.asset, hold, name,
                 frozenset({paywall.asset, price.asset}), tokens=estimate + output_cap,
                 cap_param="max_output_tokens")
     call = Call(body=upstream_body, stream=stream, request_id=request_id,
                 headers=request.headers, payload=body, path="/responses")
     return await lifecycle.run(request, services, rec, ResponsesCall(
-        plan, services, services.routes[name], call, price, scale, markup_bps,
+        plan, services, route, call, price, scale, markup_bps,
         prompt_tokens, name, upstream_model, model.encoding, _reply_format(body)))
 
 
