@@ -609,11 +609,12 @@ async def test_a_resting_key_is_waited_for_with_breakers_off_too() -> None:
 
 async def test_a_success_that_started_before_the_trip_does_not_close_the_circuit() -> None:
     breakers = Breakers(LocalStore(), RoutingSettings(breaker_failures=2))
-    before = (await breakers.states(["m/a"]))[0]
-    for _ in range(2):
-        await breakers.record("m/a", False, (await breakers.states(["m/a"]))[0])
+    await breakers.record("m/a", False, (await breakers.states(["m/a"]))[0])
+    before = (await breakers.states(["m/a"]))[0]  # closed, one failure so far
+    assert before == (State.CLOSED, 1)
+    await breakers.record("m/a", False, before)  # the second: open
     assert (await breakers.states(["m/a"]))[0][0] is State.OPEN
-    await breakers.record("m/a", True, before)  # in flight since before the failures
+    await breakers.record("m/a", True, before)  # in flight since before the trip
     assert (await breakers.states(["m/a"]))[0][0] is State.OPEN
 
 
