@@ -549,7 +549,7 @@ def test_only_the_console_names_an_operator(world: World) -> None:
     assert "looks official" in page and "ops-mallory" not in page
 
 
-def test_failed_logins_are_refused_for_a_while_after_five(world: World) -> None:
+def test_failed_logins_are_refused_for_a_while_after_ten(world: World) -> None:
     # Last in the module: its proxy then refuses logins from here for a minute. (The
     # module's own wrong logins before it were each followed by a right one.)
     with world.client() as client:
