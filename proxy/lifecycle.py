@@ -253,13 +253,11 @@ class Ticket:
         # runs still learns, in close(), what it acquired.
         self._admitting = self.services.tasks.spawn(self.services.gate.admit(
             rules, self.lease, p.limits.lease_seconds, p.limits.fail_open))
-        await asyncio.wait([self._admitting])  # cancelling the wait leaves the task be
-        return self._admitting.result()
+        return await asyncio.shield(self._admitting)  # a cancelled wait leaves it be
 
     async def hold(self) -> UserState:
         self._holding = self.services.tasks.spawn(self._place())
-        await asyncio.wait([self._holding])
-        return self._holding.result()
+        return await asyncio.shield(self._holding)
 
     async def _place(self) -> UserState:
         p = self.plan

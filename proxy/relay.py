@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 from starlette.requests import Request
 
 from proxy.errors import ProxyError, UpstreamTimeout
+from proxy.server import Departure, departure_of
 from proxy.upstream import Reply
 
 log = logging.getLogger("proxy.relay")
@@ -65,6 +66,41 @@ async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, T]
     """What ``sending`` returns (the provider's reply, or its body), or None — the call
     cancelled — if the client goes away first. The request body has been read, so the
     next ASGI message is the disconnect."""
+    departure = departure_of(request.scope)
+    if departure is None:  # another ASGI server: watch receive() for the disconnect
+        return await _unless_received_disconnect(request, sending)
+    if departure.gone:
+        sending.close()
+        return None
+    reply = asyncio.get_running_loop().create_task(sending)
+    try:
+        return await _until_departure(reply, departure)
+    except _Departed:
+        return None
+
+
+class _Departed(Exception):
+    """The client left, and the task raced against its departure was cancelled."""
+
+
+async def _until_departure(task: asyncio.Task[T], departure: Departure) -> T:
+    """``task``'s result, or :class:`_Departed` once the client has gone and the task
+    has been cancelled for it. Cancelling the caller cancels the task, as a task
+    group would."""
+    departure.watch(task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if task.cancelled() and departure.gone and not (current and current.cancelling()):
+            raise _Departed from None
+        raise
+    finally:
+        departure.unwatch(task.cancel)
+
+
+async def _unless_received_disconnect(request: Request, sending: Coroutine[Any, Any, T]
+                                      ) -> T | None:
     async def gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -103,11 +139,23 @@ class StreamRelay:
         try:
             await send({"type": "http.response.start", "status": self.reply.status,
                         "headers": self.headers})
-            async with asyncio.TaskGroup() as tg:
-                pump = tg.create_task(self._pump(send))
-                gone = tg.create_task(self._client_gone(receive))
-                pump.add_done_callback(lambda _: gone.cancel())
-                gone.add_done_callback(lambda t: t.cancelled() or pump.cancel())
+            departure = departure_of(scope)
+            if departure is None:  # another ASGI server: watch receive() for it
+                async with asyncio.TaskGroup() as tg:
+                    pump = tg.create_task(self._pump(send))
+                    gone = tg.create_task(self._client_gone(receive))
+                    pump.add_done_callback(lambda _: gone.cancel())
+                    gone.add_done_callback(lambda t: t.cancelled() or pump.cancel())
+            elif departure.gone:
+                self.outcome = Outcome.ABORTED
+                self.ended_at = time.perf_counter()
+            else:
+                try:
+                    await _until_departure(
+                        asyncio.get_running_loop().create_task(self._pump(send)), departure)
+                except _Departed:
+                    if not self._pumped:
+                        self.outcome = Outcome.ABORTED
         except _GONE:
             self.outcome = Outcome.ABORTED
         except asyncio.CancelledError:  # the server gave up on this response

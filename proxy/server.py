@@ -35,9 +35,10 @@ arrive in one read arm no timer at all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -52,6 +53,52 @@ LINGER_BYTES = 1024 * 1024
 LINGER_SECONDS = 2.0
 
 Phase = Literal["head", "body"]
+
+# Where a request's scope carries its :class:`Departure` (under "extensions").
+DEPARTURE = "paywall.departure"
+
+
+class Departure:
+    """Whether one request's client has gone, told to its watchers the moment the
+    connection is lost: what the application would otherwise learn by waiting on
+    ``receive()`` for ``http.disconnect`` in a task of its own, for the price of a
+    callback. A departure after the request's response is complete is not one."""
+
+    __slots__ = ("_answered", "_flow", "_watchers", "gone")
+
+    def __init__(self, flow: Any):
+        self.gone = False
+        self._flow = flow
+        self._watchers: list[Callable[[], Any]] = []
+        self._answered = False
+
+    def watch(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` once if the client goes away (reading resumes, so that a
+        closed connection is seen even when flow control had paused it)."""
+        self._flow.resume_reading()
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], Any]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def leave(self) -> None:
+        if self.gone or self._answered:
+            return
+        self.gone = True
+        watchers, self._watchers = self._watchers, []
+        for callback in watchers:
+            callback()
+
+    def answered(self) -> None:
+        self._answered = True
+        self._watchers = []
+
+
+def departure_of(scope: MutableMapping[str, Any]) -> Departure | None:
+    """The request's :class:`Departure`, when its server is this module's."""
+    extensions = scope.get("extensions")
+    return extensions.get(DEPARTURE) if extensions else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +144,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None  # the head's or the body's
         self._lingering = False
         self._discarded = 0
+        # The departures of the requests not yet answered on this connection, oldest
+        # first (responses complete in the order their requests came).
+        self._departures: collections.deque[Departure] = collections.deque()
 
     # -- connection events ---------------------------------------------------------------
 
@@ -107,6 +157,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        self._depart()
+
+    def _depart(self) -> None:
+        while self._departures:
+            self._departures.popleft().leave()
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -147,6 +202,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_begun = True
+        departure = Departure(self.flow)
+        self._departures.append(departure)
+        scope = cast(dict[str, Any], self.scope)
+        scope.setdefault("extensions", {})[DEPARTURE] = departure
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -160,6 +219,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = "head"
         self._head_left = self.limits.max_head_bytes
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self._departures:
+            self._departures.popleft().answered()
+        super().on_response_complete()
 
     # -- limits --------------------------------------------------------------------------
 
@@ -205,6 +269,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started:
             cycle.disconnected = True
             cycle.message_event.set()
+            self._depart()
             self.transport.close()
             return
         self._answer_and_close(
@@ -219,10 +284,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.response_started:  # the answer would land inside that response
                 cycle.disconnected = True
                 cycle.message_event.set()
+                self._depart()
                 self.transport.close()
                 return
             cycle.disconnected = True  # the application's answer would come too late
             cycle.message_event.set()
+            self._depart()
         self.transport.write(refusal(status, message, code, self.server_state.default_headers))
         self._lingering = True
         self._disarm()

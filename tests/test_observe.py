@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import select
 import socket
 import sys
 import time
@@ -1330,3 +1331,32 @@ def test_access_writer_writes_one_redacted_json_line_per_call() -> None:
     assert first["user"] == "[redacted]" and first["status"] == 200
     assert second["request_id"] == "[redacted]"
     assert "ABCDEFGHIJKLMNOP" not in "".join(lines) and "canary" not in "".join(lines)
+
+
+def test_access_lines_of_one_loop_turn_go_out_together_in_whole_lines_within_pipe_buf(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines made in one turn of the event loop are written at its end, several a write,
+    never more than PIPE_BUF bytes a write and never a line cut in two."""
+    from proxy import observe
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(observe.os, "write", lambda fd, data: writes.append(bytes(data))
+                        or len(data))
+    writer = AccessWriter(Redactor([]), fd=99)
+
+    async def turn() -> tuple[int, int]:
+        writer.write({"request_id": "req_0", "status": 200})
+        alone = len(writes)  # nothing yet: the line waits for the end of the turn
+        for i in range(1, 40):
+            writer.write({"request_id": f"req_{i}", "status": 200, "pad": "x" * 200})
+        within = b"".join(writes).count(b"\n")
+        await asyncio.sleep(0)
+        return alone, within
+
+    alone, within = asyncio.run(turn())
+    assert alone == 0
+    assert 0 < within < 40  # only what filled a write went out within the turn
+    lines = b"".join(writes).splitlines()
+    assert [orjson.loads(line)["request_id"] for line in lines] == [f"req_{i}" for i in range(40)]
+    assert 1 < len(writes) < 40  # batched, yet split
+    assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)

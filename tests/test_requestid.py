@@ -23,3 +23,23 @@ def test_new_ids_sort_by_time_and_are_unique() -> None:
         time.sleep(0.002)
     assert ids == sorted(ids)
     assert len({new_request_id() for _ in range(10_000)}) == 10_000
+
+
+def test_a_forked_child_never_repeats_its_parents_next_ids() -> None:
+    """The random part is read from the kernel in batches: a child forked mid-batch
+    reads its own rather than the rest of its parent's."""
+    import os
+
+    new_request_id()  # a batch is started
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out
+        os.close(read_end)
+        os.write(write_end, " ".join(new_request_id()[16:] for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write_end)
+    mine = {new_request_id()[16:] for _ in range(4)}
+    child = set(os.read(read_end, 4096).decode().split())
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child) == 4 and not mine & child
