@@ -275,7 +275,8 @@ def create_app(settings: Settings) -> observe.Observe:
             grants=grants,
             ledger=ledger,
             gate=gate,
-            overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds),
+            overrides=OverrideCache(ledger.limits_of, settings.server.key_cache_seconds,
+                                    load_many=ledger.limits_of_many),
             live=reaper.LiveHolds(),
             settlements=settlements,
             tokenizer=tokenizer,
@@ -315,6 +316,7 @@ def create_app(settings: Settings) -> observe.Observe:
                 await settlements.shutdown(settings.billing.shutdown_settle_seconds)
             finally:
                 services.metrics.close()
+                await services.overrides.aclose()
                 await services.payments.close()
                 await services.events.close()
                 await gate.limiter.close()

@@ -15,6 +15,8 @@ here: they live with the money, in the ledger's hold.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -411,24 +413,79 @@ def _refusal(verdict: Verdict) -> RateLimited:
 
 class OverrideCache:
     """Users' limit overrides, read from the database and kept ``ttl`` seconds, so a
-    change made through the user API takes effect everywhere within that time."""
+    change made through the user API takes effect everywhere within that time.
 
-    def __init__(self, load: Any, ttl: float = 5.0, size: int = 50_000):
+    With ``load_many``, an entry read in the second half of its life is read again
+    ahead of its end, together with every other such entry gathered over a tenth of
+    ``ttl``, in one statement a paywall: a user seen steadily costs one row of a shared
+    read every half ``ttl`` rather than a statement of its own. What is served is never
+    older than ``ttl``: an entry the read-ahead has not renewed in time is read alone,
+    as without it."""
+
+    def __init__(self, load: Any, ttl: float = 5.0, size: int = 50_000,
+                 load_many: Any = None):
         self._load = load
+        self._load_many = load_many
         self._ttl = ttl
         self._size = size
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._ageing: set[tuple[str, str]] = set()  # to read ahead
+        self._forgotten: set[tuple[str, str]] = set()  # during the read ahead in flight
+        self._reading: asyncio.Task[None] | None = None
+        self.reads_ahead = 0  # statements the read-ahead made (the tests read them)
 
     async def get(self, paywall_id: str, user_id: str) -> dict[str, Any]:
         now = time.monotonic()
-        hit = self._cache.get((paywall_id, user_id))
+        key = (paywall_id, user_id)
+        hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
+            if self._load_many is not None and hit[0] - now < self._ttl / 2:
+                self._read_ahead(key)
             return hit[1]
         value: dict[str, Any] = await self._load(paywall_id, user_id)
-        if len(self._cache) >= self._size:
-            self._cache.clear()
-        self._cache[paywall_id, user_id] = (now + self._ttl, value)
+        self._keep(key, now + self._ttl, value)
         return value
 
+    def _keep(self, key: tuple[str, str], until: float, value: dict[str, Any]) -> None:
+        if len(self._cache) >= self._size and key not in self._cache:
+            self._cache.clear()
+        self._cache[key] = (until, value)
+
+    def _read_ahead(self, key: tuple[str, str]) -> None:
+        self._ageing.add(key)
+        if self._reading is None:
+            self._reading = asyncio.get_running_loop().create_task(self._read_ageing())
+
+    async def _read_ageing(self) -> None:
+        try:
+            await asyncio.sleep(self._ttl / 10)  # gather the others ageing meanwhile
+            keys, self._ageing = self._ageing, set()
+            self._forgotten.clear()
+            by_paywall: dict[str, list[str]] = {}
+            for paywall_id, user_id in keys:
+                by_paywall.setdefault(paywall_id, []).append(user_id)
+            for paywall_id, users in by_paywall.items():
+                started = time.monotonic()
+                self.reads_ahead += 1
+                read = await self._load_many(paywall_id, users)
+                for user_id in users:
+                    key = (paywall_id, user_id)
+                    if key not in self._forgotten:  # a change told meanwhile wins
+                        self._keep(key, started + self._ttl, read.get(user_id, {}))
+        except Exception as e:  # the entries then end and are read alone
+            log.warning("reading limit overrides ahead failed (%s)", type(e).__name__)
+        finally:
+            self._reading = None
+
     def forget(self, paywall_id: str, user_id: str) -> None:
-        self._cache.pop((paywall_id, user_id), None)
+        key = (paywall_id, user_id)
+        self._cache.pop(key, None)
+        self._ageing.discard(key)
+        if self._reading is not None:
+            self._forgotten.add(key)
+
+    async def aclose(self) -> None:
+        if (task := self._reading) is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

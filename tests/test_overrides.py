@@ -1,0 +1,132 @@
+"""The users' limit overrides cache: read ahead in shared statements, never served older
+than its time to live, and a change told meanwhile is not undone by a read in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from proxy.ledger import Ledger
+from proxy.limits import OverrideCache
+
+TTL = 1.0  # seconds; the read ahead has half of it to come back (slack on a busy machine)
+
+
+class Store:
+    """The users table as the cache sees it: each user's overrides and when they were
+    last changed, with the statements made."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, Any]] = {}
+        self.changed: dict[str, float] = {}
+        self.alone: list[str] = []
+        self.shared: list[list[str]] = []
+        self.fail = False
+        self.delay = 0.0
+        self.reading = asyncio.Event()  # a shared read has begun
+
+    def set(self, user: str, value: dict[str, Any]) -> None:
+        self.values[user] = value
+        self.changed[user] = time.monotonic()
+
+    async def load(self, paywall_id: str, user: str) -> dict[str, Any]:
+        self.alone.append(user)
+        return dict(self.values.get(user, {}))
+
+    async def load_many(self, paywall_id: str, users: list[str]) -> dict[str, dict[str, Any]]:
+        self.shared.append(sorted(users))
+        self.reading.set()
+        read = {u: dict(self.values[u]) for u in users if u in self.values}
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise ConnectionError("the database went away")
+        return read
+
+
+async def test_users_seen_steadily_are_read_ahead_together_and_never_served_stale() -> None:
+    store = Store()
+    users = [f"u{i}" for i in range(20)]
+    for u in users:
+        store.set(u, {"rpm": 1})
+    cache = OverrideCache(store.load, TTL, load_many=store.load_many)
+    try:
+        deadline = time.monotonic() + 3 * TTL
+        n = 0
+        while time.monotonic() < deadline:
+            for u in users:
+                if n == 100:  # a change no one tells the cache of: seen within TTL
+                    store.set("u3", {"rpm": 2})
+                got = await cache.get("pw", u)
+                if u == "u3" and got == {"rpm": 1}:
+                    assert time.monotonic() - store.changed["u3"] < TTL or n < 100
+                n += 1
+            await asyncio.sleep(0.005)
+        assert await cache.get("pw", "u3") == {"rpm": 2}
+    finally:
+        await cache.aclose()
+    assert sorted(store.alone) == sorted(users)  # each read alone once: the first time
+    assert store.shared and all(len(batch) > 1 for batch in store.shared)
+    assert cache.reads_ahead == len(store.shared)
+
+
+async def test_a_change_told_while_a_read_ahead_is_in_flight_is_not_undone() -> None:
+    store = Store()
+    store.set("u", {"rpm": 1})
+    cache = OverrideCache(store.load, TTL, load_many=store.load_many)
+    try:
+        assert await cache.get("pw", "u") == {"rpm": 1}
+        await asyncio.sleep(TTL * 0.6)  # into the second half of its life
+        store.delay = 0.2
+        assert await cache.get("pw", "u") == {"rpm": 1}  # starts a read ahead
+        await store.reading.wait()
+        store.set("u", {"rpm": 5})  # the user API changes it, and tells the cache
+        cache.forget("pw", "u")
+        assert await cache.get("pw", "u") == {"rpm": 5}
+        await asyncio.sleep(0.3)  # the read ahead, begun before the change, is back
+        assert await cache.get("pw", "u") == {"rpm": 5}
+    finally:
+        await cache.aclose()
+
+
+async def test_a_failed_read_ahead_leaves_entries_to_end_and_be_read_alone() -> None:
+    store = Store()
+    store.set("u", {"rpm": 1})
+    store.fail = True
+    cache = OverrideCache(store.load, TTL, load_many=store.load_many)
+    try:
+        await cache.get("pw", "u")
+        await asyncio.sleep(TTL * 0.6)
+        await cache.get("pw", "u")  # a read ahead, which fails
+        store.set("u", {"rpm": 7})
+        await asyncio.sleep(TTL * 0.5)  # past the entry's end
+        assert await cache.get("pw", "u") == {"rpm": 7}
+    finally:
+        await cache.aclose()
+    assert store.alone == ["u", "u"]
+
+
+async def test_the_shared_read_answers_each_user_as_the_lone_read_does(database_url: str
+                                                                       ) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        ledger = Ledger(pool, hold_ttl=3600)
+        paywall = f"pw-{uuid.uuid4().hex[:12]}"
+        limited, blocked, plain, absent = (f"user-{uuid.uuid4().hex}" for _ in range(4))
+        await ledger.set_limits(paywall, limited, {"concurrency": 3}, [])
+        await ledger.set_limits(paywall, blocked, {"requests_per_minute": 9}, [])
+        await ledger.block(paywall, blocked, True)
+        await ledger.open_user(paywall, plain, assets={"usd"}, grants={"usd": 0})
+        users = [limited, blocked, plain, absent]
+        many = await ledger.limits_of_many(paywall, users)
+        alone = {u: await ledger.limits_of(paywall, u) for u in users}
+        assert {u: many.get(u, {}) for u in users} == alone
+        assert alone[limited] == {"concurrency": 3}
+        assert alone[blocked] == {"requests_per_minute": 9, "blocked": True}
+        assert alone[plain] == {} and absent not in many
+        assert await ledger.limits_of_many(f"pw-{uuid.uuid4().hex[:12]}", users) == {}
+    finally:
+        await pool.close()
