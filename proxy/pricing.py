@@ -197,8 +197,13 @@ def to_decimal(amount: int, scale: int) -> Decimal:
 
 
 def format_amount(amount: int, scale: int) -> str:
-    """``amount`` smallest units as a plain decimal string: 79 at scale 9 is "0.000000079"."""
-    return format(to_decimal(amount, scale), "f")
+    """``amount`` smallest units as a plain decimal string: 79 at scale 9 is "0.000000079"
+    (``format(to_decimal(amount, scale), "f")``, in integer arithmetic: it is in every
+    answer's headers)."""
+    if scale <= 0 or type(amount) is not int:  # a sum PostgreSQL made is a Decimal
+        return format(to_decimal(amount, scale), "f")
+    whole, fraction = divmod(-amount if amount < 0 else amount, 10 ** scale)
+    return f"{'-' if amount < 0 else ''}{whole}.{fraction:0{scale}d}"
 
 
 def shown_amount(amount: int, scale: int) -> str:

@@ -135,22 +135,25 @@ async def authenticate(request: Request, services: Services) -> Principal:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body's bytes; 413 as soon as it passes ``limit``."""
-    too_large = PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
+        raise _too_large(limit)
     parts: list[bytes] = []
     size = 0
     try:
         async for part in request.stream():
             size += len(part)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             parts.append(part)
     except ClientDisconnect:  # a client gone mid-body (or dropped as too slow): no crash
         raise InvalidRequest("The client went away before its body was complete.",
                              code="client_disconnected") from None
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:

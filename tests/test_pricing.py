@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.pricing import Price, Usage, cost, price_from, to_decimal, units, worst_case
+from proxy.pricing import (
+    Price,
+    Usage,
+    cost,
+    format_amount,
+    price_from,
+    to_decimal,
+    units,
+    worst_case,
+)
 from proxy.settings import PriceSettings
 
 # usd at scale 9: "0.15" per million tokens = 150_000_000 units per million = 150 per token.
@@ -191,3 +200,15 @@ def test_worst_case_bounds_every_usage_within_it(per_request: int, plain: int, c
     top = Usage(dearest.prompt_tokens, output, dearest.cached_tokens,
                 output if reasoning > out else 0, dearest.cache_write_tokens)
     assert cost(top, price, markup) == bound
+
+
+# Beyond any bigint, within the 28 digits a Decimal holds exactly.
+@given(st.integers(min_value=-(10 ** 27), max_value=10 ** 27), st.integers(0, 18))
+def test_an_amount_is_written_as_its_decimal_is(amount: int, scale: int) -> None:
+    assert format_amount(amount, scale) == format(Decimal(amount).scaleb(-scale), "f")
+
+
+def test_a_sum_the_database_made_is_written_as_an_integer_is() -> None:
+    """SUM() over bigints comes back as a Decimal: written the same as the integer."""
+    assert format_amount(Decimal(123), 9) == format_amount(123, 9) == "0.000000123"
+    assert format_amount(Decimal(-5_000_000_000), 9) == "-5.000000000"
