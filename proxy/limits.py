@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import LimiterUnavailable, RateLimited
 
@@ -273,13 +273,15 @@ class RedisLimiter:
             retry=Retry(NoBackoff(), 1))
         self.redis = redis.Redis(connection_pool=pool)
         self._admit = self.redis.register_script(_ADMIT)
+        self.pipelined = Pipelined(self.redis, {self._admit.sha: _ADMIT})
 
     async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict:
-        args: list[Any] = [lease, int(lease_ttl * 1000)]
+        command: list[Any] = ["EVALSHA", self._admit.sha, len(rules), *[r.key for r in rules],
+                              lease, int(lease_ttl * 1000)]
         for r in rules:
-            args += [r.kind, r.limit, r.cost]
+            command += [r.kind, r.limit, r.cost]
         with _unavailable_on_error():
-            result = await self._admit(keys=[r.key for r in rules], args=args)
+            result = (await self.pipelined.run([command]))[0]
         allowed, second, refused_at = int(result[0]), int(result[1]), int(result[2])
         pairs = result[3:]
         counts = [Count(rules[i], int(pairs[2 * i]), float(pairs[2 * i + 1]))
@@ -290,15 +292,15 @@ class RedisLimiter:
         return Verdict(False, tuple(counts), refused, second)
 
     async def finish(self, verdict: Verdict, lease: str, token_delta: int) -> None:
-        with _unavailable_on_error():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for c in verdict.counts:
-                    if c.rule.kind == "concurrency":
-                        pipe.zrem(c.rule.key, lease)
-                    elif c.rule.kind == "tokens" and token_delta:
-                        pipe.hincrby(c.rule.key, str(verdict.second), token_delta)
-                if pipe.command_stack:
-                    await pipe.execute()
+        commands: list[list[Any]] = []
+        for c in verdict.counts:
+            if c.rule.kind == "concurrency":
+                commands.append(["ZREM", c.rule.key, lease])
+            elif c.rule.kind == "tokens" and token_delta:
+                commands.append(["HINCRBY", c.rule.key, str(verdict.second), token_delta])
+        if commands:
+            with _unavailable_on_error():
+                await self.pipelined.run(commands)
 
     async def renew(self, leases: Sequence[tuple[str, str]], lease_ttl: float) -> None:
         if not leases:
@@ -317,6 +319,101 @@ class RedisLimiter:
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)
+
+
+class Pipelined:
+    """Redis commands of requests in flight at the same moment, sent as one pipeline:
+    one connection taken from the pool, one write, one read of all the replies, where
+    each command alone would cost a round trip and the client's per-command machinery.
+
+    As the ledger's group commit (:mod:`proxy.batcher`): the first call into an idle
+    queue starts a flush on the next turn of the event loop, so every call made
+    meanwhile joins it, and a call alone waits for nothing but that turn; while a
+    pipeline is out, the next one gathers. The commands run in Redis one after another,
+    each as it would alone (a script runs whole): a call's outcome is its own replies,
+    or its own error. A script Redis no longer has (it restarted) is loaded again and
+    the calls that needed it run again; a connection that fails fails every call of the
+    pipeline, as it would have failed each alone (and the client's one retry applies)."""
+
+    def __init__(self, client: Any, scripts: Mapping[str, str], max_calls: int = 256):
+        self.client = client
+        self.scripts = dict(scripts)  # sha → source, for a Redis that lost them
+        self.max_calls = max_calls
+        self._queue: list[tuple[list[list[Any]], asyncio.Future[list[Any]]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.pipelines = 0  # sent (the tests read them)
+
+    async def run(self, commands: list[list[Any]]) -> list[Any]:
+        """The replies to ``commands``, run one after another in the next pipeline;
+        raises the first command's error, if one fails."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._queue.append((commands, future))
+        if self._flushing is None:
+            self._flushing = loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                calls = self._queue[:self.max_calls]
+                del self._queue[:self.max_calls]
+                try:
+                    await self._send(calls)
+                except BaseException as e:  # the connection, or a bug: each call fails
+                    for _, future in calls:
+                        if not future.done():
+                            future.set_exception(_copy(e))
+                    if not isinstance(e, Exception):
+                        raise
+        finally:
+            self._flushing = None
+            for _, future in self._queue:  # the flush was cancelled: none is left waiting
+                if not future.done():
+                    future.set_exception(RedisError("the limiter's pipeline was stopped"))
+            self._queue.clear()
+
+    async def _send(self, calls: list[tuple[list[list[Any]], asyncio.Future[list[Any]]]]
+                    ) -> None:
+        replies = await self._execute([c for commands, _ in calls for c in commands])
+        if any(isinstance(r, NoScriptError) for r in replies):
+            for source in self.scripts.values():
+                await self.client.script_load(source)
+            replies = await self._execute([c for commands, _ in calls for c in commands])
+        at = 0
+        for commands, future in calls:
+            mine = replies[at:at + len(commands)]
+            at += len(commands)
+            if future.done():
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(mine)
+
+    async def _execute(self, commands: list[list[Any]]) -> list[Any]:
+        self.pipelines += 1
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+
+def _copy(error: BaseException) -> Exception:
+    """An error of its own for each caller (tracebacks differ), caused by ``error``: a
+    Redis or connection error stays one (the limiter is then unavailable)."""
+    own: Exception
+    if isinstance(error, RedisError | OSError):
+        try:
+            own = type(error)(*error.args)
+        except Exception:
+            own = RedisError(str(error))
+    else:
+        own = RuntimeError(f"the limiter's pipeline failed: {error!r}")
+    own.__cause__ = error
+    return own
 
 
 class _unavailable_on_error:

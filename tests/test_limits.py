@@ -215,3 +215,45 @@ async def test_a_redis_that_stops_answering_is_unavailable_after_the_read_timeou
         server.kill()
         server.wait()
         await limiter.close()
+
+
+async def test_requests_in_flight_together_share_pipelines_each_with_its_own_outcome(
+        redis_server: RedisServer) -> None:
+    """Admissions and settlements made at the same moment go to Redis in a few
+    pipelines, and each gets what it would alone: the first five of a burst on a
+    concurrency limit of five, the settlements free exactly their own leases, and a
+    command that fails (a key of the wrong type) fails its own call only."""
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        rule = Rule(key("conc"), "concurrency", 5, 1)
+        wrong = Rule(key("wrong"), "tokens", 100, 1)
+        await limiter.redis.set(wrong.key, "not a hash")
+        before = limiter.pipelined.pipelines
+        verdicts = await asyncio.gather(
+            *[limiter.admit([rule], f"r{i}", 30) for i in range(40)],
+            limiter.admit([wrong], "w", 30), return_exceptions=True)
+        assert limiter.pipelined.pipelines - before < 5  # 41 calls, few round trips
+        *burst, failed = verdicts
+        assert [v.allowed for v in burst] == [True] * 5 + [False] * 35  # in order
+        assert isinstance(failed, LimiterUnavailable)
+        await asyncio.gather(*[limiter.finish(v, f"r{i}", 0)
+                               for i, v in enumerate(burst[:3])])
+        assert await limiter.redis.zcard(rule.key) == 2
+        with pytest.raises(LimiterUnavailable):  # through the gate's translation
+            await Gate(limiter).admit([wrong], "w2", 30, fail_open=False)
+    finally:
+        await limiter.close()
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(redis_server: RedisServer
+                                                             ) -> None:
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        rule = Rule(key("rpm"), "requests", 3, 1)
+        assert (await limiter.admit([rule], "a", 30)).allowed
+        await limiter.redis.script_flush()  # as a restarted Redis
+        verdicts = await asyncio.gather(*[limiter.admit([rule], f"b{i}", 30)
+                                          for i in range(4)])
+        assert [v.allowed for v in verdicts] == [True, True, False, False]
+    finally:
+        await limiter.close()
