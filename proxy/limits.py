@@ -318,6 +318,7 @@ class RedisLimiter:
         await self.redis.ping()
 
     async def close(self) -> None:
+        await self.pipelined.aclose()
         await self.redis.aclose(close_connection_pool=True)
 
 
@@ -326,64 +327,63 @@ class Pipelined:
     one connection taken from the pool, one write, one read of all the replies, where
     each command alone would cost a round trip and the client's per-command machinery.
 
-    As the ledger's group commit (:mod:`proxy.batcher`): the first call into an idle
-    queue starts a flush on the next turn of the event loop, so every call made
-    meanwhile joins it, and a call alone waits for nothing but that turn; while a
-    pipeline is out, the next one gathers. The commands run in Redis one after another,
-    each as it would alone (a script runs whole): a call's outcome is its own replies,
-    or its own error. A script Redis no longer has (it restarted) is loaded again and
-    the calls that needed it run again; a connection that fails fails every call of the
-    pipeline, as it would have failed each alone (and the client's one retry applies)."""
+    The calls made in one turn of the event loop go out together at its end, each
+    pipeline on a pooled connection of its own, so a call waits for its own pipeline
+    only (a Redis that stops answering fails it after the client's timeouts, as a lone
+    command would). The commands run in Redis one after another, each as it would alone
+    (a script runs whole): a call's outcome is its own replies, or its own error. A call
+    whose script Redis no longer has (it restarted) is run again, alone of its pipeline,
+    once the script is loaded; a connection that fails fails every call of its pipeline,
+    as it would have failed each alone (and the client's one retry applies)."""
 
     def __init__(self, client: Any, scripts: Mapping[str, str], max_calls: int = 256):
         self.client = client
         self.scripts = dict(scripts)  # sha → source, for a Redis that lost them
         self.max_calls = max_calls
-        self._queue: list[tuple[list[list[Any]], asyncio.Future[list[Any]]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._queue: list[_Call] = []
+        self._due = False  # a flush is scheduled for the end of this turn
+        self._sending: set[asyncio.Task[None]] = set()
         self.pipelines = 0  # sent (the tests read them)
 
     async def run(self, commands: list[list[Any]]) -> list[Any]:
-        """The replies to ``commands``, run one after another in the next pipeline;
+        """The replies to ``commands``, run one after another in this turn's pipeline;
         raises the first command's error, if one fails."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._queue.append((commands, future))
-        if self._flushing is None:
-            self._flushing = loop.create_task(self._flush())
+        if not self._due:
+            self._due = True
+            loop.call_soon(self._flush)
         return await future
 
-    async def _flush(self) -> None:
-        try:
-            while self._queue:
-                calls = self._queue[:self.max_calls]
-                del self._queue[:self.max_calls]
-                try:
-                    await self._send(calls)
-                except BaseException as e:  # the connection, or a bug: each call fails
-                    for _, future in calls:
-                        if not future.done():
-                            future.set_exception(_copy(e))
-                    if not isinstance(e, Exception):
-                        raise
-        finally:
-            self._flushing = None
-            for _, future in self._queue:  # the flush was cancelled: none is left waiting
-                if not future.done():
-                    future.set_exception(RedisError("the limiter's pipeline was stopped"))
-            self._queue.clear()
+    def _flush(self) -> None:
+        self._due = False
+        calls, self._queue = self._queue, []
+        loop = asyncio.get_running_loop()
+        for at in range(0, len(calls), self.max_calls):
+            task = loop.create_task(self._pipeline(calls[at:at + self.max_calls]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
-    async def _send(self, calls: list[tuple[list[list[Any]], asyncio.Future[list[Any]]]]
-                    ) -> None:
-        replies = await self._execute([c for commands, _ in calls for c in commands])
-        if any(isinstance(r, NoScriptError) for r in replies):
-            for source in self.scripts.values():
-                await self.client.script_load(source)
-            replies = await self._execute([c for commands, _ in calls for c in commands])
-        at = 0
-        for commands, future in calls:
-            mine = replies[at:at + len(commands)]
-            at += len(commands)
+    async def _pipeline(self, calls: list[_Call]) -> None:
+        try:
+            replies = await self._replies(calls)
+            lost = [i for i, mine in enumerate(replies)
+                    if any(isinstance(r, NoScriptError) for r in mine)]
+            if lost:  # only those calls ran nothing: load the scripts, run them again
+                for source in self.scripts.values():
+                    await self.client.script_load(source)
+                again = await self._replies([calls[i] for i in lost])
+                for i, mine in zip(lost, again, strict=True):
+                    replies[i] = mine
+        except BaseException as e:  # the connection, or a bug: each call fails with it
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(_copy(e))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, future), mine in zip(calls, replies, strict=True):
             if future.done():
                 continue
             error = next((r for r in mine if isinstance(r, Exception)), None)
@@ -392,24 +392,41 @@ class Pipelined:
             else:
                 future.set_result(mine)
 
-    async def _execute(self, commands: list[list[Any]]) -> list[Any]:
+    async def _replies(self, calls: list[_Call]) -> list[list[Any]]:
+        """Each call's replies (an error in place of a command's reply that failed)."""
         self.pipelines += 1
         async with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+            for commands, _ in calls:
+                for command in commands:
+                    pipe.execute_command(*command)
+            flat: list[Any] = await pipe.execute(raise_on_error=False)
+        out, at = [], 0
+        for commands, _ in calls:
+            out.append(flat[at:at + len(commands)])
+            at += len(commands)
+        return out
+
+    async def aclose(self) -> None:
+        """Wait for the pipelines out (at shutdown)."""
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+_Call = tuple[list[list[Any]], "asyncio.Future[list[Any]]"]
 
 
 def _copy(error: BaseException) -> Exception:
     """An error of its own for each caller (tracebacks differ), caused by ``error``: a
-    Redis or connection error stays one (the limiter is then unavailable)."""
+    Redis or connection error stays one, and so does a pipeline stopped at shutdown (the
+    limiter is then unavailable); anything else is a bug, and says so."""
     own: Exception
     if isinstance(error, RedisError | OSError):
         try:
             own = type(error)(*error.args)
         except Exception:
             own = RedisError(str(error))
+    elif isinstance(error, asyncio.CancelledError):
+        own = RedisError("the limiter's pipeline was stopped")
     else:
         own = RuntimeError(f"the limiter's pipeline failed: {error!r}")
     own.__cause__ = error

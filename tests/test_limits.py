@@ -257,3 +257,51 @@ async def test_a_redis_that_lost_its_scripts_gets_them_again(redis_server: Redis
         assert [v.allowed for v in verdicts] == [True, True, False, False]
     finally:
         await limiter.close()
+
+
+async def test_a_settlement_sent_with_an_admission_that_lost_its_script_counts_once(
+        redis_server: RedisServer) -> None:
+    """Only the calls whose script Redis no longer had run again: a token correction
+    that shared their pipeline is applied once (it was applied twice)."""
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        tokens = Rule(key("tpm"), "tokens", 10**9, 100)
+        verdict = await limiter.admit([tokens], "a", 30)
+        await limiter.redis.script_flush()  # as a Redis restarted with its data
+        other = Rule(key("rpm"), "requests", 10**9, 1)
+        _, admitted = await asyncio.gather(limiter.finish(verdict, "a", 500),
+                                           limiter.admit([other], "b", 30))
+        assert admitted.allowed
+        counted = await limiter.redis.hgetall(tokens.key)
+        assert sum(int(v) for v in counted.values()) == 100 + 500
+        assert sum(int(v) for v in (await limiter.redis.hgetall(other.key)).values()) == 1
+    finally:
+        await limiter.close()
+
+
+async def test_a_call_made_while_a_stuck_pipeline_is_out_waits_for_its_own_only() -> None:
+    """A Redis that stops answering fails each call after its own timeouts, not after
+    those of a pipeline sent before it too (calls waited for that one first)."""
+    port = free_port()
+    server = start_redis(port)
+    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", read_timeout=1.0)
+    rule = Rule(key("rpm"), "requests", 1000, 1)
+    try:
+        await limiter.admit([rule], "warm", 30)
+        server.send_signal(signal.SIGSTOP)
+
+        async def waited(delay: float, lease: str) -> float:
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            with pytest.raises(LimiterUnavailable):
+                await limiter.admit([rule], lease, 30)
+            return time.monotonic() - started
+
+        first, second = await asyncio.gather(waited(0, "a"), waited(0.5, "b"))
+        assert first < 3.5 and second < 3.5  # its own read, then once more: about 2 s
+        assert second < first + 1.0
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+        await limiter.close()
