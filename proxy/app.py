@@ -60,6 +60,7 @@ from proxy.errors import (
     error_body,
 )
 from proxy.events import Events
+from proxy.hotpath import HotPath
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.limits import Gate, OverrideCache, build_limiter
@@ -368,7 +369,10 @@ def create_app(settings: Settings) -> observe.Observe:
     labels: dict[Any, str] = {}
     for route in routes:
         labels.setdefault(getattr(route, "endpoint", None), getattr(route, "path", "other"))
-    return observe.Observe(cors.Cors(app, settings), labels)
+    hot = HotPath(app, {"chat/completions": chat_completions, "responses": create_response,
+                        "embeddings": embeddings, "messages": messages.messages},
+                  {"v1/messages": messages.messages})
+    return observe.Observe(cors.Cors(hot, settings), labels)
 
 
 def app_from_env() -> observe.Observe:

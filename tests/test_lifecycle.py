@@ -173,7 +173,7 @@ async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
     finally:
         await conn.close()
     app = create_app(app_settings)
-    starlette = app.app.app
+    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
     pauser = Pauser()
     async with starlette.router.lifespan_context(starlette):
         services = starlette.state.services
@@ -244,7 +244,7 @@ async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it
     finally:
         await conn.close()
     app = create_app(settings)
-    starlette = app.app.app
+    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
     user = new_user("after")
     posting, go_on = asyncio.Event(), asyncio.Event()
     async with starlette.router.lifespan_context(starlette):
