@@ -7,9 +7,11 @@ instead of two, and no send wrappers (Starlette's error middleware and its two
 exception layers wrap every message sent). Everything else goes to the Starlette app.
 
 What the endpoint raises is answered by the app's own exception handlers, as Starlette
-would: the handler registered for the nearest class in the error's MRO; the one for
-``Exception`` answers 500 and the error is raised again (for the server to see), as
-Starlette's error middleware does. The scope gets what the endpoints read: ``app``,
+would: the handler registered for the nearest class in the error's MRO. As Starlette's
+error middleware does, the one for ``Exception`` sees every other error — one from the
+endpoint, from sending the response (also once it has begun: then it is only logged
+and recorded), from a handler itself — answers 500 unless a response has begun, and the
+error is raised again for the server to see. The scope gets what the endpoints read: ``app``,
 ``endpoint`` (the route's label in metrics and logs) and ``path_params``.
 """
 
@@ -68,17 +70,36 @@ class HotPath:
         scope["endpoint"] = endpoint
         scope["path_params"] = params
         request = Request(scope, receive, send)
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        crash = self.handlers.get(Exception)
         try:
-            response = await endpoint(request)
+            try:
+                response = await endpoint(request)
+                await response(scope, receive, sending)
+            except Exception as exc:
+                handler = self._handler(exc)
+                if handler is None or handler is crash:
+                    raise
+                if started:  # as Starlette's exception layer says of it
+                    raise RuntimeError(
+                        "Caught handled exception, but response already started.") from exc
+                response = await handler(request, exc)
+                await response(scope, receive, sending)
         except Exception as exc:
-            handler = self._handler(exc)
-            if handler is None:
+            # Starlette's error middleware: the crash handler sees every error (it logs
+            # and records it); its 500 goes out unless a response has begun; raised again.
+            if crash is None:
                 raise
-            response = await handler(request, exc)
-            if handler is self.handlers.get(Exception):  # a crash: answered, then raised
+            response = await crash(request, exc)
+            if not started:
                 await response(scope, receive, send)
-                raise
-        await response(scope, receive, send)
+            raise
 
     def _handler(self, exc: Exception) -> Handler | None:
         for cls in type(exc).__mro__:
