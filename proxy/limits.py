@@ -27,7 +27,9 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import LimiterUnavailable, RateLimited
 
@@ -333,8 +335,9 @@ class Pipelined:
     command would). The commands run in Redis one after another, each as it would alone
     (a script runs whole): a call's outcome is its own replies, or its own error. A call
     whose script Redis no longer has (it restarted) is run again, alone of its pipeline,
-    once the script is loaded; a connection that fails fails every call of its pipeline,
-    as it would have failed each alone (and the client's one retry applies)."""
+    once the script is loaded. A connection that fails is replaced once, and only the
+    commands whose replies were not read yet are sent again (:meth:`_exchange`); a call
+    still unanswered then fails with the connection's error, as it would alone."""
 
     def __init__(self, client: Any, scripts: Mapping[str, str], max_calls: int = 256):
         self.client = client
@@ -369,22 +372,28 @@ class Pipelined:
         try:
             replies = await self._replies(calls)
             lost = [i for i, mine in enumerate(replies)
-                    if any(isinstance(r, NoScriptError) for r in mine)]
+                    if isinstance(mine, list) and any(isinstance(r, NoScriptError) for r in mine)]
+            self._answer([(c, r) for i, (c, r) in enumerate(zip(calls, replies, strict=True))
+                          if i not in lost])
             if lost:  # only those calls ran nothing: load the scripts, run them again
                 for source in self.scripts.values():
                     await self.client.script_load(source)
-                again = await self._replies([calls[i] for i in lost])
-                for i, mine in zip(lost, again, strict=True):
-                    replies[i] = mine
-        except BaseException as e:  # the connection, or a bug: each call fails with it
+                again = [calls[i] for i in lost]
+                self._answer(list(zip(again, await self._replies(again), strict=True)))
+        except BaseException as e:  # a bug, or stopped: each call not answered fails
             for _, future in calls:
                 if not future.done():
                     future.set_exception(_copy(e))
             if not isinstance(e, Exception):
                 raise
-            return
-        for (_, future), mine in zip(calls, replies, strict=True):
+
+    @staticmethod
+    def _answer(answered: list[tuple[_Call, list[Any] | BaseException]]) -> None:
+        for (_, future), mine in answered:
             if future.done():
+                continue
+            if isinstance(mine, BaseException):
+                future.set_exception(_copy(mine))
                 continue
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is not None:
@@ -392,22 +401,57 @@ class Pipelined:
             else:
                 future.set_result(mine)
 
-    async def _replies(self, calls: list[_Call]) -> list[list[Any]]:
-        """Each call's replies (an error in place of a command's reply that failed)."""
-        self.pipelines += 1
-        async with self.client.pipeline(transaction=False) as pipe:
-            for commands, _ in calls:
-                for command in commands:
-                    pipe.execute_command(*command)
-            flat: list[Any] = await pipe.execute(raise_on_error=False)
-        out, at = [], 0
+    async def _replies(self, calls: list[_Call]) -> list[list[Any] | BaseException]:
+        """Each call's replies (an error in place of a command's reply that failed), or
+        the connection's error for a call whose replies did not all come."""
+        flat, error = await self._exchange([c for commands, _ in calls for c in commands])
+        out: list[list[Any] | BaseException] = []
+        at = 0
         for commands, _ in calls:
-            out.append(flat[at:at + len(commands)])
+            mine = flat[at:at + len(commands)]
             at += len(commands)
+            out.append(mine if len(mine) == len(commands) or error is None else error)
         return out
 
+    async def _exchange(self, commands: list[list[Any]]
+                        ) -> tuple[list[Any], BaseException | None]:
+        """The replies read, in order (a ResponseError in place of an error reply), and
+        the error that stopped the rest, if any. A connection that fails while replies
+        are still owed is replaced once and the commands not yet answered are sent
+        again: each command is tried at most twice, and only when its own reply was
+        lost (it may then have run twice, as a lone command tried again would), never
+        one already answered."""
+        replies: list[Any] = []
+        try:
+            await self._send(commands, replies)
+        except (RedisConnectionError, RedisTimeoutError):
+            try:
+                await self._send(commands[len(replies):], replies)
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                return replies, e
+        return replies, None
+
+    async def _send(self, commands: list[list[Any]], replies: list[Any]) -> None:
+        self.pipelines += 1
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as e:
+                    replies.append(e)
+        except BaseException:
+            await connection.disconnect(nowait=True)  # replies may still be owed on it
+            raise
+        finally:
+            await pool.release(connection)
+
     async def aclose(self) -> None:
-        """Wait for the pipelines out (at shutdown)."""
+        """Send what is queued and wait for the pipelines out (at shutdown)."""
+        if self._queue:
+            self._flush()
         while self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
 
