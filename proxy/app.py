@@ -369,9 +369,7 @@ def create_app(settings: Settings) -> observe.Observe:
     labels: dict[Any, str] = {}
     for route in routes:
         labels.setdefault(getattr(route, "endpoint", None), getattr(route, "path", "other"))
-    hot = HotPath(app, {"chat/completions": chat_completions, "responses": create_response,
-                        "embeddings": embeddings, "messages": messages.messages},
-                  {"v1/messages": messages.messages})
+    hot = HotPath(app, {chat_completions, create_response, embeddings, messages.messages})
     return observe.Observe(cors.Cors(hot, settings), labels)
 
 

@@ -17,7 +17,7 @@ error is raised again for the server to see. The scope gets what the endpoints r
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -28,15 +28,27 @@ Endpoint = Callable[[Request], Awaitable[Any]]
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
+_PER_USER = "/v1/{user}/"
+
+
 class HotPath:
-    def __init__(self, app: Starlette, endpoints: Mapping[str, Endpoint],
-                 per_user: Mapping[str, Endpoint]):
+    """``hot``: the endpoints taken straight; their POST routes are read from ``app``
+    (those of the shapes ``/v1/<tail>`` and ``/v1/{user}/<tail>``, as declared)."""
+
+    def __init__(self, app: Starlette, hot: Collection[Endpoint]):
         self.app = app
-        # "chat/completions" → its endpoint, for /v1/chat/completions and
-        # /v1/{user}/chat/completions; ``per_user`` also holds the tails only taken
-        # after a user ("v1/messages").
-        self.endpoints = dict(endpoints)
-        self.per_user = {**endpoints, **per_user}
+        self.endpoints: dict[str, Endpoint] = {}  # "chat/completions" → its endpoint
+        self.per_user: dict[str, Endpoint] = {}  # … and after /v1/{user}/
+        for route in app.routes:
+            endpoint = getattr(route, "endpoint", None)
+            if endpoint is None or endpoint not in hot \
+                    or "POST" not in (getattr(route, "methods", None) or ()):
+                continue
+            path: str = route.path  # type: ignore[attr-defined]
+            if path.startswith(_PER_USER) and "{" not in path[len(_PER_USER):]:
+                self.per_user[path[len(_PER_USER):]] = endpoint
+            elif path.startswith("/v1/") and "{" not in path:
+                self.endpoints[path[4:]] = endpoint
         self.handlers: dict[type[BaseException], Handler] = {
             cls: handler for cls, handler in app.exception_handlers.items()
             if isinstance(cls, type)}

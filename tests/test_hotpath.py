@@ -97,7 +97,7 @@ def _served(apps: tuple[HotPath, Any], endpoint: Any, hot: bool) -> Any:
     hot path or through Starlette alone; Observe outermost, as in the app."""
     app = Starlette(routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])],
                     exception_handlers=apps[1].exception_handlers)
-    inner = HotPath(app, {"chat/completions": endpoint}, {}) if hot else app
+    inner = HotPath(app, {endpoint}) if hot else app
     return observe.Observe(inner, {endpoint: "/v1/chat/completions"})
 
 
