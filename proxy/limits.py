@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -247,6 +248,7 @@ for i, key in ipairs(KEYS) do
 end
 return {1, now_s, 0, unpack(out)}
 """
+_ADMIT_SHA = hashlib.sha1(_ADMIT.encode()).hexdigest()  # how EVALSHA names it
 
 
 class RedisLimiter:
@@ -274,11 +276,10 @@ class RedisLimiter:
             socket_timeout=read_timeout, socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 1))
         self.redis = redis.Redis(connection_pool=pool)
-        self._admit = self.redis.register_script(_ADMIT)
-        self.pipelined = Pipelined(self.redis, {self._admit.sha: _ADMIT})
+        self.pipelined = Pipelined(self.redis, {_ADMIT_SHA: _ADMIT})
 
     async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict:
-        command: list[Any] = ["EVALSHA", self._admit.sha, len(rules), *[r.key for r in rules],
+        command: list[Any] = ["EVALSHA", _ADMIT_SHA, len(rules), *[r.key for r in rules],
                               lease, int(lease_ttl * 1000)]
         for r in rules:
             command += [r.kind, r.limit, r.cost]

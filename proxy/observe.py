@@ -526,9 +526,9 @@ def configure_logging(fmt: str, secrets: Iterable[str] = (), access: bool = True
     logging.captureWarnings(True)
     global _access_writer
     _access_writer = AccessWriter(redact) if fmt == "json" and access else None
-    atexit.register(_flush_access)
 
 
+@atexit.register
 def _flush_access() -> None:
     """The access lines of the last turn, at exit."""
     if _access_writer is not None:

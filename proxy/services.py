@@ -149,7 +149,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:  # a client gone mid-body (or dropped as too slow): no crash
         raise InvalidRequest("The client went away before its body was complete.",
                              code="client_disconnected") from None
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return b"".join(parts)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
