@@ -39,10 +39,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv
+from proxyproc import execute, with_database
 
 from proxy import db
 from proxy.ledger import Ledger, SpendCap
@@ -54,18 +54,6 @@ ASSET = "usd"
 HOLD = 1_000
 COST = 700  # within the hold: the usual post
 NO_LIMIT = 10**15
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
-
-
-async def admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @contextmanager
@@ -106,7 +94,7 @@ class Schema:
 
 async def open_schema(server: str, label: str, upto: str, users: int, caps: bool) -> Schema:
     name = f"ledger_cost_{secrets.token_hex(4)}"
-    await admin(server, f"CREATE DATABASE {name}")
+    await execute(server, f"CREATE DATABASE {name}")
     url = with_database(server, name)
     with migrations_upto(upto) as directory:
         await db.migrate(url, directory)
@@ -183,7 +171,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for s in schemas:
             await s.pool.close()
-            await admin(server, f"DROP DATABASE {urlsplit(s.url).path[1:]} WITH (FORCE)")
+            await execute(server, f"DROP DATABASE {urlsplit(s.url).path[1:]} WITH (FORCE)")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

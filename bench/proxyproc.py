@@ -68,15 +68,22 @@ def embedded_version(data_dir: Path) -> str | None:
     return None
 
 
-def run_sql(url: str, statement: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(url, timeout=10)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
+async def execute(url: str, statement: str) -> None:
+    """Run one statement on a connection of its own (CREATE/DROP DATABASE)."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
 
-    asyncio.run(run())
+
+def run_sql(url: str, statement: str) -> None:
+    asyncio.run(execute(url, statement))
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming the database ``name`` on the same server."""
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
 @contextlib.contextmanager
@@ -97,7 +104,7 @@ def own_database(env: Mapping[str, str], data_dir: Path) -> Iterator[tuple[dict[
     name = "paywall_bench_" + secrets.token_hex(4)
     run_sql(url, f"CREATE DATABASE {name}")
     try:
-        yield ({**env, "DATABASE_URL": urlunsplit(urlsplit(url)._replace(path="/" + name))},
+        yield ({**env, "DATABASE_URL": with_database(url, name)},
                f"its own database {name} on the DATABASE_URL's server, dropped after the run")
     finally:
         run_sql(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
