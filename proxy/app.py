@@ -315,6 +315,7 @@ def create_app(settings: Settings) -> observe.Observe:
                                         settings.billing.reaper_interval_seconds), \
                     events.delivering(services.events):
                 yield
+                ledger.batch.hurry()  # posts made after their answers wait no more
                 await services.tasks.drain()
         finally:
             try:

@@ -263,8 +263,11 @@ class Ledger:
         )
 
     async def post(self, hold_id: int, amount: int, usage: Usage | None, outcome: str,
-                   metadata: dict[str, Any] | None = None) -> Posted | None:
+                   metadata: dict[str, Any] | None = None, *, deferrable: bool = False
+                   ) -> Posted | None:
         """Charge the exact cost ``amount`` and release the hold; None if already resolved.
+        ``deferrable``: no one waits on it (its answer has gone); it may ride a later
+        batch (:class:`~proxy.batcher.GroupCommit`).
 
         The charge is ``amount`` up to the hold plus what the account has available
         beyond it, so it may exceed the hold but never takes what other requests hold;
@@ -278,16 +281,19 @@ class Ledger:
         row = await self.batch.fetchrow(
             "post", *_NO_HOLD, hold_id, amount, u.prompt_tokens, u.completion_tokens,
             u.cached_tokens, u.reasoning_tokens, outcome, orjson.dumps(metadata or {}).decode(),
-            None)
+            None, deferrable=deferrable)
         if not row["resolved"]:
             return None
         return Posted(row["charged"], row["balance_after"], row["uncharged"])
 
-    async def void(self, hold_id: int, status: str = "voided") -> bool:
-        """Release the whole hold; ``status`` is "voided", or "expired" for the reaper."""
+    async def void(self, hold_id: int, status: str = "voided", *, deferrable: bool = False
+                   ) -> bool:
+        """Release the whole hold; ``status`` is "voided", or "expired" for the reaper.
+        ``deferrable`` as for :meth:`post`."""
         if status not in ("voided", "expired"):
             raise ValueError(f"a hold is voided or expired, not {status!r}")
-        row = await self.batch.fetchrow("void", *_NO_HOLD, hold_id, *_NO_COST, status)
+        row = await self.batch.fetchrow("void", *_NO_HOLD, hold_id, *_NO_COST, status,
+                                        deferrable=deferrable)
         return bool(row["resolved"])
 
     async def renew(self, checkpoints: dict[int, dict[str, Any] | None]) -> None:

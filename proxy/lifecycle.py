@@ -316,7 +316,7 @@ class Ticket:
         for it), whose failure is logged (a refused post is owed, as always)."""
         self.settling_after = True
         if self._closing is None:
-            self._closing = self.services.tasks.spawn(self._close(None))
+            self._closing = self.services.tasks.spawn(self._close(None, answered=True))
             self._closing.add_done_callback(self._closed)
 
     def _closed(self, task: asyncio.Task[Posted | None]) -> None:
@@ -333,8 +333,14 @@ class Ticket:
             self._closing = self.services.tasks.spawn(self._close(price))
         return await asyncio.shield(self._closing)
 
-    async def _close(self, price: Callable[[], Awaitable[Charge]] | None) -> Posted | None:
+    async def _close(self, price: Callable[[], Awaitable[Charge]] | None,
+                     answered: bool = False) -> Posted | None:
+        """``answered``: the client has its priced answer, so the request is no longer
+        in flight: its leases end first, and the post may ride a later batch."""
         verdict = await _outcome_of(self._admitting)
+        released = answered
+        if answered:
+            await self._release(verdict)
         state = await _outcome_of(self._holding)
         try:
             if self._pricing is not None:
@@ -354,11 +360,16 @@ class Ticket:
             meta = ({"deployment": rec.deployment, "attempts": rec.attempts}
                     if rec.deployment and what == "post" else None)
             return await resolve_hold(self.services, rec, state.hold_id, amount, usage,
-                                      charge.outcome, meta)
+                                      charge.outcome, meta, answered=answered)
         finally:
-            used = self.charge.tokens if self.charge and self.charge.amount is not None else 0
-            if self._admitting is not None:
-                await self.services.gate.finish(verdict, self.lease, used - self.plan.tokens)
+            if not released:
+                await self._release(verdict)
+
+    async def _release(self, verdict: Verdict | None) -> None:
+        """Free the admission's leases, correcting its token count by what was used."""
+        used = self.charge.tokens if self.charge and self.charge.amount is not None else 0
+        if self._admitting is not None:
+            await self.services.gate.finish(verdict, self.lease, used - self.plan.tokens)
 
 
 async def _outcome_of(task: asyncio.Task[T] | None) -> T | None:

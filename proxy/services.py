@@ -68,8 +68,10 @@ class Services:
 
 async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: int | None,
                        usage: Usage | None, outcome: str,
-                       meta: dict[str, Any] | None = None) -> Posted | None:
-    """Post ``charge`` on a held request (or void it, for None) and record the outcome.
+                       meta: dict[str, Any] | None = None, *, answered: bool = False
+                       ) -> Posted | None:
+    """Post ``charge`` on a held request (or void it, for None) and record the outcome;
+    ``answered``: the client has its answer, so the write may ride a later batch.
 
     Should the database fail, the settlement is owed (:mod:`proxy.settler`): written
     again until the ledger takes it, its hold renewed meanwhile at ``charge``, spooled
@@ -80,10 +82,11 @@ async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: in
     live = services.live
     try:
         if charge is None:
-            await services.ledger.void(hold_id)
+            await services.ledger.void(hold_id, deferrable=answered)
             posted = None
         else:
-            posted = await services.ledger.post(hold_id, charge, usage, outcome, meta)
+            posted = await services.ledger.post(hold_id, charge, usage, outcome, meta,
+                                                deferrable=answered)
             if posted is None:
                 services.metrics.errors.labels("ledger").inc()
                 log.error("hold %s of %s was resolved before its settlement", hold_id,

@@ -105,3 +105,42 @@ async def test_an_outage_fails_every_call_of_the_batch_as_unavailable(
     assert len({id(a) for a in answers}) == 3  # each its own error
     assert all(a.__cause__ is not None for a in answers)
     await batch.aclose()
+
+
+async def test_a_deferrable_call_rides_the_batch_the_next_call_starts(
+        table: tuple[db.Database, str]) -> None:
+    """A call no one waits on (a post after its answer) starts no batch: the next call
+    that does takes it along, ahead of itself, in one commit."""
+    pool, name = table
+    batch = inserting(pool, name)
+    batch.defer_seconds = 30  # only the next call can send it
+    later = asyncio.ensure_future(batch.fetchrow(4, deferrable=True))  # noqa: TID251
+    await asyncio.sleep(0.05)
+    assert not later.done() and batch.batches == 0
+    assert (await batch.fetchrow(5))["q"] == 20
+    assert (await later)["q"] == 25
+    assert (batch.batches, batch.calls) == (1, 2)
+    assert await rows(pool, name) == [4, 5]
+
+
+async def test_a_deferrable_call_alone_leaves_after_its_delay(
+        table: tuple[db.Database, str]) -> None:
+    pool, name = table
+    batch = inserting(pool, name)
+    batch.defer_seconds = 0.05
+    started = asyncio.get_running_loop().time()
+    assert (await batch.fetchrow(2, deferrable=True))["q"] == 50
+    assert asyncio.get_running_loop().time() - started >= 0.05
+    assert (batch.batches, batch.calls) == (1, 1)
+
+
+async def test_closing_sends_what_is_deferred_at_once(
+        table: tuple[db.Database, str]) -> None:
+    pool, name = table
+    batch = inserting(pool, name)
+    batch.defer_seconds = 30
+    later = asyncio.ensure_future(batch.fetchrow(10, deferrable=True))  # noqa: TID251
+    await asyncio.sleep(0)
+    await asyncio.wait_for(batch.aclose(), 5)
+    assert (await later)["q"] == 10
+    assert await rows(pool, name) == [10]

@@ -288,3 +288,48 @@ async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it
     assert answer["headers"]["x-paywall-balance"] == format_amount(entry["balance_after"],
                                                                    scale)
     assert -entry["amount"] > 0
+
+
+async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
+        own_database_url: str, tmp_path: Path) -> None:
+    """One user's requests one after another, each settled after its answer, with one
+    request in flight allowed: none is refused for the last one's lease (it ends with
+    the answer, not with the post), and each post rides the next request's hold, so a
+    request costs one batch, one commit."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(CONFIG.replace("[billing]\n", "[billing]\nsettle_after_answer = true\n")
+                    .replace("user_concurrency = 5", "user_concurrency = 1"))
+    settings = config.load(path, {"DATABASE_URL": own_database_url})
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        key, _ = await KeyStore(conn).create("app", "test")
+    finally:
+        await conn.close()
+    app = create_app(settings)
+    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
+    user = new_user("closed-loop")
+    async with starlette.router.lifespan_context(starlette):
+        batch = starlette.state.services.ledger.batch
+        batch.defer_seconds = 30  # only the next request's hold sends a post
+        first = await whole_answer(app, key, user)
+        assert first["status"] == 200, first
+        before = batch.batches
+        answers = []
+        for _ in range(5):
+            await asyncio.sleep(0)  # a next request comes in through the event loop
+            answers.append(await whole_answer(app, key, user))
+        assert [a["status"] for a in answers] == [200] * 5, answers
+        assert batch.batches - before == 5  # each the last one's post and its own hold
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        charges = await conn.fetch(
+            "SELECT e.request_id FROM entries e JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = 'app' AND a.user_id = $1 AND e.kind = 'charge'", user)
+        pending = await conn.fetchval(
+            "SELECT count(*) FROM holds h JOIN accounts a ON a.id = h.account_id"
+            " WHERE a.user_id = $1 AND h.status = 'pending'", user)
+    finally:
+        await conn.close()
+    assert pending == 0  # the last post, deferred, was sent at shutdown
+    assert {c["request_id"] for c in charges} == {
+        a["headers"]["x-request-id"] for a in [first, *answers]}
