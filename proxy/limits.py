@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -116,6 +117,52 @@ def window_check(buckets: Mapping[int, int], now: int, limit: int,
     return False, used, float(WINDOW)
 
 
+class Window:
+    """One rule's counts by second, oldest first, and their sum: :func:`window_check`'s
+    answers as the requests come, without a pass over the whole window each time."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[int]] = deque()  # [second, count], seconds increasing
+        self.total = 0
+
+    def check(self, now: int, limit: int, cost: int) -> tuple[bool, int, float]:
+        """:func:`window_check` of these counts; the seconds gone from the window are
+        dropped."""
+        b = self.buckets
+        while b and b[0][0] <= now - WINDOW:
+            self.total -= b.popleft()[1]
+        used = self.total
+        if used + cost <= limit:
+            return True, used, float(b[0][0] + WINDOW - now) if b else 0.0
+        need, freed = used + cost - limit, 0
+        for s, c in b:
+            freed += c
+            if freed >= need:
+                return False, used, float(s + WINDOW - now)
+        return False, used, float(WINDOW)
+
+    def add(self, second: int, n: int) -> None:
+        """Count ``n`` more at ``second``: the newest, or an earlier one (a correction at
+        settlement, or a clock set back), kept in order."""
+        b = self.buckets
+        self.total += n
+        if b and b[-1][0] == second:
+            b[-1][1] += n
+        elif not b or b[-1][0] < second:
+            b.append([second, n])
+        else:
+            for i in range(len(b) - 1, -1, -1):
+                if b[i][0] == second:
+                    b[i][1] += n
+                    return
+                if b[i][0] < second:
+                    b.insert(i + 1, [second, n])
+                    return
+            b.appendleft([second, n])
+
+
 class Limiter(Protocol):
     async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict: ...
 
@@ -133,8 +180,10 @@ class LocalLimiter:
     """The in-process limiter, for one replica without Redis."""
 
     clock: Any = time.time
-    windows: dict[str, dict[int, int]] = field(default_factory=dict)
+    windows: dict[str, Window] = field(default_factory=dict)
     leases: dict[str, dict[str, float]] = field(default_factory=dict)
+    # per concurrency key: no lease of it expires before this (a scan is due after)
+    _soonest: dict[str, float] = field(default_factory=dict)
 
     async def admit(self, rules: Sequence[Rule], lease: str, lease_ttl: float) -> Verdict:
         now = self.clock()
@@ -143,27 +192,30 @@ class LocalLimiter:
         for rule in rules:
             if rule.kind == "concurrency":
                 held = self.leases.setdefault(rule.key, {})
-                for k in [k for k, expiry in held.items() if expiry <= now]:
-                    del held[k]
+                if now >= self._soonest.get(rule.key, 0.0):
+                    for k in [k for k, expiry in held.items() if expiry <= now]:
+                        del held[k]
+                    self._soonest[rule.key] = min(held.values(), default=math.inf)
                 used = len(held)
                 if used + rule.cost > rule.limit:
                     reset = min(held.values()) - now if held else 1.0
                     return Verdict(False, tuple(counts), Count(rule, used, reset), second)
                 counts.append(Count(rule, used, 0.0))
             else:
-                buckets = self.windows.setdefault(rule.key, {})
-                for s in [s for s in buckets if s <= second - WINDOW]:
-                    del buckets[s]
-                fits, used, reset = window_check(buckets, second, rule.limit, rule.cost)
+                window = self.windows.get(rule.key)
+                if window is None:
+                    window = self.windows[rule.key] = Window()
+                fits, used, reset = window.check(second, rule.limit, rule.cost)
                 if not fits:
                     return Verdict(False, tuple(counts), Count(rule, used, reset), second)
                 counts.append(Count(rule, used, reset))
         for rule in rules:
             if rule.kind == "concurrency":
-                self.leases[rule.key][lease] = now + lease_ttl
+                self.leases[rule.key][lease] = expiry = now + lease_ttl
+                if expiry < self._soonest[rule.key]:
+                    self._soonest[rule.key] = expiry
             else:
-                bucket = self.windows[rule.key]
-                bucket[second] = bucket.get(second, 0) + rule.cost
+                self.windows[rule.key].add(second, rule.cost)
         return Verdict(True, tuple(counts), None, second)
 
     async def finish(self, verdict: Verdict, lease: str, token_delta: int) -> None:
@@ -171,8 +223,10 @@ class LocalLimiter:
             if c.rule.kind == "concurrency":
                 self.leases.get(c.rule.key, {}).pop(lease, None)
             elif c.rule.kind == "tokens" and token_delta:
-                bucket = self.windows.setdefault(c.rule.key, {})
-                bucket[verdict.second] = bucket.get(verdict.second, 0) + token_delta
+                window = self.windows.get(c.rule.key)
+                if window is None:
+                    window = self.windows[c.rule.key] = Window()
+                window.add(verdict.second, token_delta)
 
     async def renew(self, leases: Sequence[tuple[str, str]], lease_ttl: float) -> None:
         expiry = self.clock() + lease_ttl
@@ -180,6 +234,8 @@ class LocalLimiter:
             held = self.leases.get(key)
             if held is not None and lease in held:
                 held[lease] = expiry
+                if expiry < self._soonest.get(key, math.inf):  # a clock set back
+                    self._soonest[key] = expiry
 
     async def ping(self) -> None:
         return None

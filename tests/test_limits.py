@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
-from proxy.limits import Gate, LocalLimiter, RedisLimiter, Rule, Verdict, duration, window_check
+from proxy.limits import (
+    Gate, LocalLimiter, RedisLimiter, Rule, Verdict, Window, duration, window_check)
 from tests.conftest import RedisServer, start_redis
 from tests.upstream import free_port
 
@@ -35,6 +38,38 @@ WINDOW_CASES = [
 def test_window(buckets: dict[int, int], now: int, limit: int, cost: int,
                 expected: tuple[bool, int, float]) -> None:
     assert window_check(buckets, now, limit, cost) == expected
+
+
+# A step: a check at a second (the clock mostly moving on, now and then set back) with a
+# limit and a cost, counted when it fits; or a correction at a second already counted.
+_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("check"), st.sampled_from([0, 1, 2, 20, 30, 59, 60, 61, -1, -30]),
+              st.integers(0, 30), st.integers(0, 12)),
+    st.tuples(st.just("correct"), st.integers(0, 8), st.integers(-10, 10), st.just(0)),
+), max_size=60)
+
+
+@given(_STEPS)
+def test_the_kept_window_answers_as_window_check(steps: list[tuple[str, int, int, int]]
+                                                 ) -> None:
+    """The in-process limiter's running window and the pure function (the Redis
+    script's) agree on every check, whatever the order of seconds and corrections."""
+    window, buckets, now, seen = Window(), {}, 1_000, [1_000]
+    for what, a, b, c in steps:
+        if what == "check":
+            now += a
+            expected = window_check(buckets, now, b, c)
+            assert window.check(now, b, c) == expected
+            for s in [s for s in buckets if s <= now - 60]:  # as the limiter drops them
+                del buckets[s]
+            if expected[0]:
+                buckets[now] = buckets.get(now, 0) + c
+                window.add(now, c)
+                seen.append(now)
+        else:
+            second = seen[-1 - a % len(seen)]
+            buckets[second] = buckets.get(second, 0) + b
+            window.add(second, b)
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (1, "1s"), (1.2, "2s"),
@@ -134,6 +169,26 @@ async def test_the_window_slides() -> None:
     clock.now += 30  # the first request is now 60 s old
     assert (await limiter.admit([rule], "d", 30)).allowed
     assert not (await limiter.admit([rule], "e", 30)).allowed
+
+
+async def test_a_lease_not_renewed_frees_its_slot_and_a_renewed_one_does_not() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(clock=clock)
+    rule = Rule("c", "concurrency", 2, 1)
+    assert (await limiter.admit([rule], "kept", 30)).allowed
+    clock.now += 10
+    assert (await limiter.admit([rule], "lost", 30)).allowed  # its process dies
+    assert not (await limiter.admit([rule], "x", 30)).allowed
+    clock.now += 25
+    await limiter.renew([("c", "kept")], 30)  # kept: now until 65 s from the start
+    assert not (await limiter.admit([rule], "x", 30)).allowed  # 35 s: none expired
+    clock.now += 6  # 41 s: "lost" (until 40 s) has expired
+    assert (await limiter.admit([rule], "y", 30)).allowed
+    assert not (await limiter.admit([rule], "z", 30)).allowed
+    clock.now -= 40  # set back: a renewal now ends sooner than anything seen before
+    await limiter.renew([("c", "kept")], 5)  # until 6 s
+    clock.now += 6
+    assert (await limiter.admit([rule], "z", 30)).allowed  # "kept" has expired
 
 
 async def test_gate_refuses_with_openai_headers_and_fails_open_or_closed(
