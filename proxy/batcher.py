@@ -59,6 +59,7 @@ class GroupCommit:
         self._hurried = False  # shutting down: nothing is deferred any more
         self.batches = 0  # batches sent (the tests read them)
         self.calls = 0  # calls sent in them
+        self.refused = 0  # batches the database refused, their calls run one by one
 
     async def fetchrow(self, *args: Any, deferrable: bool = False) -> Any:
         """The statement's row for ``args``, run in the next batch; ``deferrable``: in
@@ -107,6 +108,7 @@ class GroupCommit:
                 if not batch[0][1].done():
                     batch[0][1].set_exception(e)
                 return
+            self.refused += 1
             log.debug("a batch of %d was refused (%s); its calls run one by one",
                       len(batch), type(e).__name__)
             await self._one_by_one(batch)
