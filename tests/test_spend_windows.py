@@ -40,7 +40,7 @@ def caps_of(user: str, tight: int) -> list[SpendCap]:
 
 
 def moments(seed: int) -> list[list[tuple[Any, ...]]]:
-    """Moments of 1–8 calls: ("hold", user, amount, tight), ("post", k, cost) and
+    """Moments of 1 to 8 calls: ("hold", user, amount, tight), ("post", k, cost) and
     ("void", k) naming the k-th hold of earlier moments (resolved or not), and
     ("bad", k): a post the database refuses (a negative cost), failing its batch."""
     rng = random.Random(seed)
