@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import (
-    Gate, LocalLimiter, RedisLimiter, Rule, Verdict, Window, duration, window_check)
+    Gate,
+    LocalLimiter,
+    RedisLimiter,
+    Rule,
+    Verdict,
+    Window,
+    duration,
+    window_check,
+)
 from tests.conftest import RedisServer, start_redis
 from tests.upstream import free_port
 
