@@ -493,7 +493,7 @@ class Pipelined:
         pool = self.client.connection_pool
         connection = await pool.get_connection()
         try:
-            await connection.send_packed_command(connection.pack_commands(commands))
+            await connection.send_packed_command(resp(commands))
             for _ in commands:
                 try:
                     replies.append(await connection.read_response())
@@ -514,6 +514,28 @@ class Pipelined:
 
 
 _Call = tuple[list[list[Any]], "asyncio.Future[list[Any]]"]
+
+
+def resp(commands: Sequence[Sequence[str | bytes | int | float]]) -> bytes:
+    """``commands`` in Redis's protocol (RESP arrays of bulk strings), as one buffer:
+    what redis-py's ``pack_commands`` writes (str as UTF-8, int in decimal, float as its
+    repr), without its per-argument machinery or its chunks, which go out one by one."""
+    out = bytearray()
+    for command in commands:
+        out += b"*%d\r\n" % len(command)
+        for arg in command:
+            if isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, int) and not isinstance(arg, bool):
+                data = b"%d" % arg
+            elif isinstance(arg, float):
+                data = repr(arg).encode()
+            else:
+                raise TypeError(f"not a Redis argument: {type(arg).__name__}")
+            out += b"$%d\r\n%b\r\n" % (len(data), data)
+    return bytes(out)
 
 
 def _copy(error: BaseException) -> Exception:

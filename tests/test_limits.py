@@ -25,6 +25,7 @@ from proxy.limits import (
     Verdict,
     Window,
     duration,
+    resp,
     window_check,
 )
 from tests.conftest import RedisServer, start_redis
@@ -78,6 +79,24 @@ def test_the_kept_window_answers_as_window_check(steps: list[tuple[str, int, int
             second = seen[-1 - a % len(seen)]
             buckets[second] = buckets.get(second, 0) + b
             window.add(second, b)
+
+
+@pytest.mark.parametrize("commands", [
+    [["EVALSHA", "ab" * 20, 2, "pl:{t}:k1", "pl:{t}:kö", "lease", 30_000, "requests", 60, 1]],
+    [["ZREM", "k", "l"], ["HINCRBY", "k", "1700000000", -700], ["SET", b"\x00\r\n", 1.5]],
+    [["PING"]],
+    [["SET", "k", "x" * 7000], ["SET", "big", 10**30], ["SET", "neg", -1e-7]],
+])
+def test_commands_are_packed_as_redis_py_packs_them(commands: list[list[Any]]) -> None:
+    from redis.asyncio.connection import Connection
+    assert resp(commands) == b"".join(Connection().pack_commands(commands))
+
+
+def test_an_argument_redis_cannot_take_is_refused() -> None:
+    with pytest.raises(TypeError):
+        resp([["SET", "k", True]])
+    with pytest.raises(TypeError):
+        resp([["SET", "k", None]])
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (1, "1s"), (1.2, "2s"),
