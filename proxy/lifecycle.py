@@ -311,9 +311,16 @@ class Ticket:
             return None
         return Posted(amount, state.balance - amount)
 
-    def settle_after(self) -> None:
+    def settle_after(self, posted: Posted) -> None:
         """Resolve the hold after the answer has gone: in a tracked task (shutdown waits
-        for it), whose failure is logged (a refused post is owed, as always)."""
+        for it), whose failure is logged (a refused post is owed, as always). The
+        request's record, written with the answer, has what the post will count:
+        ``posted`` (:meth:`foreseen`), the usage and the outcome."""
+        charge = self.charge
+        assert charge is not None
+        self._counted(charge.usage)
+        self.rec.settlement = charge.outcome
+        self.rec.cost, self.rec.uncharged = posted.charged, posted.uncharged
         self.settling_after = True
         if self._closing is None:
             self._closing = self.services.tasks.spawn(self._close(None, answered=True))
@@ -353,9 +360,7 @@ class Ticket:
             assert state is not None and state.hold_id is not None
             charge = self.charge or FAILED
             usage = charge.usage if what == "post" else None
-            if usage is not None:
-                self.rec.prompt_tokens = usage.prompt_tokens
-                self.rec.completion_tokens = usage.completion_tokens
+            self._counted(usage)
             rec = self.rec
             meta = ({"deployment": rec.deployment, "attempts": rec.attempts}
                     if rec.deployment and what == "post" else None)
@@ -364,6 +369,11 @@ class Ticket:
         finally:
             if not released:
                 await self._release(verdict)
+
+    def _counted(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.rec.prompt_tokens = usage.prompt_tokens
+            self.rec.completion_tokens = usage.completion_tokens
 
     async def _release(self, verdict: Verdict | None) -> None:
         """Free the admission's leases, correcting its token count by what was used."""
@@ -442,8 +452,7 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
         if services.settings.billing.settle_after_answer:
             charge = await ticket.price(settle)
             if (posted := ticket.foreseen(charge)) is not None:
-                rec.cost, rec.uncharged = posted.charged, 0
-                ticket.settle_after()  # the answer goes out now, the post right after it
+                ticket.settle_after(posted)  # the answer goes out now, the post after it
                 return call.answer(reply, content, charge, posted, verdict)
         posted = await ticket.close(settle)  # after price(), close() prices nothing again
         assert ticket.charge is not None

@@ -333,3 +333,37 @@ async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
     assert pending == 0  # the last post, deferred, was sent at shutdown
     assert {c["request_id"] for c in charges} == {
         a["headers"]["x-request-id"] for a in [first, *answers]}
+
+
+@pytest.mark.parametrize("after", [True, False])
+async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_any(
+        own_database_url: str, tmp_path: Path, after: bool) -> None:
+    """The request's record (the access line, the metrics) is written when the answer
+    has gone: settled after it, the record must already hold what the settlement
+    counts (its tokens, its outcome, its cost), as it does settled before."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(CONFIG.replace("[billing]\n",
+                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n"))
+    settings = config.load(path, {"DATABASE_URL": own_database_url})
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        key, _ = await KeyStore(conn).create("app", "test")
+    finally:
+        await conn.close()
+    app = create_app(settings)
+    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
+    async with starlette.router.lifespan_context(starlette):
+        services = starlette.state.services
+        services.ledger.batch.defer_seconds = 30  # the post is surely not sent yet
+        answer = await whole_answer(app, key, new_user("counted"))
+        assert answer["status"] == 200
+        usage = answer["body"]["usage"]
+        sample = services.metrics.registry.get_sample_value
+        assert sample("paywall_settlements_total",
+                      {"paywall": "app", "outcome": "completed"}) == 1
+        assert sample("paywall_tokens_total", {"direction": "prompt", "model": "m",
+                                               "paywall": "app"}) == usage["prompt_tokens"]
+        assert sample("paywall_tokens_total", {"direction": "completion", "model": "m",
+                                               "paywall": "app"}) == usage["completion_tokens"]
+        assert sample("paywall_charged_total", {"asset": "usd", "paywall": "app"}) == float(
+            usage["cost"])
