@@ -501,7 +501,13 @@ def _relay(services: Services, rec: Record, ticket: Ticket, call: Adapter, reply
         rec.upstream_first, rec.upstream_ended = relay.first_at, relay.ended_at
         if outcome is Outcome.PARTIAL:
             services.metrics.errors.labels("upstream").inc()
-        await ticket.close(lambda: call.settle_relayed(framer, outcome, relay.sent))
+        settle = lambda: call.settle_relayed(framer, outcome, relay.sent)  # noqa: E731
+        if services.settings.billing.settle_after_answer:  # the stream has ended
+            charge = await ticket.price(settle)
+            if (posted := ticket.foreseen(charge)) is not None:
+                ticket.settle_after(posted)
+                return
+        await ticket.close(settle)  # after price(), close() prices nothing again
 
     relay = StreamRelay(reply, call.headers(reply, verdict, relayed=True),
                         services.settings.upstream.stream_max_seconds, framer, on_done,

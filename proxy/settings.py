@@ -97,10 +97,10 @@ class BillingSettings:
               "faster but a database crash may lose the last charges (never deposits)."
     )
     settle_after_answer: bool = setting(
-        False, "Send a whole (non-streaming) answer once its cost is known and post the "
-               "charge right after it, riding another request's batch within 5 ms "
-               "(faster); a hard kill in between loses the charge, and a read right "
-               "after the answer may not see it yet."
+        False, "Send a whole answer once its cost is known (and end a stream's request "
+               "once it has gone) and post the charge right after, riding another "
+               "request's batch within 5 ms (faster); a hard kill in between loses the "
+               "charge, and a read right after the answer may not see it yet."
     )
     shutdown_settle_seconds: float = setting(
         5.0, "At shutdown, how long to keep writing settlements the database refused "

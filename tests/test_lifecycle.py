@@ -204,11 +204,13 @@ async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
     assert expected <= set(pauser.hit), set(pauser.hit)
 
 
-async def whole_answer(app: Any, key: str, user: str) -> dict[str, Any]:
-    """One non-streaming chat completion straight into the ASGI app: its start message
-    (status, headers) and its body."""
-    body = orjson.dumps({"model": "m", "user": user,
-                         "messages": [{"role": "user", "content": "hi"}]})
+async def whole_answer(app: Any, key: str, user: str, stream: bool = False
+                       ) -> dict[str, Any]:
+    """One chat completion straight into the ASGI app: its start message (status,
+    headers) and its body (a stream's: its bytes)."""
+    body = orjson.dumps({"model": "m", "user": user, "stream": stream,
+                         "messages": [{"role": "user", "content": "hi"}],
+                         **({"stream_options": {"include_usage": True}} if stream else {})})
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -222,9 +224,10 @@ async def whole_answer(app: Any, key: str, user: str) -> dict[str, Any]:
         sent.append(message)
 
     await app(chat_scope(key), receive, send)
+    content = b"".join(m.get("body", b"") for m in sent[1:])
     return {"status": sent[0]["status"],
             "headers": {k.decode(): v.decode() for k, v in sent[0]["headers"]},
-            "body": orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))}
+            "body": content if stream else orjson.loads(content)}
 
 
 @pytest.mark.parametrize("after", [True, False])
@@ -290,8 +293,9 @@ async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it
     assert -entry["amount"] > 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
 async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
-        own_database_url: str, tmp_path: Path) -> None:
+        own_database_url: str, tmp_path: Path, stream: bool) -> None:
     """One user's requests one after another, each settled after its answer, with one
     request in flight allowed: none is refused for the last one's lease (it ends with
     the answer, not with the post), and each post rides the next request's hold, so a
@@ -311,13 +315,13 @@ async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
     async with starlette.router.lifespan_context(starlette):
         batch = starlette.state.services.ledger.batch
         batch.defer_seconds = 30  # only the next request's hold sends a post
-        first = await whole_answer(app, key, user)
+        first = await whole_answer(app, key, user, stream)
         assert first["status"] == 200, first
         before = batch.batches
         answers = []
         for _ in range(5):
             await asyncio.sleep(0)  # a next request comes in through the event loop
-            answers.append(await whole_answer(app, key, user))
+            answers.append(await whole_answer(app, key, user, stream))
         assert [a["status"] for a in answers] == [200] * 5, answers
         assert batch.batches - before == 5  # each the last one's post and its own hold
     conn = await asyncpg.connect(own_database_url)
@@ -335,9 +339,10 @@ async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
         a["headers"]["x-request-id"] for a in [first, *answers]}
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("after", [True, False])
 async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_any(
-        own_database_url: str, tmp_path: Path, after: bool) -> None:
+        own_database_url: str, tmp_path: Path, after: bool, stream: bool) -> None:
     """The request's record (the access line, the metrics) is written when the answer
     has gone: settled after it, the record must already hold what the settlement
     counts (its tokens, its outcome, its cost), as it does settled before."""
@@ -355,9 +360,14 @@ async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_a
     async with starlette.router.lifespan_context(starlette):
         services = starlette.state.services
         services.ledger.batch.defer_seconds = 30  # the post is surely not sent yet
-        answer = await whole_answer(app, key, new_user("counted"))
+        answer = await whole_answer(app, key, new_user("counted"), stream)
         assert answer["status"] == 200
-        usage = answer["body"]["usage"]
+        if stream:  # the usage the proxy adds to the last chunk
+            last = [line for line in answer["body"].split(b"\n")
+                    if line.startswith(b"data: {")][-1]
+            usage = orjson.loads(last[len(b"data: "):])["usage"]
+        else:
+            usage = answer["body"]["usage"]
         sample = services.metrics.registry.get_sample_value
         assert sample("paywall_settlements_total",
                       {"paywall": "app", "outcome": "completed"}) == 1
