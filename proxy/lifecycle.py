@@ -242,6 +242,7 @@ class Ticket:
         self._pricing: asyncio.Task[Charge] | None = None
         self._closing: asyncio.Task[Posted | None] | None = None
         self.settling_after = False  # the answer went out before the hold was resolved
+        self._released = False  # the leases' release (settled after the answer) started
 
     async def admit(self) -> Verdict | None:
         p = self.plan
@@ -343,15 +344,15 @@ class Ticket:
     async def _close(self, price: Callable[[], Awaitable[Charge]] | None,
                      answered: bool = False) -> Posted | None:
         """``answered``: the client has its priced answer, so the request is no longer
-        in flight: its leases end first, and the post may ride a later batch."""
+        in flight: the post is queued first (it may ride a later batch) and the leases
+        end in a task of their own, so that neither a slow limiter nor a failing one
+        holds up the post, and the next request need not wait for its commit."""
         verdict = await _outcome_of(self._admitting)
-        released = answered
-        if answered:
-            await self._release(verdict)
         state = await _outcome_of(self._holding)
         try:
             if self._pricing is not None:
-                await asyncio.wait([self._pricing])  # its result is self.charge
+                if not self._pricing.done():
+                    await asyncio.wait([self._pricing])  # its result is self.charge
             elif price is not None:
                 await self._price(price)
             what, amount = resolution(state, self.action, self.charge)
@@ -364,16 +365,34 @@ class Ticket:
             rec = self.rec
             meta = ({"deployment": rec.deployment, "attempts": rec.attempts}
                     if rec.deployment and what == "post" else None)
+            if answered:  # it starts after the post is queued, below, in this step
+                self._release_apart(verdict)
             return await resolve_hold(self.services, rec, state.hold_id, amount, usage,
                                       charge.outcome, meta, answered=answered)
         finally:
-            if not released:
+            if answered:
+                self._release_apart(verdict)
+            else:
                 await self._release(verdict)
 
     def _counted(self, usage: Usage | None) -> None:
         if usage is not None:
             self.rec.prompt_tokens = usage.prompt_tokens
             self.rec.completion_tokens = usage.completion_tokens
+
+    def _release_apart(self, verdict: Verdict | None) -> None:
+        """:meth:`_release` once, in a task of its own; its failure is logged."""
+        if self._released or self._admitting is None:
+            return
+        self._released = True
+
+        async def release() -> None:
+            try:
+                await self._release(verdict)
+            except Exception:
+                log.exception("freeing the leases of %s failed", self.rec.request_id)
+
+        self.services.tasks.spawn(release())
 
     async def _release(self, verdict: Verdict | None) -> None:
         """Free the admission's leases, correcting its token count by what was used."""

@@ -142,5 +142,5 @@ async def test_closing_sends_what_is_deferred_at_once(
     later = asyncio.ensure_future(batch.fetchrow(10, deferrable=True))  # noqa: TID251
     await asyncio.sleep(0)
     await asyncio.wait_for(batch.aclose(), 5)
-    assert (await later)["q"] == 10
+    assert (await asyncio.wait_for(later, 1))["q"] == 10  # not after its 30 s
     assert await rows(pool, name) == [10]

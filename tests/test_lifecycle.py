@@ -11,6 +11,7 @@ everything it started has finished, no hold may be pending and no lease live.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,10 +158,13 @@ async def cancelled_or_done(app: Any, key: str, body: bytes, pauser: Pauser) -> 
     return False
 
 
-@pytest.fixture
-def app_settings(own_database_url: str, tmp_path: Path) -> Iterator[config.Settings]:
+@pytest.fixture(params=[False, True], ids=["settled-first", "settled-after"])
+def app_settings(own_database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+                 ) -> Iterator[config.Settings]:
+    """The app's settings, with the answer sent after its post, or before it."""
     path = tmp_path / "proxy.toml"
-    path.write_text(CONFIG)
+    path.write_text(CONFIG.replace(
+        "[billing]\n", f"[billing]\nsettle_after_answer = {str(request.param).lower()}\n"))
     yield config.load(path, {"DATABASE_URL": own_database_url})
 
 
@@ -320,10 +324,14 @@ async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
         before = batch.batches
         answers = []
         for _ in range(5):
-            await asyncio.sleep(0)  # a next request comes in through the event loop
+            # The next request comes in over the network: after the callbacks ready.
+            await asyncio.sleep(0.001)
             answers.append(await whole_answer(app, key, user, stream))
         assert [a["status"] for a in answers] == [200] * 5, answers
         assert batch.batches - before == 5  # each the last one's post and its own hold
+        stopping = time.monotonic()
+    # Shutdown sends the last post at once, not after its 30 s.
+    assert time.monotonic() - stopping < 10
     conn = await asyncpg.connect(own_database_url)
     try:
         charges = await conn.fetch(
@@ -377,3 +385,81 @@ async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_a
                                                "paywall": "app"}) == usage["completion_tokens"]
         assert sample("paywall_charged_total", {"asset": "usd", "paywall": "app"}) == float(
             usage["cost"])
+
+
+async def settling_after(own_database_url: str, tmp_path: Path, grant: str = "10"
+                         ) -> tuple[Any, Any, str]:
+    """The app with ``settle_after_answer`` on, its Starlette app and a key."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(CONFIG.replace("[billing]\n", "[billing]\nsettle_after_answer = true\n")
+                    .replace('starter_grant = "10"', f'starter_grant = "{grant}"'))
+    settings = config.load(path, {"DATABASE_URL": own_database_url})
+    conn = await asyncpg.connect(own_database_url)
+    try:
+        key, _ = await KeyStore(conn).create("app", "test")
+    finally:
+        await conn.close()
+    app = create_app(settings)
+    return app, app.app.app.app, key
+
+
+async def holds_of(url: str, user: str) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [r["status"] for r in await conn.fetch(
+            "SELECT h.status FROM holds h JOIN accounts a ON a.id = h.account_id"
+            " WHERE a.user_id = $1 ORDER BY h.id", user)]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("limiter", ["fails", "is slow"])
+async def test_a_post_after_the_answer_waits_for_no_limiter(
+        own_database_url: str, tmp_path: Path, limiter: str) -> None:
+    """Settled after its answer, the post does not wait for the limiter's release of
+    the request's leases: a limiter that fails (a bug, not an outage) or takes seconds
+    neither loses the charge nor holds it up."""
+    app, starlette, key = await settling_after(own_database_url, tmp_path)
+    user = new_user("limiter")
+    async with starlette.router.lifespan_context(starlette):
+        services = starlette.state.services
+        finish = services.gate.limiter.finish
+
+        async def finishing(*args: Any, **kwargs: Any) -> None:
+            if limiter == "fails":
+                raise RuntimeError("the limiter failed")
+            await asyncio.sleep(3)
+            await finish(*args, **kwargs)
+
+        services.gate.limiter.finish = finishing
+        answer = await whole_answer(app, key, user)
+        assert answer["status"] == 200
+        for _ in range(100):  # well within the limiter's 3 s
+            if await holds_of(own_database_url, user) == ["posted"]:
+                break
+            await asyncio.sleep(0.01)
+        assert await holds_of(own_database_url, user) == ["posted"]
+        assert len(services.live) == 0
+
+
+async def test_the_next_request_is_not_refused_for_the_last_ones_hold(
+        own_database_url: str, tmp_path: Path) -> None:
+    """A balance that covers one request's worst case but not two: one request after
+    another, each settled after its answer, all are served, whatever the limiter's
+    pace. The last one's post is queued before the next one's hold can be."""
+    app, starlette, key = await settling_after(own_database_url, tmp_path, grant="6")
+    user = new_user("one-at-a-time")
+    async with starlette.router.lifespan_context(starlette):
+        services = starlette.state.services
+        finish = services.gate.limiter.finish
+
+        async def slow(*args: Any, **kwargs: Any) -> None:
+            await asyncio.sleep(0.004)
+            await finish(*args, **kwargs)
+
+        services.gate.limiter.finish = slow
+        actions = []
+        for _ in range(12):
+            answer = await whole_answer(app, key, user)
+            actions.append((answer["status"], answer["headers"].get("x-paywall-action")))
+    assert actions == [(200, None)] * 12, actions
