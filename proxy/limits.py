@@ -30,7 +30,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import LimiterUnavailable, RateLimited
@@ -533,7 +533,7 @@ def resp(commands: Sequence[Sequence[str | bytes | int | float]]) -> bytes:
             elif isinstance(arg, float):
                 data = repr(arg).encode()
             else:
-                raise TypeError(f"not a Redis argument: {type(arg).__name__}")
+                raise DataError(f"not a Redis argument: {type(arg).__name__}")  # as redis-py
             out += b"$%d\r\n%b\r\n" % (len(data), data)
     return bytes(out)
 
