@@ -239,10 +239,9 @@ class Ticket:
         self.charge: Charge | None = None
         self._admitting: asyncio.Task[Verdict | None] | None = None
         self._holding: asyncio.Task[UserState] | None = None
-        self._pricing: asyncio.Task[Charge] | None = None
         self._closing: asyncio.Task[Posted | None] | None = None
-        self.settling_after = False  # the answer went out before the hold was resolved
-        self._released = False  # the leases' release (settled after the answer) started
+        self._known: asyncio.Future[Posted | None] | None = None  # close(answered=True)
+        self._released = False  # the leases' release apart from the post has started
 
     async def admit(self) -> Verdict | None:
         p = self.plan
@@ -281,13 +280,6 @@ class Ticket:
             state = await place()
         return state
 
-    async def price(self, price: Callable[[], Awaitable[Charge]]) -> Charge:
-        """Count what the answer costs (:attr:`charge`), in a task of its own: a request
-        cancelled while its answer is counted is still charged for it."""
-        if self._pricing is None:
-            self._pricing = self.services.tasks.spawn(self._price(price))
-        return await asyncio.shield(self._pricing)
-
     async def _price(self, price: Callable[[], Awaitable[Charge]]) -> Charge:
         try:
             self.charge = await price()
@@ -296,64 +288,56 @@ class Ticket:
             self.charge = self.call.gone()
         return self.charge
 
-    def foreseen(self, charge: Charge) -> Posted | None:
-        """The post that :meth:`close` will make of ``charge``, known without the ledger
-        when it is within the hold: the charge, and the balance at the hold less it (true
-        unless another request of the user moves the balance meanwhile). None when
-        there is nothing to post or the charge exceeds the hold (what the ledger takes
-        beyond it depends on what is available then)."""
-        task = self._holding
-        if task is None or not task.done() or task.cancelled() or task.exception():
-            return None
-        state = task.result()
-        what, amount = resolution(state, self.action, charge)
+    def _foreseen(self, state: UserState, what: str, amount: int | None) -> Posted | None:
+        """The post of ``amount``, known without the ledger when it is within the hold:
+        the charge, and the balance at the hold less it (true unless another request of
+        the user moves the balance meanwhile). None when there is nothing to post or
+        the charge exceeds the hold (what the ledger takes beyond it depends on what is
+        available then)."""
         if what != "post" or amount is None or state.balance is None or (
                 self.plan.hold is None or amount > self.plan.hold):
             return None
         return Posted(amount, state.balance - amount)
 
-    def settle_after(self, posted: Posted) -> None:
-        """Resolve the hold after the answer has gone: in a tracked task (shutdown waits
-        for it), whose failure is logged (a refused post is owed, as always). The
-        request's record, written with the answer, has what the post will count:
-        ``posted`` (:meth:`foreseen`), the usage and the outcome."""
-        charge = self.charge
-        assert charge is not None
-        self._counted(charge.usage)
-        self.rec.settlement = charge.outcome
-        self.rec.cost, self.rec.uncharged = posted.charged, posted.uncharged
-        self.settling_after = True
+    async def close(self, price: Callable[[], Awaitable[Charge]] | None = None, *,
+                    answered: bool = False) -> Posted | None:
+        """Resolve the hold (post :attr:`charge`, or what ``price`` finds, or void) and
+        free the leases; once, in a task of its own (tracked: shutdown waits for it).
+        Pricing runs inside it too: a request cancelled while its answer is counted is
+        still charged for it.
+
+        ``answered`` (``billing.settle_after_answer``; the answer is whole, or relayed
+        to its end): returns as soon as the post is known, a charge within the hold
+        (:meth:`_foreseen`), having written it in the request's record; the post
+        follows, riding a later batch, and the leases end without waiting for it. A
+        charge beyond the hold is posted first, as when not ``answered``."""
         if self._closing is None:
-            self._closing = self.services.tasks.spawn(self._close(None, answered=True))
-            self._closing.add_done_callback(self._closed)
+            if answered:
+                self._known = asyncio.get_running_loop().create_future()
+            self._closing = self.services.tasks.spawn(self._close(price, answered))
+            if answered:
+                self._closing.add_done_callback(self._closed)
+        if self._known is not None:
+            return await asyncio.shield(self._known)
+        return await asyncio.shield(self._closing)
 
     def _closed(self, task: asyncio.Task[Posted | None]) -> None:
         if not task.cancelled() and (e := task.exception()) is not None:
             log.error("settling %s after its answer failed", self.rec.request_id,
                       exc_info=e)
 
-    async def close(self, price: Callable[[], Awaitable[Charge]] | None = None
-                    ) -> Posted | None:
-        """Resolve the hold (post :attr:`charge`, or what ``price`` finds, or void) and
-        free the leases; once. Pricing runs inside the shielded close too: a request
-        cancelled while its answer is counted is still charged for it."""
-        if self._closing is None:
-            self._closing = self.services.tasks.spawn(self._close(price))
-        return await asyncio.shield(self._closing)
+    def _know(self, posted: Posted | None) -> None:
+        if self._known is not None and not self._known.done():
+            self._known.set_result(posted)
 
     async def _close(self, price: Callable[[], Awaitable[Charge]] | None,
-                     answered: bool = False) -> Posted | None:
-        """``answered``: the client has its priced answer, so the request is no longer
-        in flight: the post is queued first (it may ride a later batch) and the leases
-        end in a task of their own, so that neither a slow limiter nor a failing one
-        holds up the post, and the next request need not wait for its commit."""
+                     answered: bool) -> Posted | None:
         verdict = await _outcome_of(self._admitting)
         state = await _outcome_of(self._holding)
+        apart = False  # the post is known before it is written: the leases end apart
+        posted: Posted | None = None
         try:
-            if self._pricing is not None:
-                if not self._pricing.done():
-                    await asyncio.wait([self._pricing])  # its result is self.charge
-            elif price is not None:
+            if price is not None:
                 await self._price(price)
             what, amount = resolution(state, self.action, self.charge)
             if what == "none":
@@ -365,15 +349,21 @@ class Ticket:
             rec = self.rec
             meta = ({"deployment": rec.deployment, "attempts": rec.attempts}
                     if rec.deployment and what == "post" else None)
-            if answered:  # it starts after the post is queued, below, in this step
-                self._release_apart(verdict)
-            return await resolve_hold(self.services, rec, state.hold_id, amount, usage,
-                                      charge.outcome, meta, answered=answered)
+            if answered and (known := self._foreseen(state, what, amount)) is not None:
+                apart = True
+                rec.settlement = charge.outcome
+                rec.cost, rec.uncharged = known.charged, known.uncharged
+                self._know(known)
+                self._release_apart(verdict)  # it starts after the post is queued, below
+            posted = await resolve_hold(self.services, rec, state.hold_id, amount, usage,
+                                        charge.outcome, meta, answered=apart)
+            return posted
         finally:
-            if answered:
+            if apart:
                 self._release_apart(verdict)
             else:
                 await self._release(verdict)
+            self._know(posted)
 
     def _counted(self, usage: Usage | None) -> None:
         if usage is not None:
@@ -467,18 +457,13 @@ async def run(request: Request, services: Services, rec: Record, call: Adapter
             response = Response(content, status_code=reply.status)
             response.raw_headers += call.headers(reply, verdict, relayed=False)
             return response
-        settle = lambda: call.settle_whole(content)  # noqa: E731 -- priced once, either way
-        if services.settings.billing.settle_after_answer:
-            charge = await ticket.price(settle)
-            if (posted := ticket.foreseen(charge)) is not None:
-                ticket.settle_after(posted)  # the answer goes out now, the post after it
-                return call.answer(reply, content, charge, posted, verdict)
-        posted = await ticket.close(settle)  # after price(), close() prices nothing again
+        posted = await ticket.close(lambda: call.settle_whole(content),
+                                    answered=services.settings.billing.settle_after_answer)
         assert ticket.charge is not None
         return call.answer(reply, content, ticket.charge, posted, verdict)
     finally:
-        if relay is None and not ticket.settling_after:
-            await ticket.close()
+        if relay is None:
+            await ticket.close()  # once: after the close above, it waits for nothing new
 
 
 def _tell(services: Services, rec: Record, event_type: str, reason: str,
@@ -520,13 +505,8 @@ def _relay(services: Services, rec: Record, ticket: Ticket, call: Adapter, reply
         rec.upstream_first, rec.upstream_ended = relay.first_at, relay.ended_at
         if outcome is Outcome.PARTIAL:
             services.metrics.errors.labels("upstream").inc()
-        settle = lambda: call.settle_relayed(framer, outcome, relay.sent)  # noqa: E731
-        if services.settings.billing.settle_after_answer:  # the stream has ended
-            charge = await ticket.price(settle)
-            if (posted := ticket.foreseen(charge)) is not None:
-                ticket.settle_after(posted)
-                return
-        await ticket.close(settle)  # after price(), close() prices nothing again
+        await ticket.close(lambda: call.settle_relayed(framer, outcome, relay.sent),
+                           answered=services.settings.billing.settle_after_answer)
 
     relay = StreamRelay(reply, call.headers(reply, verdict, relayed=True),
                         services.settings.upstream.stream_max_seconds, framer, on_done,
