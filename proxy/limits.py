@@ -106,7 +106,13 @@ def window_check(buckets: Mapping[int, int], now: int, limit: int,
     :class:`RedisLimiter` is this same function.
     """
     live = sorted((s, c) for s, c in buckets.items() if s > now - WINDOW)
-    used = sum(c for _, c in live)
+    return _answer(live, sum(c for _, c in live), now, limit, cost)
+
+
+def _answer(live: Sequence[Sequence[int]], used: int, now: int, limit: int, cost: int
+            ) -> tuple[bool, int, float]:
+    """:func:`window_check`'s answer from the window's live (second, count) pairs, oldest
+    first, and their sum."""
     if used + cost <= limit:
         return True, used, float(live[0][0] + WINDOW - now) if live else 0.0
     need, freed = used + cost - limit, 0
@@ -133,15 +139,7 @@ class Window:
         b = self.buckets
         while b and b[0][0] <= now - WINDOW:
             self.total -= b.popleft()[1]
-        used = self.total
-        if used + cost <= limit:
-            return True, used, float(b[0][0] + WINDOW - now) if b else 0.0
-        need, freed = used + cost - limit, 0
-        for s, c in b:
-            freed += c
-            if freed >= need:
-                return False, used, float(s + WINDOW - now)
-        return False, used, float(WINDOW)
+        return _answer(b, self.total, now, limit, cost)
 
     def add(self, second: int, n: int) -> None:
         """Count ``n`` more at ``second``: the newest, or an earlier one (a correction at

@@ -235,16 +235,33 @@ async def whole_answer(app: Any, key: str, user: str, stream: bool = False
             "body": content if stream else orjson.loads(content)}
 
 
-@pytest.mark.parametrize("after", [True, False])
-async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it(
-        own_database_url: str, tmp_path: Path, after: bool) -> None:
-    """With ``settle_after_answer`` the answer, with its cost and the balance after it,
-    is sent while its post is still held up; the post then writes exactly that cost and
-    that balance, and the lifespan's end waits for it. Off, nothing is sent before the
-    post."""
+async def booked(url: str, user: str) -> tuple[list[asyncpg.Record], list[str]]:
+    """The user's charges (amount, balance after, request id), oldest first, and the
+    statuses of its holds."""
+    conn = await asyncpg.connect(url)
+    try:
+        charges = await conn.fetch(
+            "SELECT e.amount, e.balance_after, e.request_id FROM entries e"
+            " JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.paywall_id = 'app' AND a.user_id = $1 AND e.kind = 'charge'"
+            " ORDER BY e.id", user)
+        holds = await conn.fetch(
+            "SELECT h.status FROM holds h JOIN accounts a ON a.id = h.account_id"
+            " WHERE a.user_id = $1 ORDER BY h.id", user)
+    finally:
+        await conn.close()
+    return charges, [h["status"] for h in holds]
+
+
+async def started(own_database_url: str, tmp_path: Path, *, after: bool,
+                  grant: str = "10", concurrency: int = 5) -> tuple[Any, Any, str]:
+    """The app with ``billing.settle_after_answer = after``, the starter grant and the
+    user concurrency given; its Starlette app (whose lifespan the test runs) and a key."""
     path = tmp_path / "proxy.toml"
     path.write_text(CONFIG.replace("[billing]\n",
-                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n"))
+                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n")
+                    .replace('starter_grant = "10"', f'starter_grant = "{grant}"')
+                    .replace("user_concurrency = 5", f"user_concurrency = {concurrency}"))
     settings = config.load(path, {"DATABASE_URL": own_database_url})
     conn = await asyncpg.connect(own_database_url)
     try:
@@ -252,7 +269,17 @@ async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it
     finally:
         await conn.close()
     app = create_app(settings)
-    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
+    return app, app.app.app.app, key  # Observe → Cors → HotPath → Starlette
+
+
+@pytest.mark.parametrize("after", [True, False])
+async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it(
+        own_database_url: str, tmp_path: Path, after: bool) -> None:
+    """With ``settle_after_answer`` the answer, with its cost and the balance after it,
+    is sent while its post is still held up; the post then writes exactly that cost and
+    that balance, and the lifespan's end waits for it. Off, nothing is sent before the
+    post."""
+    app, starlette, key = await started(own_database_url, tmp_path, after=after)
     user = new_user("after")
     posting, go_on = asyncio.Event(), asyncio.Event()
     async with starlette.router.lifespan_context(starlette):
@@ -277,20 +304,11 @@ async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it
             answer = await answering
     # The lifespan is over: every post it started is written.
     assert answer["status"] == 200
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        entry = await conn.fetchrow(
-            "SELECT e.amount, e.balance_after, e.request_id FROM entries e"
-            " JOIN accounts a ON a.id = e.account_id"
-            " WHERE a.paywall_id = 'app' AND a.user_id = $1 AND e.kind = 'charge'", user)
-        pending = await conn.fetchval(
-            "SELECT count(*) FROM holds h JOIN accounts a ON a.id = h.account_id"
-            " WHERE a.user_id = $1 AND h.status = 'pending'", user)
-    finally:
-        await conn.close()
-    assert pending == 0
+    charges, holds = await booked(own_database_url, user)
+    assert holds == ["posted"]
+    [entry] = charges
     assert entry["request_id"] == answer["headers"]["x-request-id"]
-    scale = settings.assets["usd"].scale
+    scale = starlette.state.services.settings.assets["usd"].scale
     assert answer["headers"]["x-paywall-cost"] == format_amount(-entry["amount"], scale)
     assert answer["body"]["usage"]["cost"] == format_amount(-entry["amount"], scale)
     assert answer["headers"]["x-paywall-balance"] == format_amount(entry["balance_after"],
@@ -305,17 +323,8 @@ async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
     request in flight allowed: none is refused for the last one's lease (it ends with
     the answer, not with the post), and each post rides the next request's hold, so a
     request costs one batch, one commit."""
-    path = tmp_path / "proxy.toml"
-    path.write_text(CONFIG.replace("[billing]\n", "[billing]\nsettle_after_answer = true\n")
-                    .replace("user_concurrency = 5", "user_concurrency = 1"))
-    settings = config.load(path, {"DATABASE_URL": own_database_url})
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        key, _ = await KeyStore(conn).create("app", "test")
-    finally:
-        await conn.close()
-    app = create_app(settings)
-    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
+    app, starlette, key = await started(own_database_url, tmp_path, after=True,
+                                        concurrency=1)
     user = new_user("closed-loop")
     async with starlette.router.lifespan_context(starlette):
         batch = starlette.state.services.ledger.batch
@@ -333,17 +342,8 @@ async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
         stopping = time.monotonic()
     # Shutdown sends the last post at once, not after its 30 s.
     assert time.monotonic() - stopping < 10
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        charges = await conn.fetch(
-            "SELECT e.request_id FROM entries e JOIN accounts a ON a.id = e.account_id"
-            " WHERE a.paywall_id = 'app' AND a.user_id = $1 AND e.kind = 'charge'", user)
-        pending = await conn.fetchval(
-            "SELECT count(*) FROM holds h JOIN accounts a ON a.id = h.account_id"
-            " WHERE a.user_id = $1 AND h.status = 'pending'", user)
-    finally:
-        await conn.close()
-    assert pending == 0  # the last post, deferred, was sent at shutdown
+    charges, holds = await booked(own_database_url, user)
+    assert holds == ["posted"] * 6  # the last post, deferred, was sent at shutdown
     assert {c["request_id"] for c in charges} == {
         a["headers"]["x-request-id"] for a in [first, *answers]}
 
@@ -355,17 +355,7 @@ async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_a
     """The request's record (the access line, the metrics) is written when the answer
     has gone: settled after it, the record must already hold what the settlement
     counts (its tokens, its outcome, its cost), as it does settled before."""
-    path = tmp_path / "proxy.toml"
-    path.write_text(CONFIG.replace("[billing]\n",
-                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n"))
-    settings = config.load(path, {"DATABASE_URL": own_database_url})
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        key, _ = await KeyStore(conn).create("app", "test")
-    finally:
-        await conn.close()
-    app = create_app(settings)
-    starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
+    app, starlette, key = await started(own_database_url, tmp_path, after=after)
     async with starlette.router.lifespan_context(starlette):
         services = starlette.state.services
         services.ledger.batch.defer_seconds = 30  # the post is surely not sent yet
@@ -388,40 +378,13 @@ async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_a
             usage["cost"])
 
 
-async def settling_after(own_database_url: str, tmp_path: Path, grant: str = "10"
-                         ) -> tuple[Any, Any, str]:
-    """The app with ``settle_after_answer`` on, its Starlette app and a key."""
-    path = tmp_path / "proxy.toml"
-    path.write_text(CONFIG.replace("[billing]\n", "[billing]\nsettle_after_answer = true\n")
-                    .replace('starter_grant = "10"', f'starter_grant = "{grant}"')
-                    .replace("user_concurrency = 5", "user_concurrency = 100"))
-    settings = config.load(path, {"DATABASE_URL": own_database_url})
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        key, _ = await KeyStore(conn).create("app", "test")
-    finally:
-        await conn.close()
-    app = create_app(settings)
-    return app, app.app.app.app, key
-
-
-async def holds_of(url: str, user: str) -> list[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        return [r["status"] for r in await conn.fetch(
-            "SELECT h.status FROM holds h JOIN accounts a ON a.id = h.account_id"
-            " WHERE a.user_id = $1 ORDER BY h.id", user)]
-    finally:
-        await conn.close()
-
-
 @pytest.mark.parametrize("limiter", ["fails", "is slow"])
 async def test_a_post_after_the_answer_waits_for_no_limiter(
         own_database_url: str, tmp_path: Path, limiter: str) -> None:
     """Settled after its answer, the post does not wait for the limiter's release of
     the request's leases: a limiter that fails (a bug, not an outage) or takes seconds
     neither loses the charge nor holds it up."""
-    app, starlette, key = await settling_after(own_database_url, tmp_path)
+    app, starlette, key = await started(own_database_url, tmp_path, after=True)
     user = new_user("limiter")
     async with starlette.router.lifespan_context(starlette):
         services = starlette.state.services
@@ -437,10 +400,10 @@ async def test_a_post_after_the_answer_waits_for_no_limiter(
         answer = await whole_answer(app, key, user)
         assert answer["status"] == 200
         for _ in range(100):  # well within the limiter's 3 s
-            if await holds_of(own_database_url, user) == ["posted"]:
+            if (await booked(own_database_url, user))[1] == ["posted"]:
                 break
             await asyncio.sleep(0.01)
-        assert await holds_of(own_database_url, user) == ["posted"]
+        assert (await booked(own_database_url, user))[1] == ["posted"]
         assert len(services.live) == 0
 
 
@@ -449,7 +412,8 @@ async def test_the_next_request_is_not_refused_for_the_last_ones_hold(
     """A balance that covers one request's worst case but not two: one request after
     another, each settled after its answer, all are served, whatever the limiter's
     pace. The last one's post is queued before the next one's hold can be."""
-    app, starlette, key = await settling_after(own_database_url, tmp_path, grant="6")
+    app, starlette, key = await started(own_database_url, tmp_path, after=True, grant="6",
+                                        concurrency=100)
     user = new_user("one-at-a-time")
     async with starlette.router.lifespan_context(starlette):
         services = starlette.state.services
