@@ -14,8 +14,9 @@ import gc
 import hmac
 import importlib
 import logging
+import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,8 @@ def create_app(settings: Settings) -> observe.Observe:
         for name, m in settings.models.items():
             await asyncio.to_thread(tokenizer.encoding, m.upstream or name, m.encoding)
         ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
+        if not settles_alone(settings, os.environ):
+            ledger.batch.defer_seconds = 0.0  # see proxy/batcher.py
         settlements = Settlements(ledger, spool_dir(settings))
         gate = Gate(build_limiter(settings.redis_url))
         grants = {pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()}
@@ -372,6 +375,14 @@ def create_app(settings: Settings) -> observe.Observe:
         labels.setdefault(getattr(route, "endpoint", None), getattr(route, "path", "other"))
     hot = HotPath(app, {chat_completions, create_response, embeddings, messages.messages})
     return observe.Observe(cors.Cors(hot, settings), labels)
+
+
+def settles_alone(settings: config.Settings, environ: Mapping[str, str]) -> bool:
+    """Whether this process serves every request of its paywalls: one worker and no
+    Redis (without it, the proxy is one replica). Only then may a post made after its
+    answer wait for the next request's batch (:mod:`proxy.batcher`)."""
+    workers = int(environ.get(config.WORKERS_ENV) or settings.server.workers)
+    return workers <= 1 and not settings.redis_url
 
 
 def app_from_env() -> observe.Observe:

@@ -25,9 +25,11 @@ Each call's outcome is what it would be alone:
 
 A call no one is waiting on (``deferrable``: a post made after its answer has gone)
 starts no batch of its own at once: it rides the next one another call starts, or leaves
-after ``defer_seconds``. A closed loop of requests then commits once a request, the
-post of one with the hold of the next, instead of twice; under load nothing changes,
-since a batch is always gathering.
+after ``defer_seconds`` (0: at once). A closed loop of requests then commits once a
+request, the post of one with the hold of the next, instead of twice; under load nothing
+changes, since a batch is always gathering. Only a process that serves every request
+may wait so (:func:`proxy.app.settles_alone`): the next request's hold, here, is queued
+after the post; in another process it would find the last worst case still held.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class GroupCommit:
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((args, future))
         if self._flushing is None:
-            if not deferrable or self._hurried or len(self._queue) >= self.max_batch:
+            if (not deferrable or self._hurried or not self.defer_seconds
+                    or len(self._queue) >= self.max_batch):
                 self._start()
             elif self._deferred is None:
                 self._deferred = loop.call_later(self.defer_seconds, self._start)

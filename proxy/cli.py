@@ -501,6 +501,7 @@ def _serve(args: argparse.Namespace, settings: Settings, url: str) -> int:
     # Workers are separate processes: they find the settings and the database here.
     os.environ[config.CONFIG_ENV] = settings.source
     os.environ["DATABASE_URL"] = url
+    os.environ[config.WORKERS_ENV] = str(workers)
     if not settings.server.link_secret:  # one secret for all of this serve's workers
         os.environ[config.LINK_SECRET_ENV] = secrets.token_hex(32)
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so

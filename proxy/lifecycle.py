@@ -322,6 +322,7 @@ class Ticket:
         return await asyncio.shield(self._closing)
 
     def _closed(self, task: asyncio.Task[Posted | None]) -> None:
+        self._know(None)  # a close cancelled before it ran
         if not task.cancelled() and (e := task.exception()) is not None:
             log.error("settling %s after its answer failed", self.rec.request_id,
                       exc_info=e)
@@ -359,11 +360,13 @@ class Ticket:
                                         charge.outcome, meta, answered=apart)
             return posted
         finally:
-            if apart:
-                self._release_apart(verdict)
-            else:
-                await self._release(verdict)
-            self._know(posted)
+            try:
+                if apart:
+                    self._release_apart(verdict)
+                else:
+                    await self._release(verdict)
+            finally:
+                self._know(posted)  # whatever happened: the answer must not wait forever
 
     def _counted(self, usage: Usage | None) -> None:
         if usage is not None:

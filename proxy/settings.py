@@ -34,6 +34,7 @@ from proxy.pricing import currency_exponent, price_from, units, units_per_minor
 
 CONFIG_ENV = "PAYWALL_CONFIG"
 LINK_SECRET_ENV = "PAYWALL_LINK_SECRET"
+WORKERS_ENV = "PAYWALL_WORKERS"  # how many workers serve runs (set by serve for them)
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
 
@@ -98,9 +99,10 @@ class BillingSettings:
     )
     settle_after_answer: bool = setting(
         False, "Send a whole answer once its cost is known (and end a stream's request "
-               "once it has gone) and post the charge right after, riding another "
-               "request's batch within 5 ms (faster); a hard kill in between loses the "
-               "charge, and a read right after the answer may not see it yet."
+               "once it has gone) and post the charge right after (faster; with one "
+               "worker and no Redis it rides the next request's batch, within 5 ms); a "
+               "hard kill in between loses the charge, and a read or another worker's "
+               "hold right after the answer may not see it yet."
     )
     shutdown_settle_seconds: float = setting(
         5.0, "At shutdown, how long to keep writing settlements the database refused "

@@ -21,7 +21,8 @@ import orjson
 import pytest
 
 from proxy import settings as config
-from proxy.app import create_app
+from proxy.app import create_app, settles_alone
+from proxy.batcher import DEFER_SECONDS
 from proxy.decide import Action, UserState
 from proxy.gateway import charge_for
 from proxy.keys import KeyStore
@@ -209,13 +210,14 @@ async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
     assert expected <= set(pauser.hit), set(pauser.hit)
 
 
-async def whole_answer(app: Any, key: str, user: str, stream: bool = False
-                       ) -> dict[str, Any]:
-    """One chat completion straight into the ASGI app: its start message (status,
-    headers) and its body (a stream's: its bytes)."""
+async def whole_answer(app: Any, key: str, user: str, stream: bool = False,
+                       **fields: Any) -> dict[str, Any]:
+    """One chat completion (with ``fields`` in its body) straight into the ASGI app: its
+    start message (status, headers) and its body (a stream's: its bytes)."""
     body = orjson.dumps({"model": "m", "user": user, "stream": stream,
                          "messages": [{"role": "user", "content": "hi"}],
-                         **({"stream_options": {"include_usage": True}} if stream else {})})
+                         **({"stream_options": {"include_usage": True}} if stream else {}),
+                         **fields})
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -254,20 +256,24 @@ async def booked(url: str, user: str) -> tuple[list[asyncpg.Record], list[str]]:
 
 
 async def started(own_database_url: str, tmp_path: Path, *, after: bool,
-                  grant: str = "10", concurrency: int = 5) -> tuple[Any, Any, str]:
-    """The app with ``billing.settle_after_answer = after``, the starter grant and the
-    user concurrency given; its Starlette app (whose lifespan the test runs) and a key."""
+                  grant: str = "10", concurrency: int = 5, output: int = 3,
+                  key: str | None = None) -> tuple[Any, Any, str]:
+    """The app with ``billing.settle_after_answer = after``, the starter grant, the user
+    concurrency and the provider's output tokens given; its Starlette app (whose
+    lifespan the test runs) and a key (``key``, or a new one)."""
     path = tmp_path / "proxy.toml"
     path.write_text(CONFIG.replace("[billing]\n",
                                    f"[billing]\nsettle_after_answer = {str(after).lower()}\n")
                     .replace('starter_grant = "10"', f'starter_grant = "{grant}"')
-                    .replace("user_concurrency = 5", f"user_concurrency = {concurrency}"))
+                    .replace("user_concurrency = 5", f"user_concurrency = {concurrency}")
+                    .replace("completion_tokens = 3", f"completion_tokens = {output}"))
     settings = config.load(path, {"DATABASE_URL": own_database_url})
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        key, _ = await KeyStore(conn).create("app", "test")
-    finally:
-        await conn.close()
+    if key is None:
+        conn = await asyncpg.connect(own_database_url)
+        try:
+            key, _ = await KeyStore(conn).create("app", "test")
+        finally:
+            await conn.close()
     app = create_app(settings)
     return app, app.app.app.app, key  # Observe → Cors → HotPath → Starlette
 
@@ -429,3 +435,55 @@ async def test_the_next_request_is_not_refused_for_the_last_ones_hold(
             answer = await whole_answer(app, key, user)
             actions.append((answer["status"], answer["headers"].get("x-paywall-action")))
     assert actions == [(200, None)] * 12, actions
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_settled_after_it_is_sent_when_the_limiter_fails_beyond_the_hold(
+        own_database_url: str, tmp_path: Path, stream: bool) -> None:
+    """A charge beyond the hold is posted before the answer goes, then the leases are
+    freed: a limiter that fails there (a bug) must not keep the answer from the client
+    (settled before its answer, such a request is answered 500, as always)."""
+    app, starlette, key = await started(own_database_url, tmp_path, after=True, output=50)
+    user = new_user("beyond")
+    async with starlette.router.lifespan_context(starlette):
+        services = starlette.state.services
+
+        async def failing(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("the limiter failed")
+
+        services.gate.limiter.finish = failing
+        answer = await asyncio.wait_for(
+            whole_answer(app, key, user, stream, max_tokens=1), 10)
+        assert answer["status"] == 200
+        charges, holds = await booked(own_database_url, user)
+        assert holds == ["posted"] and -charges[0]["amount"] > 0
+        if not stream:  # the ledger's post, beyond the hold, in the headers
+            scale = services.settings.assets["usd"].scale
+            assert answer["headers"]["x-paywall-cost"] == format_amount(
+                -charges[0]["amount"], scale)
+
+
+def test_only_a_process_that_serves_every_request_lets_posts_wait(tmp_path: Path) -> None:
+    """With several workers or replicas the next request may reach another process,
+    whose hold a waiting post would leave the last worst case held: posts after their
+    answers go at once there."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(CONFIG)
+    alone = config.load(path, {"DATABASE_URL": "postgresql://x/y"})
+    assert settles_alone(alone, {})
+    assert settles_alone(alone, {config.WORKERS_ENV: "1"})
+    assert not settles_alone(alone, {config.WORKERS_ENV: "2"})
+    shared = config.load(path, {"DATABASE_URL": "postgresql://x/y",
+                                "REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert not settles_alone(shared, {})
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_serve_of_several_workers_sends_posts_after_answers_at_once(
+        own_database_url: str, tmp_path: Path, workers: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.WORKERS_ENV, workers)
+    _, starlette, _ = await started(own_database_url, tmp_path, after=True)
+    async with starlette.router.lifespan_context(starlette):
+        deferred = starlette.state.services.ledger.batch.defer_seconds
+    assert deferred == (DEFER_SECONDS if workers == "1" else 0)
