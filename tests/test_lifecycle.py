@@ -362,10 +362,11 @@ async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_a
     has gone: settled after it, the record must already hold what the settlement
     counts (its tokens, its outcome, its cost), as it does settled before."""
     app, starlette, key = await started(own_database_url, tmp_path, after=after)
+    user = new_user("counted")
     async with starlette.router.lifespan_context(starlette):
         services = starlette.state.services
         services.ledger.batch.defer_seconds = 30  # the post is surely not sent yet
-        answer = await whole_answer(app, key, new_user("counted"), stream)
+        answer = await whole_answer(app, key, user, stream)
         assert answer["status"] == 200
         if stream:  # the usage the proxy adds to the last chunk
             last = [line for line in answer["body"].split(b"\n")
@@ -382,6 +383,11 @@ async def test_a_request_settled_after_its_answer_is_counted_in_the_metrics_as_a
                                                "paywall": "app"}) == usage["completion_tokens"]
         assert sample("paywall_charged_total", {"asset": "usd", "paywall": "app"}) == float(
             usage["cost"])
+        scale = services.settings.assets["usd"].scale
+    # And the ledger has what was counted, once the lifespan has sent the post.
+    charges, holds = await booked(own_database_url, user)
+    assert holds == ["posted"]
+    assert format_amount(-charges[0]["amount"], scale) == usage["cost"]
 
 
 @pytest.mark.parametrize("limiter", ["fails", "is slow"])
