@@ -241,7 +241,6 @@ class Ticket:
         self._holding: asyncio.Task[UserState] | None = None
         self._closing: asyncio.Task[Posted | None] | None = None
         self._known: asyncio.Future[Posted | None] | None = None  # close(answered=True)
-        self._released = False  # the leases' release apart from the post has started
 
     async def admit(self) -> Verdict | None:
         p = self.plan
@@ -361,9 +360,7 @@ class Ticket:
             return posted
         finally:
             try:
-                if apart:
-                    self._release_apart(verdict)
-                else:
+                if not apart:  # else started above, with the answer
                     await self._release(verdict)
             finally:
                 self._know(posted)  # whatever happened: the answer must not wait forever
@@ -374,10 +371,9 @@ class Ticket:
             self.rec.completion_tokens = usage.completion_tokens
 
     def _release_apart(self, verdict: Verdict | None) -> None:
-        """:meth:`_release` once, in a task of its own; its failure is logged."""
-        if self._released or self._admitting is None:
+        """:meth:`_release` in a task of its own; its failure is logged."""
+        if self._admitting is None:  # nothing to release
             return
-        self._released = True
 
         async def release() -> None:
             try:

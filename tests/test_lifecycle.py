@@ -159,6 +159,16 @@ async def cancelled_or_done(app: Any, key: str, body: bytes, pauser: Pauser) -> 
     return False
 
 
+async def new_key(url: str) -> str:
+    """A new key of the paywall "app"."""
+    conn = await asyncpg.connect(url)
+    try:
+        key, _ = await KeyStore(conn).create("app", "test")
+    finally:
+        await conn.close()
+    return key
+
+
 @pytest.fixture(params=[False, True], ids=["settled-first", "settled-after"])
 def app_settings(own_database_url: str, tmp_path: Path, request: pytest.FixtureRequest
                  ) -> Iterator[config.Settings]:
@@ -172,11 +182,7 @@ def app_settings(own_database_url: str, tmp_path: Path, request: pytest.FixtureR
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_cancellation_at_every_await_leaves_no_hold_and_no_lease(
         app_settings: config.Settings, own_database_url: str, stream: bool) -> None:
-    conn = await asyncpg.connect(own_database_url)
-    try:
-        key, _ = await KeyStore(conn).create("app", "test")
-    finally:
-        await conn.close()
+    key = await new_key(own_database_url)
     app = create_app(app_settings)
     starlette = app.app.app.app  # Observe → Cors → HotPath → Starlette
     pauser = Pauser()
@@ -269,11 +275,7 @@ async def started(own_database_url: str, tmp_path: Path, *, after: bool,
                     .replace("completion_tokens = 3", f"completion_tokens = {output}"))
     settings = config.load(path, {"DATABASE_URL": own_database_url})
     if key is None:
-        conn = await asyncpg.connect(own_database_url)
-        try:
-            key, _ = await KeyStore(conn).create("app", "test")
-        finally:
-            await conn.close()
+        key = await new_key(own_database_url)
     app = create_app(settings)
     return app, app.app.app.app, key  # Observe → Cors → HotPath → Starlette
 
