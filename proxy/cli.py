@@ -17,13 +17,12 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
-import stripe
 
-from proxy import console, db, observe, server
+from proxy import console, db, lazy, observe, server
 from proxy import settings as config
 from proxy.errors import ConfigError, DatabaseUnavailable
 from proxy.keys import KeyStore
@@ -32,6 +31,11 @@ from proxy.payments import Payments
 from proxy.pricing import format_amount, parse_decimal, shown_amount, units
 from proxy.requestid import new_request_id
 from proxy.settings import Settings
+
+if TYPE_CHECKING:
+    import stripe
+else:  # loaded when a paywall first takes a payment (proxy.lazy)
+    stripe = lazy.module("stripe")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,14 +37,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-import stripe
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy import lazy
 from proxy.errors import (
     DatabaseUnavailable,
     InvalidRequest,
@@ -60,6 +60,11 @@ from proxy.requestid import new_request_id
 from proxy.services import json_response, read_body, services_of
 from proxy.settings import PaywallSettings, Settings
 from proxy.topups import Choice, Skip, payment_of, recharge_payment, session_params
+
+if TYPE_CHECKING:
+    import stripe
+else:  # loaded when a paywall first takes a payment (proxy.lazy)
+    stripe = lazy.module("stripe")
 
 log = logging.getLogger("proxy.payments")
 T = TypeVar("T")

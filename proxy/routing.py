@@ -38,8 +38,6 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 import orjson
-import redis.asyncio as redis
-from redis.exceptions import RedisError
 
 from proxy.errors import ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
 from proxy.observe import Metrics
@@ -176,6 +174,8 @@ class RateLimitedEverywhere(RoutingFailed):
 class Store(Protocol):
     """Counters and flags that expire: what a breaker's state is kept in."""
 
+    failures: tuple[type[Exception], ...]  # what the store raises when it is unavailable
+
     async def get(self, keys: Sequence[str]) -> list[int]: ...  # 0 for none
 
     async def incr(self, key: str, ttl: float) -> int: ...
@@ -187,6 +187,8 @@ class Store(Protocol):
 
 class LocalStore:
     """A :class:`Store` in this process (one replica)."""
+
+    failures: tuple[type[Exception], ...] = (OSError,)
 
     def __init__(self) -> None:
         self._items: dict[str, tuple[int, float]] = {}
@@ -225,6 +227,10 @@ class RedisStore:
     is consulted in the request's path, and without it routing still works."""
 
     def __init__(self, url: str, read_timeout: float = 1.0, connect_timeout: float = 0.5):
+        import redis.asyncio as redis  # the Redis client only where it is used
+        from redis.exceptions import RedisError
+
+        self.failures: tuple[type[Exception], ...] = (RedisError, OSError)
         self.redis = redis.Redis.from_url(url, socket_timeout=read_timeout,
                                           socket_connect_timeout=connect_timeout)
 
@@ -270,7 +276,7 @@ class Breakers:
         circuits read closed."""
         try:
             return await work
-        except (RedisError, OSError):
+        except self.store.failures:
             self.errors += 1
             log.warning("circuit breakers: the store is unavailable; circuits read closed")
             return default

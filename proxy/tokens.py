@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import pypdf
 import tiktoken
 
 from proxy.errors import InvalidRequest
@@ -175,6 +174,8 @@ def _pdf_bound(raw: bytes) -> tuple[int, int]:
     larger than the file). A PDF pypdf cannot read (or that passes its limits on what
     it decompresses) counts :data:`UNCOUNTED_PAGES` and :data:`DEFLATE_RATIO` times its
     size."""
+    import pypdf  # here: 15 MB a worker would hold for the few requests that carry a PDF
+
     seen = len(_PDF_PAGE.findall(raw))  # a floor, whatever the reader makes of it
     try:
         with warnings.catch_warnings():

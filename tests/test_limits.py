@@ -20,14 +20,13 @@ from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import (
     Gate,
     LocalLimiter,
-    RedisLimiter,
     Rule,
     Verdict,
     Window,
     duration,
-    resp,
     window_check,
 )
+from proxy.redis_limits import RedisLimiter, resp
 from tests.conftest import RedisServer, start_redis
 from tests.upstream import free_port
 

@@ -72,3 +72,31 @@ IO = {"asyncpg", "aiohttp", "redis", "starlette", "uvicorn", "prometheus_client"
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_load_no_io(module: str) -> None:
     assert reachable(module) & IO == set()
+
+
+# A worker holds only what it uses: these load the first time a request needs them
+# (Redis with REDIS_URL, Stripe with a payment, pypdf with a PDF), not at start.
+ON_FIRST_USE = ("redis", "stripe", "pypdf", "requests", "httpx")
+
+
+def test_a_worker_loads_its_heavy_libraries_on_first_use() -> None:
+    probe = (
+        "import sys, proxy.app, proxy.cli, proxy.payments\n"
+        "from proxy.limits import build_limiter\n"
+        "build_limiter(None)\n"
+        "loaded = [m for m in sys.argv[1:] if m in sys.modules\n"
+        "          and type(sys.modules[m]).__name__ != '_LazyModule']\n"
+        "print(','.join(loaded))\n"
+        "proxy.payments.stripe.StripeError  # the first use loads it\n"
+        "from proxy.tokens import _pdf_bound\n"
+        "_pdf_bound(b'%PDF-1.4')\n"
+        "build_limiter('redis://127.0.0.1:1')\n"
+        "print(','.join(m for m in ('redis', 'stripe', 'pypdf')\n"
+        "               if type(sys.modules.get(m)).__name__ == 'module'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, *ON_FIRST_USE], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    at_start, after_use = result.stdout.splitlines()
+    assert at_start == ""
+    assert after_use == "redis,stripe,pypdf"
