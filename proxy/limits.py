@@ -330,7 +330,9 @@ class OverrideCache:
     ``ttl``, in one statement a paywall: a user seen steadily costs one row of a shared
     read every half ``ttl`` rather than a statement of its own. What is served is never
     older than ``ttl``: an entry the read-ahead has not renewed in time is read alone,
-    as without it."""
+    as without it. Requests that miss the same entry together share one read (a burst
+    of a new user's requests is one statement, not one each); a change told while it is
+    in flight is not kept from it, and the requests after the change read again."""
 
     def __init__(self, load: Any, ttl: float = 5.0, size: int = 50_000,
                  load_many: Any = None):
@@ -342,6 +344,7 @@ class OverrideCache:
         self._ageing: set[tuple[str, str]] = set()  # to read ahead
         self._forgotten: set[tuple[str, str]] = set()  # during the read ahead in flight
         self._reading: asyncio.Task[None] | None = None
+        self._missed: dict[tuple[str, str], asyncio.Task[dict[str, Any]]] = {}  # reads alone
         self.reads_ahead = 0  # statements the read-ahead made (the tests read them)
 
     async def get(self, paywall_id: str, user_id: str) -> dict[str, Any]:
@@ -352,8 +355,22 @@ class OverrideCache:
             if self._load_many is not None and hit[0] - now < self._ttl / 2:
                 self._read_ahead(key)
             return hit[1]
-        value: dict[str, Any] = await self._load(paywall_id, user_id)
-        self._keep(key, now + self._ttl, value)
+        read = self._missed.get(key)
+        if read is None:
+            read = asyncio.get_running_loop().create_task(self._read_alone(key, now))
+            read.add_done_callback(_retrieved)  # its error is its waiters', if any are left
+            self._missed[key] = read
+        return await asyncio.shield(read)  # a request cancelled leaves the read to others
+
+    async def _read_alone(self, key: tuple[str, str], started: float) -> dict[str, Any]:
+        try:
+            value: dict[str, Any] = await self._load(*key)
+        finally:
+            told = self._missed.get(key) is not asyncio.current_task()  # forget() meanwhile
+            if not told:
+                del self._missed[key]
+        if not told:
+            self._keep(key, started + self._ttl, value)
         return value
 
     def _keep(self, key: tuple[str, str], until: float, value: dict[str, Any]) -> None:
@@ -390,12 +407,19 @@ class OverrideCache:
     def forget(self, paywall_id: str, user_id: str) -> None:
         key = (paywall_id, user_id)
         self._cache.pop(key, None)
+        self._missed.pop(key, None)
         self._ageing.discard(key)
         if self._reading is not None:
             self._forgotten.add(key)
 
     async def aclose(self) -> None:
-        if (task := self._reading) is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in [self._reading, *self._missed.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

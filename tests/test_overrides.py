@@ -25,7 +25,8 @@ class Store:
         self.changed: dict[str, float] = {}
         self.alone: list[str] = []
         self.shared: list[list[str]] = []
-        self.fail = False
+        self.fail = False  # the shared read fails
+        self.fail_alone = False  # the read alone fails
         self.delay = 0.0
         self.reading = asyncio.Event()  # a shared read has begun
 
@@ -35,7 +36,13 @@ class Store:
 
     async def load(self, paywall_id: str, user: str) -> dict[str, Any]:
         self.alone.append(user)
-        return dict(self.values.get(user, {}))
+        read = dict(self.values.get(user, {}))
+        if self.delay:
+            self.reading.set()
+            await asyncio.sleep(self.delay)
+        if self.fail_alone:
+            raise ConnectionError("the database went away")
+        return read
 
     async def load_many(self, paywall_id: str, users: list[str]) -> dict[str, dict[str, Any]]:
         self.shared.append(sorted(users))
@@ -130,3 +137,73 @@ async def test_the_shared_read_answers_each_user_as_the_lone_read_does(database_
         assert await ledger.limits_of_many(f"pw-{uuid.uuid4().hex[:12]}", users) == {}
     finally:
         await pool.close()
+
+
+async def test_a_burst_of_misses_for_one_user_is_one_read() -> None:
+    store = Store()
+    store.set("u", {"rpm": 3})
+    store.delay = 0.05
+    cache = OverrideCache(store.load, TTL)
+    try:
+        got = await asyncio.gather(*(cache.get("pw", "u") for _ in range(200)),
+                                   cache.get("pw", "other"))
+    finally:
+        await cache.aclose()
+    assert got == [{"rpm": 3}] * 200 + [{}]
+    assert sorted(store.alone) == ["other", "u"]
+
+
+async def test_a_change_told_while_a_shared_read_is_in_flight_is_read_again() -> None:
+    store = Store()
+    store.set("u", {"rpm": 1})
+    store.delay = 0.1
+    cache = OverrideCache(store.load, TTL)
+    try:
+        before = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
+        await store.reading.wait()
+        store.set("u", {"rpm": 5})  # the user API changes it, and tells the cache
+        cache.forget("pw", "u")
+        after = await cache.get("pw", "u")
+        assert await before == {"rpm": 1}  # asked before the change: the read it joined
+        assert after == {"rpm": 5}
+        assert await cache.get("pw", "u") == {"rpm": 5}  # the older read was not kept
+    finally:
+        await cache.aclose()
+    assert store.alone == ["u", "u"]
+
+
+async def test_a_waiter_cancelled_leaves_the_shared_read_to_the_others() -> None:
+    store = Store()
+    store.set("u", {"rpm": 2})
+    store.delay = 0.1
+    cache = OverrideCache(store.load, TTL)
+    try:
+        first = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
+        await store.reading.wait()
+        second = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert await second == {"rpm": 2}
+        assert await cache.get("pw", "u") == {"rpm": 2}  # kept: no read of its own
+    finally:
+        await cache.aclose()
+    assert first.cancelled()
+    assert store.alone == ["u"]
+
+
+async def test_a_failed_shared_read_fails_its_waiters_and_the_next_miss_reads_again() -> None:
+    store = Store()
+    store.set("u", {"rpm": 4})
+    store.delay = 0.05
+    store.fail_alone = True
+    cache = OverrideCache(store.load, TTL)
+    try:
+        got = await asyncio.gather(*(cache.get("pw", "u") for _ in range(3)),
+                                   return_exceptions=True)
+        assert [type(g) for g in got] == [ConnectionError] * 3
+        store.fail_alone = False
+        assert await cache.get("pw", "u") == {"rpm": 4}
+    finally:
+        await cache.aclose()
+    assert store.alone == ["u", "u"]
+
