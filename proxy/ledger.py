@@ -43,6 +43,7 @@ from proxy.batcher import GroupCommit
 from proxy.decide import CapReached, UserState
 from proxy.errors import DatabaseUnavailable
 from proxy.pricing import MAX_UNITS, Usage
+from proxy.tasks import Shared
 
 log = logging.getLogger("proxy.ledger")
 
@@ -193,6 +194,7 @@ ON CONFLICT (paywall_id, user_id, asset) DO NOTHING
 # a void's status; what an operation does not use is NULL.
 _APPLY = ("SELECT * FROM paywall_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11,"
           " $12, $13, $14, $15, $16, $17, $18, $19::jsonb, $20)")
+_OPEN_USER = "SELECT paywall_open_user($1, $2, $3, $4, $5)"
 _NO_HOLD = (None,) * 10
 _NO_COST = (None,) * 7
 _NO_POST = (None,) * 9
@@ -227,16 +229,23 @@ class Ledger:
         self.hold_ttl = hold_ttl
         # Holds, posts and voids: group-committed with those of other requests.
         self.batch = GroupCommit(pool, _APPLY)
+        self._opening: Shared[Any] = Shared()  # users being opened
 
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
                         grants: Mapping[str, int], conn: Any = None) -> None:
         """Create the user if needed, with accounts for ``assets``, and write the
         starter ``grants`` (asset → amount) the first time the user is opened, however
-        it was first seen. ``conn``: run in that connection's transaction."""
+        it was first seen. ``conn``: run in that connection's transaction; else the
+        same opening asked for meanwhile (a burst of a new user's requests) is one
+        statement, theirs all."""
         given = sorted(grants.items())
-        await (conn or self.pool).execute(
-            "SELECT paywall_open_user($1, $2, $3, $4, $5)",
-            paywall_id, user_id, sorted(assets), [a for a, _ in given], [n for _, n in given])
+        args = (paywall_id, user_id, sorted(assets), [a for a, _ in given],
+                [n for _, n in given])
+        if conn is not None:
+            await conn.execute(_OPEN_USER, *args)
+            return
+        key = (paywall_id, user_id, tuple(args[2]), tuple(given))
+        await self._opening.run(key, lambda: self.pool.execute(_OPEN_USER, *args))
 
     async def hold(self, paywall_id: str, user_id: str, asset: str, amount: int, *,
                    request_id: str, model: str, require_connect: bool,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.tasks import Shared
 
 log = logging.getLogger("proxy.limits")
 
@@ -344,7 +345,7 @@ class OverrideCache:
         self._ageing: set[tuple[str, str]] = set()  # to read ahead
         self._forgotten: set[tuple[str, str]] = set()  # during the read ahead in flight
         self._reading: asyncio.Task[None] | None = None
-        self._missed: dict[tuple[str, str], asyncio.Task[dict[str, Any]]] = {}  # reads alone
+        self._missed: Shared[dict[str, Any]] = Shared()  # the reads alone in flight
         self.reads_ahead = 0  # statements the read-ahead made (the tests read them)
 
     async def get(self, paywall_id: str, user_id: str) -> dict[str, Any]:
@@ -355,21 +356,11 @@ class OverrideCache:
             if self._load_many is not None and hit[0] - now < self._ttl / 2:
                 self._read_ahead(key)
             return hit[1]
-        read = self._missed.get(key)
-        if read is None:
-            read = asyncio.get_running_loop().create_task(self._read_alone(key, now))
-            read.add_done_callback(_retrieved)  # its error is its waiters', if any are left
-            self._missed[key] = read
-        return await asyncio.shield(read)  # a request cancelled leaves the read to others
+        return await self._missed.run(key, lambda: self._read_alone(key, now))
 
     async def _read_alone(self, key: tuple[str, str], started: float) -> dict[str, Any]:
-        try:
-            value: dict[str, Any] = await self._load(*key)
-        finally:
-            told = self._missed.get(key) is not asyncio.current_task()  # forget() meanwhile
-            if not told:
-                del self._missed[key]
-        if not told:
+        value: dict[str, Any] = await self._load(*key)
+        if self._missed.current(key):  # no change told meanwhile
             self._keep(key, started + self._ttl, value)
         return value
 
@@ -407,19 +398,14 @@ class OverrideCache:
     def forget(self, paywall_id: str, user_id: str) -> None:
         key = (paywall_id, user_id)
         self._cache.pop(key, None)
-        self._missed.pop(key, None)
+        self._missed.forget(key)
         self._ageing.discard(key)
         if self._reading is not None:
             self._forgotten.add(key)
 
     async def aclose(self) -> None:
-        for task in [self._reading, *self._missed.values()]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+        await self._missed.aclose()
+        if (task := self._reading) is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -8,8 +8,9 @@ shield or ``asyncio.wait``; the lifespan waits for whatever is left at shutdown.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import contextlib
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -27,3 +28,42 @@ class TaskSet:
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Shared(Generic[T]):
+    """Calls for one key made while one is running share it: the first starts it (in a
+    task of its own, so that a caller cancelled leaves it to the others), the others
+    wait for its result or its error. A burst of requests for a user not yet known is
+    then one read or one write, not one each."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Task[T]] = {}
+
+    async def run(self, key: Hashable, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(make())
+            self._running[key] = task
+            task.add_done_callback(lambda t: self._ended(key, t))
+        return await asyncio.shield(task)
+
+    def _ended(self, key: Hashable, task: asyncio.Task[T]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # its error is its callers', if any are left
+
+    def current(self, key: Hashable) -> bool:
+        """Whether the task running is the one shared for ``key`` (not forgotten)."""
+        return self._running.get(key) is asyncio.current_task()
+
+    def forget(self, key: Hashable) -> None:
+        """Calls for ``key`` from now on start a run of their own."""
+        self._running.pop(key, None)
+
+    async def aclose(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+

@@ -576,6 +576,38 @@ async def test_opening_a_user_grants_each_asset_once_and_opens_no_empty_grant(
     assert [tuple(r) for r in kinds] == [("advanced", "grant", 2), ("standard", "grant", 5)]
 
 
+class Counting:
+    """A pool that counts the statements sent through its ``execute``."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+        self.executed: list[str] = []
+
+    async def execute(self, query: str, *args: Any) -> str:
+        self.executed.append(query)
+        status: str = await self.pool.execute(query, *args)
+        return status
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+async def test_a_burst_of_openings_of_one_new_user_is_one_statement(ledger: Ledger) -> None:
+    paywall, user = new_ids()
+    counted = Ledger(Counting(ledger.pool), hold_ttl=3600)
+    grants = {"usd": 500}
+    await asyncio.gather(*(counted.open_user(paywall, user, assets={"usd"}, grants=grants)
+                           for _ in range(50)),
+                         counted.open_user(paywall, user, assets={"usd", "standard"},
+                                           grants=grants))
+    opened = [q for q in counted.pool.executed if "paywall_open_user" in q]
+    assert len(opened) == 2  # the same opening once; another (more assets) of its own
+    assert {b.asset: b.balance for b in await ledger.balances(paywall, user)} == {
+        "usd": 500, "standard": 0}
+    await counted.open_user(paywall, user, assets={"usd"}, grants=grants)  # once done: again
+    assert len([q for q in counted.pool.executed if "paywall_open_user" in q]) == 3
+
+
 # --- the suite's own check of the books ---------------------------------------------------
 
 def test_a_test_database_whose_books_do_not_add_up_fails_its_fixture(pg_server: str) -> None:
