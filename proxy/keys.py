@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from proxy.tasks import Shared
+
 KEY_PREFIX = "sk-pw-"
 _ALPHABET = string.ascii_letters + string.digits
 _KEY_CHARS = 32  # 32 base62 characters: about 190 bits.
@@ -55,13 +57,15 @@ class KeyStore:
     """Creates, lists and revokes keys, and answers "whose key is this?".
 
     Answers (also "nobody's") are cached for ``cache_seconds`` at most, which bounds
-    how long a revoked key keeps working.
+    how long a revoked key keeps working. Requests that miss the cache together for one
+    key share one lookup.
     """
 
     def __init__(self, pool: Any, cache_seconds: float = 5.0):
         self._pool = pool
         self._ttl = cache_seconds
         self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+        self._looking: Shared[Principal | None] = Shared()  # lookups in flight, by digest
 
     async def authenticate(self, key: str) -> Principal | None:
         d = digest(key)
@@ -69,13 +73,17 @@ class KeyStore:
         hit = self._cache.get(d)
         if hit is not None and hit[0] > now:
             return hit[1]
+        return await self._looking.run(d, lambda: self._look_up(d, now))
+
+    async def _look_up(self, d: bytes, started: float) -> Principal | None:
+        """The key's owner, read once for all the requests that asked meanwhile."""
         row = await self._pool.fetchrow(
             "SELECT id, paywall_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL", d
         )
         principal = Principal(row["paywall_id"], row["id"]) if row else None
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
-        self._cache[d] = (now + self._ttl, principal)
+        self._cache[d] = (started + self._ttl, principal)
         return principal
 
     async def create(self, paywall_id: str, name: str = "") -> tuple[str, KeyRecord]:

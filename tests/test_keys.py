@@ -45,3 +45,36 @@ async def test_store_keeps_only_digests_and_revocation_is_prompt(database_url: s
         assert await store.authenticate(key) is None  # ...then refused
     finally:
         await pool.close()
+
+
+class CountingPool:
+    """A pool that counts its ``fetchrow`` statements."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+        self.fetched = 0
+
+    async def fetchrow(self, query: str, *args: object) -> object:
+        self.fetched += 1
+        return await self.pool.fetchrow(query, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pool, name)
+
+
+async def test_a_burst_of_requests_with_a_key_not_cached_is_one_lookup(
+        database_url: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        key, _ = await KeyStore(pool).create("app-burst")
+        counting = CountingPool(pool)
+        store = KeyStore(counting, cache_seconds=5)
+        found = await asyncio.gather(*(store.authenticate(key) for _ in range(100)),
+                                     store.authenticate(key + "x"))
+        assert {p.paywall_id if p else None for p in found[:100]} == {"app-burst"}
+        assert found[100] is None
+        assert counting.fetched == 2  # one lookup a key, however many asked at once
+        await store.authenticate(key)
+        assert counting.fetched == 2  # and then cached
+    finally:
+        await pool.close()
