@@ -1,15 +1,22 @@
 """Modules a worker loads the first time it uses them, not at start: a worker that
-never uses one does not hold it (the Stripe library and what it brings, about 12 MB).
+never uses one does not hold it (the Stripe library and what it brings, about 12 MB;
+pypdf, about 15 MB).
 
 ``module(name)`` puts the module in ``sys.modules`` unexecuted (the standard library's
-:class:`importlib.util.LazyLoader`); its first attribute read executes it. Import it as
-usual under ``TYPE_CHECKING``, so that mypy sees the real module.
+:class:`importlib.util.LazyLoader`); its first attribute read executes it, and what it
+made is then frozen out of the garbage collector's full passes, as :mod:`proxy.app`
+freezes what start-up made. Import it as usual under ``TYPE_CHECKING``, so that mypy
+sees the real module. Python 3.11's lazy modules take no lock: use one from the event
+loop's thread only, or load it (:func:`load`) before serving begins.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.abc
 import importlib.util
 import sys
+from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 
@@ -20,8 +27,32 @@ def module(name: str) -> ModuleType:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = importlib.util.LazyLoader(_Frozen(spec.loader))
     lazy = importlib.util.module_from_spec(spec)
     sys.modules[name] = lazy
     spec.loader.exec_module(lazy)
     return lazy
+
+
+def load(name: str) -> ModuleType:
+    """``name`` executed now (:func:`module`'s, or a plain import)."""
+    loaded = module(name)
+    getattr(loaded, "__name__")  # noqa: B009 (the read that executes a lazy module)
+    return loaded
+
+
+class _Frozen(importlib.abc.Loader):
+    """A module's own loader, and what executing the module made frozen after it."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self._loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader  # as a plain import leaves it
+        module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        gc.freeze()

@@ -97,7 +97,7 @@ def window_check(buckets: Mapping[int, int], now: int, limit: int,
 
     Returns (fits, used before, seconds until the window frees: enough room for
     ``cost`` when it does not fit, any room when it does). Pure; the Lua script in
-    :class:`RedisLimiter` is this same function.
+    :class:`proxy.redis_limits.RedisLimiter` is this same function.
     """
     live = sorted((s, c) for s, c in buckets.items() if s > now - WINDOW)
     return _answer(live, sum(c for _, c in live), now, limit, cost)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,8 +21,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import LimiterUnavailable
 from proxy.limits import Count, Rule, Verdict
-
-log = logging.getLogger("proxy.limits")
 
 # KEYS: one per rule. ARGV: lease id, lease ttl (ms), then kind, limit, cost per rule.
 # Returns {allowed, now_s, refused index (0 if none), then used, reset per rule checked}.

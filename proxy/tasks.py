@@ -8,7 +8,6 @@ shield or ``asyncio.wait``; the lifespan waits for whatever is left at shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -37,17 +36,20 @@ class Shared(Generic[T]):
     then one read or one write, not one each."""
 
     def __init__(self) -> None:
-        self._running: dict[Hashable, asyncio.Task[T]] = {}
+        self._running: dict[Hashable, asyncio.Task[T]] = {}  # the run shared, by key
+        self._tasks: set[asyncio.Task[T]] = set()  # every run not ended, forgotten or not
 
     async def run(self, key: Hashable, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         task = self._running.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(make())
             self._running[key] = task
+            self._tasks.add(task)
             task.add_done_callback(lambda t: self._ended(key, t))
         return await asyncio.shield(task)
 
     def _ended(self, key: Hashable, task: asyncio.Task[T]) -> None:
+        self._tasks.discard(task)
         if self._running.get(key) is task:
             del self._running[key]
         if not task.cancelled():
@@ -62,8 +64,10 @@ class Shared(Generic[T]):
         self._running.pop(key, None)
 
     async def aclose(self) -> None:
-        for task in list(self._running.values()):
+        """Cancel the runs and wait for them to end (at shutdown)."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)
 
