@@ -139,11 +139,16 @@ async def test_the_shared_read_answers_each_user_as_the_lone_read_does(database_
         await pool.close()
 
 
-async def test_a_burst_of_misses_for_one_user_is_one_read() -> None:
+def slow(value: dict[str, Any], delay: float) -> tuple[Store, OverrideCache]:
+    """A cache over a store holding ``value`` for "u", whose reads take ``delay``."""
     store = Store()
-    store.set("u", {"rpm": 3})
-    store.delay = 0.05
-    cache = OverrideCache(store.load, TTL)
+    store.set("u", value)
+    store.delay = delay
+    return store, OverrideCache(store.load, TTL)
+
+
+async def test_a_burst_of_misses_for_one_user_is_one_read() -> None:
+    store, cache = slow({"rpm": 3}, 0.05)
     try:
         got = await asyncio.gather(*(cache.get("pw", "u") for _ in range(200)),
                                    cache.get("pw", "other"))
@@ -154,10 +159,7 @@ async def test_a_burst_of_misses_for_one_user_is_one_read() -> None:
 
 
 async def test_a_change_told_while_a_shared_read_is_in_flight_is_read_again() -> None:
-    store = Store()
-    store.set("u", {"rpm": 1})
-    store.delay = 0.1
-    cache = OverrideCache(store.load, TTL)
+    store, cache = slow({"rpm": 1}, 0.1)
     try:
         before = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
         await store.reading.wait()
@@ -173,10 +175,7 @@ async def test_a_change_told_while_a_shared_read_is_in_flight_is_read_again() ->
 
 
 async def test_a_waiter_cancelled_leaves_the_shared_read_to_the_others() -> None:
-    store = Store()
-    store.set("u", {"rpm": 2})
-    store.delay = 0.1
-    cache = OverrideCache(store.load, TTL)
+    store, cache = slow({"rpm": 2}, 0.1)
     try:
         first = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
         await store.reading.wait()
@@ -192,11 +191,8 @@ async def test_a_waiter_cancelled_leaves_the_shared_read_to_the_others() -> None
 
 
 async def test_a_failed_shared_read_fails_its_waiters_and_the_next_miss_reads_again() -> None:
-    store = Store()
-    store.set("u", {"rpm": 4})
-    store.delay = 0.05
+    store, cache = slow({"rpm": 4}, 0.05)
     store.fail_alone = True
-    cache = OverrideCache(store.load, TTL)
     try:
         got = await asyncio.gather(*(cache.get("pw", "u") for _ in range(3)),
                                    return_exceptions=True)
