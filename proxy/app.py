@@ -38,7 +38,6 @@ from proxy import (
     events,
     gateway,
     gauges,
-    lazy,
     messages,
     observe,
     pages,
@@ -256,7 +255,7 @@ def create_app(settings: Settings) -> observe.Observe:
         if any(p.auth.jwks_url or p.auth.hs256_secret for p in settings.paywalls.values()):
             await asyncio.to_thread(importlib.import_module, "jwt")  # off the loop, once
         if any(p.payments.stripe_secret_key for p in settings.paywalls.values()):
-            await asyncio.to_thread(lazy.load, "stripe")  # not in the first payment's time
+            await asyncio.to_thread(payments.load_stripe)  # not in the first payment's time
         transport = Transport(session, settings.upstream)
         tokenizer = Tokenizer()
         # Load each model's encoding now, off the loop, rather than in a first request.

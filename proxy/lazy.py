@@ -1,18 +1,17 @@
 """Modules a worker loads the first time it uses them, not at start: a worker that
-never uses one does not hold it (the Stripe library and what it brings, about 12 MB;
-pypdf, about 15 MB).
+never uses one does not hold it (the Stripe library and what it brings, about 12 MB).
 
 ``module(name)`` puts the module in ``sys.modules`` unexecuted (the standard library's
-:class:`importlib.util.LazyLoader`); its first attribute read executes it, and what it
-made is then frozen out of the garbage collector's full passes, as :mod:`proxy.app`
-freezes what start-up made. Import it as usual under ``TYPE_CHECKING``, so that mypy
-sees the real module. Python 3.11's lazy modules take no lock: use one from the event
-loop's thread only, or load it (:func:`load`) before serving begins.
+:class:`importlib.util.LazyLoader`); its first attribute read executes it. Import it as
+usual under ``TYPE_CHECKING``, so that mypy sees the real module. Python 3.11's lazy
+modules take no lock: use one from the event loop's thread only, or :func:`load` it
+before serving begins (then what it makes is frozen with the rest of start-up's, out of
+the garbage collector's full passes: :mod:`proxy.app`). A module whose execution fails
+leaves ``sys.modules``, as a plain import's does.
 """
 
 from __future__ import annotations
 
-import gc
 import importlib.abc
 import importlib.util
 import sys
@@ -42,7 +41,8 @@ def load(name: str) -> ModuleType:
 
 
 class _Frozen(importlib.abc.Loader):
-    """A module's own loader, and what executing the module made frozen after it."""
+    """A module's own loader, left on the module once it is executed, as a plain import
+    leaves it; a module whose execution fails is taken out of ``sys.modules``."""
 
     def __init__(self, loader: importlib.abc.Loader):
         self._loader = loader
@@ -54,5 +54,9 @@ class _Frozen(importlib.abc.Loader):
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader  # as a plain import leaves it
         module.__loader__ = self._loader
-        self._loader.exec_module(module)
-        gc.freeze()
+        try:
+            self._loader.exec_module(module)
+        except BaseException:
+            if sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]
+            raise

@@ -17,7 +17,6 @@ here: they live with the money, in the ledger's hold.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -407,5 +406,4 @@ class OverrideCache:
         await self._missed.aclose()
         if (task := self._reading) is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])  # a close cancelled itself says so

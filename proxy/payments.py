@@ -67,6 +67,14 @@ else:  # loaded when a paywall first takes a payment (proxy.lazy)
     stripe = lazy.module("stripe")
 
 log = logging.getLogger("proxy.payments")
+
+
+def load_stripe() -> None:
+    """Load the Stripe library and the parts of it payments use (it loads its own
+    classes when first read), so that a first payment does not wait for them: at start,
+    off the event loop, when a paywall takes payments."""
+    for name in ("StripeClient", "AIOHTTPClient", "WebhookSignature", "StripeError"):
+        getattr(lazy.load("stripe"), name)
 T = TypeVar("T")
 
 RECHARGE_STALE_SECONDS = 600.0  # a recharge pending this long is sent again (same key)

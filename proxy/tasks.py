@@ -65,9 +65,8 @@ class Shared(Generic[T]):
 
     async def aclose(self) -> None:
         """Cancel the runs and wait for them to end (at shutdown)."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
+        while tasks := list(self._tasks):
+            for task in tasks:
+                task.cancel()
             await asyncio.wait(tasks)
 

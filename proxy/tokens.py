@@ -43,18 +43,12 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import tiktoken
 
-from proxy import lazy
 from proxy.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    import pypdf
-else:  # loaded with the first PDF a request carries (proxy.lazy)
-    pypdf = lazy.module("pypdf")
 
 log = logging.getLogger("proxy.tokens")
 
@@ -180,6 +174,8 @@ def _pdf_bound(raw: bytes) -> tuple[int, int]:
     larger than the file). A PDF pypdf cannot read (or that passes its limits on what
     it decompresses) counts :data:`UNCOUNTED_PAGES` and :data:`DEFLATE_RATIO` times its
     size."""
+    import pypdf  # here: 15 MB a worker would hold for the few requests that carry a PDF
+
     seen = len(_PDF_PAGE.findall(raw))  # a floor, whatever the reader makes of it
     try:
         with warnings.catch_warnings():
