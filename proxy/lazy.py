@@ -26,7 +26,7 @@ def module(name: str) -> ModuleType:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(_Frozen(spec.loader))
+    spec.loader = importlib.util.LazyLoader(_Executing(spec.loader))
     lazy = importlib.util.module_from_spec(spec)
     sys.modules[name] = lazy
     spec.loader.exec_module(lazy)
@@ -40,7 +40,7 @@ def load(name: str) -> ModuleType:
     return loaded
 
 
-class _Frozen(importlib.abc.Loader):
+class _Executing(importlib.abc.Loader):
     """A module's own loader, left on the module once it is executed, as a plain import
     leaves it; a module whose execution fails is taken out of ``sys.modules``."""
 

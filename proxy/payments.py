@@ -67,14 +67,6 @@ else:  # loaded when a paywall first takes a payment (proxy.lazy)
     stripe = lazy.module("stripe")
 
 log = logging.getLogger("proxy.payments")
-
-
-def load_stripe() -> None:
-    """Load the Stripe library and the parts of it payments use (it loads its own
-    classes when first read), so that a first payment does not wait for them: at start,
-    off the event loop, when a paywall takes payments."""
-    for name in ("StripeClient", "AIOHTTPClient", "WebhookSignature", "StripeError"):
-        getattr(lazy.load("stripe"), name)
 T = TypeVar("T")
 
 RECHARGE_STALE_SECONDS = 600.0  # a recharge pending this long is sent again (same key)
@@ -100,6 +92,14 @@ class Reconciled:
     reversed: list[str] = field(default_factory=list)  # refunds applied now
     skipped: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
+
+
+def load_stripe() -> None:
+    """Load the Stripe library and the parts of it payments use (it loads its own
+    classes when first read), so that a first payment does not wait for them: at start,
+    off the event loop, when a paywall takes payments."""
+    for name in ("StripeClient", "AIOHTTPClient", "WebhookSignature", "StripeError"):
+        getattr(lazy.load("stripe"), name)
 
 
 class Payments:

@@ -90,7 +90,7 @@ def test_a_worker_loads_its_heavy_libraries_on_first_use() -> None:
         "          and type(sys.modules[m]).__name__ != '_LazyModule']\n"
         "print(','.join(loaded))\n"
         "proxy.payments.load_stripe()  # at start, when a paywall takes payments\n"
-        "assert type(sys.modules['stripe'].__loader__).__name__ != '_Frozen'\n"
+        "assert type(sys.modules['stripe'].__loader__).__name__ == 'SourceFileLoader'\n"
         "from proxy.tokens import _pdf_bound\n"
         "_pdf_bound(b'%PDF-1.4')\n"
         "build_limiter('redis://127.0.0.1:1')\n"
