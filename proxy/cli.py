@@ -34,7 +34,7 @@ from proxy.settings import Settings
 
 if TYPE_CHECKING:
     import stripe
-else:  # loaded when a paywall first takes a payment (proxy.lazy)
+else:  # loaded when first used, or at start for a paywall with Stripe keys (proxy.lazy)
     stripe = lazy.module("stripe")
 
 

@@ -10,8 +10,8 @@ frees its slots within ``lease_seconds``.
 With ``REDIS_URL`` every check for one request — user and paywall, requests, tokens
 and concurrency — is one Lua script, one round trip, shared by all replicas; without
 it the same algorithm runs in process, for a single replica (:mod:`proxy.redis_limits`
-holds the Redis side). Spend caps are not
-here: they live with the money, in the ledger's hold.
+holds the Redis side). Spend caps are not here: they live with the money, in the
+ledger's hold.
 """
 
 from __future__ import annotations

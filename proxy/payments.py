@@ -63,7 +63,7 @@ from proxy.topups import Choice, Skip, payment_of, recharge_payment, session_par
 
 if TYPE_CHECKING:
     import stripe
-else:  # loaded when a paywall first takes a payment (proxy.lazy)
+else:  # loaded when first used, or at start for a paywall with Stripe keys (proxy.lazy)
     stripe = lazy.module("stripe")
 
 log = logging.getLogger("proxy.payments")
