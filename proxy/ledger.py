@@ -383,6 +383,17 @@ class Ledger:
             paywall_id, list(user_ids))
         return {row["user_id"]: _overrides(row) for row in rows}
 
+    async def limits_of_paywall(self, paywall_id: str, most: int
+                                ) -> dict[str, dict[str, Any]] | None:
+        """:meth:`limits_of` for every user of the paywall that has overrides or is
+        blocked (a user left out has none), or None when more than ``most`` have."""
+        rows = await self.pool.fetch(
+            "SELECT user_id, limits, blocked FROM users WHERE paywall_id = $1"
+            " AND (blocked OR limits <> '{}'::jsonb) LIMIT $2", paywall_id, most + 1)
+        if len(rows) > most:
+            return None
+        return {row["user_id"]: _overrides(row) for row in rows}
+
     async def block(self, paywall_id: str, user_id: str, blocked: bool) -> None:
         """Block the user (every request refused, 403) or lift the block."""
         await self.pool.execute(

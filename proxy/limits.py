@@ -321,23 +321,41 @@ def _refusal(verdict: Verdict) -> RateLimited:
     return RateLimited(message, kind, headers, limit)
 
 
+# How many ``ttl`` a paywall found to have too many overrides to read whole is read
+# user by user before it is asked again.
+TOO_MANY_TTLS = 12
+
+
 class OverrideCache:
     """Users' limit overrides, read from the database and kept ``ttl`` seconds, so a
     change made through the user API takes effect everywhere within that time.
 
-    With ``load_many``, an entry read in the second half of its life is read again
-    ahead of its end, together with every other such entry gathered over a tenth of
-    ``ttl``, in one statement a paywall: a user seen steadily costs one row of a shared
-    read every half ``ttl`` rather than a statement of its own. What is served is never
-    older than ``ttl``: an entry the read-ahead has not renewed in time is read alone,
-    as without it. Requests that miss the same entry together share one read (a burst
-    of a new user's requests is one statement, not one each); a change told while it is
-    in flight is not kept from it, and the requests after the change read again."""
+    With ``load_paywall``, a paywall whose users hold few overrides (at most
+    ``paywall_size``; most users hold none) is read whole: one statement reads every
+    user's that differs from the default, a user not in it has none, and the read is
+    made again ahead of its end, in the second half of its life. A request then costs no
+    statement of its own whoever sends it, however many users there are and however
+    seldom each is seen. A paywall past ``paywall_size`` is read user by user, as
+    without it, and counted again after ``TOO_MANY_TTLS`` times ``ttl``.
+
+    User by user, with ``load_many``, an entry read in the second half of its life is
+    read again ahead of its end, together with every other such entry gathered over a
+    tenth of ``ttl``, in one statement a paywall: a user seen steadily costs one row of
+    a shared read every half ``ttl`` rather than a statement of its own.
+
+    What is served is never older than ``ttl``: what the read-ahead has not renewed in
+    time is read again before it is served. Requests that miss the same entry together
+    share one read (a burst of a new user's requests is one statement, not one each); a
+    change told while a read is in flight is not kept from it, and the requests after
+    the change read again."""
 
     def __init__(self, load: Any, ttl: float = 5.0, size: int = 50_000,
-                 load_many: Any = None):
+                 load_many: Any = None, load_paywall: Any = None,
+                 paywall_size: int = 2_000):
         self._load = load
         self._load_many = load_many
+        self._load_paywall = load_paywall
+        self._paywall_size = paywall_size
         self._ttl = ttl
         self._size = size
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
@@ -345,10 +363,27 @@ class OverrideCache:
         self._forgotten: set[tuple[str, str]] = set()  # during the read ahead in flight
         self._reading: asyncio.Task[None] | None = None
         self._missed: Shared[dict[str, Any]] = Shared()  # the reads alone in flight
+        # A paywall read whole: until when, and its users' overrides (None: too many to
+        # hold, read user by user); the reads of paywalls in flight, shared.
+        self._paywalls: dict[str, tuple[float, dict[str, dict[str, Any]] | None]] = {}
+        self._paywall_reads: Shared[dict[str, dict[str, Any]] | None] = Shared()
+        self._ahead_after = 0.0  # no paywall read ahead before (after one failed)
         self.reads_ahead = 0  # statements the read-ahead made (the tests read them)
 
     async def get(self, paywall_id: str, user_id: str) -> dict[str, Any]:
         now = time.monotonic()
+        if self._load_paywall is not None:
+            whole = self._paywalls.get(paywall_id)
+            if whole is None or whole[0] <= now:
+                users = await self._paywall_reads.run(
+                    paywall_id, lambda: self._read_paywall(paywall_id, now))
+            else:
+                if whole[0] - now < self._ttl / 2 and now >= self._ahead_after:
+                    self._read_paywall_ahead(paywall_id)
+                users = whole[1]
+            if users is not None:
+                return users.get(user_id, {})
+            now = time.monotonic()  # the read above took time: judge entries from now
         key = (paywall_id, user_id)
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
@@ -356,6 +391,32 @@ class OverrideCache:
                 self._read_ahead(key)
             return hit[1]
         return await self._missed.run(key, lambda: self._read_alone(key, now))
+
+    async def _read_paywall(self, paywall_id: str, started: float
+                            ) -> dict[str, dict[str, Any]] | None:
+        users: dict[str, dict[str, Any]] | None = await self._load_paywall(
+            paywall_id, self._paywall_size)
+        if self._paywall_reads.current(paywall_id):  # no change told meanwhile
+            # Too many to hold: the users are read one by one, and whether they still
+            # are too many is asked again only after a while.
+            life = self._ttl if users is not None else self._ttl * TOO_MANY_TTLS
+            self._paywalls[paywall_id] = (started + life, users)
+        return users
+
+    def _read_paywall_ahead(self, paywall_id: str) -> None:
+        if not self._paywall_reads.running(paywall_id):
+            self.reads_ahead += 1
+            self._paywall_reads.start(
+                paywall_id, lambda: self._read_paywall(paywall_id, time.monotonic())
+            ).add_done_callback(self._ahead_done)
+
+    def _ahead_done(self, task: asyncio.Task[Any]) -> None:
+        """A read ahead that failed is logged, and none is tried for a tenth of ``ttl``
+        (a database that fails at once is not asked on every request); what it would
+        have renewed ends and is read again when next needed."""
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.warning("reading limit overrides ahead failed (%s)", type(e).__name__)
+            self._ahead_after = time.monotonic() + self._ttl / 10
 
     async def _read_alone(self, key: tuple[str, str], started: float) -> dict[str, Any]:
         value: dict[str, Any] = await self._load(*key)
@@ -395,6 +456,11 @@ class OverrideCache:
             self._reading = None
 
     def forget(self, paywall_id: str, user_id: str) -> None:
+        """A change to the user's overrides made here: the next request reads them
+        again (and its paywall's, when read whole)."""
+        if (whole := self._paywalls.get(paywall_id)) is not None and whole[1] is not None:
+            del self._paywalls[paywall_id]  # (one read user by user forgets the user)
+        self._paywall_reads.forget(paywall_id)
         key = (paywall_id, user_id)
         self._cache.pop(key, None)
         self._missed.forget(key)
@@ -403,6 +469,7 @@ class OverrideCache:
             self._forgotten.add(key)
 
     async def aclose(self) -> None:
+        await self._paywall_reads.aclose()
         await self._missed.aclose()
         if (task := self._reading) is not None:
             task.cancel()

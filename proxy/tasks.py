@@ -40,13 +40,22 @@ class Shared(Generic[T]):
         self._tasks: set[asyncio.Task[T]] = set()  # every run not ended, forgotten or not
 
     async def run(self, key: Hashable, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        return await asyncio.shield(self.start(key, make))
+
+    def start(self, key: Hashable, make: Callable[[], Coroutine[Any, Any, T]]
+              ) -> asyncio.Task[T]:
+        """The run shared for ``key``, started with ``make()`` if none is running (for a
+        caller that does not wait: a read ahead of need)."""
         task = self._running.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(make())
             self._running[key] = task
             self._tasks.add(task)
             task.add_done_callback(lambda t: self._ended(key, t))
-        return await asyncio.shield(task)
+        return task
+
+    def running(self, key: Hashable) -> bool:
+        return key in self._running
 
     def _ended(self, key: Hashable, task: asyncio.Task[T]) -> None:
         self._tasks.discard(task)
