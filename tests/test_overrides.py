@@ -181,17 +181,22 @@ async def test_a_burst_of_misses_for_one_user_is_one_read() -> None:
     assert sorted(store.alone) == ["other", "u"]
 
 
+async def change_told_during_a_read(store: Store, cache: OverrideCache) -> None:
+    """u is {"rpm": 1} and is read slowly: a change told meanwhile is what the requests
+    after it get, and the read begun before it is not kept."""
+    before = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
+    await store.reading.wait()
+    store.set("u", {"rpm": 5})  # the user API changes it, and tells the cache
+    cache.forget("pw", "u")
+    assert await cache.get("pw", "u") == {"rpm": 5}
+    assert await before == {"rpm": 1}  # asked before the change: the read it joined
+    assert await cache.get("pw", "u") == {"rpm": 5}  # the older read was not kept
+
+
 async def test_a_change_told_while_a_shared_read_is_in_flight_is_read_again() -> None:
     store, cache = slow({"rpm": 1}, 0.1)
     try:
-        before = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
-        await store.reading.wait()
-        store.set("u", {"rpm": 5})  # the user API changes it, and tells the cache
-        cache.forget("pw", "u")
-        after = await cache.get("pw", "u")
-        assert await before == {"rpm": 1}  # asked before the change: the read it joined
-        assert after == {"rpm": 5}
-        assert await cache.get("pw", "u") == {"rpm": 5}  # the older read was not kept
+        await change_told_during_a_read(store, cache)
     finally:
         await cache.aclose()
     assert store.alone == ["u", "u"]
@@ -271,14 +276,7 @@ async def test_a_change_told_while_the_paywall_is_read_is_read_again() -> None:
     store.delays = [0.3, 0.05]  # the read begun before the change ends last
     cache = whole(store)
     try:
-        before = asyncio.get_running_loop().create_task(cache.get("pw", "u"))
-        await store.reading.wait()
-        store.set("u", {"rpm": 5})  # the user API changes it, and tells the cache
-        cache.forget("pw", "u")
-        after = await cache.get("pw", "u")
-        assert after == {"rpm": 5}
-        assert await before == {"rpm": 1}  # asked before the change: the read it joined
-        assert await cache.get("pw", "u") == {"rpm": 5}  # the older read was not kept
+        await change_told_during_a_read(store, cache)
     finally:
         await cache.aclose()
     assert store.whole == 2
