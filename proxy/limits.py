@@ -458,8 +458,10 @@ class OverrideCache:
     def forget(self, paywall_id: str, user_id: str) -> None:
         """A change to the user's overrides made here: the next request reads them
         again (and its paywall's, when read whole)."""
+        # A paywall read whole is read again; one read user by user keeps its count of
+        # "too many", and forgets the user's own entry below.
         if (whole := self._paywalls.get(paywall_id)) is not None and whole[1] is not None:
-            del self._paywalls[paywall_id]  # (one read user by user forgets the user)
+            del self._paywalls[paywall_id]
         self._paywall_reads.forget(paywall_id)
         key = (paywall_id, user_id)
         self._cache.pop(key, None)
