@@ -57,7 +57,6 @@ class Store:
             raise ConnectionError("the database went away")
         return read
 
-
     async def load_paywall(self, paywall_id: str, most: int
                            ) -> dict[str, dict[str, Any]] | None:
         self.whole += 1
