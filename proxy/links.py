@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -93,8 +94,9 @@ class LinkSigner:
     @staticmethod
     def claims(paywall_id: str, user_id: str, action: str, ttl: int,
                version: int = 0) -> LinkClaims:
-        """The claims of a link for ``action`` valid ``ttl`` seconds from now."""
-        return LinkClaims(paywall_id, user_id, action, int(time.time()) + ttl, version)
+        """The claims of a link for ``action`` valid at least ``ttl`` seconds from now: the
+        expiry is a whole second, rounded up."""
+        return LinkClaims(paywall_id, user_id, action, math.ceil(time.time()) + ttl, version)
 
     def verify(self, token: str, action: str, now: float | None = None) -> LinkClaims | None:
         """The claims of a valid, unexpired token for ``action``; None otherwise. For a

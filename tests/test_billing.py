@@ -142,7 +142,7 @@ PAYWALLS: dict[str, dict[str, Any]] = {
     "billing-grant": {"name": "Grant app", "starter_grant": plain(STAMPEDE_FUNDS)},
     "billing-connect": {"name": "Connect test app", "starter_grant": "1",
                         "require_connect": True},
-    "billing-short": {"name": "Short links app", "link_ttl_seconds": 1},
+    "billing-short": {"name": "Short links app", "link_ttl_seconds": 2},
     "billing-crash": {"name": "Crash app", "starter_grant": "5"},
 }
 GRANT = units("1")
@@ -1126,6 +1126,7 @@ async def test_tampered_or_expired_links_are_refused(billing: Billing, pg: Any) 
     user, other = new_user("links"), new_user("links")
     async with billing.http("billing-short") as api, httpx.AsyncClient() as browser:
         link = (await api.get("/v1/user/connect", params={"user": user})).json()["connect_link"]
+        assert (await browser.get(billing.local(link))).status_code == 200  # valid for now
         other_link = (await api.get("/v1/user/connect",
                                     params={"user": other})).json()["connect_link"]
         topup = (await api.get("/v1/user/balance/topup",
@@ -1141,14 +1142,13 @@ async def test_tampered_or_expired_links_are_refused(billing: Billing, pg: Any) 
             "",
             "garbage",
         ]
-        assert (await browser.get(billing.local(link))).status_code == 200  # valid for now
         for bad in bad_tokens:
             page = await browser.get(billing.proxy.url + "/connect", params={"token": bad})
             assert page.status_code == 400, bad
             assert "invalid or has expired" in page.text
             post = await browser.post(billing.proxy.url + "/connect", data={"token": bad})
             assert post.status_code == 400, bad
-        await asyncio.sleep(2.2)  # link_ttl_seconds = 1
+        await asyncio.sleep(3.2)  # link_ttl_seconds = 2, the expiry rounded up to a second
         assert (await browser.get(billing.local(link))).status_code == 400
         assert (await browser.post(billing.proxy.url + "/connect",
                                    data={"token": token})).status_code == 400

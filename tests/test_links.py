@@ -120,3 +120,11 @@ STRICT: list[tuple[str, str]] = [
 def test_anything_but_the_exact_token_is_refused(token: str) -> None:
     assert SIGNER.verify(GOOD, "connect") is not None
     assert SIGNER.verify(token, "connect") is None
+
+
+def test_a_link_lives_at_least_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    minted = 1_000_000.95
+    monkeypatch.setattr(time, "time", lambda: minted)
+    token = token_of(SIGNER.link("app", "alice", "topup", 1))
+    assert SIGNER.verify(token, "topup", now=minted + 0.99) is not None
+    assert SIGNER.verify(token, "topup", now=minted + 2.01) is None
