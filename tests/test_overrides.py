@@ -70,9 +70,9 @@ class Store:
         return None if len(read) > most else read
 
 
-def whole(store: Store, most: int = 100) -> OverrideCache:
+def whole(store: Store, most: int = 100, ttl: float = TTL) -> OverrideCache:
     """A cache that reads the store's paywall whole, user by user past ``most``."""
-    return OverrideCache(store.load, TTL, load_many=store.load_many,
+    return OverrideCache(store.load, ttl, load_many=store.load_many,
                          load_paywall=store.load_paywall, paywall_size=most)
 
 
@@ -231,7 +231,6 @@ async def test_a_failed_shared_read_fails_its_waiters_and_the_next_miss_reads_ag
     assert store.alone == ["u", "u"]
 
 
-
 async def test_users_each_seen_once_cost_no_read_of_their_own_when_the_paywall_is_read_whole(
         ) -> None:
     store = Store()
@@ -305,10 +304,11 @@ async def test_a_failed_read_ahead_of_the_paywall_ends_it_and_the_next_request_r
         ) -> None:
     store = Store()
     store.set("u", {"rpm": 1})
-    cache = whole(store)
+    ttl = 3 * TTL  # its back-off, ttl / 10, outlasts the loop below on a busy machine
+    cache = whole(store, ttl=ttl)
     try:
         await cache.get("pw", "u")
-        await asyncio.sleep(TTL * 0.6)
+        await asyncio.sleep(ttl * 0.6)
         store.fail = True
         await cache.get("pw", "u")  # a read ahead, which fails
         await asyncio.sleep(0.05)
@@ -318,7 +318,7 @@ async def test_a_failed_read_ahead_of_the_paywall_ends_it_and_the_next_request_r
         assert store.whole == 2
         store.fail = False
         store.set("u", {"rpm": 7})
-        await asyncio.sleep(TTL * 0.5)  # past its end
+        await asyncio.sleep(ttl * 0.5)  # past its end
         assert await cache.get("pw", "u") == {"rpm": 7}
     finally:
         await cache.aclose()
