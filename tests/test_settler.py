@@ -186,6 +186,11 @@ def in_flight(http: httpx.AsyncClient, user: str, streams: int, completions: int
     return asyncio.gather(*(one(i < streams) for i in range(streams + completions)))
 
 
+def forwarded(upstream: Upstream, user: str) -> int:
+    """The user's requests the upstream has been sent."""
+    return sum(1 for s in list(upstream.seen) if s.body.get("user") == user)
+
+
 async def owed(http: httpx.AsyncClient) -> float:
     """The proxy's paywall_settlements_owed gauge."""
     samples = parse_metrics((await http.get("/metrics")).text)
@@ -220,8 +225,9 @@ async def test_a_database_outage_while_requests_settle_loses_no_charge(
                               headers={"Authorization": f"Bearer {key}"}) as http:
         replying = in_flight(http, user, streams, completions)
 
-        async def all_held() -> bool:
-            return len(await holds_of(pg, user)) == streams + completions
+        async def all_held() -> bool:  # and forwarded: the proxy has its holds' replies
+            return (len(await holds_of(pg, user)) == streams + completions
+                    and forwarded(upstream, user) == streams + completions)
 
         await eventually(all_held, "10 holds")
         forwarder.cut()
@@ -269,8 +275,9 @@ async def test_what_is_owed_at_sigterm_is_spooled_and_replayed_once(
                               headers={"Authorization": f"Bearer {key}"}) as http:
         replying = in_flight(http, user, streams, completions)
 
-        async def all_held() -> bool:
-            return len(await holds_of(pg, user)) == streams + completions
+        async def all_held() -> bool:  # and forwarded: the proxy has its holds' replies
+            return (len(await holds_of(pg, user)) == streams + completions
+                    and forwarded(upstream, user) == streams + completions)
 
         await eventually(all_held, "4 holds")
         forwarder.cut()
