@@ -148,6 +148,52 @@ async def test_available_cannot_go_negative(ledger: Ledger, statement: str,
     assert await account(ledger, account_id) == (100, 30)
 
 
+# --- a hold's status and an entry's kind are one of their names ------------------------
+
+_ENTRY = "INSERT INTO entries (account_id, kind, amount, balance_after) VALUES ($1, "
+
+
+@pytest.mark.parametrize(("statement", "error", "constraint"), [
+    ("UPDATE holds SET status = 'settled', resolved_at = now() WHERE account_id = $1",
+     asyncpg.InvalidTextRepresentationError, None),
+    ("UPDATE holds SET status = 'posted' WHERE account_id = $1",
+     asyncpg.CheckViolationError, "holds_check"),  # resolved, but not when
+    (_ENTRY + "'bonus', 1, 101)", asyncpg.InvalidTextRepresentationError, None),
+    (_ENTRY + "'charge', 1, 101)", asyncpg.CheckViolationError, "entries_check"),
+    (_ENTRY + "'grant', -1, 99)", asyncpg.CheckViolationError, "entries_check1"),
+    (_ENTRY + "$2::text, 1, 101)", asyncpg.InvalidTextRepresentationError, None),
+])
+async def test_statuses_and_kinds_are_only_their_names(
+        ledger: Ledger, statement: str, error: type[Exception],
+        constraint: str | None) -> None:
+    paywall, user, account_id = await funded(ledger, 100)
+    assert await hold(ledger, paywall, user, 30) is not None
+    args = (account_id, "bonus") if "$2" in statement else (account_id,)
+    async with rolled_back(ledger) as conn:
+        with pytest.raises(error) as raised:
+            await conn.execute(statement, *args)
+    if constraint is not None:
+        assert getattr(raised.value, "constraint_name", None) == constraint
+    assert [e["kind"] for e in await entries(ledger, account_id)] == ["grant"]
+
+
+async def test_a_status_or_a_kind_written_as_text_is_read_as_text(ledger: Ledger) -> None:
+    """What writes a status or a kind may pass it as text, and reads it back as text."""
+    paywall, user, account_id = await funded(ledger, 100)
+    hold_id = await hold(ledger, paywall, user, 30)
+    async with rolled_back(ledger) as conn:
+        await conn.execute("UPDATE holds SET status = $2::text, resolved_at = now()"
+                           " WHERE id = $1", hold_id, "voided")
+        await conn.execute(_ENTRY + "$2::text, 5, 105)", account_id, "deposit")
+        assert await conn.fetchval("SELECT status FROM holds WHERE id = $1",
+                                   hold_id) == "voided"
+        assert await conn.fetchval(
+            "SELECT array_agg(kind ORDER BY id) FROM entries WHERE account_id = $1",
+            account_id) == ["grant", "deposit"]
+        assert await conn.fetchval("SELECT count(*) FROM entries WHERE account_id = $1"
+                                   " AND kind = $2", account_id, "deposit") == 1
+
+
 async def test_moves_and_holds_never_take_more_than_is_available(ledger: Ledger) -> None:
     paywall, user, account_id = await funded(ledger, 100)
     assert await hold(ledger, paywall, user, 60) is not None
