@@ -172,46 +172,62 @@ async def test_a_database_outage_answers_503_at_once_without_calling_the_provide
             await asyncio.to_thread(stop_proxy, proxy)
 
 
-async def test_upgrading_to_enum_statuses_and_kinds_keeps_the_ledger(
+async def test_upgrading_the_ledger_to_cheaper_checks_keeps_it(
         pg_server: str, tmp_path: Path) -> None:
-    """0016 turns holds.status and entries.kind into enum types: a ledger written before
-    it reads the same after it, and goes on working."""
+    """0016 turns holds.status and entries.kind into enum types and 0017 moves three
+    checks into domains: a ledger written before them reads the same after them, and
+    goes on working."""
+    from proxy.ledger import SpendCap
     from tests.conftest import admin, unbalanced_accounts, with_database
 
     for m in db.migrations():
         if m.version < 16:
             (tmp_path / m.name).write_text(m.sql)
-    name = "migrate_enums"
+    name = "migrate_checks"
     await admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     await admin(pg_server, f"CREATE DATABASE {name}")
     url = with_database(pg_server, name)
+    caps = [SpendCap("u", "day", 10_000), SpendCap("", "month", 10_000)]
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     try:
         await db.migrate(url, tmp_path)
         ledger = Ledger(pool, hold_ttl=3600)
         await ledger.open_user("pw", "u", assets={"usd"}, grants={"usd": 1_000})
         held = [(await ledger.hold("pw", "u", "usd", 100, request_id=f"r{i}", model="m",
-                                   require_connect=False)).hold_id for i in range(4)]
+                                   require_connect=False, caps=caps)).hold_id
+                for i in range(4)]
         hold_ids = [h for h in held if h is not None]
         assert len(hold_ids) == 4
         await ledger.post(hold_ids[0], 70, None, "ok")
         await ledger.void(hold_ids[1])
         await ledger.void(hold_ids[2], "expired")
-        read = ("SELECT (SELECT array_agg(status::text ORDER BY id) FROM holds),"
-                " (SELECT array_agg(kind::text || ':' || amount ORDER BY id) FROM entries)")
+        read = ("SELECT (SELECT array_agg(status::text || ':' || amount ORDER BY id)"
+                "        FROM holds),"
+                " (SELECT array_agg(kind::text || ':' || amount ORDER BY id) FROM entries),"
+                " (SELECT array_agg(period::text || ':' || spent || ':' || held"
+                "         ORDER BY period) FROM spend_windows),"
+                " (SELECT array_agg(owed) FROM accounts)")
         before = tuple(await pool.fetchrow(read))
-        assert before == (["posted", "voided", "expired", "pending"],
-                          ["grant:1000", "charge:-70"])
+        assert before == (["posted:100", "voided:100", "expired:100", "pending:100"],
+                          ["grant:1000", "charge:-70"], ["day:70:100", "month:70:100"],
+                          [0])
 
         await pool.close()  # as a proxy upgrading does: migrate, then open its pool
-        assert await db.migrate(url) == ["0016_kinds_as_enums.sql"]
+        applied = await db.migrate(url)
+        assert applied[:2] == ["0016_kinds_as_enums.sql", "0017_checks_where_written.sql"]
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         ledger = Ledger(pool, hold_ttl=3600)
         assert tuple(await pool.fetchrow(read)) == before
-        assert await pool.fetchval("SELECT pg_typeof(status)::text FROM holds LIMIT 1"
-                                   ) == "hold_status"
+        assert tuple(await pool.fetchrow(
+            "SELECT (SELECT pg_typeof(status)::text FROM holds LIMIT 1),"
+            " (SELECT pg_typeof(kind)::text FROM entries LIMIT 1),"
+            " (SELECT pg_typeof(period)::text FROM spend_windows LIMIT 1),"
+            " (SELECT pg_typeof(owed)::text FROM accounts LIMIT 1)")) == (
+                "hold_status", "entry_kind", "spend_period", "ledger_amount")
         await ledger.post(hold_ids[3], 30, None, "ok")
-        assert (await pool.fetchrow(read))[1] == ["grant:1000", "charge:-70", "charge:-30"]
+        after = await pool.fetchrow(read)
+        assert after[1] == ["grant:1000", "charge:-70", "charge:-30"]
+        assert after[2] == ["day:100:0", "month:100:0"]
         assert await unbalanced_accounts(url) == []
     finally:
         await pool.close()
