@@ -129,15 +129,14 @@ async def test_entries_cannot_be_changed(ledger: Ledger, statement: str) -> None
     assert [dict(e) for e in await entries(ledger, account_id)] == before
 
 
-# --- the CHECKs keep balance - held >= 0, and the domains owed >= 0 and the rest ----
+# --- the CHECKs keep balance - held >= 0, and the domains a hold's amount and more --
 
 @pytest.mark.parametrize(("statement", "constraint"), [
     ("UPDATE accounts SET held = balance + 1 WHERE id = $1", "available_not_negative"),
     ("UPDATE accounts SET balance = held - 1 WHERE id = $1", "available_not_negative"),
     ("UPDATE accounts SET balance = balance - 101 WHERE id = $1", "available_not_negative"),
     ("UPDATE accounts SET held = -1, balance = -1 WHERE id = $1", "accounts_held_check"),
-    # checked by their types, where they are written (0017)
-    ("UPDATE accounts SET owed = -1 WHERE id = $1", "ledger_amount_check"),
+    # checked by their types, where they are written (0016, 0018)
     ("UPDATE holds SET amount = -1 WHERE account_id = $1", "ledger_amount_check"),
     ("INSERT INTO spend_windows (paywall_id, scope, asset, period, starts)"
      " SELECT paywall_id, '', asset, 'week', current_date FROM accounts WHERE id = $1",
