@@ -1,7 +1,8 @@
 -- An entry's kind as an enum type, not text under a CHECK listing the kinds (why: see
 -- 0016). A request's post inserts one entry. Text is still accepted where a kind is
--- written (an assignment cast), and it reads back as text. The upgrade rewrites entries
--- once, under an exclusive lock.
+-- written (an assignment cast), and it reads back as the same names; SQL of one's own
+-- that compares it with text casts it (kind::text), and it sorts in the order listed
+-- here. The upgrade rewrites entries once, under an exclusive lock.
 
 CREATE TYPE entry_kind AS ENUM ('grant', 'topup', 'deposit', 'charge', 'refund',
                                 'adjustment');

@@ -129,21 +129,21 @@ async def test_entries_cannot_be_changed(ledger: Ledger, statement: str) -> None
     assert [dict(e) for e in await entries(ledger, account_id)] == before
 
 
-# --- the CHECKs keep balance - held >= 0, and the domains a hold's amount and more --
+# --- the CHECKs keep balance - held >= 0 and more; a domain, a window's period ----
 
 @pytest.mark.parametrize(("statement", "constraint"), [
     ("UPDATE accounts SET held = balance + 1 WHERE id = $1", "available_not_negative"),
     ("UPDATE accounts SET balance = held - 1 WHERE id = $1", "available_not_negative"),
     ("UPDATE accounts SET balance = balance - 101 WHERE id = $1", "available_not_negative"),
     ("UPDATE accounts SET held = -1, balance = -1 WHERE id = $1", "accounts_held_check"),
-    # checked by their types, where they are written (0016, 0018)
-    ("UPDATE holds SET amount = -1 WHERE account_id = $1", "ledger_amount_check"),
+    ("UPDATE holds SET amount = -1 WHERE account_id = $1", "holds_amount_check"),
+    # checked by its type, where it is written (0018)
     ("INSERT INTO spend_windows (paywall_id, scope, asset, period, starts)"
      " SELECT paywall_id, '', asset, 'week', current_date FROM accounts WHERE id = $1",
      "spend_period_check"),
 ])
-async def test_available_cannot_go_negative(ledger: Ledger, statement: str,
-                                            constraint: str) -> None:
+async def test_the_checks_refuse_what_they_forbid(ledger: Ledger, statement: str,
+                                                 constraint: str) -> None:
     paywall, user, account_id = await funded(ledger, 100)
     assert await hold(ledger, paywall, user, 30) is not None
     async with rolled_back(ledger) as conn:
