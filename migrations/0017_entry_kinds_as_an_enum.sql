@@ -17,7 +17,5 @@ ALTER TABLE entries ALTER COLUMN kind TYPE entry_kind USING kind::entry_kind,
         CHECK (kind NOT IN ('grant', 'topup', 'deposit', 'refund') OR amount >= 0);
 CREATE TRIGGER entries_event AFTER INSERT ON entries
     FOR EACH ROW WHEN (NEW.kind <> 'charge') EXECUTE FUNCTION entries_event();
--- A column's statistics go with its old type: they are gathered again, unless the
--- table is empty (a new database), where a planner told "empty" would scan it whole
--- as it grows, until autovacuum analyzes it.
+-- Statistics gathered again, unless the table is empty (see 0016).
 DO $$ BEGIN IF EXISTS (SELECT FROM entries) THEN ANALYZE entries; END IF; END $$;

@@ -7,7 +7,5 @@ CREATE DOMAIN spend_period AS text CHECK (VALUE IN ('day', 'month'));
 
 ALTER TABLE spend_windows DROP CONSTRAINT spend_windows_period_check,
     ALTER COLUMN period TYPE spend_period;
--- A column's statistics go with its old type: they are gathered again, unless the
--- table is empty (a new database), where a planner told "empty" would scan it whole
--- as it grows, until autovacuum analyzes it.
+-- Statistics gathered again, unless the table is empty (see 0016).
 DO $$ BEGIN IF EXISTS (SELECT FROM spend_windows) THEN ANALYZE spend_windows; END IF; END $$;

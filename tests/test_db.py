@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -172,6 +174,25 @@ async def test_a_database_outage_answers_503_at_once_without_calling_the_provide
             await asyncio.to_thread(stop_proxy, proxy)
 
 
+@contextlib.asynccontextmanager
+async def database_at(pg_server: str, name: str, version: int, tmp_path: Path
+                      ) -> AsyncIterator[str]:
+    """A new database ``name`` migrated up to ``version``, dropped on the way out."""
+    from tests.conftest import admin, with_database
+
+    for m in db.migrations():
+        if m.version <= version:
+            (tmp_path / m.name).write_text(m.sql)
+    await admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await admin(pg_server, f"CREATE DATABASE {name}")
+    url = with_database(pg_server, name)
+    try:
+        await db.migrate(url, tmp_path)
+        yield url
+    finally:
+        await admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
+
+
 async def test_upgrading_the_ledger_to_cheaper_checks_keeps_it(
         pg_server: str, tmp_path: Path) -> None:
     """0016-0018 turn holds.status and entries.kind into enum types and a window's period
@@ -179,15 +200,8 @@ async def test_upgrading_the_ledger_to_cheaper_checks_keeps_it(
     working, on a connection opened before the upgrade (a proxy still serving: its
     functions were compiled, its statements prepared, on the old types) as on a new one."""
     from proxy.ledger import SpendCap
-    from tests.conftest import admin, unbalanced_accounts, with_database
+    from tests.conftest import unbalanced_accounts
 
-    for m in db.migrations():
-        if m.version < 16:
-            (tmp_path / m.name).write_text(m.sql)
-    name = "migrate_checks"
-    await admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    await admin(pg_server, f"CREATE DATABASE {name}")
-    url = with_database(pg_server, name)
     caps = [SpendCap("u", "day", 10_000), SpendCap("", "month", 10_000)]
 
     async def use(ledger: Ledger, tag: str) -> None:
@@ -207,42 +221,42 @@ async def test_upgrading_the_ledger_to_cheaper_checks_keeps_it(
             " (SELECT array_agg(kind::text || ':' || amount ORDER BY id) FROM entries),"
             " (SELECT array_agg(period::text || ':' || spent || ':' || held"
             "         ORDER BY period) FROM spend_windows)")
-    before_pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
-    after_pool = None
-    try:
-        await db.migrate(url, tmp_path)
-        old = Ledger(before_pool, hold_ttl=3600)
-        await old.open_user("pw", "u", assets={"usd"}, grants={"usd": 1_000})
-        await use(old, "a")
-        before = tuple(await before_pool.fetchrow(read))
-        assert before == (["posted:100", "voided:100", "expired:100", "pending:100"],
-                          ["grant:1000", "charge:-70", "grant:5"],
-                          ["day:70:100", "month:70:100"])
+    async with database_at(pg_server, "migrate_checks", 15, tmp_path) as url:
+        before_pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        after_pool = None
+        try:
+            old = Ledger(before_pool, hold_ttl=3600)
+            await old.open_user("pw", "u", assets={"usd"}, grants={"usd": 1_000})
+            await use(old, "a")
+            before = tuple(await before_pool.fetchrow(read))
+            assert before == (["posted:100", "voided:100", "expired:100", "pending:100"],
+                              ["grant:1000", "charge:-70", "grant:5"],
+                              ["day:70:100", "month:70:100"])
 
-        applied = await db.migrate(url)  # the pool's one connection stays open
-        assert applied[:3] == ["0016_hold_statuses_as_an_enum.sql",
-                               "0017_entry_kinds_as_an_enum.sql",
-                               "0018_spend_periods_checked_where_written.sql"]
-        after_pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
-        assert tuple(await after_pool.fetchrow(read)) == before
-        assert tuple(await after_pool.fetchrow(
-            "SELECT (SELECT pg_typeof(status)::text FROM holds LIMIT 1),"
-            " (SELECT pg_typeof(kind)::text FROM entries LIMIT 1),"
-            " (SELECT pg_typeof(period)::text FROM spend_windows LIMIT 1)")) == (
-                "hold_status", "entry_kind", "spend_period")
+            applied = await db.migrate(url)  # the pool's one connection stays open
+            assert applied[:3] == ["0016_hold_statuses_as_an_enum.sql",
+                                   "0017_entry_kinds_as_an_enum.sql",
+                                   "0018_spend_periods_checked_where_written.sql"]
+            after_pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+            assert tuple(await after_pool.fetchrow(read)) == before
+            assert tuple(await after_pool.fetchrow(
+                "SELECT (SELECT pg_typeof(status)::text FROM holds LIMIT 1),"
+                " (SELECT pg_typeof(kind)::text FROM entries LIMIT 1),"
+                " (SELECT pg_typeof(period)::text FROM spend_windows LIMIT 1)")) == (
+                    "hold_status", "entry_kind", "spend_period")
 
-        await use(old, "b")  # on the connection opened before the upgrade
-        await use(Ledger(after_pool, hold_ttl=3600), "c")
-        holds, kinds, windows = await after_pool.fetchrow(read)
-        assert holds == before[0] * 3
-        assert kinds == ["grant:1000", "charge:-70", "grant:5"] + ["charge:-70", "grant:5"] * 2
-        assert windows == ["day:210:300", "month:210:300"]
-        assert await unbalanced_accounts(url) == []
-    finally:
-        await before_pool.close()
-        if after_pool is not None:
-            await after_pool.close()
-        await admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
+            await use(old, "b")  # on the connection opened before the upgrade
+            await use(Ledger(after_pool, hold_ttl=3600), "c")
+            holds, kinds, windows = await after_pool.fetchrow(read)
+            assert holds == before[0] * 3
+            assert kinds == (["grant:1000", "charge:-70", "grant:5"]
+                             + ["charge:-70", "grant:5"] * 2)
+            assert windows == ["day:210:300", "month:210:300"]
+            assert await unbalanced_accounts(url) == []
+        finally:
+            await before_pool.close()
+            if after_pool is not None:
+                await after_pool.close()
 
 
 async def test_a_migration_after_0015_writes_at_most_one_table(
@@ -251,18 +265,8 @@ async def test_a_migration_after_0015_writes_at_most_one_table(
     holds; a post: holds, then accounts), so a migration that locked two of them beyond
     reading, while a proxy of the release before kept serving, could deadlock with a
     request and fail. From 0016 on, each locks one table so."""
-    from tests.conftest import admin, with_database
-
     later = [m for m in db.migrations() if m.version > 15]
-    for m in db.migrations():
-        if m.version <= 15:
-            (tmp_path / m.name).write_text(m.sql)
-    name = "migrate_locks"
-    await admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    await admin(pg_server, f"CREATE DATABASE {name}")
-    url = with_database(pg_server, name)
-    try:
-        await db.migrate(url, tmp_path)
+    async with database_at(pg_server, "migrate_locks", 15, tmp_path) as url:
         conn = await asyncpg.connect(url)
         try:
             locked = {}
@@ -280,8 +284,6 @@ async def test_a_migration_after_0015_writes_at_most_one_table(
             await conn.close()
         assert locked and all(len(tables) <= 1 for tables in locked.values()), locked
         assert await db.migrate(url) == []  # as migrate() would have applied them
-    finally:
-        await admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def test_the_migrations_leave_a_new_databases_ledger_tables_unanalyzed(

@@ -129,7 +129,7 @@ async def test_entries_cannot_be_changed(ledger: Ledger, statement: str) -> None
     assert [dict(e) for e in await entries(ledger, account_id)] == before
 
 
-# --- the CHECKs keep balance - held >= 0 and more; a domain, a window's period ----
+# --- the CHECKs keep balance - held >= 0 and more; a domain, a window's period ------
 
 @pytest.mark.parametrize(("statement", "constraint"), [
     ("UPDATE accounts SET held = balance + 1 WHERE id = $1", "available_not_negative"),
