@@ -40,6 +40,12 @@ class Call:
     payload: Mapping[str, Any] = field(default_factory=dict)
     path: str = "/chat/completions"
 
+    def keyed(self, api_key: str, body: bytes | None = None) -> Call:
+        """This call with ``api_key`` (and ``body``): ``dataclasses.replace``, at a
+        third of its cost (it is made for every request)."""
+        return Call(self.body if body is None else body, self.stream, self.request_id,
+                    self.headers, api_key, self.payload, self.path)
+
 
 class Provider(Protocol):
     async def send(self, call: Call) -> Reply: ...

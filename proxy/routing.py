@@ -441,8 +441,7 @@ class Route:
         paywall's own provider keys."""
         if self.simple:
             d = self.deployments[0]
-            return await d.provider.send(dataclasses.replace(
-                call, api_key=own_keys.get(d.provider_id) or d.keys[0]))
+            return await d.provider.send(call.keyed(own_keys.get(d.provider_id) or d.keys[0]))
         reply = await self._routed(call, own_keys)
         if not self.fallbacks or reply.status not in (400, 413):
             return reply
@@ -588,7 +587,7 @@ class Route:
         """One attempt: the answer once it has begun (a stream's first chunk read, a
         whole answer read), or what went wrong."""
         k, key = picked
-        sent = dataclasses.replace(call, body=self._body(call, d), api_key=key)
+        sent = call.keyed(key, self._body(call, d))
         reply: Reply | None = None
         try:
             async with asyncio.timeout(d.timeout if call.stream else d.answer_timeout):

@@ -39,6 +39,8 @@ import jwt
 import openai
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -47,7 +49,7 @@ from starlette.routing import Match
 
 from proxy import settings as config_module
 from proxy.app import create_app
-from proxy.observe import AccessWriter, JsonFormatter, Redactor, TextFormatter
+from proxy.observe import _KEY_PATTERNS, AccessWriter, JsonFormatter, Redactor, TextFormatter
 from tests.conftest import (
     PROVIDER_KEY,
     Proxy,
@@ -91,6 +93,26 @@ REDACTOR_CASES = [
                          ids=[c[0] for c in REDACTOR_CASES])
 def test_redactor(secrets: list[str], text: str, expected: str) -> None:
     assert Redactor(secrets)(text) == expected
+
+
+def _patterns_only(text: str) -> str:
+    return _KEY_PATTERNS.sub(lambda m: (m.group(1) or "") + R, text)
+
+
+# The redactor skips the patterns when an ASCII text holds neither "sk-" nor "bearer" in
+# any case: it must redact exactly what the patterns alone would, in every text, whatever
+# its alphabet (a long s, "\u017f", matches "s" in a pattern that ignores case).
+@given(st.lists(st.sampled_from(["sk-", "SK-", "Sk-", "\u017fk-", "s\u212a-", "bearer ",
+                                 "BeArEr\t", "b\u0117arer ", "abcdefgh12", "-", " ", "\u00e9",
+                                 "disk-", "x"]), max_size=8).map("".join))
+def test_the_redactor_redacts_what_its_patterns_find(text: str) -> None:
+    assert Redactor([])(text) == _patterns_only(text)
+
+
+@pytest.mark.parametrize("text", ["SK-abcdefghijkl", "\u017fk-abcdefghijkl", "BEARER tok",
+                                  "s\u212a-abcdefghijkl"])
+def test_the_redactor_redacts_keys_in_any_case(text: str) -> None:
+    assert Redactor([])(text) == _patterns_only(text) != text
 
 
 def log_record(msg: str, *args: Any, exc_info: Any = None, **fields: Any) -> logging.LogRecord:
