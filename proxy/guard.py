@@ -68,6 +68,23 @@ BLOCKED = "blocked"
 
 
 def effective(conf: LimitSettings, overrides: dict[str, Any]) -> Limits:
+    """The limits of a user with ``overrides`` under a paywall's ``conf``; those of a
+    user with none are made once per ``conf`` (most requests' case)."""
+    if not overrides:
+        plain = _PLAIN.get(id(conf))
+        if plain is None or plain[0] is not conf:
+            if len(_PLAIN) >= 64:  # settings made anew many times (tests): forget them
+                _PLAIN.clear()
+            plain = _PLAIN[id(conf)] = (conf, _effective(conf, overrides))
+        return plain[1]
+    return _effective(conf, overrides)
+
+
+# id(conf) → conf (kept, so that its id is not reused while it is here), its plain limits
+_PLAIN: dict[int, tuple[LimitSettings, Limits]] = {}
+
+
+def _effective(conf: LimitSettings, overrides: dict[str, Any]) -> Limits:
     def pick(name: str, default: int) -> int:
         value = overrides.get(name)
         return value if isinstance(value, int) else default

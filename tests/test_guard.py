@@ -125,3 +125,17 @@ def test_options_billed_above_the_models_prices_are_refused(body: dict[str, Any]
     with pytest.raises(InvalidRequest) as refused:
         guard.priced_options(body, unpriced)
     assert refused.value.param == param
+
+
+def test_the_limits_of_a_user_without_overrides_are_their_paywalls_whatever_came_before(
+) -> None:
+    """Made once per paywall's settings: each settings object gets its own, however many
+    were made before (an id can be reused once the settings it named are gone)."""
+    for rpm in range(1, 200):
+        conf = LimitSettings(user_requests_per_minute=rpm, timezone="Europe/Paris")
+        plain = guard.effective(conf, {})
+        assert (plain.user_rpm, plain.timezone, plain.blocked) == (rpm, "Europe/Paris", False)
+        assert guard.effective(conf, {}) == plain
+        assert guard.effective(conf, {"requests_per_minute": rpm + 1}).user_rpm == rpm + 1
+        assert guard.effective(conf, {guard.BLOCKED: True}).blocked
+        assert guard.effective(conf, {}) == plain
