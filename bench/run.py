@@ -24,7 +24,8 @@ prints it.
                                   [--setups direct,bare,proxy,previous,routed-1,
                                             routed-2,fallback,limits-local,limits-redis,
                                             litellm,open-streams]
-                                  [--previous REF] [--no-stream] [--install-litellm]
+                                  [--previous REF] [--rounds 1] [--no-stream]
+                                  [--install-litellm]
                                   [--profile SETUP]
                                   [--out bench/results]
                                   [--open-streams 1000] [--stream-chunks 24]
@@ -48,7 +49,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -695,6 +696,34 @@ class Measured:
     first_bytes: dict[tuple[str, int], StreamLoad]  # bench/sse.py, stream setups
     peaks: dict[tuple[str, int], int]  # the server's peak RSS, bytes
     cpu: dict[tuple[str, int], CpuUse] = field(default_factory=dict)  # over wrk's run
+    # With --rounds: the RPS of each round, in the order they ran
+    rounds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Taken:
+    """One measured run of one setup: wrk's load, the CPU over it, the streams' first
+    bytes and the server's peak RSS."""
+
+    load: Load
+    cpu: CpuUse | None
+    first: StreamLoad | None
+    peak: int | None
+
+
+def median_round(runs: list[Taken]) -> Taken:
+    """The run of median RPS (the lower middle of an even count), so that every figure of
+    a row comes from one run; its errors are those of every run, so that none is hidden."""
+    taken = sorted(runs, key=lambda r: r.load.rps)[(len(runs) - 1) // 2]
+    load = replace(taken.load, non_2xx=sum(r.load.non_2xx for r in runs),
+                               socket_errors=sum(r.load.socket_errors for r in runs))
+    first = taken.first
+    if first is not None:
+        firsts = [r.first for r in runs if r.first is not None]
+        first = replace(first, bad_answers=sum(f.bad_answers for f in firsts),
+                                    socket_errors=sum(f.socket_errors for f in firsts))
+    peaks = [r.peak for r in runs if r.peak is not None]
+    return Taken(load, taken.cpu, first, max(peaks) if peaks else None)
 
 
 # --- the profiler ----------------------------------------------------------------
@@ -796,40 +825,65 @@ def run_setups(args: argparse.Namespace, plan: list[Target], rss: RssSampler,
     """wrk on every setup at each concurrency, then bench/sse.py on each stream setup;
     the loads and the servers' peak RSS over both, and the CPU time over wrk's run of the
     server, of PostgreSQL (``pg``: the run's servers) and, for the Redis setup, of
-    ``redis``'s redis-server. With ``profiler``, py-spy records its setup's wrk runs."""
+    ``redis``'s redis-server. With ``profiler``, py-spy records its setup's wrk runs
+    (the first round's). With ``--rounds`` N, each concurrency runs every setup N times,
+    the order reversed every other round, and each setup keeps its run of median RPS
+    (:func:`median_round`): on a machine whose speed drifts, the setups compared are
+    then measured interleaved, not each in one stretch of time."""
     m = Measured({}, {}, {})
     for c in args.concurrency:
+        runs: dict[str, list[Taken]] = {}
+        for r in range(args.rounds):
+            for t in plan if r % 2 == 0 else plan[::-1]:
+                runs.setdefault(t.setup, []).append(
+                    run_one(args, t, c, rss, pg, redis, profiler if r == 0 else None,
+                            f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""))
         for t in plan:
-            body = chat_request(t.model, t.stream)
-            if args.warmup:
-                wrk(t.url, body, t.auth, c, args.warmup)
-            rss.track(None if t.server is None else t.server.process)
-            extra = [redis.process] if redis and t.kind is Kind.LIMITS_REDIS else []
-            before = None if t.server is None else cpu_snapshot(t.server.process, pg, extra)
-            with contextlib.ExitStack() as profiled:
-                if profiler and t.server and t.setup == profiler.setup:
-                    profiled.enter_context(profiling(profiler, t.server, c, args.duration))
-                load = m.loads[t.setup, c] = wrk(t.url, body, t.auth, c, args.duration)
-                if t.server is not None and before is not None:
-                    m.cpu[t.setup, c] = cpu_used(before,
-                                                 cpu_snapshot(t.server.process, pg, extra))
-            line = (f"{t.setup:<46} c={c:<3} {load.rps:>8,.0f} RPS  p50 {ms(load.p50_ms)} ms  "
-                    f"p99 {ms(load.p99_ms)} ms  errors {load.errors}")
-            if (used := m.cpu.get((t.setup, c))) and load.requests:
-                line += (f"  CPU/request {ms(used.server_s * 1000 / load.requests)} ms, "
-                         f"PostgreSQL {ms(used.postgres_s * 1000 / load.requests)} ms "
-                         f"(other {ms(used.postgres_others_s * 1000 / load.requests)} ms)"
-                         + (f", {used.vanished} processes gone" if used.vanished else ""))
-            if t.stream and args.ttfb_duration:
-                first = m.first_bytes[t.setup, c] = sse_load(t.url, body, t.auth, c,
-                                                             args.ttfb_duration)
-                line += (f"  TTFB p50 {ms(first.ttfb_p50_ms)} ms  p99 {ms(first.ttfb_p99_ms)} "
-                         f"ms  errors {first.errors}")
-            if t.server is not None:
-                m.peaks[t.setup, c] = rss.peak()
-            progress(line)
+            kept = median_round(runs[t.setup])
+            m.loads[t.setup, c] = kept.load
+            if kept.cpu is not None:
+                m.cpu[t.setup, c] = kept.cpu
+            if kept.first is not None:
+                m.first_bytes[t.setup, c] = kept.first
+            if kept.peak is not None:
+                m.peaks[t.setup, c] = kept.peak
+            if args.rounds > 1:
+                m.rounds[t.setup, c] = [x.load.rps for x in runs[t.setup]]
     rss.track(None)
     return m
+
+
+def run_one(args: argparse.Namespace, t: Target, c: int, rss: RssSampler,
+            pg: PostgresServers | None, redis: Redis | None, profiler: Profiler | None,
+            label: str) -> Taken:
+    """One measured run of ``t`` at concurrency ``c`` (after its warm-up), printed."""
+    body = chat_request(t.model, t.stream)
+    if args.warmup:
+        wrk(t.url, body, t.auth, c, args.warmup)
+    rss.track(None if t.server is None else t.server.process)
+    extra = [redis.process] if redis and t.kind is Kind.LIMITS_REDIS else []
+    before = None if t.server is None else cpu_snapshot(t.server.process, pg, extra)
+    used: CpuUse | None = None
+    with contextlib.ExitStack() as profiled:
+        if profiler and t.server and t.setup == profiler.setup:
+            profiled.enter_context(profiling(profiler, t.server, c, args.duration))
+        load = wrk(t.url, body, t.auth, c, args.duration)
+        if t.server is not None and before is not None:
+            used = cpu_used(before, cpu_snapshot(t.server.process, pg, extra))
+    line = (f"{label}{t.setup:<46} c={c:<3} {load.rps:>8,.0f} RPS  p50 "
+            f"{ms(load.p50_ms)} ms  p99 {ms(load.p99_ms)} ms  errors {load.errors}")
+    if used and load.requests:
+        line += (f"  CPU/request {ms(used.server_s * 1000 / load.requests)} ms, "
+                 f"PostgreSQL {ms(used.postgres_s * 1000 / load.requests)} ms "
+                 f"(other {ms(used.postgres_others_s * 1000 / load.requests)} ms)"
+                 + (f", {used.vanished} processes gone" if used.vanished else ""))
+    first = None
+    if t.stream and args.ttfb_duration:
+        first = sse_load(t.url, body, t.auth, c, args.ttfb_duration)
+        line += (f"  TTFB p50 {ms(first.ttfb_p50_ms)} ms  p99 {ms(first.ttfb_p99_ms)} "
+                 f"ms  errors {first.errors}")
+    progress(line)
+    return Taken(load, used, first, None if t.server is None else rss.peak())
 
 
 def pipeline_costs(plan: list[Target], loads: Mapping[tuple[str, int], Load],
@@ -1140,6 +1194,7 @@ class Results:
     cpu: list[CpuCost] = field(default_factory=list)
     profile: str | None = None  # what --profile recorded, when asked
     routing: list[RoutingCost] = field(default_factory=list)
+    rounds: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # --rounds
 
 
 def make_rows(plan: list[Target], m: Measured, concurrency: list[int]) -> list[Row]:
@@ -1295,7 +1350,7 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
         previous_costs(rows),
         None if release is None else f"{release.ref} (commit {release.commit}), {previous}",
         cpu_costs(rows), None if profiler is None else profile_line(profiler),
-        routing_costs(rows))
+        routing_costs(rows), m.rounds)
 
 
 # --- the report ------------------------------------------------------------------
@@ -1414,6 +1469,17 @@ def cpu_section(costs: list[CpuCost], rows: list[Row]) -> list[str]:
                   _ratio(c.server_vs_bare), _ratio(c.total_vs_bare)] for c in costs]), "",
             *([f"{vanished} processes exited during the runs; the CPU they used after a "
                "run started is not counted.", ""] if vanished else [])]
+
+
+def rounds_section(rounds: Mapping[tuple[str, int], list[float]]) -> list[str]:
+    """Every round's RPS, and how far apart a setup's rounds were (highest / lowest)."""
+    return ["## Rounds", "",
+            "The RPS of each setup's runs in the order they ran; the report's figures are "
+            "those of the run of median RPS.", "",
+            markdown_table(["setup", "concurrency", "RPS of each round", "highest / lowest"],
+                           [[setup, str(c), " · ".join(f"{v:,.0f}" for v in rps),
+                             _ratio(max(rps) / min(rps) if min(rps) else None)]
+                            for (setup, c), rps in rounds.items()]), ""]
 
 
 def routing_section(costs: list[RoutingCost]) -> list[str]:
@@ -1541,6 +1607,10 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
         lines.append(f"- load: wrk -t1, {args.duration} s per run after {args.warmup} s of "
                      f"warm-up; stream time to first byte: bench/sse.py, {args.ttfb_duration} "
                      "s per run, right after wrk's")
+    if results.rounds:
+        lines.append(f"- rounds: {args.rounds} at each concurrency, the setups' order "
+                     "reversed every other round; each row is its setup's run of median RPS "
+                     "(its errors: those of every run; every run's RPS under Rounds)")
     if results.rows:
         lines.append("- CPU: user + system time (psutil) over each measured wrk run, over its "
                      "requests: the server's process tree less any postgres process, and the "
@@ -1611,6 +1681,8 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
                         _ratio(c.rps_vs_proxy)] for c in results.limits]), ""]
     if results.routing:
         lines += routing_section(results.routing)
+    if results.rounds:
+        lines += rounds_section(results.rounds)
     if results.vs_previous:
         lines += ["## Against the previous release", "",
                   "The proxy against the previous release with as many workers, at the same "
@@ -1705,6 +1777,11 @@ def main() -> int:
                              "cannot run with a --previous that lacks the setting)")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each setup streaming (default: yes)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measured runs of each setup at each concurrency, the setups' "
+                             "order reversed every other round; each setup's figures are "
+                             "those of its run of median RPS, its errors those of all "
+                             "(default 1)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured load before each run (default 1)")
     parser.add_argument("--ttfb-duration", type=float, default=2.0,
@@ -1731,6 +1808,8 @@ def main() -> int:
                         help="milliseconds between an open-streams stream's chunks "
                              "(default 500)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
     args.workers = sorted(set(args.workers))
     if args.setups is None:
         args.setups = [k for k in SETUPS.values() if k is not Kind.PREVIOUS or args.previous]
@@ -1838,6 +1917,9 @@ def main() -> int:
         "vs_previous": [asdict(c) for c in results.vs_previous],
         "routing": [asdict(c) for c in results.routing],
         "cpu": [asdict(c) for c in results.cpu],
+        "rounds": args.rounds,
+        "rps_of_each_round": [{"setup": setup, "concurrency": c, "rps": rps}
+                              for (setup, c), rps in results.rounds.items()],
         "profile": results.profile,
         "memory": [asdict(m) for m in results.memory],
         "checks": [asdict(c) for c in results.checks],
