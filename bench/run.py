@@ -42,6 +42,7 @@ import re
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1472,14 +1473,34 @@ def cpu_section(costs: list[CpuCost], rows: list[Row]) -> list[str]:
 
 
 def rounds_section(rounds: Mapping[tuple[str, int], list[float]]) -> list[str]:
-    """Every round's RPS, and how far apart a setup's rounds were (highest / lowest)."""
+    """Every round's RPS, how far apart a setup's rounds were (highest / lowest), and a
+    proxy's RPS against the bare pass-through's and the previous release's (of the same
+    streaming) in the same round: the median of those paired ratios, which the drift of
+    a machine's speed between rounds moves less than a ratio of medians."""
+
+    def paired(setup: str, c: int, baseline: str) -> str:
+        mine, theirs = rounds.get((setup, c)), rounds.get((baseline, c))
+        if setup == baseline or not mine or not theirs or min(theirs) <= 0:
+            return ""
+        ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+        return _ratio(statistics.median(ratios))
+
+    rows = []
+    for (setup, c), rps in rounds.items():
+        stream = setup.endswith(", stream")
+        floor = setup.startswith((Kind.DIRECT.value, Kind.BARE.value))  # no proxy to compare
+        rows.append([setup, str(c), " · ".join(f"{v:,.0f}" for v in rps),
+                     _ratio(max(rps) / min(rps) if min(rps) else None),
+                     "" if floor else paired(setup, c, setup_name(Kind.BARE.value, stream)),
+                     "" if floor else paired(setup, c, setup_name(
+                         server_name(Kind.PREVIOUS, 1), stream))])
     return ["## Rounds", "",
-            "The RPS of each setup's runs in the order they ran; the report's figures are "
-            "those of the run of median RPS.", "",
-            markdown_table(["setup", "concurrency", "RPS of each round", "highest / lowest"],
-                           [[setup, str(c), " · ".join(f"{v:,.0f}" for v in rps),
-                             _ratio(max(rps) / min(rps) if min(rps) else None)]
-                            for (setup, c), rps in rounds.items()]), ""]
+            "The RPS of each setup's runs in the order they ran (the report's figures are "
+            "those of the run of median RPS), and the median over the rounds of its RPS "
+            "against the bare pass-through's and the previous release's (one worker) in the "
+            "same round.", "",
+            markdown_table(["setup", "concurrency", "RPS of each round", "highest / lowest",
+                            "/ bare, paired", "/ previous, paired"], rows), ""]
 
 
 def routing_section(costs: list[RoutingCost]) -> list[str]:

@@ -37,3 +37,22 @@ def test_the_streams_errors_of_every_run_are_kept() -> None:
     assert kept.first.rps == 5.0 and kept.load.rps == 200
     assert (kept.first.bad_answers, kept.first.socket_errors) == (4, 2)
     assert median_round([taken(100, peak=None)]).peak is None
+
+
+def test_the_rounds_section_gives_each_setups_paired_ratios() -> None:
+    from run import rounds_section
+
+    lines = rounds_section({
+        ("bare pass-through", 64): [100.0, 200.0, 400.0],
+        ("proxy, 1 worker", 64): [50.0, 120.0, 100.0],  # 0.5, 0.6, 0.25 of bare's
+        ("previous release, 1 worker", 64): [25.0, 100.0, 50.0],  # 2.0, 1.2, 2.0
+        ("proxy, 1 worker, stream", 64): [10.0, 10.0, 10.0],  # no stream baseline ran
+    })
+    table = [line for line in "\n".join(lines).splitlines()
+             if line.startswith("| ") and "---" not in line]
+    rows = {cells[0]: cells for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table)}
+    assert rows["proxy, 1 worker"][2:] == ["50 · 120 · 100", "2.40x", "0.50x", "2.00x"]
+    assert rows["previous release, 1 worker"][4:] == ["0.25x", ""]
+    assert rows["bare pass-through"][4:] == ["", ""]
+    assert rows["proxy, 1 worker, stream"][4:] == ["", ""]
