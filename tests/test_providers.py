@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -44,3 +46,14 @@ async def test_mock_stream_is_valid_sse(include_usage: bool) -> None:
     assert reply.stream and meter.done
     assert "".join(meter.text) == "This is a mock"
     assert meter.usage == (Usage(1, 4) if include_usage else None)
+
+
+def test_a_keyed_call_is_the_call_with_its_key_and_body_and_every_other_field_kept() -> None:
+    """``Call.keyed`` names each field: one added to Call and forgotten there would be
+    reset to its default in every call sent, which this catches."""
+    given = {f.name: f"{f.name}-value" for f in dataclasses.fields(Call)}
+    given.update(body=b"body", stream=True, headers={"x": "1"}, payload={"model": "m"})
+    call = Call(**given)  # type: ignore[arg-type]
+    assert call.keyed("key") == dataclasses.replace(call, api_key="key")
+    assert call.keyed("key", b"other") == dataclasses.replace(call, api_key="key",
+                                                              body=b"other")
