@@ -11,6 +11,7 @@ the paywall's setting.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -143,8 +144,17 @@ def spend_caps(limits: Limits, user_id: str, asset: str,
         ("", "day", limits.paywall_daily), ("", "month", limits.paywall_monthly),
     ):
         if asset in caps:
-            out.append(SpendCap(scope, period, units(caps[asset], scale)))
+            cap = caps[asset]  # remembered unless it is no number (a NaN hashes badly)
+            out.append(SpendCap(scope, period, _units(cap, scale) if cap.is_finite()
+                                else units(cap, scale)))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _units(amount: Decimal, scale: int) -> int:
+    """:func:`proxy.pricing.units`, remembered: the caps in use are few and converted
+    for every request (an error is not remembered: it is raised again)."""
+    return units(amount, scale)
 
 
 def output_cap(requested: int | None, default: int, limits: Limits, field: str) -> int:

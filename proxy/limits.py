@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -61,24 +61,43 @@ class Verdict:
     second: int = 0  # the window bucket this request was counted in
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return [(k.encode(), v.encode()) for k, v in self.headers().items()]
+        """:meth:`headers` as an ASGI response carries them (made for every answer)."""
+        out: list[tuple[bytes, bytes]] = []
+        for kind, limit, remaining, reset in self._tightest():
+            out += ((_HEADER_NAMES[kind, "limit"], str(limit).encode()),
+                    (_HEADER_NAMES[kind, "remaining"], str(remaining).encode()),
+                    (_HEADER_NAMES[kind, "reset"], reset.encode()))
+        return out
 
     def headers(self) -> dict[str, str]:
         """``x-ratelimit-*`` headers as OpenAI sends them, for the tightest rule of each
         kind (requests, tokens)."""
         out: dict[str, str] = {}
-        for kind in ("requests", "tokens"):
-            counts = [c for c in self.counts if c.rule.kind == kind]
-            if self.refused is not None and self.refused.rule.kind == kind:
-                counts.append(self.refused)
-            if not counts:
-                continue
-            c = min(counts, key=lambda c: c.rule.limit - c.used)
-            spent = c.used + (c.rule.cost if self.allowed else 0)
-            out[f"x-ratelimit-limit-{kind}"] = str(c.rule.limit)
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(c.rule.limit - spent, 0))
-            out[f"x-ratelimit-reset-{kind}"] = duration(c.reset)
+        for kind, limit, remaining, reset in self._tightest():
+            out[f"x-ratelimit-limit-{kind}"] = str(limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            out[f"x-ratelimit-reset-{kind}"] = reset
         return out
+
+    def _tightest(self) -> Iterator[tuple[str, int, int, str]]:
+        """Of each kind (requests, tokens) the rule with the least room (the first such),
+        as (kind, limit, remaining after this request, reset)."""
+        for kind in ("requests", "tokens"):
+            tightest = None
+            for c in (*self.counts, self.refused):
+                if c is not None and c.rule.kind == kind and (
+                        tightest is None
+                        or c.rule.limit - c.used < tightest.rule.limit - tightest.used):
+                    tightest = c
+            if tightest is None:
+                continue
+            limit = tightest.rule.limit
+            spent = tightest.used + (tightest.rule.cost if self.allowed else 0)
+            yield kind, limit, max(limit - spent, 0), duration(tightest.reset)
+
+
+_HEADER_NAMES = {(kind, what): f"x-ratelimit-{what}-{kind}".encode()
+                 for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")}
 
 
 def duration(seconds: float) -> str:

@@ -139,3 +139,18 @@ def test_the_limits_of_a_user_without_overrides_are_their_paywalls_whatever_came
         assert guard.effective(conf, {"requests_per_minute": rpm + 1}).user_rpm == rpm + 1
         assert guard.effective(conf, {guard.BLOCKED: True}).blocked
         assert guard.effective(conf, {}) == plain
+
+
+def test_spend_caps_are_converted_for_their_assets_scale_and_refused_as_before() -> None:
+    conf = LimitSettings(user_daily_spend_cap={"usd": Decimal("1"), "standard": Decimal("1")})
+    limits = guard.effective(conf, {})
+    for _ in range(2):  # the second time from what was remembered
+        assert guard.spend_caps(limits, "u", "usd", DEFAULT_ASSETS) == [
+            SpendCap("u", "day", 10 ** DEFAULT_ASSETS["usd"].scale)]
+        assert guard.spend_caps(limits, "u", "standard", DEFAULT_ASSETS) == [
+            SpendCap("u", "day", 1)]
+    for bad in ("sNaN", "NaN", "Infinity", "0.0000000001"):
+        odd = guard.effective(conf, {"daily_spend_cap": {"usd": bad}})
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                guard.spend_caps(odd, "u", "usd", DEFAULT_ASSETS)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import (
+    Count,
     Gate,
     LocalLimiter,
     Rule,
@@ -452,3 +453,35 @@ async def test_a_reply_read_before_the_link_stalled_is_not_sent_again(
     finally:
         await limiter.close()
         server.close()
+
+
+def _headers_as_first_written(v: Verdict) -> dict[str, str]:
+    """The x-ratelimit-* headers as Verdict.headers first made them, the reference."""
+    out: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        counts = [c for c in v.counts if c.rule.kind == kind]
+        if v.refused is not None and v.refused.rule.kind == kind:
+            counts.append(v.refused)
+        if not counts:
+            continue
+        c = min(counts, key=lambda c: c.rule.limit - c.used)
+        spent = c.used + (c.rule.cost if v.allowed else 0)
+        out[f"x-ratelimit-limit-{kind}"] = str(c.rule.limit)
+        out[f"x-ratelimit-remaining-{kind}"] = str(max(c.rule.limit - spent, 0))
+        out[f"x-ratelimit-reset-{kind}"] = duration(c.reset)
+    return out
+
+
+_COUNTS = st.builds(
+    Count, st.builds(Rule, st.sampled_from(["a", "b", "c"]),
+                     st.sampled_from(["requests", "tokens", "concurrency"]),
+                     st.integers(1, 50), st.integers(0, 20)),
+    st.integers(0, 60), st.floats(0, 120))
+
+
+@given(st.booleans(), st.lists(_COUNTS, max_size=6), st.none() | _COUNTS)
+def test_the_rate_limit_headers_name_the_first_tightest_rule_of_each_kind(
+        allowed: bool, counts: list[Count], refused: Count | None) -> None:
+    v = Verdict(allowed, tuple(counts), refused)
+    assert v.headers() == _headers_as_first_written(v)
+    assert v.raw_headers() == [(k.encode(), s.encode()) for k, s in v.headers().items()]
