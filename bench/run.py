@@ -717,12 +717,12 @@ def median_round(runs: list[Taken]) -> Taken:
     a row comes from one run; its errors are those of every run, so that none is hidden."""
     taken = sorted(runs, key=lambda r: r.load.rps)[(len(runs) - 1) // 2]
     load = replace(taken.load, non_2xx=sum(r.load.non_2xx for r in runs),
-                               socket_errors=sum(r.load.socket_errors for r in runs))
+                   socket_errors=sum(r.load.socket_errors for r in runs))
     first = taken.first
     if first is not None:
         firsts = [r.first for r in runs if r.first is not None]
         first = replace(first, bad_answers=sum(f.bad_answers for f in firsts),
-                                    socket_errors=sum(f.socket_errors for f in firsts))
+                        socket_errors=sum(f.socket_errors for f in firsts))
     peaks = [r.peak for r in runs if r.peak is not None]
     return Taken(load, taken.cpu, first, max(peaks) if peaks else None)
 
@@ -1482,8 +1482,7 @@ def rounds_section(rounds: Mapping[tuple[str, int], list[float]]) -> list[str]:
         mine, theirs = rounds.get((setup, c)), rounds.get((baseline, c))
         if setup == baseline or not mine or not theirs or min(theirs) <= 0:
             return ""
-        ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
-        return _ratio(statistics.median(ratios))
+        return _ratio(statistics.median(a / b for a, b in zip(mine, theirs, strict=True)))
 
     rows = []
     for (setup, c), rps in rounds.items():

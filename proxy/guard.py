@@ -73,7 +73,7 @@ def effective(conf: LimitSettings, overrides: dict[str, Any]) -> Limits:
     user with none are made once per ``conf`` (most requests' case)."""
     if not overrides:
         plain = _PLAIN.get(id(conf))
-        if plain is None or plain[0] is not conf:
+        if plain is None:
             if len(_PLAIN) >= 64:  # settings made anew many times (tests): forget them
                 _PLAIN.clear()
             plain = _PLAIN[id(conf)] = (conf, _effective(conf, overrides))

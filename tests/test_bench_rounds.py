@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from common import Load, StreamLoad
-from run import Taken, median_round
+from run import Taken, median_round, rounds_section
 
 
 def taken(rps: float, non_2xx: int = 0, socket: int = 0, peak: int | None = 100,
@@ -40,8 +40,6 @@ def test_the_streams_errors_of_every_run_are_kept() -> None:
 
 
 def test_the_rounds_section_gives_each_setups_paired_ratios() -> None:
-    from run import rounds_section
-
     lines = rounds_section({
         ("bare pass-through", 64): [100.0, 200.0, 400.0],
         ("proxy, 1 worker", 64): [50.0, 120.0, 100.0],  # 0.5, 0.6, 0.25 of bare's
