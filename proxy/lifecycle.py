@@ -43,6 +43,8 @@ from proxy.requestid import new_request_id
 from proxy.routing import RoutingFailed
 from proxy.services import Services, resolve_hold
 from proxy.settings import PaywallSettings
+from proxy.settler import Owed
+from proxy.spool import JournalFile
 from proxy.upstream import Reply
 
 T = TypeVar("T")
@@ -349,7 +351,10 @@ class Ticket:
             rec = self.rec
             meta = ({"deployment": rec.deployment, "attempts": rec.attempts}
                     if rec.deployment and what == "post" else None)
-            if answered and (known := self._foreseen(state, what, amount)) is not None:
+            known = self._foreseen(state, what, amount) if answered else None
+            entry = None if known is None else await self._journaled(
+                Owed(state.hold_id, amount, usage, charge.outcome, meta, rec.request_id))
+            if known is not None and entry is not None:
                 apart = True
                 rec.settlement = charge.outcome
                 rec.cost, rec.uncharged = known.charged, known.uncharged
@@ -357,6 +362,8 @@ class Ticket:
                 self._release_apart(verdict)  # it starts after the post is queued, below
             posted = await resolve_hold(self.services, rec, state.hold_id, amount, usage,
                                         charge.outcome, meta, answered=apart)
+            if entry is not None:  # in the ledger, or owed (and journaled as such)
+                self.services.settlements.journal.done(entry)
             return posted
         finally:
             try:
@@ -364,6 +371,27 @@ class Ticket:
                     await self._release(verdict)
             finally:
                 self._know(posted)  # whatever happened: the answer must not wait forever
+
+    async def _journaled(self, owed: Owed) -> JournalFile | None:
+        """``owed`` in the journal, on disk, before its answer goes out: a process or a
+        machine that stops before the post loses nothing (the journal is replayed).
+        None when it could not be written: the post then goes first, as when not
+        ``answered``."""
+        journal = self.services.settlements.journal
+        try:
+            entry = journal.append(owed.line())
+        except OSError:
+            log.exception("the settlement journal could not be written; %s is settled "
+                          "before its answer", self.rec.request_id)
+            return None
+        try:
+            await journal.durable()
+        except OSError:
+            log.exception("the settlement journal could not be synced; %s is settled "
+                          "before its answer", self.rec.request_id)
+            journal.done(entry)  # posted below, before the answer: a replay finds it so
+            return None
+        return entry
 
     def _counted(self, usage: Usage | None) -> None:
         if usage is not None:

@@ -67,6 +67,7 @@ async def run(ledger: Ledger, live: LiveHolds, settlements: Settlements, interva
             await ledger.renew({**live.checkpoints(), **settlements.checkpoints()})
             if may_reap(time.monotonic(), failed_at, ledger.hold_ttl):
                 failed_at = None
+                await settlements.replay(spooled=False)  # a dead worker's answers first
                 if reaped := await ledger.reap(exclude=live.ids() + settlements.ids()):
                     metrics.holds_expired.inc(reaped)
                     log.info("resolved %d expired holds", reaped)

@@ -100,6 +100,7 @@ async def resolve_hold(services: Services, rec: Record, hold_id: int, charge: in
         services.metrics.errors.labels("ledger").inc()
         services.settlements.owe(Owed(hold_id, charge, usage, outcome, meta, rec.request_id))
         live.discard(hold_id)
+        await services.settlements.durable()  # before the answer goes out
         if isinstance(e, DatabaseUnavailable):
             log.warning("settling hold %s of %s failed: the database is unavailable (%s);"
                         " it stays owed until written", hold_id, rec.request_id,

@@ -100,9 +100,10 @@ class BillingSettings:
     settle_after_answer: bool = setting(
         False, "Send a whole answer once its cost is known (and end a stream's request "
                "once it has gone) and post the charge right after (faster; with one "
-               "worker and no Redis it rides the next request's batch, within 5 ms); a "
-               "hard kill in between loses the charge, and a read or another worker's "
-               "hold right after the answer may not see it yet."
+               "worker and no Redis it rides the next request's batch, within 5 ms); the "
+               "charge is in the process's journal, fsynced, before the answer goes out, "
+               "so a crash loses nothing, but a read or another worker's hold right after "
+               "the answer may not see it yet."
     )
     shutdown_settle_seconds: float = setting(
         5.0, "At shutdown, how long to keep writing settlements the database refused "
@@ -110,7 +111,8 @@ class BillingSettings:
     )
     spool_dir: str = setting(
         "", "Where settlements still owed at shutdown are spooled, one file per process, "
-            "and replayed at start; empty = $PAYWALL_DATA_DIR/spool."
+            "and replayed at start, and where each process journals the charges not yet in "
+            "the ledger; empty = $PAYWALL_DATA_DIR/spool."
     )
 
 

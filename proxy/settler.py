@@ -16,8 +16,12 @@ takes it. Meanwhile:
 At shutdown (SIGTERM, after uvicorn's graceful drain) :meth:`Settlements.shutdown`
 keeps trying for ``billing.shutdown_settle_seconds``, then spools what is still owed
 (:mod:`proxy.spool`, fsynced) before the process exits; the next start replays the
-spool (:meth:`Settlements.replay`) before its reaper runs. Lost only to a SIGKILL or a
-dead disk: the hold then expires and a reaper posts it at its last checkpoint.
+spool (:meth:`Settlements.replay`) before its reaper runs. What is owed is also in the
+process's journal (:class:`proxy.spool.Journal`) from the moment it is owed until it is
+written or spooled, so a process killed meanwhile (SIGKILL, a power loss) loses
+nothing either: its journal is replayed by the next start or a live worker's reaper.
+Lost only to a dead disk: the hold then expires and a reaper posts it at its last
+checkpoint.
 
 A known limit: a replica that cannot reach the database while others can is, to
 them, a process that died; its holds expire after ``hold_ttl_seconds`` and their
@@ -94,10 +98,35 @@ class Settlements:
         self._owed: dict[int, Owed] = {}
         self._refusals: dict[int, int] = {}  # hold id → times the ledger refused it
         self._wake = asyncio.Event()
+        # On disk until the ledger has them: what is owed, answers sent before their post.
+        self.journal = spool.Journal(spool_dir)
+        self._journaled: dict[int, spool.JournalFile] = {}  # hold id → its owed line's
 
     def owe(self, owed: Owed) -> None:
+        """Keep ``owed`` until written; in the journal too (:meth:`durable` makes it
+        so on disk), so that a process killed meanwhile loses nothing."""
+        if owed.hold_id not in self._journaled:
+            try:
+                self._journaled[owed.hold_id] = self.journal.append(owed.line())
+            except OSError:
+                log.exception("the settlement journal could not be written; hold %s is "
+                              "owed in memory alone", owed.hold_id)
         self._owed[owed.hold_id] = owed
         self._wake.set()
+
+    async def durable(self) -> None:
+        """Return once what is owed is on disk (failing that, logged)."""
+        try:
+            await self.journal.durable()
+        except OSError:
+            log.exception("the settlement journal could not be synced")
+
+    def _settled(self, hold_id: int) -> None:
+        """``hold_id`` is owed no more: written, left to the reaper, or spooled."""
+        del self._owed[hold_id]
+        self._refusals.pop(hold_id, None)
+        if (entry := self._journaled.pop(hold_id, None)) is not None:
+            self.journal.done(entry)
 
     def __len__(self) -> int:
         return len(self._owed)
@@ -134,15 +163,13 @@ class Settlements:
                     continue
                 log.error("the ledger refused the settlement of hold %s %d times; the "
                           "reaper will post it at its checkpoint", hold_id, refused)
-                self._owed.pop(hold_id, None)
-                self._refusals.pop(hold_id, None)
+                self._settled(hold_id)
                 continue
             if owed.charge is not None and posted is None:
                 log.warning("hold %s of %s was resolved before its owed settlement",
                             hold_id, owed.request_id)
             if self._owed.get(hold_id) is owed:
-                del self._owed[hold_id]
-                self._refusals.pop(hold_id, None)
+                self._settled(hold_id)
         return not self._owed
 
     async def run(self) -> None:
@@ -171,18 +198,24 @@ class Settlements:
             if left <= 0:
                 break
             await asyncio.sleep(min(backoff(attempt), left))
-        if not self._owed:
-            return None
-        owed = list(self._owed.values())
-        path = spool.write(self.spool_dir, [o.line() for o in owed])
-        self._owed.clear()
-        log.warning("the database is unavailable: %d settlements spooled to %s for the "
-                    "next start", len(owed), path)
-        return path
+        try:
+            if not self._owed:
+                return None
+            owed = list(self._owed.values())
+            path = spool.write(self.spool_dir, [o.line() for o in owed])
+            for o in owed:
+                self._settled(o.hold_id)
+            log.warning("the database is unavailable: %d settlements spooled to %s for "
+                        "the next start", len(owed), path)
+            return path
+        finally:
+            self.journal.close()
 
-    async def replay(self) -> int:
-        """Write what earlier processes spooled (before the reaper starts); what the
-        database refuses now is owed here, and its file kept."""
+    async def replay(self, *, spooled: bool = True) -> int:
+        """Write what earlier processes spooled and the journals of processes that died
+        (at the start, before the reaper; and each reaper round, the journals alone:
+        ``spooled`` False); what the database refuses now is owed here, and its file
+        kept."""
         async def write(raw: bytes) -> bool:
             try:
                 owed = Owed.from_line(raw)
@@ -200,4 +233,5 @@ class Settlements:
                 log.info("spooled hold %s was resolved already", owed.hold_id)
             return True
 
-        return await spool.replay(self.spool_dir, write)
+        count = await spool.replay(self.spool_dir, write) if spooled else 0
+        return count + await spool.replay(self.spool_dir, write, live=True)

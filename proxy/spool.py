@@ -16,6 +16,13 @@ there replays every such file before its reaper runs.
   start hands its lines over again, and since a hold resolves at most once
   (``paywall_post`` answers nothing for a resolved hold), the lines posted before the
   crash charge nothing the second time.
+
+A process's **journal** (:class:`Journal`) holds the settlements of answers sent before
+their post (``billing.settle_after_answer``) until the ledger has them: lines appended
+to ``journal-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its process
+holds for as long as it lives. The lock dies with the process, so a journal whose lock
+can be taken is a dead process's: the next start, or any live worker's reaper before
+it reaps, replays it as a spool file (:func:`replay` with ``live``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ from pathlib import Path
 log = logging.getLogger("proxy.spool")
 
 PATTERN = "settlements-*.jsonl"
+JOURNALS = "journal-*.jsonl"
+JOURNAL_BYTES = 1 << 20  # a journal is rotated past this size
+
+
+def _name(kind: str) -> str:
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -46,7 +59,7 @@ def _fsync_dir(directory: Path) -> None:
 def write(directory: Path, lines: Sequence[bytes]) -> Path:
     """Write ``lines`` (each one JSON object, no newline) durably as a new spool file."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"settlements-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    name = _name("settlements")
     tmp = directory / f".{name}.tmp"
     final = directory / f"{name}.jsonl"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
@@ -80,9 +93,18 @@ def _read(fd: int) -> list[bytes]:
         return [line for line in f.read().split(b"\n") if line.strip()]
 
 
-def files(directory: Path) -> list[Path]:
-    """The spool files in ``directory``, oldest name first."""
-    return sorted(directory.glob(PATTERN)) if directory.is_dir() else []
+def files(directory: Path, pattern: str = PATTERN) -> list[Path]:
+    """The spool files (or ``pattern``'s) in ``directory``, oldest name first."""
+    return sorted(directory.glob(pattern)) if directory.is_dir() else []
+
+
+def _locked(fd: int, wait: bool) -> bool:
+    """Take ``fd``'s exclusive flock; without ``wait``, False when another holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -90,16 +112,22 @@ def _remove(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-async def replay(directory: Path, write: Callable[[bytes], Awaitable[bool]]) -> int:
+async def replay(directory: Path, write: Callable[[bytes], Awaitable[bool]], *,
+                 live: bool = False) -> int:
     """Hand every line of every spool file in ``directory`` to ``write`` (True: it is
     in the ledger now), and remove each file all of whose lines were written. Returns
-    the number of lines handed over."""
+    the number of lines handed over. ``live``: the journals instead, of processes that
+    died (one whose lock is held is its live process's, or being replayed: left be)."""
     count = 0
-    for path in files(directory):
+    for path in files(directory, JOURNALS if live else PATTERN):
         with _opened(path) as fd:
             if fd is None:
                 continue
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            if live:
+                if not _locked(fd, wait=False):
+                    continue
+            else:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_nlink == 0:  # another process replayed it while we waited
                 continue
             lines = _read(fd)
@@ -115,3 +143,124 @@ async def replay(directory: Path, write: Callable[[bytes], Awaitable[bool]]) -> 
                 log.warning("%s: %d of %d settlements not yet written; the file stays",
                             path.name, len(lines) - written, len(lines))
     return count
+
+
+class JournalFile:
+    """One journal file: open and locked while its process lives."""
+
+    __slots__ = ("dirty", "fd", "path", "pending", "sealed", "size")
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self.fd = fd
+        self.size = 0
+        self.pending = 0  # lines written here and not yet in the ledger
+        self.sealed = False  # rotated out: removed once nothing is pending
+        self.dirty = False  # written since its last fsync
+
+
+def _fsync_all(fds: list[int], directory: Path | None) -> None:
+    try:
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if directory is not None:
+        _fsync_dir(directory)
+
+
+class Journal:
+    """Settlements of answers already sent, on disk until the ledger has them.
+
+    :meth:`append` writes a line (an :class:`proxy.settler.Owed`) and returns its file;
+    :meth:`durable` returns once it is on disk (one fsync, off the event loop, for all
+    the lines appended meanwhile), and only then does the answer go out; :meth:`done`
+    says the ledger has the line. A file is rotated past :data:`JOURNAL_BYTES` and
+    removed, with its lock, once every line in it is done."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._current: JournalFile | None = None
+        self._open: list[JournalFile] = []
+        self._new = False  # the directory has a name not yet fsynced
+        self._appended = 0  # lines appended, ever
+        self._durable = 0  # ...of which on disk
+        self._round: asyncio.Task[None] | None = None  # the fsync under way
+
+    def append(self, line: bytes) -> JournalFile:
+        current = self._current
+        if current is None or current.size >= JOURNAL_BYTES:
+            current = self._rotate()
+        data = memoryview(line + b"\n")
+        while data:
+            data = data[os.write(current.fd, data):]
+        current.size += len(line) + 1
+        current.pending += 1
+        current.dirty = True
+        self._appended += 1
+        return current
+
+    async def durable(self) -> None:
+        """Return once every line appended before this call is on disk."""
+        wanted = self._appended
+        while self._durable < wanted:
+            if self._round is None:
+                self._round = asyncio.get_running_loop().create_task(self._sync())
+            await asyncio.shield(self._round)
+
+    async def _sync(self) -> None:
+        upto, files, new = self._appended, [j for j in self._open if j.dirty], self._new
+        for journal in files:
+            journal.dirty = False
+        self._new = False
+        try:
+            await asyncio.to_thread(_fsync_all, [os.dup(j.fd) for j in files],
+                                    self.directory if new else None)
+        except BaseException:
+            for journal in files:  # the next round tries again
+                journal.dirty = True
+            self._new = self._new or new
+            raise
+        finally:
+            self._round = None
+        self._durable = max(self._durable, upto)
+
+    def done(self, journal: JournalFile) -> None:
+        journal.pending -= 1
+        if journal.sealed and journal.pending == 0:
+            self._remove(journal)
+
+    def _rotate(self) -> JournalFile:
+        if (old := self._current) is not None:
+            old.sealed = True
+            if old.pending == 0:
+                self._remove(old)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{_name('journal')}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a new name: nobody else can hold it
+        self._current = JournalFile(path, fd)
+        self._open.append(self._current)
+        self._new = True
+        return self._current
+
+    def _remove(self, journal: JournalFile) -> None:
+        journal.path.unlink(missing_ok=True)  # before the lock goes: never replayed
+        os.close(journal.fd)
+        self._open.remove(journal)
+        if journal is self._current:
+            self._current = None
+
+    def close(self) -> None:
+        """At the end: remove every file with nothing pending; the others keep their
+        lines for the next start (their lock ends with the process)."""
+        for journal in list(self._open):
+            if journal.pending == 0:
+                self._remove(journal)
+            else:
+                log.warning("%s: %d settlements not in the ledger; the next start posts "
+                            "them", journal.path.name, journal.pending)
+                os.close(journal.fd)
+                self._open.remove(journal)
+        self._current = None

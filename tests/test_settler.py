@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from proxy import reaper, spool
-from proxy.pricing import Usage
+from proxy.pricing import Usage, format_amount
 from proxy.settler import RETRY_MOST, Owed, backoff
 from tests.conftest import (
     Proxy,
@@ -254,6 +254,69 @@ async def test_a_database_outage_while_requests_settle_loses_no_charge(
         await assert_charged_at_usage(pg, user, streams, completions)
         assert await owed(http) == 0
         assert "Traceback" not in proxy.output()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [False, True], ids=["settled-first", "settled-after"])
+async def test_settlements_owed_outlive_their_process(
+        upstream: Upstream, own_database_url: str, forwarder: Forwarder, pg: Any,
+        tmp_path: Path, after: bool) -> None:
+    """Answers whose posts the database refuses (sent, with ``settle_after_answer``,
+    before their posts were even tried) are in the process's journal; the process killed
+    (SIGKILL: no shutdown, what it owed in memory gone with it), a live replica's
+    reaper posts them from the journal before any hold expires, each once, at the
+    provider's usage, and the journal goes."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(config(upstream).replace(
+        "[billing]\nhold_ttl_seconds = 3.0",
+        f"[billing]\nsettle_after_answer = {str(after).lower()}\nhold_ttl_seconds = 15.0"))
+    key = (await mint_keys(own_database_url, [PAYWALL]))[PAYWALL]
+    user = new_user("journaled")
+    streams, completions = 2, 2
+    spool_dir = tmp_path / ".paywall" / "spool"
+    async with proxy_on(path, own_database_url, tmp_path) as live, \
+            proxy_on(path, forwarder.url(own_database_url), tmp_path) as doomed, \
+            httpx.AsyncClient(base_url=doomed.url, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"}) as http:
+        replying = in_flight(http, user, streams, completions)
+
+        async def all_held() -> bool:
+            return (len(await holds_of(pg, user)) == streams + completions
+                    and forwarded(upstream, user) == streams + completions)
+
+        await eventually(all_held, "4 holds")
+        forwarder.cut()
+        cut_at = time.monotonic()
+        replies = await replying
+        assert all(status == 200 for status, _ in replies)
+        if after:  # the cost is known before the post: the answer says it
+            costs = [orjson.loads(body)["usage"]["cost"] for _, body in replies[streams:]]
+            assert costs == [format_amount(COMPLETION_CHARGE, 9)] * completions
+
+        async def all_owed() -> bool:
+            return await owed(http) == streams + completions
+
+        await eventually(all_owed, "4 settlements owed", within=5)
+        [journal] = spool.files(spool_dir, spool.JOURNALS)
+        assert f"-{doomed.process.pid}-" in journal.name
+        lines = [orjson.loads(line) for line in journal.read_bytes().split()]
+        # Each hold once as owed, and with settle_after_answer once more as answered.
+        assert len(lines) == (streams + completions) * (2 if after else 1)
+        assert sorted({line["hold_id"]: line["charge"] for line in lines}.values()) == sorted(
+            [STREAM_CHARGE] * streams + [COMPLETION_CHARGE] * completions)
+        doomed.process.kill()
+        await asyncio.to_thread(doomed.process.wait, 10)
+        assert all(h["status"] == "pending" for h in await holds_of(pg, user))
+
+        async def posted() -> bool:
+            return all(h["status"] == "posted" for h in await holds_of(pg, user))
+
+        await eventually(posted, "the journal posted by the live replica", within=5)
+        assert time.monotonic() - cut_at < 15, "posted by a reaper at the hold's expiry"
+        await assert_charged_at_usage(pg, user, streams, completions)
+        await eventually(lambda: asyncio.to_thread(
+            lambda: not spool.files(spool_dir, spool.JOURNALS)), "the journal removed")
+        assert "Traceback" not in live.output()
 
 
 @pytest.mark.slow

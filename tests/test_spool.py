@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from proxy import spool
+from tests.conftest import eventually
 
 
 def test_a_spool_file_is_whole_and_named_for_its_process(tmp_path: Path) -> None:
@@ -74,3 +77,144 @@ async def test_processes_replaying_together_take_turns(tmp_path: Path) -> None:
 
     counts = await asyncio.gather(spool.replay(tmp_path, slow), spool.replay(tmp_path, slow))
     assert sorted(counts) == [0, 2] and seen == [b"1", b"2"]
+
+
+# ---- the journal: a live process's answers sent before their post --------------------
+
+OWNER = """
+import sys, time
+from pathlib import Path
+from proxy import spool
+journal = spool.Journal(Path(sys.argv[1]))
+journal.append(b'{"n":1}')
+journal.done(journal.append(b'{"n":2}'))  # in the ledger already: replayed all the same
+journal.append(b'{"n":3}')
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_journal_is_replayed_only_once_its_process_is_gone(tmp_path: Path) -> None:
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER, str(tmp_path), stdout=asyncio.subprocess.PIPE)
+    try:
+        assert owner.stdout is not None
+        assert await asyncio.wait_for(owner.stdout.readline(), 30) == b"written\n"
+        [path] = spool.files(tmp_path, spool.JOURNALS)
+        assert f"-{owner.pid}-" in path.name
+        seen: list[bytes] = []
+
+        async def write(line: bytes) -> bool:
+            seen.append(line)
+            return True
+
+        assert await spool.replay(tmp_path, write, live=True) == 0  # its owner lives
+        assert seen == [] and path.exists()
+        assert await spool.replay(tmp_path, write) == 0  # not a spool file
+    finally:
+        owner.kill()  # as SIGKILL, the OOM killer or a crash would end it
+        await owner.wait()
+    assert await spool.replay(tmp_path, write, live=True) == 3
+    assert seen == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert spool.files(tmp_path, spool.JOURNALS) == []
+
+
+async def test_a_journal_not_wholly_written_stays(tmp_path: Path) -> None:
+    journal = spool.Journal(tmp_path)
+    journal.append(b"1")
+    journal.append(b"2")
+    [path] = spool.files(tmp_path, spool.JOURNALS)
+    journal.close()  # its lines pending: kept, the lock let go
+
+    async def refuse_two(line: bytes) -> bool:
+        return line != b"2"
+
+    assert await spool.replay(tmp_path, refuse_two, live=True) == 2
+    assert spool.files(tmp_path, spool.JOURNALS) == [path]
+    assert path.read_bytes() == b"1\n2\n"
+
+
+def test_a_journal_is_rotated_and_each_file_removed_once_all_of_it_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool, "JOURNAL_BYTES", 10)
+    journal = spool.Journal(tmp_path)
+    assert spool.files(tmp_path, spool.JOURNALS) == []  # made with the first line
+    first = [journal.append(b"aaaa"), journal.append(b"bbbb")]  # 10 bytes: full
+    second = journal.append(b"cccc")
+    assert first[0] is first[1] and second is not first[0]
+    a, b = sorted(spool.files(tmp_path, spool.JOURNALS), key=lambda p: p.stat().st_mtime_ns)
+    assert a.read_bytes() == b"aaaa\nbbbb\n" and b.read_bytes() == b"cccc\n"
+    journal.done(first[0])
+    assert a.exists()  # one line of it still pending
+    journal.done(first[1])
+    assert not a.exists() and b.exists()
+    journal.done(second)
+    assert b.exists()  # the current file stays while the process writes
+    third = journal.append(b"dddd")
+    assert third is second  # 5 bytes: room for more
+    journal.close()
+    assert b.exists()  # "dddd" pending
+    journal = spool.Journal(tmp_path)
+    journal.done(journal.append(b"eeee"))
+    journal.close()
+    assert spool.files(tmp_path, spool.JOURNALS) == [b]
+
+
+async def test_lines_appended_together_are_made_durable_by_one_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    fsync = os.fsync
+    gate = threading.Event()  # holds an fsync while cleared
+    gate.set()
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        gate.wait(10)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    journal = spool.Journal(tmp_path)
+    await journal.durable()
+    assert synced == []  # nothing written: nothing to do
+    journal.append(b"1")
+    journal.append(b"2")
+    await asyncio.gather(journal.durable(), journal.durable())
+    assert len(synced) == 2  # the file, and the directory that has its new name
+    await journal.durable()
+    assert len(synced) == 2  # nothing new
+    gate.clear()
+    journal.append(b"3")
+    first = asyncio.ensure_future(journal.durable())  # noqa: TID251
+
+    async def under_way() -> bool:
+        return len(synced) == 3
+
+    await eventually(under_way, "its fsync under way")  # ...and then
+    journal.append(b"4")  # ...this line may have missed it: a round of its own
+    second = asyncio.ensure_future(journal.durable())  # noqa: TID251
+    await asyncio.sleep(0.05)
+    assert not first.done() and not second.done()
+    gate.set()
+    await asyncio.gather(first, second)
+    assert len(synced) == 4
+    journal.close()
+
+
+async def test_a_failed_fsync_fails_its_waiters_and_is_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsync = os.fsync
+    failing = [True]
+
+    def flaky(fd: int) -> None:
+        if failing[0]:
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky)
+    journal = spool.Journal(tmp_path)
+    journal.append(b"1")
+    with pytest.raises(OSError):
+        await journal.durable()
+    failing[0] = False
+    await journal.durable()  # the same line, synced now
+    journal.close()
