@@ -373,10 +373,10 @@ class Ticket:
                 self._know(posted)  # whatever happened: the answer must not wait forever
 
     async def _journaled(self, owed: Owed) -> JournalFile | None:
-        """``owed`` in the journal, on disk, before its answer goes out: a process or a
-        machine that stops before the post loses nothing (the journal is replayed).
-        None when it could not be written: the post then goes first, as when not
-        ``answered``."""
+        """``owed`` in the journal before its answer goes out, on disk unless
+        ``billing.synchronous_commit`` is off: a process or a machine that stops before
+        the post loses nothing (the journal is replayed). None when it could not be
+        written: the post then goes first, as when not ``answered``."""
         journal = self.services.settlements.journal
         try:
             entry = journal.append(owed.line())
@@ -384,13 +384,14 @@ class Ticket:
             log.exception("the settlement journal could not be written; %s is settled "
                           "before its answer", self.rec.request_id)
             return None
-        try:
-            await journal.durable()
-        except OSError:
-            log.exception("the settlement journal could not be synced; %s is settled "
-                          "before its answer", self.rec.request_id)
-            journal.done(entry)  # posted below, before the answer: a replay finds it so
-            return None
+        if self.services.settings.billing.synchronous_commit:
+            try:
+                await journal.durable()
+            except OSError:
+                log.exception("the settlement journal could not be synced; %s is settled "
+                              "before its answer", self.rec.request_id)
+                journal.done(entry)  # posted below, before the answer: a replay finds it so
+                return None
         return entry
 
     def _counted(self, usage: Usage | None) -> None:

@@ -98,6 +98,7 @@ async def running(ledger: Ledger, live: LiveHolds, settlements: Settlements, gat
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(run(ledger, live, settlements, interval, metrics)),
                  tg.create_task(settlements.run()),
+                 tg.create_task(settlements.journal.syncing()),
                  tg.create_task(renew_leases(gate, lease_interval))]
         try:
             yield

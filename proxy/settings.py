@@ -95,15 +95,16 @@ class BillingSettings:
     )
     synchronous_commit: bool = setting(
         True, "Wait for holds and charges to reach the disk before going on; false is "
-              "faster but a database crash may lose the last charges (never deposits)."
+              "faster but a database crash may lose the last charges (never deposits), "
+              "and with settle_after_answer a machine's crash those of its last 0.2 s."
     )
     settle_after_answer: bool = setting(
         False, "Send a whole answer once its cost is known (and end a stream's request "
                "once it has gone) and post the charge right after (faster; with one "
                "worker and no Redis it rides the next request's batch, within 5 ms); the "
-               "charge is in the process's journal, fsynced, before the answer goes out, "
-               "so a crash loses nothing, but a read or another worker's hold right after "
-               "the answer may not see it yet."
+               "charge is in the process's journal (fsynced unless synchronous_commit is "
+               "off) before the answer goes out, so a crash loses nothing, but a read or "
+               "another worker's hold right after the answer may not see it yet."
     )
     shutdown_settle_seconds: float = setting(
         5.0, "At shutdown, how long to keep writing settlements the database refused "

@@ -42,6 +42,7 @@ log = logging.getLogger("proxy.spool")
 PATTERN = "settlements-*.jsonl"
 JOURNALS = "journal-*.jsonl"
 JOURNAL_BYTES = 1 << 20  # a journal is rotated past this size
+JOURNAL_SYNC_SECONDS = 0.2  # what is appended is fsynced at most this long after
 
 
 def _name(kind: str) -> str:
@@ -225,6 +226,16 @@ class Journal:
         finally:
             self._round = None
         self._durable = max(self._durable, upto)
+
+    async def syncing(self) -> None:
+        """Make what is appended durable every :data:`JOURNAL_SYNC_SECONDS`, until
+        cancelled."""
+        while True:
+            await asyncio.sleep(JOURNAL_SYNC_SECONDS)
+            try:
+                await self.durable()
+            except OSError:
+                log.exception("syncing the settlement journal failed")
 
     def done(self, journal: JournalFile) -> None:
         journal.pending -= 1

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from proxy import settings as config
+from proxy import spool
 from proxy.app import create_app, settles_alone
 from proxy.batcher import DEFER_SECONDS
 from proxy.decide import Action, UserState
@@ -263,13 +264,16 @@ async def booked(url: str, user: str) -> tuple[list[asyncpg.Record], list[str]]:
 
 async def started(own_database_url: str, tmp_path: Path, *, after: bool,
                   grant: str = "10", concurrency: int = 5, output: int = 3,
-                  key: str | None = None) -> tuple[Any, Any, str]:
-    """The app with ``billing.settle_after_answer = after``, the starter grant, the user
-    concurrency and the provider's output tokens given; its Starlette app (whose
-    lifespan the test runs) and a key (``key``, or a new one)."""
+                  key: str | None = None, synchronous: bool = True) -> tuple[Any, Any, str]:
+    """The app with ``billing.settle_after_answer = after`` (and ``synchronous_commit``
+    ``synchronous``), the starter grant, the user concurrency and the provider's output
+    tokens given, its data in ``tmp_path``; its Starlette app (whose lifespan the test
+    runs) and a key (``key``, or a new one)."""
     path = tmp_path / "proxy.toml"
     path.write_text(CONFIG.replace("[billing]\n",
-                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n")
+                                   f"[billing]\nsettle_after_answer = {str(after).lower()}\n"
+                                   f"synchronous_commit = {str(synchronous).lower()}\n"
+                                   f'spool_dir = "{tmp_path / "spool"}"\n')
                     .replace('starter_grant = "10"', f'starter_grant = "{grant}"')
                     .replace("user_concurrency = 5", f"user_concurrency = {concurrency}")
                     .replace("completion_tokens = 3", f"completion_tokens = {output}"))
@@ -322,6 +326,49 @@ async def test_a_whole_answer_goes_out_before_its_post_and_shutdown_waits_for_it
     assert answer["headers"]["x-paywall-balance"] == format_amount(entry["balance_after"],
                                                                    scale)
     assert -entry["amount"] > 0
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+async def test_an_answer_settled_after_it_is_in_the_journal_before_it_goes_out(
+        own_database_url: str, tmp_path: Path, synchronous: bool) -> None:
+    """Settled after its answer, the charge is written to the journal before the answer
+    goes out, and on disk first (the answer waits for the fsync) unless
+    ``synchronous_commit`` is off; the post then writes that charge, and the lifespan's
+    end removes the journal."""
+    app, starlette, key = await started(own_database_url, tmp_path, after=True,
+                                        synchronous=synchronous)
+    user = new_user("journal")
+    syncing, go_on = asyncio.Event(), asyncio.Event()
+    async with starlette.router.lifespan_context(starlette):
+        journal = starlette.state.services.settlements.journal
+        durable = journal.durable
+
+        async def held_up() -> None:
+            syncing.set()
+            await go_on.wait()
+            await durable()
+
+        journal.durable = held_up
+        starlette.state.services.ledger.batch.defer_seconds = 30  # no post meanwhile
+        answering = asyncio.ensure_future(whole_answer(app, key, user))  # noqa: TID251
+        if synchronous:
+            await asyncio.wait_for(syncing.wait(), 10)
+            await asyncio.sleep(0.2)  # time enough for an answer that does not wait
+            assert not answering.done()
+            go_on.set()
+        answer = await answering
+        assert answer["status"] == 200
+        assert syncing.is_set() is synchronous
+        [path] = spool.files(tmp_path / "spool", spool.JOURNALS)
+        [line] = [orjson.loads(raw) for raw in path.read_bytes().splitlines()]
+        scale = starlette.state.services.settings.assets["usd"].scale
+        assert line["request_id"] == answer["headers"]["x-request-id"]
+        assert format_amount(line["charge"], scale) == answer["headers"]["x-paywall-cost"]
+        go_on.set()
+    assert spool.files(tmp_path / "spool", spool.JOURNALS) == []
+    charges, holds = await booked(own_database_url, user)
+    assert holds == ["posted"] and [-c["amount"] for c in charges] == [line["charge"]]
+    assert charges[0]["request_id"] == line["request_id"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
