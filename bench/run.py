@@ -347,13 +347,20 @@ priority = {priority}
     return providers + "\n".join(models) + routing
 
 
+def switch(value: str) -> bool | None:
+    """An on/off/default option's setting: None for the default."""
+    return None if value == "default" else value == "on"
+
+
 def settings_toml(upstream: Upstream, synchronous_commit: bool = True,
-                  settle_after_answer: bool = False, models: Kind = Kind.PROXY,
+                  settle_after_answer: bool | None = None, models: Kind = Kind.PROXY,
                   nowhere: int | None = None) -> str:
     """The proxies' settings file; ``models`` (a routed kind) and ``nowhere`` change only
-    how the models are declared (:func:`models_toml`)."""
+    how the models are declared (:func:`models_toml`). ``settle_after_answer`` None:
+    the release's default."""
     billing = [*([] if synchronous_commit else ["synchronous_commit = false"]),
-               *(["settle_after_answer = true"] if settle_after_answer else [])]
+               *([] if settle_after_answer is None
+                 else [f"settle_after_answer = {str(settle_after_answer).lower()}"])]
     return f"""\
 [server]
 host = "127.0.0.1"
@@ -1252,14 +1259,21 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
         env, database = database_env(workdir)
         config = workdir / "bench.toml"
         config.write_text(settings_toml(upstream, args.synchronous_commit == "on",
-                                        args.settle_after_answer == "on"),
+                                        switch(args.settle_after_answer)),
                           encoding="utf-8")
+        # The previous release's: the same, unless told to settle otherwise.
+        previous_config = config
+        if args.previous_settle_after_answer != args.settle_after_answer:
+            previous_config = workdir / "bench-previous.toml"
+            previous_config.write_text(settings_toml(
+                upstream, args.synchronous_commit == "on",
+                switch(args.previous_settle_after_answer)), encoding="utf-8")
         # The routed setups: the same settings, each with its models' deployments.
         configs, nowhere = {}, nowhere_port() if Kind.FALLBACK in kinds else None
         for kind in (k for k in kinds if k in ROUTED_KINDS):
             configs[kind] = workdir / f"bench-{LOG_NAMES[kind]}.toml"
             configs[kind].write_text(settings_toml(
-                upstream, args.synchronous_commit == "on", args.settle_after_answer == "on",
+                upstream, args.synchronous_commit == "on", switch(args.settle_after_answer),
                 kind, nowhere), encoding="utf-8")
         progress(f"database: {database}")
         try:
@@ -1298,8 +1312,8 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
                         progress(f"starting {server_name(kind, n)}")
                         log = logs / f"{LOG_NAMES[kind]}-w{n}.log"
                         if kind is Kind.PREVIOUS:
-                            served = proxy(kind, config, previous_env, previous_key, n, log,
-                                           release)
+                            served = proxy(kind, previous_config, previous_env, previous_key,
+                                           n, log, release)
                         else:
                             served = proxy(kind, configs.get(kind, config),
                                            {**env, "REDIS_URL": redis.url}
@@ -1578,6 +1592,13 @@ def summary_tables(results: Results, concurrency: list[int]) -> list[str]:
     return lines
 
 
+def billing_said(synchronous_commit: str, settle_after_answer: str) -> str:
+    """The billing settings a proxy ran with, for the report."""
+    settle = {"on": "settled after the answer", "off": "settled before the answer",
+              "default": "settled as its release does by default"}[settle_after_answer]
+    return f"synchronous_commit {synchronous_commit}, {settle}"
+
+
 def report(results: Results, header: list[str], args: argparse.Namespace,
            opened: OpenStreams | None = None) -> str:
     nonstream = [r for r in results.rows if not r.stream]
@@ -1589,7 +1610,8 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
              *[f"- {line}" for line in header]]
     if Kind.PROXY.value in kinds:
         lines.append(f"- proxy: `paywall-proxy serve`, full metering (key lookup, identity, "
-                     f"tiktoken estimate, a hold and a settlement), no limits, {results.database}")
+                     f"tiktoken estimate, a hold and a settlement), no limits, {results.database}"
+                     f"; {billing_said(args.synchronous_commit, args.settle_after_answer)}")
     where = [*(["in process"] if Kind.LIMITS_LOCAL.value in kinds else []),
              *([f"in Redis ({results.redis}, loopback, no persistence)"]
                if Kind.LIMITS_REDIS.value in kinds else [])]
@@ -1601,7 +1623,8 @@ def report(results: Results, header: list[str], args: argparse.Namespace,
         lines.append(f"- previous release: `paywall-proxy serve` of {results.previous}, "
                      "extracted with git archive and run by the same Python with its own "
                      "`proxy` package on PYTHONPATH; the proxy's settings and paywall, full "
-                     "metering, no limits")
+                     "metering, no limits; " + billing_said(
+                         args.synchronous_commit, args.previous_settle_after_answer))
     routed = {
         Kind.ROUTED_1: "its models declared as a list of one deployment each (the provider "
                        "of `proxy`): the simple path, as `proxy`",
@@ -1792,9 +1815,15 @@ def main() -> int:
                         help="--no-previous-outbox disables the event triggers in the "
                              "previous release's database (needs DATABASE_URL): with "
                              "--previous HEAD, what the events outbox costs")
-    parser.add_argument("--settle-after-answer", choices=("on", "off"), default="off",
-                        help="the proxies' billing.settle_after_answer (default off; on "
-                             "cannot run with a --previous that lacks the setting)")
+    parser.add_argument("--settle-after-answer", choices=("on", "off", "default"),
+                        default="default",
+                        help="the proxies' billing.settle_after_answer (default: each "
+                             "release's own default; on or off cannot run with a "
+                             "--previous that lacks the setting)")
+    parser.add_argument("--previous-settle-after-answer", choices=("on", "off", "default"),
+                        help="the previous release's, when it differs (default: as "
+                             "--settle-after-answer); with --previous HEAD, what settling "
+                             "after the answer saves")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each setup streaming (default: yes)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -1831,6 +1860,8 @@ def main() -> int:
     if args.rounds < 1:
         parser.error("--rounds must be 1 or more")
     args.workers = sorted(set(args.workers))
+    if args.previous_settle_after_answer is None:
+        args.previous_settle_after_answer = args.settle_after_answer
     if args.setups is None:
         args.setups = [k for k in SETUPS.values() if k is not Kind.PREVIOUS or args.previous]
     if Kind.PREVIOUS in args.setups:
