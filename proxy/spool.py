@@ -176,9 +176,10 @@ class Journal:
 
     :meth:`append` writes a line (an :class:`proxy.settler.Owed`) and returns its file;
     :meth:`durable` returns once it is on disk (one fsync, off the event loop, for all
-    the lines appended meanwhile), and only then does the answer go out; :meth:`done`
-    says the ledger has the line. A file is rotated past :data:`JOURNAL_BYTES` and
-    removed, with its lock, once every line in it is done."""
+    the lines appended meanwhile), which the answer waits for unless
+    ``synchronous_commit`` is off (:meth:`syncing` then bounds what a machine's crash
+    can lose); :meth:`done` says the ledger has the line. A file is rotated past
+    :data:`JOURNAL_BYTES` and removed, with its lock, once every line in it is done."""
 
     def __init__(self, directory: Path):
         self.directory = directory
