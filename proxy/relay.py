@@ -72,31 +72,42 @@ async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, T]
     if departure.gone:
         sending.close()
         return None
-    reply = asyncio.get_running_loop().create_task(sending)
     try:
-        return await _until_departure(reply, departure)
+        return await _until_departure(sending, departure)
     except _Departed:
         return None
 
 
 class _Departed(Exception):
-    """The client left, and the task raced against its departure was cancelled."""
+    """The client left, and what was awaited for it was cancelled."""
 
 
-async def _until_departure(task: asyncio.Task[T], departure: Departure) -> T:
-    """``task``'s result, or :class:`_Departed` once the client has gone and the task
-    has been cancelled for it. Cancelling the caller cancels the task, as a task
-    group would."""
-    departure.watch(task.cancel)
+async def _until_departure(awaited: Coroutine[Any, Any, T], departure: Departure) -> T:
+    """What ``awaited`` returns, awaited in this task (no task of its own), or
+    :class:`_Departed` once the client has gone: this task is cancelled for it and the
+    cancellation taken back, as ``asyncio.timeout`` does for its deadline. A
+    cancellation from elsewhere is raised as it came."""
+    task = asyncio.current_task()
+    assert task is not None
+    departed = False
+
+    def leave() -> None:
+        nonlocal departed
+        departed = True
+        task.cancel()
+
+    departure.watch(leave)
     try:
-        return await task
+        result = await awaited
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if task.cancelled() and departure.gone and not (current and current.cancelling()):
+        if departed and task.uncancel() == 0:
             raise _Departed from None
         raise
     finally:
-        departure.unwatch(task.cancel)
+        departure.unwatch(leave)
+    if departed:  # it kept the cancellation to itself and returned: so be it
+        task.uncancel()
+    return result
 
 
 async def _unless_received_disconnect(request: Request, sending: Coroutine[Any, Any, T]
@@ -151,8 +162,7 @@ class StreamRelay:
                 self.ended_at = time.perf_counter()
             else:
                 try:
-                    await _until_departure(
-                        asyncio.get_running_loop().create_task(self._pump(send)), departure)
+                    await _until_departure(self._pump(send), departure)
                 except _Departed:
                     if not self._pumped:
                         self.outcome = Outcome.ABORTED
