@@ -250,8 +250,8 @@ def create_app(settings: Settings) -> observe.Observe:
         )
         connector = aiohttp.TCPConnector(limit=settings.upstream.pool_size, limit_per_host=0,
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                        skip_auto_headers=("User-Agent",))
+        # No User-Agent of aiohttp's own: Transport.send skips it where none is sent.
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         if any(p.auth.jwks_url or p.auth.hs256_secret for p in settings.paywalls.values()):
             await asyncio.to_thread(importlib.import_module, "jwt")  # off the loop, once
         if any(p.payments.stripe_secret_key for p in settings.paywalls.values()):

@@ -212,10 +212,30 @@ def _translate(provider_id: str) -> Iterator[None]:
         ) from e
 
 
+_NO_USER_AGENT = ("User-Agent",)
+
+
+def _has_user_agent(headers: Mapping[str, str]) -> bool:
+    return any(len(k) == 10 and k.lower() == "user-agent" for k in headers)
+
+
 class Transport:
+    """Its session must skip no auto headers: a request that carries no User-Agent is
+    sent without aiohttp's (asking for that on every request, as a session setting,
+    costs aiohttp a header copy and merge each time)."""
+
     def __init__(self, session: aiohttp.ClientSession, limits: UpstreamSettings):
         self.session = session
         self.limits = limits
+        # A whole answer; a stream; a stream that may be slow to start (see send()).
+        self._timeouts = (
+            aiohttp.ClientTimeout(total=limits.read_timeout,
+                                  sock_connect=limits.connect_timeout),
+            aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
+                                  sock_connect=limits.connect_timeout,
+                                  sock_read=limits.stream_idle_timeout),
+            aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
+                                  sock_connect=limits.connect_timeout))
 
     async def send(self, out: Outbound) -> Reply:
         """The provider's status and headers; the body follows in ``Reply.chunks``.
@@ -229,19 +249,12 @@ class Transport:
         limits = self.limits
         # Waiting for a free pooled connection is waiting for the answer; only the TCP
         # (and TLS) connect itself is held to connect_timeout.
-        if not out.stream:
-            timeout = aiohttp.ClientTimeout(total=limits.read_timeout,
-                                            sock_connect=limits.connect_timeout)
-        elif not out.slow_start:
-            timeout = aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
-                                            sock_connect=limits.connect_timeout,
-                                            sock_read=limits.stream_idle_timeout)
-        else:
-            timeout = aiohttp.ClientTimeout(total=None, connect=limits.read_timeout,
-                                            sock_connect=limits.connect_timeout)
+        timeout = self._timeouts[0 if not out.stream else 2 if out.slow_start else 1]
+        sent = dict(out.headers)
         sending = self.session.request(
-            out.method, out.url, params=out.params, data=out.body, headers=dict(out.headers),
-            timeout=timeout, auto_decompress=True, allow_redirects=False)
+            out.method, out.url, params=out.params, data=out.body, headers=sent,
+            timeout=timeout, auto_decompress=True, allow_redirects=False,
+            skip_auto_headers=None if _has_user_agent(sent) else _NO_USER_AGENT)
         with _translate(out.provider_id):
             if out.slow_start:
                 async with asyncio.timeout(limits.read_timeout):

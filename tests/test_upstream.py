@@ -33,6 +33,7 @@ from proxy.upstream import (
     secret_values,
 )
 from tests.conftest import PROVIDER_KEY, mint_key, new_user, serving_proxy
+from tests.upstream import Upstream
 
 KEY = "sk-proj-abcdefghijklmnop1234"
 CUT_WORDS = ["one", " two", " three"]
@@ -223,3 +224,24 @@ def test_the_provider_key_is_scrubbed_from_a_2xx_answer(proxy_url: tuple[str, st
     done = client(proxy_url).chat.completions.create(
         model="echo-key", user=new_user("echo"), messages=[{"role": "user", "content": "x"}])
     assert done.choices[0].message.content == "you sent Bearer [redacted]"
+
+
+@pytest.mark.parametrize(("given", "sent"), [
+    ({}, None),  # none of aiohttp's own
+    ({"user-agent": "OpenAI/Python 1.99"}, "OpenAI/Python 1.99"),
+    ({"User-Agent": "provider-agent/1"}, "provider-agent/1"),
+])
+async def test_a_user_agent_is_sent_only_when_the_request_has_one(
+        upstream: Upstream, given: dict[str, str], sent: str | None) -> None:
+    user = new_user("agent")
+    async with aiohttp.ClientSession() as session:
+        transport = Transport(session, UpstreamSettings())
+        reply = await transport.send(Outbound(
+            "up", "POST", f"{upstream.url}/chat/completions", given,
+            orjson.dumps({"model": "echo", "user": user,
+                          "messages": [{"role": "user", "content": "hi"}]}),
+            False, OPENAI_HEADERS))
+        await reply.read()
+    [seen] = [s for s in upstream.seen if s.body.get("user") == user]
+    assert seen.headers.get("user-agent") == sent
+    assert seen.headers["accept-encoding"]  # aiohttp's other defaults are still sent
