@@ -5,6 +5,8 @@
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
+-- As the official SDKs do: every request names its client.
+wrk.headers["User-Agent"] = "OpenAI/Python 1.99.0"
 local auth = os.getenv("BENCH_AUTH")
 if auth ~= nil and auth ~= "" then
   wrk.headers["Authorization"] = auth

@@ -60,6 +60,7 @@ class Request:
             body = body.replace(b'"bench-user"', f'"bench-user-{n % self.users}"'.encode())
         head = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
                 "Content-Type: application/json", "Accept: text/event-stream",
+                "User-Agent: OpenAI/Python 1.99.0",  # as the official SDKs send one
                 *(["Connection: close"] if self.close else []),
                 f"Content-Length: {len(body)}"]
         if self.auth:
