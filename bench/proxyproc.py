@@ -110,6 +110,20 @@ def own_database(env: Mapping[str, str], data_dir: Path) -> Iterator[tuple[dict[
         run_sql(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def fresh_database(workdir: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """:func:`database_env`, with a database made for this run when ``DATABASE_URL`` is
+    set (a new one on its server, dropped at the end, as :func:`own_database`), so that
+    no run inherits the rows of the runs before it, as the previous release's never
+    does; the embedded PostgreSQL in ``workdir`` is new each run anyway."""
+    env, database = database_env(workdir)
+    if "DATABASE_URL" not in env:
+        yield env, database
+        return
+    with own_database(env, workdir / "data") as (own, line):
+        yield own, f"{database}, {line}"
+
+
 @dataclass(frozen=True, slots=True)
 class Release:
     """An earlier release of the proxy, extracted from git into ``root``, run with this

@@ -96,8 +96,8 @@ from proxyproc import (
     cpu_snapshot,
     cpu_used,
     create_key,
-    database_env,
     embedded_version,
+    fresh_database,
     own_database,
     postgres_servers,
     process_tree,
@@ -1255,8 +1255,7 @@ def measure(args: argparse.Namespace, workdir: Path, logs: Path,
     proxies = [k for k in kinds if k in METERED_KINDS]
     streams = [False, True] if args.stream else [False]
     redis: Redis | None = None
-    with nginx_upstream(workdir) as upstream:
-        env, database = database_env(workdir)
+    with nginx_upstream(workdir) as upstream, fresh_database(workdir) as (env, database):
         config = workdir / "bench.toml"
         config.write_text(settings_toml(upstream, args.synchronous_commit == "on",
                                         switch(args.settle_after_answer)),
