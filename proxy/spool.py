@@ -17,8 +17,9 @@ there replays every such file before its reaper runs.
   (``paywall_post`` answers nothing for a resolved hold), the lines posted before the
   crash charge nothing the second time.
 
-A process's **journal** (:class:`Journal`) holds the settlements of answers sent before
-their post (``billing.settle_after_answer``) until the ledger has them: lines appended
+A process's **journal** (:class:`Journal`) holds the settlements whose answers have gone
+out and that the ledger does not have yet (owed ones, and with
+``billing.settle_after_answer`` those of answers sent before their post): lines appended
 to ``journal-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its process
 holds for as long as it lives. The lock dies with the process, so a journal whose lock
 can be taken is a dead process's: the next start, or any live worker's reaper before
@@ -99,10 +100,10 @@ def files(directory: Path, pattern: str = PATTERN) -> list[Path]:
     return sorted(directory.glob(pattern)) if directory.is_dir() else []
 
 
-def _locked(fd: int, wait: bool) -> bool:
-    """Take ``fd``'s exclusive flock; without ``wait``, False when another holds it."""
+def _locked_now(fd: int) -> bool:
+    """Take ``fd``'s exclusive flock if no one holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
@@ -125,7 +126,7 @@ async def replay(directory: Path, write: Callable[[bytes], Awaitable[bool]], *,
             if fd is None:
                 continue
             if live:
-                if not _locked(fd, wait=False):
+                if not _locked_now(fd):
                     continue
             else:
                 await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
