@@ -176,7 +176,8 @@ def app_settings(own_database_url: str, tmp_path: Path, request: pytest.FixtureR
     """The app's settings, with the answer sent after its post, or before it."""
     path = tmp_path / "proxy.toml"
     path.write_text(CONFIG.replace(
-        "[billing]\n", f"[billing]\nsettle_after_answer = {str(request.param).lower()}\n"))
+        "[billing]\n", f"[billing]\nsettle_after_answer = {str(request.param).lower()}\n"
+                       f'spool_dir = "{tmp_path / "spool"}"\n'))
     yield config.load(path, {"DATABASE_URL": own_database_url})
 
 
