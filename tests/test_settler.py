@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,16 @@ def in_flight(http: httpx.AsyncClient, user: str, streams: int, completions: int
     return asyncio.gather(*(one(i < streams) for i in range(streams + completions)))
 
 
+def all_held(pg: Any, upstream: Upstream, user: str, n: int
+             ) -> Callable[[], Awaitable[bool]]:
+    """A probe: ``n`` holds of the user's placed, and forwarded (the proxy has their
+    replies on the way)."""
+    async def probe() -> bool:
+        return len(await holds_of(pg, user)) == n and forwarded(upstream, user) == n
+
+    return probe
+
+
 def forwarded(upstream: Upstream, user: str) -> int:
     """The user's requests the upstream has been sent."""
     return sum(1 for s in list(upstream.seen) if s.body.get("user") == user)
@@ -225,11 +235,7 @@ async def test_a_database_outage_while_requests_settle_loses_no_charge(
                               headers={"Authorization": f"Bearer {key}"}) as http:
         replying = in_flight(http, user, streams, completions)
 
-        async def all_held() -> bool:  # and forwarded: the proxy has its holds' replies
-            return (len(await holds_of(pg, user)) == streams + completions
-                    and forwarded(upstream, user) == streams + completions)
-
-        await eventually(all_held, "10 holds")
+        await eventually(all_held(pg, upstream, user, streams + completions), "10 holds")
         forwarder.cut()
         cut_at = time.monotonic()
         replies = await replying
@@ -280,11 +286,7 @@ async def test_settlements_owed_outlive_their_process(
                               headers={"Authorization": f"Bearer {key}"}) as http:
         replying = in_flight(http, user, streams, completions)
 
-        async def all_held() -> bool:
-            return (len(await holds_of(pg, user)) == streams + completions
-                    and forwarded(upstream, user) == streams + completions)
-
-        await eventually(all_held, "4 holds")
+        await eventually(all_held(pg, upstream, user, streams + completions), "4 holds")
         forwarder.cut()
         cut_at = time.monotonic()
         replies = await replying
@@ -338,11 +340,7 @@ async def test_what_is_owed_at_sigterm_is_spooled_and_replayed_once(
                               headers={"Authorization": f"Bearer {key}"}) as http:
         replying = in_flight(http, user, streams, completions)
 
-        async def all_held() -> bool:  # and forwarded: the proxy has its holds' replies
-            return (len(await holds_of(pg, user)) == streams + completions
-                    and forwarded(upstream, user) == streams + completions)
-
-        await eventually(all_held, "4 holds")
+        await eventually(all_held(pg, upstream, user, streams + completions), "4 holds")
         forwarder.cut()
         replies = await replying
         assert all(status == 200 for status, _ in replies)
