@@ -196,6 +196,19 @@ def all_held(pg: Any, upstream: Upstream, user: str, n: int
     return probe
 
 
+async def cut_while_in_flight(http: httpx.AsyncClient, pg: Any, upstream: Upstream,
+                              forwarder: Forwarder, user: str, streams: int,
+                              completions: int) -> tuple[list[tuple[int, bytes]], float]:
+    """:func:`in_flight`, PostgreSQL cut once every hold is placed and forwarded; the
+    replies, and when the cut was."""
+    replying = in_flight(http, user, streams, completions)
+    n = streams + completions
+    await eventually(all_held(pg, upstream, user, n), f"{n} holds")
+    forwarder.cut()
+    cut_at = time.monotonic()
+    return await replying, cut_at
+
+
 def forwarded(upstream: Upstream, user: str) -> int:
     """The user's requests the upstream has been sent."""
     return sum(1 for s in list(upstream.seen) if s.body.get("user") == user)
@@ -233,12 +246,8 @@ async def test_a_database_outage_while_requests_settle_loses_no_charge(
     async with proxy_on(path, forwarder.url(own_database_url), tmp_path) as proxy, \
             httpx.AsyncClient(base_url=proxy.url, timeout=60,
                               headers={"Authorization": f"Bearer {key}"}) as http:
-        replying = in_flight(http, user, streams, completions)
-
-        await eventually(all_held(pg, upstream, user, streams + completions), "10 holds")
-        forwarder.cut()
-        cut_at = time.monotonic()
-        replies = await replying
+        replies, cut_at = await cut_while_in_flight(http, pg, upstream, forwarder, user,
+                                                    streams, completions)
         assert time.monotonic() - cut_at < 7, "the completions settled after the outage"
         assert all(status == 200 for status, _ in replies)
         assert all(body.endswith(b"data: [DONE]\n\n") for _, body in replies[:streams])
@@ -284,12 +293,8 @@ async def test_settlements_owed_outlive_their_process(
             proxy_on(path, forwarder.url(own_database_url), tmp_path) as doomed, \
             httpx.AsyncClient(base_url=doomed.url, timeout=60,
                               headers={"Authorization": f"Bearer {key}"}) as http:
-        replying = in_flight(http, user, streams, completions)
-
-        await eventually(all_held(pg, upstream, user, streams + completions), "4 holds")
-        forwarder.cut()
-        cut_at = time.monotonic()
-        replies = await replying
+        replies, cut_at = await cut_while_in_flight(http, pg, upstream, forwarder, user,
+                                                    streams, completions)
         assert all(status == 200 for status, _ in replies)
         if after:  # the cost is known before the post: the answer says it
             costs = [orjson.loads(body)["usage"]["cost"] for _, body in replies[streams:]]
@@ -338,11 +343,8 @@ async def test_what_is_owed_at_sigterm_is_spooled_and_replayed_once(
     async with proxy_on(path, url, tmp_path) as first, \
             httpx.AsyncClient(base_url=first.url, timeout=60,
                               headers={"Authorization": f"Bearer {key}"}) as http:
-        replying = in_flight(http, user, streams, completions)
-
-        await eventually(all_held(pg, upstream, user, streams + completions), "4 holds")
-        forwarder.cut()
-        replies = await replying
+        replies, _ = await cut_while_in_flight(http, pg, upstream, forwarder, user,
+                                               streams, completions)
         assert all(status == 200 for status, _ in replies)
         first.process.terminate()
         code = await asyncio.to_thread(first.process.wait, 15)
