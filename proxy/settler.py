@@ -123,7 +123,7 @@ class Settlements:
 
     def _settled(self, hold_id: int) -> None:
         """``hold_id`` is owed no more: written, left to the reaper, or spooled."""
-        del self._owed[hold_id]
+        self._owed.pop(hold_id, None)
         self._refusals.pop(hold_id, None)
         if (entry := self._journaled.pop(hold_id, None)) is not None:
             self.journal.done(entry)

@@ -190,6 +190,7 @@ class Journal:
         self._appended = 0  # lines appended, ever
         self._durable = 0  # ...of which on disk
         self._round: asyncio.Task[None] | None = None  # the fsync under way
+        self._wrote = asyncio.Event()  # appended to since syncing() last looked
 
     def append(self, line: bytes) -> JournalFile:
         current = self._current
@@ -202,6 +203,7 @@ class Journal:
         current.pending += 1
         current.dirty = True
         self._appended += 1
+        self._wrote.set()
         return current
 
     async def durable(self) -> None:
@@ -230,10 +232,12 @@ class Journal:
         self._durable = max(self._durable, upto)
 
     async def syncing(self) -> None:
-        """Make what is appended durable every :data:`JOURNAL_SYNC_SECONDS`, until
-        cancelled."""
+        """Make what is appended durable within :data:`JOURNAL_SYNC_SECONDS`, until
+        cancelled; idle while nothing is appended."""
         while True:
+            await self._wrote.wait()
             await asyncio.sleep(JOURNAL_SYNC_SECONDS)
+            self._wrote.clear()
             try:
                 await self.durable()
             except OSError:

@@ -218,3 +218,33 @@ async def test_a_failed_fsync_fails_its_waiters_and_is_tried_again(
     failing[0] = False
     await journal.durable()  # the same line, synced now
     journal.close()
+
+
+async def test_a_journal_not_waited_on_is_synced_soon_after_and_idle_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What no answer waited for (``synchronous_commit`` off) is fsynced within
+    JOURNAL_SYNC_SECONDS; with nothing appended, the syncer does nothing."""
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    journal = spool.Journal(tmp_path)
+    syncing = asyncio.ensure_future(journal.syncing())  # noqa: TID251
+    try:
+        await asyncio.sleep(3 * spool.JOURNAL_SYNC_SECONDS)
+        assert synced == []
+        journal.append(b"1")
+
+        async def synced_once() -> bool:
+            return len(synced) == 2  # the file, and the directory with its new name
+
+        await eventually(synced_once, "the line synced")
+        await asyncio.sleep(3 * spool.JOURNAL_SYNC_SECONDS)
+        assert len(synced) == 2  # nothing new: nothing more
+    finally:
+        syncing.cancel()
+        journal.close()
