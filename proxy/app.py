@@ -264,7 +264,7 @@ def create_app(settings: Settings) -> observe.Observe:
         ledger = Ledger(pool, settings.billing.hold_ttl_seconds)
         if not settles_alone(settings, os.environ):
             ledger.batch.defer_seconds = 0.0  # see proxy/batcher.py
-        settlements = Settlements(ledger, spool_dir(settings))
+        settlements = Settlements(ledger, spool_dir(settings), await ledger.identity())
         gate = Gate(build_limiter(settings.redis_url))
         grants = {pid: starter_grants(p, settings) for pid, p in settings.paywalls.items()}
         metrics = observe.Metrics()

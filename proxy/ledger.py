@@ -231,6 +231,11 @@ class Ledger:
         self.batch = GroupCommit(pool, _APPLY)
         self._opening: Shared[Any] = Shared()  # users being opened
 
+    async def identity(self) -> str:
+        """The ledger's identity (32 hex digits): what settlements kept on disk are
+        named after (:mod:`proxy.spool`), made once by its migration."""
+        return str((await self.pool.fetchval("SELECT id FROM ledger_identity")).hex)
+
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
                         grants: Mapping[str, int], conn: Any = None) -> None:
         """Create the user if needed, with accounts for ``assets``, and write the

@@ -92,14 +92,17 @@ MAX_REFUSALS = 5
 
 
 class Settlements:
-    def __init__(self, ledger: Ledger, spool_dir: Path):
+    def __init__(self, ledger: Ledger, spool_dir: Path, identity: str):
+        """``identity``: the ledger's (:meth:`proxy.ledger.Ledger.identity`), which the
+        files kept in ``spool_dir`` are named after."""
         self.ledger = ledger
         self.spool_dir = spool_dir
+        self.identity = identity
         self._owed: dict[int, Owed] = {}
         self._refusals: dict[int, int] = {}  # hold id → times the ledger refused it
         self._wake = asyncio.Event()
         # On disk until the ledger has them: what is owed, answers sent before their post.
-        self.journal = spool.Journal(spool_dir)
+        self.journal = spool.Journal(spool_dir, identity)
         self._journaled: dict[int, spool.JournalFile] = {}  # hold id → its owed line's
 
     def owe(self, owed: Owed) -> None:
@@ -202,7 +205,7 @@ class Settlements:
             if not self._owed:
                 return None
             owed = list(self._owed.values())
-            path = spool.write(self.spool_dir, [o.line() for o in owed])
+            path = spool.write(self.spool_dir, self.identity, [o.line() for o in owed])
             for o in owed:
                 self._settled(o.hold_id)
             log.warning("the database is unavailable: %d settlements spooled to %s for "
@@ -233,5 +236,5 @@ class Settlements:
                 log.info("spooled hold %s was resolved already", owed.hold_id)
             return True
 
-        count = await spool.replay(self.spool_dir, write) if spooled else 0
-        return count + await spool.replay(self.spool_dir, write, live=True)
+        count = await spool.replay(self.spool_dir, self.identity, write) if spooled else 0
+        return count + await spool.replay(self.spool_dir, self.identity, write, live=True)

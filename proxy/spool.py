@@ -6,7 +6,7 @@ else ``$PAYWALL_DATA_DIR/spool``), one JSON object a line; the next process to s
 there replays every such file before its reaper runs.
 
 - **Whole files only.** A file is written once, by the process that owes it: to a
-  ``.tmp`` name, fsynced, renamed to ``settlements-<host>-<pid>-<random>.jsonl`` and
+  ``.tmp`` name, fsynced, renamed to ``settlements-<ledger>-<host>-<pid>-<random>.jsonl`` and
   the directory fsynced. A reader never sees a file being written; workers and
   replicas sharing the directory never write the same name.
 - **Replayed exactly once.** Each file is taken under an exclusive ``flock`` (workers
@@ -20,10 +20,18 @@ there replays every such file before its reaper runs.
 A process's **journal** (:class:`Journal`) holds the settlements whose answers have gone
 out and that the ledger does not have yet (owed ones, and with
 ``billing.settle_after_answer`` those of answers sent before their post): lines appended
-to ``journal-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its process
+to ``journal-<ledger>-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its process
 holds for as long as it lives. The lock dies with the process, so a journal whose lock
 can be taken is a dead process's: the next start, or any live worker's reaper before
 it reaps, replays it as a spool file (:func:`replay` with ``live``).
+
+**Named after their ledger.** Hold ids mean something only in the database that made
+them, so every file's name carries its ledger's identity
+(:meth:`proxy.ledger.Ledger.identity`): ``settlements-<ledger>-…`` and
+``journal-<ledger>-…``. A proxy replays its own ledger's files and leaves another's
+(a second deployment, or a proxy pointed at another database, sharing the directory)
+for a proxy on that database, saying so once. A file named without a ledger was
+written by an earlier release and is replayed by the first proxy to start, as then.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -46,8 +55,19 @@ JOURNAL_BYTES = 1 << 20  # a journal is rotated past this size
 JOURNAL_SYNC_SECONDS = 0.2  # what is appended is fsynced at most this long after
 
 
-def _name(kind: str) -> str:
-    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+_LEDGER = re.compile(r"[0-9a-f]{32}")
+_left: set[str] = set()  # files of other ledgers this process has said it leaves
+
+
+def _name(kind: str, ledger: str) -> str:
+    return f"{kind}-{ledger}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def ledger_of(path: Path) -> str | None:
+    """The ledger ``path``'s settlements are owed to; None for a file named without one
+    (an earlier release's)."""
+    parts = path.name.split("-", 2)
+    return parts[1] if len(parts) == 3 and _LEDGER.fullmatch(parts[1]) else None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -58,10 +78,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write(directory: Path, lines: Sequence[bytes]) -> Path:
-    """Write ``lines`` (each one JSON object, no newline) durably as a new spool file."""
+def write(directory: Path, ledger: str, lines: Sequence[bytes]) -> Path:
+    """Write ``lines`` (each one JSON object, no newline), owed to ``ledger``, durably as
+    a new spool file."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = _name("settlements")
+    name = _name("settlements", ledger)
     tmp = directory / f".{name}.tmp"
     final = directory / f"{name}.jsonl"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
@@ -114,14 +135,21 @@ def _remove(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-async def replay(directory: Path, write: Callable[[bytes], Awaitable[bool]], *,
-                 live: bool = False) -> int:
-    """Hand every line of every spool file in ``directory`` to ``write`` (True: it is
-    in the ledger now), and remove each file all of whose lines were written. Returns
-    the number of lines handed over. ``live``: the journals instead, of processes that
-    died (one whose lock is held is its live process's, or being replayed: left be)."""
+async def replay(directory: Path, ledger: str, write: Callable[[bytes], Awaitable[bool]],
+                 *, live: bool = False) -> int:
+    """Hand every line of every spool file in ``directory`` owed to ``ledger`` (or to
+    none named) to ``write`` (True: it is in the ledger now), and remove each file all
+    of whose lines were written. Returns the number of lines handed over. ``live``: the
+    journals instead, of processes that died (one whose lock is held is its live
+    process's, or being replayed: left be)."""
     count = 0
     for path in files(directory, JOURNALS if live else PATTERN):
+        if (owner := ledger_of(path)) not in (None, ledger):
+            if path.name not in _left:
+                _left.add(path.name)
+                log.warning("%s is owed to another ledger (%s), not this one (%s): left "
+                            "for a proxy on that database", path.name, owner, ledger)
+            continue
         with _opened(path) as fd:
             if fd is None:
                 continue
@@ -182,8 +210,9 @@ class Journal:
     can lose); :meth:`done` says the ledger has the line. A file is rotated past
     :data:`JOURNAL_BYTES` and removed, with its lock, once every line in it is done."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, ledger: str):
         self.directory = directory
+        self.ledger = ledger
         self._current: JournalFile | None = None
         self._open: list[JournalFile] = []
         self._new = False  # the directory has a name not yet fsynced
@@ -254,7 +283,7 @@ class Journal:
             if old.pending == 0:
                 self._remove(old)
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{_name('journal')}.jsonl"
+        path = self.directory / f"{_name('journal', self.ledger)}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # a new name: nobody else can hold it
         self._current = JournalFile(path, fd)

@@ -13,46 +13,48 @@ import pytest
 from proxy import spool
 from tests.conftest import eventually
 
+LEDGER = "0123456789abcdef0123456789abcdef"  # a ledger's identity, as Ledger.identity says
+
 
 def test_a_spool_file_is_whole_and_named_for_its_process(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
-    path = spool.write(directory, [b'{"a":1}', b'{"b":2}'])
+    path = spool.write(directory, LEDGER, [b'{"a":1}', b'{"b":2}'])
     assert path.parent == directory and path.name.endswith(".jsonl")
     assert f"-{os.getpid()}-" in path.name
     assert path.read_bytes() == b'{"a":1}\n{"b":2}\n'
     assert [p.name for p in directory.iterdir()] == [path.name]  # no .tmp left behind
-    other = spool.write(directory, [b'{"c":3}'])
+    other = spool.write(directory, LEDGER, [b'{"c":3}'])
     assert other != path and spool.files(directory) == sorted([path, other])
 
 
 async def test_replay_hands_every_line_over_and_removes_the_files(tmp_path: Path) -> None:
-    spool.write(tmp_path, [b"1", b"2"])
-    spool.write(tmp_path, [b"3"])
+    spool.write(tmp_path, LEDGER, [b"1", b"2"])
+    spool.write(tmp_path, LEDGER, [b"3"])
     seen: list[bytes] = []
 
     async def write(line: bytes) -> bool:
         seen.append(line)
         return True
 
-    assert await spool.replay(tmp_path, write) == 3
+    assert await spool.replay(tmp_path, LEDGER, write) == 3
     assert sorted(seen) == [b"1", b"2", b"3"]
     assert spool.files(tmp_path) == []
-    assert await spool.replay(tmp_path, write) == 0
-    assert await spool.replay(tmp_path / "missing", write) == 0
+    assert await spool.replay(tmp_path, LEDGER, write) == 0
+    assert await spool.replay(tmp_path / "missing", LEDGER, write) == 0
 
 
 async def test_a_file_not_wholly_written_stays_for_the_next_start(tmp_path: Path) -> None:
-    path = spool.write(tmp_path, [b"1", b"2", b"3"])
+    path = spool.write(tmp_path, LEDGER, [b"1", b"2", b"3"])
 
     async def refuse_two(line: bytes) -> bool:
         return line != b"2"
 
-    assert await spool.replay(tmp_path, refuse_two) == 3
+    assert await spool.replay(tmp_path, LEDGER, refuse_two) == 3
     assert spool.files(tmp_path) == [path] and path.read_bytes() == b"1\n2\n3\n"
 
 
 async def test_a_crash_mid_replay_leaves_the_whole_file(tmp_path: Path) -> None:
-    path = spool.write(tmp_path, [b"1", b"2"])
+    path = spool.write(tmp_path, LEDGER, [b"1", b"2"])
 
     async def crash(line: bytes) -> bool:
         if line == b"2":
@@ -60,14 +62,14 @@ async def test_a_crash_mid_replay_leaves_the_whole_file(tmp_path: Path) -> None:
         return True
 
     with pytest.raises(RuntimeError):
-        await spool.replay(tmp_path, crash)
+        await spool.replay(tmp_path, LEDGER, crash)
     assert path.read_bytes() == b"1\n2\n"  # replayed whole next time; the ledger dedupes
 
 
 async def test_processes_replaying_together_take_turns(tmp_path: Path) -> None:
     """Two replays at once (two workers starting): each line is handed over once,
     because the second waits for the first's lock and then finds the file gone."""
-    spool.write(tmp_path, [b"1", b"2"])
+    spool.write(tmp_path, LEDGER, [b"1", b"2"])
     seen: list[bytes] = []
 
     async def slow(line: bytes) -> bool:
@@ -75,7 +77,8 @@ async def test_processes_replaying_together_take_turns(tmp_path: Path) -> None:
         seen.append(line)
         return True
 
-    counts = await asyncio.gather(spool.replay(tmp_path, slow), spool.replay(tmp_path, slow))
+    counts = await asyncio.gather(spool.replay(tmp_path, LEDGER, slow),
+                                  spool.replay(tmp_path, LEDGER, slow))
     assert sorted(counts) == [0, 2] and seen == [b"1", b"2"]
 
 
@@ -85,7 +88,7 @@ OWNER = """
 import sys, time
 from pathlib import Path
 from proxy import spool
-journal = spool.Journal(Path(sys.argv[1]))
+journal = spool.Journal(Path(sys.argv[1]), sys.argv[2])
 journal.append(b'{"n":1}')
 journal.done(journal.append(b'{"n":2}'))  # in the ledger already: replayed all the same
 journal.append(b'{"n":3}')
@@ -96,7 +99,7 @@ time.sleep(60)
 
 async def test_a_journal_is_replayed_only_once_its_process_is_gone(tmp_path: Path) -> None:
     owner = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", OWNER, str(tmp_path), stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-c", OWNER, str(tmp_path), LEDGER, stdout=asyncio.subprocess.PIPE)
     try:
         assert owner.stdout is not None
         assert await asyncio.wait_for(owner.stdout.readline(), 30) == b"written\n"
@@ -108,19 +111,19 @@ async def test_a_journal_is_replayed_only_once_its_process_is_gone(tmp_path: Pat
             seen.append(line)
             return True
 
-        assert await spool.replay(tmp_path, write, live=True) == 0  # its owner lives
+        assert await spool.replay(tmp_path, LEDGER, write, live=True) == 0  # its owner lives
         assert seen == [] and path.exists()
-        assert await spool.replay(tmp_path, write) == 0  # not a spool file
+        assert await spool.replay(tmp_path, LEDGER, write) == 0  # not a spool file
     finally:
         owner.kill()  # as SIGKILL, the OOM killer or a crash would end it
         await owner.wait()
-    assert await spool.replay(tmp_path, write, live=True) == 3
+    assert await spool.replay(tmp_path, LEDGER, write, live=True) == 3
     assert seen == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
     assert spool.files(tmp_path, spool.JOURNALS) == []
 
 
 async def test_a_journal_not_wholly_written_stays(tmp_path: Path) -> None:
-    journal = spool.Journal(tmp_path)
+    journal = spool.Journal(tmp_path, LEDGER)
     journal.append(b"1")
     journal.append(b"2")
     [path] = spool.files(tmp_path, spool.JOURNALS)
@@ -129,7 +132,7 @@ async def test_a_journal_not_wholly_written_stays(tmp_path: Path) -> None:
     async def refuse_two(line: bytes) -> bool:
         return line != b"2"
 
-    assert await spool.replay(tmp_path, refuse_two, live=True) == 2
+    assert await spool.replay(tmp_path, LEDGER, refuse_two, live=True) == 2
     assert spool.files(tmp_path, spool.JOURNALS) == [path]
     assert path.read_bytes() == b"1\n2\n"
 
@@ -137,7 +140,7 @@ async def test_a_journal_not_wholly_written_stays(tmp_path: Path) -> None:
 def test_a_journal_is_rotated_and_each_file_removed_once_all_of_it_is_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spool, "JOURNAL_BYTES", 10)
-    journal = spool.Journal(tmp_path)
+    journal = spool.Journal(tmp_path, LEDGER)
     assert spool.files(tmp_path, spool.JOURNALS) == []  # made with the first line
     first = [journal.append(b"aaaa"), journal.append(b"bbbb")]  # 10 bytes: full
     second = journal.append(b"cccc")
@@ -154,7 +157,7 @@ def test_a_journal_is_rotated_and_each_file_removed_once_all_of_it_is_done(
     assert third is second  # 5 bytes: room for more
     journal.close()
     assert b.exists()  # "dddd" pending
-    journal = spool.Journal(tmp_path)
+    journal = spool.Journal(tmp_path, LEDGER)
     journal.done(journal.append(b"eeee"))
     journal.close()
     assert spool.files(tmp_path, spool.JOURNALS) == [b]
@@ -173,7 +176,7 @@ async def test_lines_appended_together_are_made_durable_by_one_fsync(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counted)
-    journal = spool.Journal(tmp_path)
+    journal = spool.Journal(tmp_path, LEDGER)
     await journal.durable()
     assert synced == []  # nothing written: nothing to do
     journal.append(b"1")
@@ -211,7 +214,7 @@ async def test_a_failed_fsync_fails_its_waiters_and_is_tried_again(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", flaky)
-    journal = spool.Journal(tmp_path)
+    journal = spool.Journal(tmp_path, LEDGER)
     journal.append(b"1")
     with pytest.raises(OSError):
         await journal.durable()
@@ -232,7 +235,7 @@ async def test_a_journal_not_waited_on_is_synced_soon_after_and_idle_otherwise(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counted)
-    journal = spool.Journal(tmp_path)
+    journal = spool.Journal(tmp_path, LEDGER)
     syncing = asyncio.ensure_future(journal.syncing())  # noqa: TID251
     try:
         await asyncio.sleep(3 * spool.JOURNAL_SYNC_SECONDS)
@@ -248,3 +251,49 @@ async def test_a_journal_not_waited_on_is_synced_soon_after_and_idle_otherwise(
     finally:
         syncing.cancel()
         journal.close()
+
+
+# ---- named after their ledger --------------------------------------------------------
+
+OTHER = "fedcba9876543210fedcba9876543210"
+
+
+async def test_files_of_another_ledger_are_left_for_it(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    spooled = spool.write(tmp_path, OTHER, [b"1"])
+    journal = spool.Journal(tmp_path, OTHER)
+    journal.append(b"2")
+    journal.close()  # its process gone: its lines stay, its lock with it
+    [journaled] = spool.files(tmp_path, spool.JOURNALS)
+    assert spool.ledger_of(spooled) == spool.ledger_of(journaled) == OTHER
+    seen: list[bytes] = []
+
+    async def write(line: bytes) -> bool:
+        seen.append(line)
+        return True
+
+    with caplog.at_level("WARNING", logger="proxy.spool"):
+        for _ in range(2):
+            assert await spool.replay(tmp_path, LEDGER, write) == 0
+            assert await spool.replay(tmp_path, LEDGER, write, live=True) == 0
+    assert seen == [] and spooled.exists() and journaled.exists()
+    told = [r.getMessage() for r in caplog.records if "another ledger" in r.getMessage()]
+    assert len(told) == 2 and all(OTHER in m and LEDGER in m for m in told)  # once each
+    assert await spool.replay(tmp_path, OTHER, write) == 1
+    assert await spool.replay(tmp_path, OTHER, write, live=True) == 1
+    assert seen == [b"1", b"2"] and not spooled.exists() and not journaled.exists()
+
+
+async def test_a_file_named_without_a_ledger_is_replayed_as_before(tmp_path: Path) -> None:
+    """An earlier release's names (``settlements-<host>-<pid>-<random>``), a host name
+    with dashes or hex in it too."""
+    names = ["settlements-db1-77-0a1b2c3d.jsonl", "settlements-abc-def-12-00ff00ff.jsonl"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"1\n")
+    assert [spool.ledger_of(p) for p in spool.files(tmp_path)] == [None, None]
+
+    async def write(line: bytes) -> bool:
+        return True
+
+    assert await spool.replay(tmp_path, LEDGER, write) == 2
+    assert spool.files(tmp_path) == []

@@ -1,0 +1,11 @@
+-- The ledger's identity. A settlement kept on disk (a spool file, a journal) is named
+-- after the ledger it is owed to, so that a proxy on another database sharing the spool
+-- directory leaves it for that database instead of posting its hold ids here, where the
+-- same ids are other requests' holds. One row, made once; a copy of the database
+-- (a restored backup) is the same ledger and keeps it.
+
+CREATE TABLE ledger_identity (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    one boolean NOT NULL DEFAULT true UNIQUE CHECK (one)
+);
+INSERT INTO ledger_identity DEFAULT VALUES;
