@@ -205,6 +205,31 @@ def test_k8s_manifests() -> None:
     assert job["securityContext"]["runAsNonRoot"] is True
 
 
+def test_the_spool_outlives_the_container() -> None:
+    """billing.spool_dir (what is owed to the ledger, on disk) is on a volume that
+    survives the container's restart, shared by the compose replicas (each posts a dead
+    one's journal), created in the image for the user the proxy runs as; not the
+    read-only root, nor compose's tmpfs /tmp, which a restart empties."""
+    spool = config.load(SETTINGS, {"PAYWALL_LINK_SECRET": "x"}).billing.spool_dir
+    assert spool.startswith("/") and not spool.startswith("/tmp/"), spool
+    declared = load(COMPOSE)["volumes"]
+    named = set()
+    for name, proxy in replicas().items():
+        (volume,) = [v.split(":")[0] for v in proxy["volumes"] if v.split(":")[1] == spool]
+        assert volume in declared and not volume.startswith((".", "/")), (name, volume)
+        named.add(volume)
+    assert len(named) == 1, "the replicas must share one spool volume"
+    pod = k8s()["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == spool]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume, volume
+    assert not mount.get("readOnly")
+    user = dict(dockerfile())["USER"].split(":")[0]
+    made = [args for op, args in dockerfile() if op == "RUN" and spool in args.split()]
+    assert made and re.search(rf"install -d -o {user} ", made[0]), made
+
+
 def dockerfile() -> list[tuple[str, str]]:
     """deploy/Dockerfile as (instruction, arguments), continuation lines joined."""
     text = re.sub(r"\\\n\s*", " ", (DEPLOY / "Dockerfile").read_text())
