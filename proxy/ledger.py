@@ -234,7 +234,11 @@ class Ledger:
     async def identity(self) -> str:
         """The ledger's identity (32 hex digits): what settlements kept on disk are
         named after (:mod:`proxy.spool`), made once by its migration."""
-        return str((await self.pool.fetchval("SELECT id FROM ledger_identity")).hex)
+        found = await self.pool.fetchval("SELECT id FROM ledger_identity")
+        if found is None:
+            raise RuntimeError("the ledger has no identity (table ledger_identity is "
+                               "empty): INSERT INTO ledger_identity DEFAULT VALUES")
+        return str(found.hex)
 
     async def open_user(self, paywall_id: str, user_id: str, *, assets: set[str],
                         grants: Mapping[str, int], conn: Any = None) -> None:

@@ -215,10 +215,10 @@ class Settlements:
             self.journal.close()
 
     async def replay(self, *, spooled: bool = True) -> int:
-        """Write what earlier processes spooled and the journals of processes that died
-        (at the start, before the reaper; and each reaper round, the journals alone:
-        ``spooled`` False); what the database refuses now is owed here, and its file
-        kept."""
+        """Write what earlier processes of this ledger spooled and the journals of its
+        processes that died (at the start, before the reaper; and each reaper round, the
+        journals alone: ``spooled`` False); what the database refuses now is owed here,
+        and its file kept."""
         async def write(raw: bytes) -> bool:
             try:
                 owed = Owed.from_line(raw)

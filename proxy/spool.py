@@ -2,13 +2,14 @@
 
 A process that must stop while PostgreSQL is out of reach writes the settlements it
 could not post to a file of its own in the spool directory (``billing.spool_dir``,
-else ``$PAYWALL_DATA_DIR/spool``), one JSON object a line; the next process to start
-there replays every such file before its reaper runs.
+else ``$PAYWALL_DATA_DIR/spool``), one JSON object a line; the next process of its
+ledger to start there replays every such file before its reaper runs.
 
 - **Whole files only.** A file is written once, by the process that owes it: to a
-  ``.tmp`` name, fsynced, renamed to ``settlements-<ledger>-<host>-<pid>-<random>.jsonl`` and
-  the directory fsynced. A reader never sees a file being written; workers and
-  replicas sharing the directory never write the same name.
+  ``.tmp`` name, fsynced, renamed to
+  ``settlements-ledger_<id>-<host>-<pid>-<random>.jsonl`` and the directory fsynced.
+  A reader never sees a file being written; workers and replicas sharing the directory
+  never write the same name.
 - **Replayed exactly once.** Each file is taken under an exclusive ``flock`` (workers
   starting together take turns, and each finds a file the other finished already
   gone), its lines are handed to ``write`` in order, and the file is unlinked only
@@ -20,18 +21,20 @@ there replays every such file before its reaper runs.
 A process's **journal** (:class:`Journal`) holds the settlements whose answers have gone
 out and that the ledger does not have yet (owed ones, and with
 ``billing.settle_after_answer`` those of answers sent before their post): lines appended
-to ``journal-<ledger>-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its process
+to ``journal-ledger_<id>-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its process
 holds for as long as it lives. The lock dies with the process, so a journal whose lock
 can be taken is a dead process's: the next start, or any live worker's reaper before
 it reaps, replays it as a spool file (:func:`replay` with ``live``).
 
 **Named after their ledger.** Hold ids mean something only in the database that made
 them, so every file's name carries its ledger's identity
-(:meth:`proxy.ledger.Ledger.identity`): ``settlements-<ledger>-…`` and
-``journal-<ledger>-…``. A proxy replays its own ledger's files and leaves another's
+(:meth:`proxy.ledger.Ledger.identity`): ``settlements-ledger_<id>-…`` and
+``journal-ledger_<id>-…``. A proxy replays its own ledger's files and leaves another's
 (a second deployment, or a proxy pointed at another database, sharing the directory)
-for a proxy on that database, saying so once. A file named without a ledger was
-written by an earlier release and is replayed by the first proxy to start, as then.
+for a proxy on that database, saying so once (of a journal, once its process is gone).
+A file named without a ledger was written by an earlier release and is replayed by the
+first proxy to start, as then; an earlier release replays every file, whatever its
+ledger, so the processes sharing a directory are upgraded together.
 """
 
 from __future__ import annotations
@@ -55,19 +58,31 @@ JOURNAL_BYTES = 1 << 20  # a journal is rotated past this size
 JOURNAL_SYNC_SECONDS = 0.2  # what is appended is fsynced at most this long after
 
 
-_LEDGER = re.compile(r"[0-9a-f]{32}")
-_left: set[str] = set()  # files of other ledgers this process has said it leaves
+# A file's ledger, the field after its kind: "ledger_" and the id's 32 hex digits, which
+# no host name of an earlier release's names can be (a host name has no underscore).
+_LEDGER = re.compile(r"ledger_([0-9a-f]{32})")
+# The files of other ledgers this process has said it leaves, by pattern: a name is
+# forgotten once its file is gone.
+_left: dict[str, set[str]] = {}
 
 
 def _name(kind: str, ledger: str) -> str:
-    return f"{kind}-{ledger}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return (f"{kind}-ledger_{ledger}-{socket.gethostname()}-{os.getpid()}-"
+            f"{secrets.token_hex(4)}")
 
 
 def ledger_of(path: Path) -> str | None:
     """The ledger ``path``'s settlements are owed to; None for a file named without one
     (an earlier release's)."""
     parts = path.name.split("-", 2)
-    return parts[1] if len(parts) == 3 and _LEDGER.fullmatch(parts[1]) else None
+    m = _LEDGER.fullmatch(parts[1]) if len(parts) == 3 else None
+    return m.group(1) if m else None
+
+
+def _free(path: Path) -> bool:
+    """Whether no process holds ``path``'s lock (its process is gone), or it is gone."""
+    with _opened(path) as fd:
+        return fd is None or _locked_now(fd)  # the lock ends with the descriptor
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -143,10 +158,15 @@ async def replay(directory: Path, ledger: str, write: Callable[[bytes], Awaitabl
     journals instead, of processes that died (one whose lock is held is its live
     process's, or being replayed: left be)."""
     count = 0
-    for path in files(directory, JOURNALS if live else PATTERN):
+    pattern = JOURNALS if live else PATTERN
+    found = files(directory, pattern)
+    told = _left.setdefault(pattern, set())
+    told &= {path.name for path in found}
+    for path in found:
         if (owner := ledger_of(path)) not in (None, ledger):
-            if path.name not in _left:
-                _left.add(path.name)
+            # Left for a proxy on that ledger; said once, and not of a live journal.
+            if path.name not in told and (not live or _free(path)):
+                told.add(path.name)
                 log.warning("%s is owed to another ledger (%s), not this one (%s): left "
                             "for a proxy on that database", path.name, owner, ledger)
             continue

@@ -20,7 +20,7 @@ def test_a_spool_file_is_whole_and_named_for_its_process(tmp_path: Path) -> None
     directory = tmp_path / "spool"
     path = spool.write(directory, LEDGER, [b'{"a":1}', b'{"b":2}'])
     assert path.parent == directory and path.name.endswith(".jsonl")
-    assert f"-{os.getpid()}-" in path.name
+    assert f"-{os.getpid()}-" in path.name and spool.ledger_of(path) == LEDGER
     assert path.read_bytes() == b'{"a":1}\n{"b":2}\n'
     assert [p.name for p in directory.iterdir()] == [path.name]  # no .tmp left behind
     other = spool.write(directory, LEDGER, [b'{"c":3}'])
@@ -260,10 +260,11 @@ OTHER = "fedcba9876543210fedcba9876543210"
 
 async def test_files_of_another_ledger_are_left_for_it(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Left, and said once each; a journal whose process lives (another deployment's,
+    still writing) is not even mentioned until that process is gone."""
     spooled = spool.write(tmp_path, OTHER, [b"1"])
     journal = spool.Journal(tmp_path, OTHER)
     journal.append(b"2")
-    journal.close()  # its process gone: its lines stay, its lock with it
     [journaled] = spool.files(tmp_path, spool.JOURNALS)
     assert spool.ledger_of(spooled) == spool.ledger_of(journaled) == OTHER
     seen: list[bytes] = []
@@ -272,28 +273,39 @@ async def test_files_of_another_ledger_are_left_for_it(tmp_path: Path,
         seen.append(line)
         return True
 
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "another ledger" in r.getMessage()]
+
     with caplog.at_level("WARNING", logger="proxy.spool"):
+        assert await spool.replay(tmp_path, LEDGER, write) == 0
+        assert await spool.replay(tmp_path, LEDGER, write, live=True) == 0
+        assert [spooled.name in m for m in told()] == [True]  # the live journal unsaid
+        journal.close()  # its process gone: its line stays, its lock with it
         for _ in range(2):
             assert await spool.replay(tmp_path, LEDGER, write) == 0
             assert await spool.replay(tmp_path, LEDGER, write, live=True) == 0
     assert seen == [] and spooled.exists() and journaled.exists()
-    told = [r.getMessage() for r in caplog.records if "another ledger" in r.getMessage()]
-    assert len(told) == 2 and all(OTHER in m and LEDGER in m for m in told)  # once each
+    assert len(told()) == 2 and all(OTHER in m and LEDGER in m for m in told())  # once each
     assert await spool.replay(tmp_path, OTHER, write) == 1
     assert await spool.replay(tmp_path, OTHER, write, live=True) == 1
     assert seen == [b"1", b"2"] and not spooled.exists() and not journaled.exists()
 
 
+LEGACY = [  # an earlier release's names: <kind>-<host>-<pid>-<random>
+    "settlements-db1-77-0a1b2c3d.jsonl",
+    "settlements-abc-def-12-00ff00ff.jsonl",  # a host name with a dash
+    f"settlements-{OTHER}-9-0badf00d.jsonl",  # a host name of 32 hex digits
+]
+
+
 async def test_a_file_named_without_a_ledger_is_replayed_as_before(tmp_path: Path) -> None:
-    """An earlier release's names (``settlements-<host>-<pid>-<random>``), a host name
-    with dashes or hex in it too."""
-    names = ["settlements-db1-77-0a1b2c3d.jsonl", "settlements-abc-def-12-00ff00ff.jsonl"]
-    for name in names:
+    for name in [*LEGACY, f"journal-{OTHER}-5-feedf00d.jsonl"]:  # a journal, its owner gone
         (tmp_path / name).write_bytes(b"1\n")
-    assert [spool.ledger_of(p) for p in spool.files(tmp_path)] == [None, None]
+    assert {spool.ledger_of(p) for p in spool.files(tmp_path, "*")} == {None}
 
     async def write(line: bytes) -> bool:
         return True
 
-    assert await spool.replay(tmp_path, LEDGER, write) == 2
-    assert spool.files(tmp_path) == []
+    assert await spool.replay(tmp_path, LEDGER, write) == len(LEGACY)
+    assert await spool.replay(tmp_path, LEDGER, write, live=True) == 1
+    assert spool.files(tmp_path, "*") == []

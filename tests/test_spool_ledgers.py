@@ -56,6 +56,8 @@ async def test_a_dead_process_s_journal_is_posted_to_its_own_ledger_alone(
     own ledger (another user's request); a proxy on the first database posts it."""
     mine, theirs = ledgers
     assert await mine.identity() != await theirs.identity()
+    with pytest.raises(asyncpg.UniqueViolationError):  # one identity a ledger
+        await mine.pool.execute("INSERT INTO ledger_identity DEFAULT VALUES")
     user = new_user("owed")
     hold_id = await held(mine, user)
     # The other ledger has a pending hold of that very id, someone else's.
