@@ -381,15 +381,15 @@ class Ticket:
         try:
             entry = journal.append(owed.line())
         except OSError:
-            log.exception("the settlement journal could not be written; %s is settled "
-                          "before its answer", self.rec.request_id)
+            journal.trouble("the settlement journal could not be written; %s is settled "
+                            "before its answer", self.rec.request_id)
             return None
         if self.services.settings.billing.synchronous_commit:
             try:
                 await journal.durable()
             except OSError:
-                log.exception("the settlement journal could not be synced; %s is settled "
-                              "before its answer", self.rec.request_id)
+                journal.trouble("the settlement journal could not be synced; %s is "
+                                "settled before its answer", self.rec.request_id)
                 journal.done(entry)  # posted below, before the answer: a replay finds it so
                 return None
         return entry

@@ -112,8 +112,8 @@ class Settlements:
             try:
                 self._journaled[owed.hold_id] = self.journal.append(owed.line())
             except OSError:
-                log.exception("the settlement journal could not be written; hold %s is "
-                              "owed in memory alone", owed.hold_id)
+                self.journal.trouble("the settlement journal could not be written; hold "
+                                     "%s is owed in memory alone", owed.hold_id)
         self._owed[owed.hold_id] = owed
         self._wake.set()
 
@@ -122,7 +122,7 @@ class Settlements:
         try:
             await self.journal.durable()
         except OSError:
-            log.exception("the settlement journal could not be synced")
+            self.journal.trouble("the settlement journal could not be synced")
 
     def _settled(self, hold_id: int) -> None:
         """``hold_id`` is owed no more: written, left to the reaper, or spooled."""

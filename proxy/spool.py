@@ -47,6 +47,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -56,6 +57,7 @@ PATTERN = "settlements-*.jsonl"
 JOURNALS = "journal-*.jsonl"
 JOURNAL_BYTES = 1 << 20  # a journal is rotated past this size
 JOURNAL_SYNC_SECONDS = 0.2  # what is appended is fsynced at most this long after
+TROUBLE_SECONDS = 60.0  # a journal that keeps failing is logged about once this often
 
 
 # A file's ledger, the field after its kind: "ledger_" and the id's 32 hex digits, which
@@ -240,6 +242,8 @@ class Journal:
         self._durable = 0  # ...of which on disk
         self._round: asyncio.Task[None] | None = None  # the fsync under way
         self._wrote = asyncio.Event()  # appended to since syncing() last looked
+        self._told_at = -TROUBLE_SECONDS  # when a failure of the journal was last logged
+        self._untold = 0  # failures since then, not logged
 
     def append(self, line: bytes) -> JournalFile:
         current = self._current
@@ -290,7 +294,20 @@ class Journal:
             try:
                 await self.durable()
             except OSError:
-                log.exception("syncing the settlement journal failed")
+                self.trouble("syncing the settlement journal failed")
+
+    def trouble(self, message: str, *args: object) -> None:
+        """Log, from the ``except`` block, that the journal could not be written or
+        synced: with the traceback, at most once each :data:`TROUBLE_SECONDS`, saying
+        how many failures went unlogged meanwhile (a broken disk fails every answer)."""
+        now = time.monotonic()
+        if now - self._told_at < TROUBLE_SECONDS:
+            self._untold += 1
+            return
+        untold, self._untold, self._told_at = self._untold, 0, now
+        if untold:
+            message += f" ({untold} more failures of the journal since the last such line)"
+        log.error(message, *args, exc_info=True)
 
     def done(self, journal: JournalFile) -> None:
         journal.pending -= 1

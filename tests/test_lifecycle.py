@@ -372,6 +372,27 @@ async def test_an_answer_settled_after_it_is_in_the_journal_before_it_goes_out(
     assert charges[0]["request_id"] == line["request_id"]
 
 
+async def test_a_journal_that_cannot_be_written_settles_first_and_says_so_once(
+        own_database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A spool directory that cannot be made (a file in its place, a full or read-only
+    disk): each answer settled after it is settled before it instead, and charged; the
+    log says so once, with the traceback, not once an answer."""
+    (tmp_path / "spool").write_text("not a directory")
+    app, starlette, key = await started(own_database_url, tmp_path, after=True)
+    user = new_user("no-journal")
+    with caplog.at_level("ERROR"):
+        async with starlette.router.lifespan_context(starlette):
+            answers = [await whole_answer(app, key, user) for _ in range(5)]
+    assert [a["status"] for a in answers] == [200] * 5
+    charges, holds = await booked(own_database_url, user)
+    assert holds == ["posted"] * 5
+    assert sorted(c["request_id"] for c in charges) == sorted(
+        a["headers"]["x-request-id"] for a in answers)
+    told = [r for r in caplog.records if "journal could not be written" in r.getMessage()]
+    assert len(told) == 1 and told[0].exc_info is not None, [r.getMessage() for r in told]
+    assert answers[0]["headers"]["x-request-id"] in told[0].getMessage()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_answers_settled_after_them_commit_once_each_and_free_their_lease(
         own_database_url: str, tmp_path: Path, stream: bool) -> None:
