@@ -97,7 +97,6 @@ class Settlements:
         files kept in ``spool_dir`` are named after."""
         self.ledger = ledger
         self.spool_dir = spool_dir
-        self.identity = identity
         self._owed: dict[int, Owed] = {}
         self._refusals: dict[int, int] = {}  # hold id → times the ledger refused it
         self._wake = asyncio.Event()
@@ -205,7 +204,7 @@ class Settlements:
             if not self._owed:
                 return None
             owed = list(self._owed.values())
-            path = spool.write(self.spool_dir, self.identity, [o.line() for o in owed])
+            path = spool.write(self.spool_dir, self.journal.ledger, [o.line() for o in owed])
             for o in owed:
                 self._settled(o.hold_id)
             log.warning("the database is unavailable: %d settlements spooled to %s for "
@@ -236,5 +235,6 @@ class Settlements:
                 log.info("spooled hold %s was resolved already", owed.hold_id)
             return True
 
-        count = await spool.replay(self.spool_dir, self.identity, write) if spooled else 0
-        return count + await spool.replay(self.spool_dir, self.identity, write, live=True)
+        ledger = self.journal.ledger
+        count = await spool.replay(self.spool_dir, ledger, write) if spooled else 0
+        return count + await spool.replay(self.spool_dir, ledger, write, live=True)

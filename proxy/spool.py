@@ -22,9 +22,9 @@ A process's **journal** (:class:`Journal`) holds the settlements whose answers h
 out and that the ledger does not have yet (owed ones, and with
 ``billing.settle_after_answer`` those of answers sent before their post): lines appended
 to ``journal-ledger_<id>-<host>-<pid>-<random>.jsonl`` under an exclusive ``flock`` its
-process holds for as long as it lives. The lock dies with the process, so a journal whose lock
-can be taken is a dead process's: the next start, or any live worker's reaper before
-it reaps, replays it as a spool file (:func:`replay` with ``live``).
+process holds for as long as it lives. The lock dies with the process, so a journal
+whose lock can be taken is a dead process's: the next start, or any live worker's
+reaper before it reaps, replays it as a spool file (:func:`replay` with ``live``).
 
 **Named after their ledger.** Hold ids mean something only in the database that made
 them, so every file's name carries its ledger's identity
