@@ -6,7 +6,6 @@ import asyncio
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -315,19 +314,22 @@ async def test_a_file_named_without_a_ledger_is_replayed_as_before(tmp_path: Pat
 def test_a_failing_journal_is_logged_about_once_a_while_with_what_went_unsaid(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spool, "TROUBLE_SECONDS", 0.2)
+    now = [1000.0]  # the journal's clock, moved by the test alone: no timing to race
+    monkeypatch.setattr(spool.time, "monotonic", lambda: now[0])
     journal = spool.Journal(tmp_path, LEDGER)
-    with caplog.at_level("ERROR", logger="proxy.spool"):
-        for _ in range(3):
-            try:
-                raise OSError(28, "No space left on device")
-            except OSError:
-                journal.trouble("the journal failed for %s", "r1")
-        time.sleep(0.25)
+
+    def fail(request: str) -> None:
         try:
             raise OSError(28, "No space left on device")
         except OSError:
-            journal.trouble("the journal failed for %s", "r2")
+            journal.trouble("the journal failed for %s", request)
+
+    with caplog.at_level("ERROR", logger="proxy.spool"):
+        for _ in range(3):
+            fail("r1")
+            now[0] += 1.0
+        now[0] += spool.TROUBLE_SECONDS
+        fail("r2")
     said = [(r.getMessage(), r.exc_info is not None) for r in caplog.records]
     assert said == [("the journal failed for r1", True),
                     ("the journal failed for r2 (2 more failures of the journal since the "
